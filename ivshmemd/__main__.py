@@ -1,0 +1,9 @@
+"""``python -m ivshmemd``: the same as the ``ivshmemd`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""The ivshmem-server protocol as pure data and functions (sans-I/O).
+
+Server side: :func:`join_messages` and :func:`leave_messages` turn registry events into the
+ordered list of messages each recipient must receive, exactly as QEMU's ivshmem-server orders
+them (docs/ivshmem-protocol.md). They are generic over the fd *handle* type, so the same code
+serves the daemon (handles are reference-counted eventfds) and the tests (handles are labels).
+
+Client side: :class:`ClientParser` consumes ``(value, fd)`` messages strictly and turns them
+into events (:class:`Welcome`, :class:`PeerVector`, :class:`PeerLeft`), raising
+:class:`ProtocolError` for anything QEMU's device would reject. It owns no fds: every fd it is
+handed ends up in an event or in the error's ``fds`` list, so the caller can close it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = [
+    "MAX_PEER_ID",
+    "MAX_VECTORS",
+    "PROTOCOL_VERSION",
+    "SHM_MESSAGE_VALUE",
+    "ClientParser",
+    "Message",
+    "PeerLeft",
+    "PeerVector",
+    "PeerVectors",
+    "ProtocolError",
+    "Welcome",
+    "join_messages",
+    "leave_messages",
+]
+
+PROTOCOL_VERSION = 0
+SHM_MESSAGE_VALUE = -1
+MAX_PEER_ID = 0xFFFF
+MAX_VECTORS = 64
+
+H = TypeVar("H")
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Generic[H]):
+    """One 8-byte message: a value and at most one fd handle."""
+
+    value: int
+    fd: H | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerVectors(Generic[H]):
+    """A peer as the protocol sees it: its id and its receive vectors (one fd handle each)."""
+
+    peer_id: int
+    vectors: tuple[H, ...]
+
+
+Outbox = list[tuple[int, list[Message[H]]]]
+
+
+def join_messages(
+    newcomer: PeerVectors[H], existing: Iterable[PeerVectors[H]], shm: H
+) -> Outbox[H]:
+    """Messages for a join, in send order, as ``[(recipient id, [messages...]), ...]``.
+
+    The newcomer gets the version, its id and the shm fd; every existing peer gets one message
+    per vector of the newcomer (a join notice; none at all with zero vectors); then the
+    newcomer gets every existing peer's vectors in connection order, and finally its own.
+    """
+    existing = list(existing)
+    p = newcomer.peer_id
+    notice = [Message(p, fd) for fd in newcomer.vectors]
+    greeting: list[Message[H]] = [
+        Message(PROTOCOL_VERSION),
+        Message(p),
+        Message(SHM_MESSAGE_VALUE, shm),
+    ]
+    for peer in existing:
+        greeting.extend(Message(peer.peer_id, fd) for fd in peer.vectors)
+    greeting.extend(notice)
+    outbox: Outbox[H] = [(p, greeting)]
+    if notice:
+        outbox.extend((peer.peer_id, list(notice)) for peer in existing)
+    # QEMU sends the join notices before the newcomer's list of the others; a recipient only
+    # ever sees its own stream, so keeping the newcomer first changes nothing observable.
+    return outbox
+
+
+def leave_messages(leaver_id: int, remaining_ids: Iterable[int]) -> Outbox[H]:
+    """Messages for a leave: every remaining peer (never the leaver) gets ``leaver_id``."""
+    return [(rid, [Message(leaver_id)]) for rid in remaining_ids if rid != leaver_id]
+
+
+class ProtocolError(Exception):
+    """The server's stream broke the protocol. ``fds`` are the fds the caller must close."""
+
+    def __init__(self, message: str, fds: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.fds = list(fds)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The handshake is done: our id and the shared-memory fd (owned by the receiver)."""
+
+    peer_id: int
+    shm_fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerVector:
+    """The ``index``-th vector (eventfd) of ``peer_id``; ``own`` when it is our own."""
+
+    peer_id: int
+    index: int
+    fd: int
+    own: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerLeft:
+    """``peer_id`` left: its vectors are gone."""
+
+    peer_id: int
+
+
+ClientEvent = Welcome | PeerVector | PeerLeft
+
+
+@dataclass
+class ClientParser:
+    """Strict client-side state machine for the server's stream.
+
+    Feed it one decoded message at a time with :meth:`feed`. ``max_vectors`` bounds the fds
+    accepted per peer (QEMU closes the extra ones with a warning; here they are an error when
+    ``strict_vectors`` is set, else handed back in :attr:`extra_fds` for the caller to close).
+    """
+
+    max_vectors: int = MAX_VECTORS
+    strict_vectors: bool = False
+    peer_id: int | None = None
+    _version_seen: bool = False
+    _welcomed: bool = False
+    vector_counts: dict[int, int] = field(default_factory=dict)
+    extra_fds: list[int] = field(default_factory=list)
+
+    def feed(self, value: int, fd: int | None) -> ClientEvent | None:
+        """Consume one message; return the event it completes, if any."""
+        fds = [] if fd is None else [fd]
+        if not self._version_seen:
+            if fd is not None:
+                raise ProtocolError("protocol version message carries an fd", fds)
+            if value != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"unsupported protocol version {value} (expected {PROTOCOL_VERSION})"
+                )
+            self._version_seen = True
+            return None
+        if self.peer_id is None:
+            if fd is not None:
+                raise ProtocolError("peer id message carries an fd", fds)
+            if not 0 <= value <= MAX_PEER_ID:
+                raise ProtocolError(f"peer id {value} out of range 0..{MAX_PEER_ID}")
+            self.peer_id = value
+            return None
+        if not self._welcomed:
+            if value != SHM_MESSAGE_VALUE:
+                raise ProtocolError(f"expected the shared-memory message (-1), got {value}", fds)
+            if fd is None:
+                raise ProtocolError("shared-memory message without its fd")
+            self._welcomed = True
+            return Welcome(self.peer_id, fd)
+        if value == SHM_MESSAGE_VALUE:
+            raise ProtocolError("a second shared-memory message", fds)
+        if not 0 <= value <= MAX_PEER_ID:
+            raise ProtocolError(f"peer id {value} out of range 0..{MAX_PEER_ID}", fds)
+        if fd is None:
+            if value == self.peer_id:
+                raise ProtocolError(f"leave notice for ourselves (peer {value})")
+            # With zero vectors a join is never announced but its leave still is, so a leave
+            # for a peer we hold no vectors of is normal.
+            self.vector_counts.pop(value, None)
+            return PeerLeft(value)
+        index = self.vector_counts.get(value, 0)
+        if index >= self.max_vectors:
+            if self.strict_vectors:
+                raise ProtocolError(f"peer {value} sent more than {self.max_vectors} vectors", fds)
+            self.extra_fds.append(fd)
+            return None
+        self.vector_counts[value] = index + 1
+        return PeerVector(value, index, fd, value == self.peer_id)

@@ -1,0 +1,94 @@
+"""A raw protocol client for tests: records the exact stream a server sends.
+
+It speaks no protocol logic at all (unlike ``peers.client``): it records every message as
+``(value, carries_fd)`` and keeps the fds, so a test can compare streams byte for byte with
+what QEMU's server sent and check that the fds are really connected eventfds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from ivshmemd import wire
+
+READ_TIMEOUT = 20.0
+
+
+@dataclass
+class RawClient:
+    """A connected socket and everything received on it."""
+
+    sock: socket.socket
+    stream: list[tuple[int, bool]] = field(default_factory=list)
+    fds: list[tuple[int, int]] = field(default_factory=list)  # (value, fd) in arrival order
+
+    @classmethod
+    async def connect(cls, path: str) -> RawClient:
+        """Connect (blocking connect on a unix socket is immediate)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.connect(path)
+        sock.setblocking(False)
+        return cls(sock)
+
+    async def read(self, count: int, timeout: float = READ_TIMEOUT) -> list[tuple[int, bool]]:
+        """Read exactly ``count`` messages; fail with what arrived if they do not come."""
+        got: list[tuple[int, bool]] = []
+        with trio.move_on_after(timeout):
+            while len(got) < count:
+                try:
+                    data, fds, _flags = wire.recv_message(self.sock)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    continue
+                if not data:
+                    raise AssertionError(f"EOF after {got} (wanted {count} messages)")
+                assert len(data) == wire.MESSAGE_SIZE, f"short message {data!r}"
+                assert len(fds) <= 1, f"{len(fds)} fds in one message"
+                value = wire.decode(data)
+                got.append((value, bool(fds)))
+                for fd in fds:
+                    self.fds.append((value, fd))
+            self.stream.extend(got)
+            return got
+        raise AssertionError(f"timed out: got {got}, wanted {count} messages")
+
+    async def read_eof(self, timeout: float = READ_TIMEOUT) -> list[tuple[int, bool]]:
+        """Read until the server closes; return the messages that came first."""
+        got: list[tuple[int, bool]] = []
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    data, fds, _flags = wire.recv_message(self.sock)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    continue
+                except ConnectionResetError:
+                    return got
+                for fd in fds:
+                    os.close(fd)
+                if not data:
+                    return got
+                got.append((wire.decode(data), bool(fds)))
+        raise AssertionError(f"timed out waiting for EOF; got {got}")
+
+    def vector_fds(self, peer_id: int) -> list[int]:
+        """The fds received for ``peer_id``, in order (its vector 0, 1, ...)."""
+        return [fd for value, fd in self.fds if value == peer_id]
+
+    def shm_fd(self) -> int:
+        """The shared-memory fd (the one sent with -1)."""
+        return next(fd for value, fd in self.fds if value == -1)
+
+    def close(self) -> None:
+        """Close the socket and every received fd."""
+        for _value, fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        self.sock.close()
