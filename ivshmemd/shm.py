@@ -9,9 +9,11 @@ Two kinds, as in QEMU's ivshmem-server:
   the fd keeps it alive and nothing is left behind.
 
 Sizes are 64-bit throughout (no 32-bit truncation, unlike the C server). The daemon keeps
-only an fd: the mapping made by ``SharedMemory`` is dropped at once, and the segment is
-removed from ``multiprocessing``'s resource tracker, which would otherwise unlink it when
-this process exits even though other processes still use it.
+only an fd: the mapping made by ``SharedMemory`` is dropped at once. The segment is kept out
+of ``multiprocessing``'s resource tracker, which would otherwise unlink it when this process
+exits although other processes still use it, and whose helper process would inherit (and
+hold open) the daemon's stdio: ``track=False`` on Python 3.13+, and on 3.11/3.12 the tracker's
+register/unregister are bypassed for the duration of the call, so no tracker ever starts.
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import errno
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
+from typing import Any
 
 __all__ = [
     "MAX_HUGEPAGE_SIZE",
     "MIN_SHM_SIZE",
     "SharedMemoryError",
     "SharedMemoryRegion",
+    "attach_posix_shm",
     "open_posix_shm",
     "open_shm_in_dir",
     "unlink_posix_shm",
@@ -83,10 +89,29 @@ def validate_shm_name(name: str) -> str:
     return bare
 
 
-def _untrack(segment: shared_memory.SharedMemory) -> None:
-    """Stop the resource tracker from unlinking a segment that outlives this process."""
-    if sys.version_info < (3, 13):
-        resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+@contextmanager
+def _untracked() -> Iterator[dict[str, Any]]:
+    """Keyword arguments for ``SharedMemory`` that keep the segment out of the tracker."""
+    if sys.version_info >= (3, 13):
+        yield {"track": False}
+        return
+    register, unregister = resource_tracker.register, resource_tracker.unregister
+
+    def _skip(name: str, rtype: str) -> None:
+        return None
+
+    resource_tracker.register = _skip  # type: ignore[assignment]
+    resource_tracker.unregister = _skip  # type: ignore[assignment]
+    try:
+        yield {}
+    finally:
+        resource_tracker.register, resource_tracker.unregister = register, unregister
+
+
+def attach_posix_shm(name: str) -> shared_memory.SharedMemory:
+    """Map an existing segment without registering it with the resource tracker."""
+    with _untracked() as kwargs:
+        return shared_memory.SharedMemory(validate_shm_name(name), create=False, **kwargs)
 
 
 def _describe(exc: OSError) -> str:
@@ -113,16 +138,16 @@ def open_posix_shm(name: str, size: int) -> SharedMemoryRegion:
     bare = validate_shm_name(name)
     created = True
     try:
-        try:
-            segment = shared_memory.SharedMemory(bare, create=True, size=size)
-        except FileExistsError:
-            created = False
-            segment = shared_memory.SharedMemory(bare, create=False)
+        with _untracked() as kwargs:
+            try:
+                segment = shared_memory.SharedMemory(bare, create=True, size=size, **kwargs)
+            except FileExistsError:
+                created = False
+                segment = shared_memory.SharedMemory(bare, create=False, **kwargs)
     except OSError as exc:
         raise SharedMemoryError(f"cannot open shm {bare!r}: {_describe(exc)}") from None
     except ValueError as exc:  # e.g. an existing object of size 0 cannot be mapped
         raise SharedMemoryError(f"cannot open shm {bare!r}: {exc}") from None
-    _untrack(segment)
     try:
         fd = os.dup(segment._fd)  # type: ignore[attr-defined]
     finally:
@@ -141,11 +166,14 @@ def open_posix_shm(name: str, size: int) -> SharedMemoryRegion:
 def unlink_posix_shm(name: str) -> bool:
     """Unlink the POSIX shm object ``name``; False if it was already gone."""
     try:
-        segment = shared_memory.SharedMemory(validate_shm_name(name), create=False)
-    except (FileNotFoundError, ValueError):
+        segment = attach_posix_shm(name)
+    except (FileNotFoundError, ValueError, SharedMemoryError):
         return False
     try:
-        segment.unlink()  # balances the registration the attach made
+        with _untracked():
+            segment.unlink()
+    except FileNotFoundError:
+        return False
     finally:
         segment.close()
     return True
