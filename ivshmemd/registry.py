@@ -11,6 +11,8 @@ peers that are not local sockets (a federation of daemons).
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +25,13 @@ __all__ = ["IdAllocator", "Peer", "Registry", "RegistryFull", "SharedFd"]
 class SharedFd:
     """A file descriptor closed when its last reference is released."""
 
-    __slots__ = ("_refs", "fd")
+    __slots__ = ("_refs", "ancillary", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._refs = 1
+        #: the SCM_RIGHTS control message that carries this fd, built once
+        self.ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
 
     def acquire(self) -> SharedFd:
         """Take one more reference (for a queued message); returns self."""

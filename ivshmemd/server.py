@@ -39,8 +39,6 @@ __all__ = ["Connection", "IvshmemServer", "ServerConfig", "ServerStats", "peer_c
 
 log = logging.getLogger("ivshmemd")
 
-#: Messages sent to one client before its sender task yields to the others.
-SEND_BATCH = 64
 _UCRED = struct.Struct("3i")
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 
@@ -87,18 +85,33 @@ class Connection:
 
     sock: socket.socket
     peer: Peer
-    outbox: deque[tuple[int, SharedFd | None]] = field(default_factory=deque)
+    #: (encoded 8-byte message, fd handle or None), oldest first
+    outbox: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
     lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     dropped: bool = False
 
+    stats: ServerStats = field(default_factory=lambda: ServerStats())
+    broken: OSError | None = None
+
     def enqueue(self, messages: list[Message[SharedFd]]) -> None:
-        """Append messages (taking a reference on each fd) and wake the sender."""
+        """Append messages (taking a reference on each fd) and send what the socket takes.
+
+        Sending happens right here, without a task switch, whenever the socket has room;
+        only a full socket wakes the connection's sender task, which waits for room (and
+        disconnects the client if it takes too long). Order is kept: the outbox is a FIFO.
+        """
+        was_idle = not self.outbox
+        encode = wire.encode
         for message in messages:
             shared = message.fd
-            self.outbox.append((message.value, None if shared is None else shared.acquire()))
-        if self.lot:
-            self.lot.unpark_all()
+            self.outbox.append(
+                (encode(message.value), None if shared is None else shared.acquire())
+            )
+        if was_idle and not self.dropped:
+            self.flush_nowait()
+            if self.outbox:
+                self.lot.unpark_all()
 
     def release_outbox(self) -> None:
         """Forget unsent messages, releasing their fd references."""
@@ -107,20 +120,26 @@ class Connection:
             if shared is not None:
                 shared.release()
 
-    def flush_nowait(self) -> int:
-        """Send what the socket takes without blocking; return how many went out."""
-        sent = 0
-        while self.outbox:
-            value, shared = self.outbox[0]
+    def flush_nowait(self) -> None:
+        """Send what the socket takes without blocking (errors are kept in ``broken``)."""
+        outbox, sendmsg = self.outbox, self.sock.sendmsg
+        while outbox:
+            data, shared = outbox[0]
             try:
-                wire.send_message(self.sock, value, None if shared is None else shared.fd)
-            except OSError:
-                break
-            self.outbox.popleft()
+                # one message, one sendmsg: a unix stream socket takes all 8 bytes or none
+                if shared is None:
+                    sendmsg((data,))
+                else:
+                    sendmsg((data,), shared.ancillary)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.broken = exc
+                return
+            outbox.popleft()
             if shared is not None:
                 shared.release()
-            sent += 1
-        return sent
+            self.stats.messages_sent += 1
 
 
 class IvshmemServer:
@@ -262,7 +281,7 @@ class IvshmemServer:
             vectors,
             info={"pid": pid, "uid": uid, "gid": gid, "connected_at": time.time()},
         )
-        conn = Connection(sock, peer)
+        conn = Connection(sock, peer, stats=self.stats)
         existing = [p.as_protocol() for p in self.registry]
         for recipient, messages in join_messages(peer.as_protocol(), existing, self._shm_fd):
             (conn if recipient == peer_id else self.connections[recipient]).enqueue(messages)
@@ -303,39 +322,28 @@ class IvshmemServer:
             return
 
     async def _send_loop(self, conn: Connection) -> None:
-        sock, outbox, stats = conn.sock, conn.outbox, self.stats
-        batch = 0
+        """Wait for room whenever the client's socket is full; drop it if none comes."""
+        outbox = conn.outbox
         while True:
             if not outbox:
-                batch = 0
                 await conn.lot.park()
                 continue
-            value, shared = outbox[0]
-            try:
-                wire.send_message(sock, value, None if shared is None else shared.fd)
-            except BlockingIOError:
-                with trio.move_on_after(self.config.send_timeout) as waited:
-                    await trio.lowlevel.wait_writable(sock)
-                if waited.cancelled_caught:
-                    stats.slow_disconnects += 1
-                    self.drop(
-                        conn,
-                        f"too slow: {len(outbox)} messages unread for "
-                        f"{self.config.send_timeout:g} s",
-                    )
-                    return
-                continue
-            except OSError as exc:
-                self.drop(conn, f"send failed: {exc.strerror}")
+            conn.flush_nowait()
+            if conn.broken is not None:
+                self.drop(conn, f"send failed: {conn.broken.strerror}")
                 return
-            outbox.popleft()
-            if shared is not None:
-                shared.release()
-            stats.messages_sent += 1
-            batch += 1
-            if batch >= SEND_BATCH:
-                batch = 0
-                await trio.lowlevel.checkpoint()
+            if not outbox:
+                continue
+            with trio.move_on_after(self.config.send_timeout) as waited:
+                await trio.lowlevel.wait_writable(conn.sock)
+            if waited.cancelled_caught:
+                self.stats.slow_disconnects += 1
+                self.drop(
+                    conn,
+                    f"too slow: {len(outbox)} messages unread for "
+                    f"{self.config.send_timeout:g} s",
+                )
+                return
 
     # -- leaving --------------------------------------------------------------------------
 

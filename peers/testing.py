@@ -142,11 +142,15 @@ async def daemon_process(
     shm_name: str | None = None,
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> AsyncIterator[DaemonProcess]:
-    """Run ``ivshmemd`` in the foreground for the duration of the block."""
+    """Run ``ivshmemd`` in the foreground for the duration of the block.
+
+    ``wrapper`` prefixes the command (e.g. ``["prlimit", "--nofile=64"]``).
+    """
     socket_path = str(Path(directory) / f"ivshmem-{uuid.uuid4().hex[:8]}.sock")
     shm_name = shm_name or unique_name()
-    argv = daemon_command(socket_path, shm_name, vectors, size, args)
+    argv = [*wrapper, *daemon_command(socket_path, shm_name, vectors, size, args)]
     async with trio.open_nursery() as nursery:
         process = await trio.lowlevel.open_process(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

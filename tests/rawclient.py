@@ -25,6 +25,9 @@ class RawClient:
     sock: socket.socket
     stream: list[tuple[int, bool]] = field(default_factory=list)
     fds: list[tuple[int, int]] = field(default_factory=list)  # (value, fd) in arrival order
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    #: close received fds at once instead of keeping them (for tests with many peers)
+    close_fds_as_they_come: bool = False
 
     @classmethod
     async def connect(cls, path: str) -> RawClient:
@@ -51,10 +54,43 @@ class RawClient:
                 value = wire.decode(data)
                 got.append((value, bool(fds)))
                 for fd in fds:
-                    self.fds.append((value, fd))
+                    if self.close_fds_as_they_come:
+                        os.close(fd)
+                    else:
+                        self.fds.append((value, fd))
             self.stream.extend(got)
             return got
         raise AssertionError(f"timed out: got {got}, wanted {count} messages")
+
+    async def drain(self) -> None:
+        """Read forever (run it as a task); waiters of :meth:`wait_for` are woken."""
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            while True:
+                try:
+                    data, fds, _flags = wire.recv_message(self.sock)
+                except BlockingIOError:
+                    break
+                if not data:
+                    raise AssertionError(f"EOF after {len(self.stream)} messages")
+                value = wire.decode(data)
+                self.stream.append((value, bool(fds)))
+                for fd in fds:
+                    if self.close_fds_as_they_come:
+                        os.close(fd)
+                    else:
+                        self.fds.append((value, fd))
+            self.lot.unpark_all()
+
+    async def wait_for(
+        self, message: tuple[int, bool], count: int = 1, timeout: float = READ_TIMEOUT
+    ) -> None:
+        """With :meth:`drain` running: wait until ``message`` has arrived ``count`` times."""
+        with trio.move_on_after(timeout):
+            while self.stream.count(message) < count:
+                await self.lot.park()
+            return
+        raise AssertionError(f"{count} x {message} never arrived; got {self.stream}")
 
     async def read_eof(self, timeout: float = READ_TIMEOUT) -> list[tuple[int, bool]]:
         """Read until the server closes; return the messages that came first."""
