@@ -63,28 +63,28 @@ Outbox = list[tuple[int, list[Message[H]]]]
 def join_messages(
     newcomer: PeerVectors[H], existing: Iterable[PeerVectors[H]], shm: H
 ) -> Outbox[H]:
-    """Messages for a join, in send order, as ``[(recipient id, [messages...]), ...]``.
+    """Messages for a join, in QEMU's send order, as ``[(recipient id, [messages]), ...]``.
 
-    The newcomer gets the version, its id and the shm fd; every existing peer gets one message
-    per vector of the newcomer (a join notice; none at all with zero vectors); then the
-    newcomer gets every existing peer's vectors in connection order, and finally its own.
+    The newcomer gets the version, its id and the shm fd; then every existing peer gets one
+    message per vector of the newcomer (a join notice; none at all with zero vectors); then
+    the newcomer gets every existing peer's vectors in connection order, and finally its
+    own. The newcomer appears twice: the notices go out before it can learn of (and ring)
+    anyone, so an existing peer hears of a newcomer before the newcomer can ring it.
     """
     existing = list(existing)
     p = newcomer.peer_id
     notice = [Message(p, fd) for fd in newcomer.vectors]
-    greeting: list[Message[H]] = [
-        Message(PROTOCOL_VERSION),
-        Message(p),
-        Message(SHM_MESSAGE_VALUE, shm),
+    outbox: Outbox[H] = [
+        (p, [Message(PROTOCOL_VERSION), Message(p), Message(SHM_MESSAGE_VALUE, shm)])
     ]
-    for peer in existing:
-        greeting.extend(Message(peer.peer_id, fd) for fd in peer.vectors)
-    greeting.extend(notice)
-    outbox: Outbox[H] = [(p, greeting)]
     if notice:
         outbox.extend((peer.peer_id, list(notice)) for peer in existing)
-    # QEMU sends the join notices before the newcomer's list of the others; a recipient only
-    # ever sees its own stream, so keeping the newcomer first changes nothing observable.
+    rest: list[Message[H]] = []
+    for peer in existing:
+        rest.extend(Message(peer.peer_id, fd) for fd in peer.vectors)
+    rest.extend(notice)
+    if rest:
+        outbox.append((p, rest))
     return outbox
 
 
