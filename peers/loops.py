@@ -1,0 +1,181 @@
+"""The two event loops that drive a :class:`~peers.runtime.PeerMachine`.
+
+* :func:`run_trio`: the default, a trio task per own vector eventfd plus one for the
+  server's notices; composable with other trio code.
+* :func:`run_blocking`: the fast path for latency-critical plugins: one ``epoll`` over our
+  eventfds, the server socket and a signal wake-up pipe, and nothing else between an
+  eventfd becoming readable and the plugin's interrupt handler. SIGTERM/SIGINT still stop
+  it cleanly: their handlers only set a flag, and the wake-up fd ends the ``epoll_wait``.
+
+Both return when the plugin finishes, a signal arrives, or the server goes away (which they
+raise as :class:`~peers.client.ServerGone`).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from .client import ClientError
+from .runtime import PeerMachine
+
+__all__ = ["Stopped", "run_blocking", "run_trio"]
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """A signal asked the peer to stop (``signum`` says which)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _drain_server(machine: PeerMachine) -> None:
+    client = machine.client
+    while (event := client.next_event_nowait()) is not None:
+        machine.on_server_event(event)
+
+
+def _nothing() -> None:
+    return None
+
+
+async def run_trio(machine: PeerMachine, on_ready: Callable[[], None] = _nothing) -> None:
+    """Run until the plugin is done; raise :class:`Stopped` on SIGTERM/SIGINT.
+
+    ``on_ready`` is called once signals are handled, just before the plugin starts.
+    """
+    finished = trio.Event()
+    stopped_by: list[int] = []
+
+    async def watch_vector(vector: int, fd: int) -> None:
+        on_vector = machine.on_vector
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            on_vector(vector)
+            if machine.done:
+                finished.set()
+                return
+
+    async def watch_server() -> None:
+        client = machine.client
+        while True:
+            machine.on_server_event(await client.next_event())
+            if machine.done:
+                finished.set()
+                return
+
+    async def watch_signals(task_status: Any) -> None:
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
+            task_status.started()
+            async for signum in signals:
+                stopped_by.append(signum)
+                finished.set()
+                return
+
+    try:
+        await _supervise(machine, finished, watch_signals, watch_vector, watch_server, on_ready)
+    except BaseExceptionGroup as group:  # a lost server is one clear error, not a group
+        lost, _rest = group.split(ClientError)
+        if lost is not None:
+            raise _first_leaf(lost) from None
+        raise
+    if stopped_by and not machine.done:
+        raise Stopped(stopped_by[0])
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _supervise(
+    machine: PeerMachine,
+    finished: trio.Event,
+    watch_signals: Callable[[Any], Awaitable[None]],
+    watch_vector: Callable[[int, int], Awaitable[None]],
+    watch_server: Callable[[], Awaitable[None]],
+    on_ready: Callable[[], None],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_started, watch_signals)
+        on_ready()
+        _drain_server(machine)
+        machine.start()
+        for vector, fd in enumerate(machine.own_fds):
+            nursery.start_soon(watch_vector, vector, fd)
+        nursery.start_soon(watch_server)
+        if not machine.done:
+            await finished.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _started(
+    task: Callable[[Any], Awaitable[None]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    await task(task_status)
+
+
+@contextmanager
+def _signal_wakeup() -> Iterator[tuple[int, list[int]]]:
+    """Signal handlers that only record the signal, and a pipe that wakes epoll."""
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    caught: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNALS}
+    old_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        yield read_end, caught
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        os.close(read_end)
+        os.close(write_end)
+
+
+def run_blocking(machine: PeerMachine, on_ready: Callable[[], None] = _nothing) -> None:
+    """The fast path: a plain epoll loop. Raise :class:`Stopped` on SIGTERM/SIGINT."""
+    with _signal_wakeup() as (wake_fd, caught), select.epoll() as poller:
+        on_ready()
+        server_fd = machine.client.sock.fileno()
+        poller.register(server_fd, select.EPOLLIN)
+        poller.register(wake_fd, select.EPOLLIN)
+        vector_of: dict[int, int] = {}
+        _drain_server(machine)
+        machine.start()
+        registered: set[int] = set()
+        poll, on_vector = poller.poll, machine.on_vector
+        while not machine.done and not caught:
+            for vector, fd in enumerate(machine.own_fds):
+                if fd not in registered:
+                    poller.register(fd, select.EPOLLIN)
+                    registered.add(fd)
+                    vector_of[fd] = vector
+            for fd, _mask in poll():
+                ready = vector_of.get(fd)
+                if ready is not None:
+                    on_vector(ready)
+                elif fd == server_fd:
+                    _drain_server(machine)  # may raise ServerGone
+                else:
+                    try:
+                        while os.read(wake_fd, 64):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if machine.done:
+                    break
+        if caught and not machine.done:
+            raise Stopped(caught[0])

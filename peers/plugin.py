@@ -1,0 +1,197 @@
+"""The plugin API: a plugin is the guest software a peer runs.
+
+A plugin subclasses :class:`Plugin` and overrides the hooks it needs. The runtime calls them
+synchronously from its event loop, one at a time:
+
+* :meth:`Plugin.start` once the VM is built and the peer has its id, with a :class:`Guest`
+  (the vCPU, the ivshmem device, and helpers that reach the device only through guest
+  accesses: ``guest.ring`` writes the Doorbell register through ``vcpu.write``);
+* :meth:`Plugin.interrupt` for every interrupt the device delivers (an MSI-X vector, or
+  ``vmm.ivshmem.INTX_VECTOR`` in legacy INTx mode);
+* :meth:`Plugin.peer_joined` / :meth:`Plugin.peer_left` as the daemon announces peers;
+* :meth:`Plugin.stop` once, when the peer shuts down (finished, signalled, or the daemon
+  went away).
+
+A plugin ends the peer with ``guest.finish(summary)`` (or ``guest.fail(reason)``). Options
+come from the command line: :meth:`Plugin.add_arguments` declares them on an argparse group.
+
+Plugins are found through the entry-point group ``ivshmem.peers``; the built-ins are
+registered the same way, so a plugin in any installed package works with no change here::
+
+    [project.entry-points."ivshmem.peers"]
+    hello = "my_package.hello:HelloPlugin"
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from vmm import Vcpu, Vm
+    from vmm.ivshmem import IvshmemDevice
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Guest",
+    "Plugin",
+    "PluginError",
+    "available_plugins",
+    "load_plugin",
+]
+
+ENTRY_POINT_GROUP = "ivshmem.peers"
+
+
+class PluginError(Exception):
+    """A plugin cannot be found or loaded, or its options are wrong."""
+
+
+class Guest:
+    """What a plugin sees: the VM, its vCPU, the ivshmem device and where things are.
+
+    Guest-physical layout: RAM at :attr:`ram_gpa`; the device's BAR0 registers at
+    :attr:`bar0_gpa`, BAR1 (MSI-X) at :attr:`bar1_gpa`, BAR2 (the shared memory) at
+    :attr:`shm_gpa`. Everything here goes through the vCPU, as a guest driver would.
+    """
+
+    REG_INTRMASK = 0x0
+    REG_INTRSTATUS = 0x4
+    REG_IVPOSITION = 0x8
+    REG_DOORBELL = 0xC
+
+    def __init__(
+        self,
+        vm: Vm,
+        vcpu: Vcpu,
+        device: IvshmemDevice,
+        *,
+        ram_gpa: int,
+        ram_size: int,
+        bar0_gpa: int,
+        bar1_gpa: int,
+        shm_gpa: int,
+        finish: Callable[[str | None, bool], None],
+        report: Callable[..., None],
+        log: Callable[[str], None],
+    ) -> None:
+        self.vm = vm
+        self.vcpu = vcpu
+        self.device = device
+        self.ram_gpa = ram_gpa
+        self.ram_size = ram_size
+        self.bar0_gpa = bar0_gpa
+        self.bar1_gpa = bar1_gpa
+        self.shm_gpa = shm_gpa
+        self.shm_size = device.shm_size
+        self.vectors = device.vectors
+        self._doorbell_gpa = bar0_gpa + self.REG_DOORBELL
+        self._finish = finish
+        self.report = report
+        self.log = log
+
+    # -- the device, through guest accesses -----------------------------------------------
+
+    @property
+    def peer_id(self) -> int:
+        """Our own id, read from the IVPosition register."""
+        return self.vcpu.read32(self.bar0_gpa + self.REG_IVPOSITION)
+
+    def peers(self) -> dict[int, int]:
+        """The device's peer table: peer id -> connected vectors (ourselves included)."""
+        return self.device.peers
+
+    def ring(self, peer_id: int, vector: int = 0) -> None:
+        """Ring ``peer_id``'s ``vector``: a write to the Doorbell register."""
+        self.vcpu.write32(self._doorbell_gpa, (peer_id << 16) | vector)
+
+    def enable_msix(self, unmask: bool = True) -> None:
+        """What a guest driver does at probe time: enable MSI-X, unmask every vector."""
+        from vmm.pci import MSIX_CONTROL_ENABLE, MSIX_ENTRY_SIZE
+
+        msix = self.device.msix
+        control = self.device.config_read(msix.cap_offset + 2, 2)
+        self.device.config_write(msix.cap_offset + 2, 2, control | MSIX_CONTROL_ENABLE)
+        if unmask:
+            for vector in range(self.vectors):
+                self.vcpu.write32(self.bar1_gpa + vector * MSIX_ENTRY_SIZE + 12, 0)
+
+    def read_shm(self, offset: int, size: int) -> bytes:
+        """Read the shared memory (BAR2) through the vCPU."""
+        return self.vcpu.read(self.shm_gpa + offset, size)
+
+    def write_shm(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write the shared memory (BAR2) through the vCPU."""
+        self.vcpu.write(self.shm_gpa + offset, data)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def finish(self, summary: str | None = None) -> None:
+        """The plugin is done: print ``summary`` (if any) and stop the peer (exit 0)."""
+        self._finish(summary, True)
+
+    def fail(self, reason: str) -> None:
+        """The plugin failed: print ``reason`` and stop the peer (non-zero exit)."""
+        self._finish(reason, False)
+
+
+class Plugin:
+    """Base class of the guest software a peer runs (see the module docstring)."""
+
+    #: The name it is registered under (informational; discovery uses the entry point).
+    name: ClassVar[str] = ""
+    #: One line for ``ivshmem-peer --list-plugins``.
+    description: ClassVar[str] = ""
+    #: Prefer the blocking fast-path event loop (lowest doorbell latency) over trio.
+    prefers_fast_path: ClassVar[bool] = False
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.options = options
+        self.guest: Guest | None = None
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        """Declare the plugin's command-line options (none by default)."""
+
+    @classmethod
+    def check_options(cls, options: argparse.Namespace) -> str | None:
+        """Validate the parsed options; return an error message, or None if they are fine."""
+        return None
+
+    def start(self, guest: Guest) -> None:
+        """The VM is ready: keep ``guest`` and start working."""
+        self.guest = guest
+
+    def interrupt(self, vector: int) -> None:
+        """The device delivered an interrupt on ``vector``."""
+
+    def peer_joined(self, peer_id: int) -> None:
+        """``peer_id`` joined (all its vectors are connected)."""
+
+    def peer_left(self, peer_id: int) -> None:
+        """``peer_id`` left; its vectors are gone."""
+
+    def stop(self) -> None:
+        """The peer is shutting down."""
+
+
+def available_plugins() -> dict[str, Any]:
+    """Entry points of the ``ivshmem.peers`` group, by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(name: str) -> type[Plugin]:
+    """The plugin class registered as ``name``; :class:`PluginError` if there is none."""
+    found = available_plugins()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise PluginError(f"unknown plugin {name!r} (available: {known})")
+    try:
+        cls = found[name].load()
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        raise PluginError(f"plugin {name!r} ({found[name].value}) is not a peers.plugin.Plugin")
+    return cls

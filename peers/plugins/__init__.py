@@ -1,0 +1,1 @@
+"""The built-in plugins (registered through the ``ivshmem.peers`` entry points)."""

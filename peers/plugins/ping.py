@@ -1,0 +1,113 @@
+"""``ping``: two peers play doorbell ping-pong through the device registers.
+
+Peers pair up by id (0 with 1, 2 with 3, ...; ``--partner`` overrides). The lower id of a
+pair serves: it rings its partner's vector 0 through the Doorbell register and waits for the
+partner to ring back, ``--count`` times after ``--warmup`` unmeasured rounds, then prints
+``ping: N round trips, p50 X us, p99 Y us``. The other side rings back on every interrupt
+and finishes after the same number of rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..plugin import Guest, Plugin
+
+
+def percentile(sorted_values: list[int], fraction: float) -> int:
+    """The value at ``fraction`` of a sorted list (nearest rank, as the C reference does)."""
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
+
+
+class PingPlugin(Plugin):
+    """Doorbell ping-pong between two peers; reports round-trip latency."""
+
+    name = "ping"
+    description = "doorbell ping-pong between pairs of peers; prints round-trip p50/p99"
+    prefers_fast_path = True
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--count", type=int, default=10_000, metavar="N",
+                           help="measured round trips (default 10000)")
+        group.add_argument("--warmup", type=int, default=200, metavar="N",
+                           help="unmeasured round trips first (default 200)")
+        group.add_argument("--partner", type=int, default=None, metavar="ID",
+                           help="the peer to play with (default: own id XOR 1)")
+
+    @classmethod
+    def check_options(cls, options: argparse.Namespace) -> str | None:
+        if options.count < 1:
+            return f"--count must be at least 1, got {options.count}"
+        if options.warmup < 0:
+            return f"--warmup must not be negative, got {options.warmup}"
+        if options.partner is not None and not 0 <= options.partner <= 0xFFFF:
+            return f"--partner must be a peer id 0..65535, got {options.partner}"
+        return None
+
+    def start(self, guest: Guest) -> None:
+        super().start(guest)
+        guest.enable_msix()
+        me = guest.peer_id
+        self.partner: int = self.options.partner if self.options.partner is not None else me ^ 1
+        if self.partner == me:
+            guest.fail(f"ping: peer {me} cannot play with itself")
+            return
+        self.serving = me < self.partner
+        self.rounds = self.options.warmup + self.options.count
+        self.done_rounds = 0
+        self.samples: list[int] = []
+        self.t0 = 0
+        self.reply_owed = False
+        guest.log(f"ping: {'serving' if self.serving else 'answering'} peer {self.partner}")
+        if self.serving and self.partner in guest.peers():
+            self._serve()
+
+    def _serve(self) -> None:
+        assert self.guest is not None
+        self.t0 = time.perf_counter_ns()
+        self.guest.ring(self.partner, 0)
+
+    def peer_joined(self, peer_id: int) -> None:
+        if peer_id != self.partner or self.guest is None:
+            return
+        if self.serving and self.done_rounds == 0 and not self.t0:
+            self._serve()
+        elif self.reply_owed:
+            self.reply_owed = False
+            self.guest.ring(self.partner, 0)
+
+    def peer_left(self, peer_id: int) -> None:
+        if peer_id == self.partner and self.guest is not None:
+            self.guest.fail(
+                f"ping: partner {peer_id} left after {self.done_rounds} of {self.rounds} rounds"
+            )
+
+    def interrupt(self, vector: int) -> None:
+        now = time.perf_counter_ns()
+        guest = self.guest
+        assert guest is not None
+        self.done_rounds += 1
+        if self.serving:
+            if self.done_rounds > self.options.warmup:
+                self.samples.append(now - self.t0)
+            if self.done_rounds >= self.rounds:
+                guest.finish(self.summary())
+                return
+            self.t0 = time.perf_counter_ns()
+            guest.ring(self.partner, 0)
+        else:
+            if self.partner in guest.device.peers:
+                guest.ring(self.partner, 0)
+            else:  # its join notice is not processed yet: answer once it is
+                self.reply_owed = True
+            if self.done_rounds >= self.rounds:
+                guest.finish(None)
+
+    def summary(self) -> str:
+        """The result line."""
+        ordered = sorted(self.samples)
+        p50 = percentile(ordered, 0.50) / 1000
+        p99 = percentile(ordered, 0.99) / 1000
+        return f"ping: {len(ordered)} round trips, p50 {p50:.2f} us, p99 {p99:.2f} us"

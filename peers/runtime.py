@@ -1,0 +1,176 @@
+"""The peer machine: a VMM model with the ivshmem device, wired to a server connection.
+
+:class:`PeerMachine` is the I/O-free core both event loops drive (:mod:`peers.loops`): it
+builds a :class:`vmm.Vm` with a RAM memslot and the ivshmem device whose BAR2 is backed by
+the shm mmap, keeps the device's peer table in step with the daemon's join and leave
+notices, turns a ring on one of our own eventfds into a device interrupt, and turns a
+doorbell the guest writes into ``eventfd_write(1)`` on the destination's eventfd.
+
+The per-doorbell path is: guest ``vcpu.write32`` -> MMIO dispatch -> device -> ``notify``
+-> one dict look-up and one ``eventfd_write``. The per-interrupt path is: eventfd readable
+-> one ``eventfd_read`` -> ``device.ring`` -> MSI-X -> ``plugin.interrupt``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmm import Backing, Vm
+from vmm.ivshmem import IvshmemDevice
+
+from .client import IvshmemClient, PeerLeft, PeerVector
+from .plugin import Guest, Plugin
+
+__all__ = ["Layout", "PeerMachine", "PeerOutcome"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things sit in guest-physical memory."""
+
+    ram_gpa: int = 0x8000_0000
+    ram_size: int = 16 << 20
+    bar0_gpa: int = 0x4000_0000
+    bar1_gpa: int = 0x4000_1000
+    shm_gpa: int = 0x1_0000_0000  # 4 GiB, BAR2 is 64-bit
+    ram_slot: int = 0
+    shm_slot: int = 1
+
+
+@dataclass
+class PeerOutcome:
+    """How the peer ended: ``ok`` and the plugin's summary (or the reason it failed)."""
+
+    ok: bool
+    summary: str | None
+
+
+class PeerMachine:
+    """One peer: VM + device + plugin, fed by its connection's events."""
+
+    def __init__(
+        self,
+        client: IvshmemClient,
+        plugin: Plugin,
+        *,
+        vectors: int | None = None,
+        layout: Layout = Layout(),
+        report: Callable[..., None] = lambda **fields: None,
+        log: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.client = client
+        self.plugin = plugin
+        self.layout = layout
+        self.outcome: PeerOutcome | None = None
+        self._report = report
+        self._log = log
+        #: vectors the server hands each peer, and vectors of our device
+        self.server_vectors = len(client.own_vectors)
+        self.vectors = vectors if vectors is not None else max(1, self.server_vectors)
+        #: a peer counts as joined once this many of its vectors are connected
+        self._joined_at = min(self.vectors, self.server_vectors)
+        self.shm = mmap.mmap(client.shm_fd, client.shm_size, mmap.MAP_SHARED)
+        self.vm = Vm()
+        self.vm.set_user_memory_region(
+            layout.ram_slot, 0, layout.ram_gpa, layout.ram_size,
+            Backing.anonymous(layout.ram_size),
+        )  # fmt: skip
+        self.vcpu = self.vm.create_vcpu(0)
+        self.device = IvshmemDevice(
+            client.shm_size,
+            self.vectors,
+            own_id=client.peer_id,
+            notify=self._doorbell,
+            on_interrupt=plugin.interrupt,
+        )
+        self.device.attach(
+            self.vm, layout.shm_slot, layout.bar0_gpa, layout.bar1_gpa, layout.shm_gpa, self.shm
+        )
+        #: peer id -> its eventfds; ourselves included (a doorbell to our own id rings us)
+        self.peer_fds: dict[int, list[int]] = client.peers
+        self.peer_fds[client.peer_id] = client.own_vectors
+        for peer_id, fds in self.peer_fds.items():
+            self.device.set_peer(peer_id, min(len(fds), self.vectors))
+        self._own_fds = list(client.own_vectors[: self.vectors])
+        self.guest = Guest(
+            self.vm, self.vcpu, self.device,
+            ram_gpa=layout.ram_gpa, ram_size=layout.ram_size, bar0_gpa=layout.bar0_gpa,
+            bar1_gpa=layout.bar1_gpa, shm_gpa=layout.shm_gpa,
+            finish=self._finish, report=report, log=log,
+        )  # fmt: skip
+        self._started = False
+        self._stopped = False
+
+    # -- the hot paths --------------------------------------------------------------------
+
+    def _doorbell(self, peer_id: int, vector: int) -> None:
+        os.eventfd_write(self.peer_fds[peer_id][vector], 1)
+
+    def on_vector(self, vector: int) -> None:
+        """Our eventfd ``vector`` is readable: consume it and interrupt the guest once."""
+        try:
+            os.eventfd_read(self._own_fds[vector])
+        except BlockingIOError:
+            return
+        self.device.ring(vector)
+
+    @property
+    def own_fds(self) -> list[int]:
+        """Our own vectors' eventfds, vector order (what the event loop watches)."""
+        return self._own_fds
+
+    # -- server events --------------------------------------------------------------------
+
+    def on_server_event(self, event: PeerVector | PeerLeft) -> None:
+        """Apply a join or leave notice to the device's peer table and tell the plugin."""
+        if isinstance(event, PeerVector):
+            if event.own:
+                if event.index < self.vectors and event.fd not in self._own_fds:
+                    self._own_fds.append(event.fd)
+                return
+            if event.index < self.vectors:
+                self.device.add_peer_vector(event.peer_id, event.index)
+            if event.index + 1 == self._joined_at:
+                self._report(event="peer-joined", peer_id=event.peer_id)
+                if self._started:
+                    self.plugin.peer_joined(event.peer_id)
+        else:
+            self.device.remove_peer(event.peer_id)
+            self._report(event="peer-left", peer_id=event.peer_id)
+            if self._started:
+                self.plugin.peer_left(event.peer_id)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Hand the guest to the plugin."""
+        self._started = True
+        self.plugin.start(self.guest)
+
+    def _finish(self, summary: str | None, ok: bool) -> None:
+        if self.outcome is None:
+            self.outcome = PeerOutcome(ok, summary)
+
+    @property
+    def done(self) -> bool:
+        """True once the plugin has finished or failed."""
+        return self.outcome is not None
+
+    def stop(self) -> None:
+        """Stop the plugin and release the VM, the mapping and the connection."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._started:
+                self.plugin.stop()
+        finally:
+            self.vm.close()
+            try:
+                self.shm.close()
+            except BufferError:
+                pass  # a view is still exported; the mapping goes with the process
+            self.client.close()
