@@ -143,12 +143,14 @@ async def daemon_process(
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
     wrapper: Sequence[str] = (),
+    socket_path: str | None = None,
 ) -> AsyncIterator[DaemonProcess]:
     """Run ``ivshmemd`` in the foreground for the duration of the block.
 
+    The socket is a unique name in ``directory`` unless ``socket_path`` is given.
     ``wrapper`` prefixes the command (e.g. ``["prlimit", "--nofile=64"]``).
     """
-    socket_path = str(Path(directory) / f"ivshmem-{uuid.uuid4().hex[:8]}.sock")
+    socket_path = socket_path or str(Path(directory) / f"ivshmem-{uuid.uuid4().hex[:8]}.sock")
     shm_name = shm_name or unique_name()
     argv = [*wrapper, *daemon_command(socket_path, shm_name, vectors, size, args)]
     async with trio.open_nursery() as nursery:

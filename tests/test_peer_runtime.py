@@ -53,12 +53,11 @@ async def test_daemon_going_away_is_reported(start_daemon: Any) -> None:
 async def test_reconnect_after_the_daemon_restarts(start_daemon: Any, tmp_path: Any) -> None:
     socket_path = str(tmp_path / "stable.sock")
     async with peer_processes() as spawn:
-        async with start_daemon(vectors=1, args=["-S", socket_path]) as daemon:
-            assert daemon.socket_path != socket_path  # our -S comes last and wins
+        async with start_daemon(vectors=1, socket_path=socket_path):
             peer = await spawn(["-S", socket_path, "--plugin", "monitor", "--reconnect"])
             await peer.wait_event(event="running", peer_id=0)
         await peer.wait_event(event="reconnecting")
-        async with start_daemon(vectors=1, args=["-S", socket_path]) as daemon:
+        async with start_daemon(vectors=1, socket_path=socket_path) as daemon:
             await daemon.wait_log("peer 0 joined")
             again = await peer.wait_event(event="running", count=2)
             assert again["peer_id"] == 0  # a fresh daemon, a fresh id
