@@ -9,6 +9,7 @@ clear line and exit 1 (as QEMU's server does), never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import logging.handlers
 import os
@@ -17,13 +18,26 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from . import __version__
+from .activation import ActivationError, adopt_unix_listener
+from .control import (
+    ControlSetupError,
+    Credentials,
+    EventPublisher,
+    default_control_endpoint,
+    default_events_endpoint,
+    events_endpoint_for,
+    serve_control,
+)
+from .controlview import DaemonControlView
 from .daemon import daemonize, write_pidfile
 from .listener import Listener, ListenerError, bind_listener, parse_group
 from .protocol import MAX_VECTORS
+from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig
 from .shm import (
     MIN_SHM_SIZE,
@@ -293,6 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept clients in one of these groups",
     )
     more.add_argument(
+        "--control",
+        metavar="ENDPOINT",
+        default=None,
+        help="zmq endpoint of the control plane (default ipc://SOCKET.ctl beside the socket; "
+        "tcp://HOST:PORT to reach it from elsewhere)",
+    )
+    more.add_argument(
+        "--events",
+        metavar="ENDPOINT",
+        default=None,
+        help="zmq endpoint of the event stream (default: beside --control)",
+    )
+    more.add_argument(
+        "--no-control",
+        action="store_true",
+        help="serve no control plane (ivshmemctl status and friends will not answer)",
+    )
+    more.add_argument(
         "--log-file",
         metavar="FILE",
         default=None,
@@ -353,17 +385,60 @@ def _open_shm(args: argparse.Namespace, size: int) -> SharedMemoryRegion:
     return open_posix_shm(args.shm.value, size)
 
 
+def _control_endpoints(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """Where the control plane listens: beside the socket, an explicit endpoint, or nowhere."""
+    if args.no_control:
+        return None, None
+    if args.control:
+        return args.control, args.events or events_endpoint_for(args.control)
+    return default_control_endpoint(args.socket), default_events_endpoint(args.socket)
+
+
 async def _run(
-    server: IvshmemServer, describe: str, report: Callable[[str | None], None] | None
+    server: IvshmemServer,
+    describe: str,
+    report: Callable[[str | None], None] | None,
+    args: argparse.Namespace,
 ) -> None:
+    notifier = SystemdNotifier()
+    publisher = EventPublisher()
+    server.listeners.append(publisher.on_server_event)
+
+    def report_peer_count(kind: str, event: dict[str, Any]) -> None:
+        notifier.status(f"{len(server.connections)} peers connected")
+
+    server.listeners.append(report_peer_count)
+
+    def authorize(creds: Credentials | None) -> str | None:
+        if creds is None:  # tcp: no credentials; kick is refused there anyway
+            return None
+        return server.allowed(creds.uid, creds.gid, creds.pid)
+
+    control, events = _control_endpoints(args)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            if control is not None and events is not None:
+                await nursery.start(
+                    functools.partial(
+                        serve_control,
+                        DaemonControlView(server, args.socket),
+                        control,
+                        events,
+                        publisher,
+                        socket_mode=args.socket_mode,
+                        socket_gid=args.socket_group_id,
+                        authorize=authorize,
+                    )
+                )
+                log.debug("control plane on %s, events on %s", control, events)
             log.info("%s", describe)
+            notifier.ready("0 peers connected")
             if report is not None:
                 report(None)
             async for signum in signals:
                 log.info("%s received, shutting down", signal.Signals(signum).name)
+                notifier.stopping()
                 nursery.cancel_scope.cancel()
                 break
 
@@ -381,8 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     listener: Listener | None = None
     try:
         shm = _open_shm(args, size)
-        listener = bind_listener(args.socket, args.socket_mode, args.socket_group_id)
-    except (SharedMemoryError, ListenerError) as exc:
+        adopted = adopt_unix_listener()
+        if adopted is not None:
+            listener = Listener(adopted, None)
+        else:
+            listener = bind_listener(args.socket, args.socket_mode, args.socket_group_id)
+    except (SharedMemoryError, ListenerError, ActivationError) as exc:
         log.error("%s", exc)
         _cleanup(args, shm, listener, remove_pidfile=False)
         return 1
@@ -413,7 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.vectors} vectors per peer)"
     )
     try:
-        trio.run(_run, server, describe, report)
+        trio.run(_run, server, describe, report, args)
+    except ControlSetupError as exc:
+        log.error("%s", exc)
+        if report is not None:
+            report(str(exc))
+        return 1
     except Exception as exc:  # an unexpected failure: say it in one line, still clean up
         log.error("fatal: %s: %s", type(exc).__name__, exc)
         if report is not None:

@@ -35,7 +35,14 @@ from .protocol import Message, join_messages, leave_messages
 from .registry import Peer, Registry, RegistryFull, SharedFd
 from .shm import SharedMemoryRegion
 
-__all__ = ["Connection", "IvshmemServer", "ServerConfig", "ServerStats", "peer_credentials"]
+__all__ = [
+    "Connection",
+    "IvshmemServer",
+    "ServerConfig",
+    "ServerStats",
+    "fd_limit",
+    "peer_credentials",
+]
 
 log = logging.getLogger("ivshmemd")
 
@@ -215,7 +222,7 @@ class IvshmemServer:
     async def _refuse_without_fds(self) -> None:
         """accept() failed with EMFILE: use the reserve fd to accept and close the newcomer."""
         self.stats.refusals += 1
-        limit = _fd_limit()
+        limit = fd_limit()
         if self._reserve_fd is None:
             log.error("refused a connection: out of file descriptors (limit %s)", limit)
             await trio.sleep(0.05)  # nothing to accept with; avoid spinning on the backlog
@@ -236,7 +243,7 @@ class IvshmemServer:
         log.warning("refused a connection: %s", why)
         sock.close()
 
-    def _allowed(self, uid: int, gid: int, pid: int) -> str | None:
+    def allowed(self, uid: int, gid: int, pid: int) -> str | None:
         """None if the credentials may connect, else why not."""
         cfg = self.config
         if not cfg.allow_uids and not cfg.allow_gids:
@@ -255,7 +262,7 @@ class IvshmemServer:
         except OSError as exc:
             self._refuse(sock, f"cannot read its credentials: {exc.strerror}")
             return
-        denial = self._allowed(uid, gid, pid)
+        denial = self.allowed(uid, gid, pid)
         if denial is not None:
             self._refuse(sock, denial)
             return
@@ -270,7 +277,7 @@ class IvshmemServer:
             if exc.errno in _FD_EXHAUSTED:
                 self._refuse(
                     sock,
-                    f"pid {pid}: out of file descriptors (limit {_fd_limit()}) "
+                    f"pid {pid}: out of file descriptors (limit {fd_limit()}) "
                     f"creating {self.config.n_vectors} eventfds",
                 )
             else:
@@ -340,8 +347,7 @@ class IvshmemServer:
                 self.stats.slow_disconnects += 1
                 self.drop(
                     conn,
-                    f"too slow: {len(outbox)} messages unread for "
-                    f"{self.config.send_timeout:g} s",
+                    f"too slow: {len(outbox)} messages unread for {self.config.send_timeout:g} s",
                 )
                 return
 
@@ -367,7 +373,7 @@ class IvshmemServer:
                 log.info("peer %d left", peer_id)
             else:
                 log.info("peer %d left: %s", peer_id, reason)
-            self._emit("peer-left", conn.peer)
+            self._emit("peer-left", conn.peer, reason)
 
     def _finish(self, conn: Connection) -> None:
         """After a drop: push out what the socket takes now, free the rest, close."""
@@ -385,10 +391,12 @@ class IvshmemServer:
         self.drop(conn, reason)
         return True
 
-    def _emit(self, kind: str, peer: Peer) -> None:
+    def _emit(self, kind: str, peer: Peer, reason: str | None = None) -> None:
         if not self.listeners:
             return
         event = {"peer_id": peer.peer_id, "vectors": len(peer.vectors), **peer.info}
+        if reason is not None:
+            event["reason"] = reason
         for listener in self.listeners:
             try:
                 listener(kind, event)
@@ -396,7 +404,8 @@ class IvshmemServer:
                 log.exception("event listener failed on %s", kind)
 
 
-def _fd_limit() -> int:
+def fd_limit() -> int:
+    """The soft limit on open fds (what runs out first with many peers)."""
     import resource
 
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

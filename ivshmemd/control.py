@@ -1,0 +1,725 @@
+"""The daemon's control plane: a msgpack request/reply protocol and a peer event stream.
+
+Two layers, kept apart as h11 keeps HTTP apart from sockets:
+
+1. The protocol, pure and synchronous (no sockets): :func:`handle_request` turns the raw bytes
+   of one request into the raw bytes of its reply and never raises; :class:`EventPublisher`
+   stamps ``peer-joined``/``peer-left`` events with a monotonically increasing sequence number
+   and encodes them; :func:`encode_request`, :func:`decode_reply`, :func:`decode_event` and
+   :class:`SequenceTracker` are the client side that ``ivshmemctl`` uses.
+2. :func:`serve_control`, the thin trio driver: a zmq ROUTER socket for requests and a zmq
+   XPUB socket for events, driven through :mod:`ivshmemd.zmqtrio`.
+
+Wire format (schema version 1, every message a msgpack map)::
+
+    request   {"v": 1, "cmd": "status" | "peers" | "stats" | "kick", "args": {...}}
+    reply     {"v": 1, "ok": true, "result": {...}}
+              {"v": 1, "ok": false, "error": {"code": "...", "message": "..."}}
+    event     two frames: topic (b"peer-joined" | b"peer-left") and
+              {"v": 1, "seq": n, "event": "...", "peer_id": id, "vectors": n, "time": unix_s}
+
+The events socket is an XPUB that greets every new subscriber with the one-frame message
+:data:`EVENTS_WELCOME`, so a subscriber knows when its subscription is live.
+
+Resources and errors: a bad request (not msgpack, not a map, wrong types, unknown command,
+larger than :data:`MAX_REQUEST_BYTES`) gets an error reply; requests beyond
+:data:`HARD_MAX_MESSAGE_BYTES` make libzmq drop that client's connection. Replies and events
+are sent with NOBLOCK and dropped, never waited on, when a client is slow or gone, so no
+client can stall the daemon. Access: the ipc socket files get mode 0600 unless told otherwise,
+each request's SO_PEERCRED credentials are read from the zmq ``Peer-Address`` metadata, and
+``kick`` needs the daemon's uid or root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Final, Protocol
+
+import msgpack
+import trio
+import zmq
+
+from ivshmemd.zmqtrio import TrioSocket
+
+__all__ = [
+    "COMMANDS",
+    "EVENTS_WELCOME",
+    "MAX_REQUEST_BYTES",
+    "SCHEMA_VERSION",
+    "ControlEndpoints",
+    "ControlError",
+    "ControlSetupError",
+    "ControlView",
+    "Credentials",
+    "ErrorCode",
+    "Event",
+    "EventPublisher",
+    "ProtocolError",
+    "SequenceTracker",
+    "decode_event",
+    "decode_reply",
+    "default_control_endpoint",
+    "default_events_endpoint",
+    "encode_request",
+    "events_endpoint_for",
+    "handle_request",
+    "parse_peer_address",
+    "serve_control",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+#: Requests above this size get a ``too-large`` error reply.
+MAX_REQUEST_BYTES: Final = 64 * 1024
+#: libzmq drops a connection that sends a message above this (ZMQ_MAXMSGSIZE).
+HARD_MAX_MESSAGE_BYTES: Final = 1024 * 1024
+#: Events kept for the publisher task before the oldest are dropped (and counted).
+MAX_PENDING_EVENTS: Final = 65536
+#: Per-subscriber queue in the daemon; a subscriber further behind loses events (seq gap).
+EVENTS_SNDHWM: Final = 100_000
+#: The one-frame message every new events subscriber receives first.
+EVENTS_WELCOME: Final = b"ivshmem-events-v1"
+#: Longest path that fits in sockaddr_un.sun_path (108 bytes with the NUL).
+MAX_IPC_PATH: Final = 107
+
+COMMANDS: Final = ("status", "peers", "kick", "stats")
+EVENT_KINDS: Final = ("peer-joined", "peer-left")
+MAX_PEER_ID: Final = 65535
+
+
+class ErrorCode:
+    """The ``error.code`` strings a reply can carry."""
+
+    TOO_LARGE: Final = "too-large"
+    BAD_MSGPACK: Final = "bad-msgpack"
+    BAD_REQUEST: Final = "bad-request"
+    UNSUPPORTED_VERSION: Final = "unsupported-version"
+    UNKNOWN_COMMAND: Final = "unknown-command"
+    BAD_ARGS: Final = "bad-args"
+    PERMISSION_DENIED: Final = "permission-denied"
+    NO_SUCH_PEER: Final = "no-such-peer"
+    INTERNAL: Final = "internal"
+
+
+class ControlView(Protocol):
+    """What the daemon exposes to the control plane. Every method is called from the trio
+    thread, between two awaits, and must not block.
+
+    - ``status()``: ``version``, ``uptime`` (s), ``shm`` (``{"name", "path", "size"}``),
+      ``vectors``, ``peers`` (count), ``limits`` (a map), plus anything else useful.
+    - ``peers()``: one map per peer: ``id``, ``pid``, ``uid``, ``gid``, ``connected_at``
+      (unix time), ``vectors``.
+    - ``kick(peer_id)``: disconnect that peer (the others get the leave notice); False if
+      there is no such peer.
+    - ``stats()``: counters: ``joins``, ``leaves``, ``refusals``, ``messages_sent``,
+      ``slow_disconnects``.
+    - ``owner_uid``: the daemon's uid, which may kick (as may root).
+    """
+
+    def status(self) -> dict[str, Any]: ...
+
+    def peers(self) -> list[dict[str, Any]]: ...
+
+    def kick(self, peer_id: int) -> bool: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    @property
+    def owner_uid(self) -> int: ...
+
+
+class ProtocolError(Exception):
+    """A reply or event that does not follow the schema (client side)."""
+
+
+class ControlError(Exception):
+    """An error reply from the daemon (client side)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ControlSetupError(Exception):
+    """The control plane cannot start (bad endpoint, cannot bind, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def default_control_endpoint(socket_path: str | os.PathLike[str]) -> str:
+    """``ipc://<socket_path>.ctl``: next to the daemon's unix socket, so ``-S`` finds it."""
+    return f"ipc://{os.path.abspath(os.fspath(socket_path))}.ctl"
+
+
+def default_events_endpoint(socket_path: str | os.PathLike[str]) -> str:
+    """``ipc://<socket_path>.events``: the peer event stream next to the daemon's socket."""
+    return f"ipc://{os.path.abspath(os.fspath(socket_path))}.events"
+
+
+def events_endpoint_for(control_endpoint: str) -> str:
+    """The events endpoint that goes with a control endpoint by convention:
+    ``ipc://X.ctl`` -> ``ipc://X.events``, ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1``."""
+    if control_endpoint.startswith("ipc://") and control_endpoint.endswith(".ctl"):
+        return control_endpoint[: -len(".ctl")] + ".events"
+    if control_endpoint.startswith("tcp://"):
+        host, sep, port = control_endpoint[len("tcp://") :].rpartition(":")
+        if sep and port.isdigit() and 0 < int(port) < 65535:
+            return f"tcp://{host}:{int(port) + 1}"
+    raise ValueError(
+        f"cannot derive an events endpoint from {control_endpoint!r}; give it explicitly"
+    )
+
+
+def _ipc_path(endpoint: str) -> str | None:
+    """The filesystem path of an ``ipc://`` endpoint; None for abstract or non-ipc ones."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    if path.startswith("@"):
+        return None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Requester credentials
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """SO_PEERCRED of the process that connected to the control socket."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def parse_peer_address(peer_address: str | None) -> Credentials | None:
+    """Credentials from libzmq's ``Peer-Address`` of an ipc connection.
+
+    For unix-domain connections libzmq appends ``:uid:gid:pid`` (read with SO_PEERCRED when
+    the connection was accepted) to the address, e.g. ``"localhost:1000:1000:4242"``. Only
+    call this for ipc endpoints: a tcp IPv6 address also contains colons.
+    """
+    if not peer_address:
+        return None
+    parts = peer_address.rsplit(":", 3)
+    if len(parts) != 4:
+        return None
+    try:
+        uid, gid, pid = int(parts[1]), int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+    return Credentials(pid=pid, uid=uid, gid=gid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and replies (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pack(obj: Any) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def _unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+
+
+def _ok(result: Any) -> bytes:
+    return _pack({"v": SCHEMA_VERSION, "ok": True, "result": result})
+
+
+def _error(code: str, message: str) -> bytes:
+    return _pack({"v": SCHEMA_VERSION, "ok": False, "error": {"code": code, "message": message}})
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _no_args(args: Mapping[str, Any]) -> None:
+    if args:
+        raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(args)}")
+
+
+def _kick_peer_id(args: Mapping[str, Any]) -> int:
+    extra = set(args) - {"id"}
+    if extra:
+        raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(extra)}")
+    if "id" not in args:
+        raise _BadRequest(ErrorCode.BAD_ARGS, "kick needs args.id (the peer id)")
+    peer_id = args["id"]
+    if isinstance(peer_id, bool) or not isinstance(peer_id, int):
+        raise _BadRequest(ErrorCode.BAD_ARGS, "args.id must be an integer")
+    if not 0 <= peer_id <= MAX_PEER_ID:
+        raise _BadRequest(ErrorCode.BAD_ARGS, f"args.id must be in 0..{MAX_PEER_ID}")
+    return peer_id
+
+
+def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise _BadRequest(
+            ErrorCode.TOO_LARGE,
+            f"request of {len(raw)} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit",
+        )
+    try:
+        request = _unpack(raw)
+    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, ...)
+        raise _BadRequest(ErrorCode.BAD_MSGPACK, f"request is not valid msgpack: {exc}") from None
+    if not isinstance(request, dict):
+        raise _BadRequest(
+            ErrorCode.BAD_REQUEST, f"request must be a map, not {type(request).__name__}"
+        )
+    version = request.get("v")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs an integer schema version 'v'")
+    if version != SCHEMA_VERSION:
+        raise _BadRequest(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"schema version {version} is not supported (this daemon speaks {SCHEMA_VERSION})",
+        )
+    cmd = request.get("cmd")
+    if not isinstance(cmd, str):
+        raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs a string 'cmd'")
+    if cmd not in COMMANDS:
+        raise _BadRequest(
+            ErrorCode.UNKNOWN_COMMAND,
+            f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})",
+        )
+    args = request.get("args", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise _BadRequest(ErrorCode.BAD_ARGS, "'args' must be a map")
+    unknown = set(request) - {"v", "cmd", "args"}
+    if unknown:
+        raise _BadRequest(ErrorCode.BAD_REQUEST, f"unknown request fields: {sorted(unknown)}")
+    return cmd, args
+
+
+def _may_kick(view: ControlView, requester_uid: int | None) -> bool:
+    return requester_uid is not None and requester_uid in (0, view.owner_uid)
+
+
+def _dispatch(
+    cmd: str, args: Mapping[str, Any], view: ControlView, requester_uid: int | None
+) -> Any:
+    if cmd == "status":
+        _no_args(args)
+        return view.status()
+    if cmd == "peers":
+        _no_args(args)
+        return {"peers": view.peers()}
+    if cmd == "stats":
+        _no_args(args)
+        return view.stats()
+    if cmd == "kick":
+        peer_id = _kick_peer_id(args)
+        if not _may_kick(view, requester_uid):
+            who = "an unknown uid" if requester_uid is None else f"uid {requester_uid}"
+            raise _BadRequest(
+                ErrorCode.PERMISSION_DENIED,
+                f"kick needs the daemon's uid ({view.owner_uid}) or root; request came from {who}",
+            )
+        if not view.kick(peer_id):
+            raise _BadRequest(ErrorCode.NO_SUCH_PEER, f"no peer with id {peer_id}")
+        return {"kicked": peer_id}
+    raise _BadRequest(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r}")  # pragma: no cover
+
+
+def handle_request(raw: bytes, view: ControlView, requester_uid: int | None) -> bytes:
+    """Answer one control request. Pure apart from calling ``view``; never raises.
+
+    ``requester_uid`` is the uid of the requesting process when the transport can tell it
+    (SO_PEERCRED over ipc), else None; None is never allowed to ``kick``.
+    """
+    try:
+        cmd, args = _parse_request(raw)
+        result = _dispatch(cmd, args, view, requester_uid)
+        return _ok(result)
+    except _BadRequest as bad:
+        return _error(bad.code, bad.message)
+    except Exception as exc:
+        log.exception("control request failed inside the daemon")
+        return _error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def encode_request(cmd: str, args: Mapping[str, Any] | None = None) -> bytes:
+    """Client side: the bytes of one request."""
+    request: dict[str, Any] = {"v": SCHEMA_VERSION, "cmd": cmd}
+    if args:
+        request["args"] = dict(args)
+    return _pack(request)
+
+
+def decode_reply(raw: bytes) -> Any:
+    """Client side: the ``result`` of a reply; raises :class:`ControlError` for an error reply
+    and :class:`ProtocolError` for anything that is not a valid reply."""
+    try:
+        reply = _unpack(raw)
+    except Exception as exc:
+        raise ProtocolError(f"reply is not valid msgpack: {exc}") from None
+    if not isinstance(reply, dict) or reply.get("v") != SCHEMA_VERSION:
+        raise ProtocolError(f"reply is not a schema-{SCHEMA_VERSION} map: {reply!r:.200}")
+    if reply.get("ok") is True and "result" in reply:
+        return reply["result"]
+    error = reply.get("error")
+    if reply.get("ok") is False and isinstance(error, dict):
+        return_code = error.get("code")
+        message = error.get("message")
+        raise ControlError(str(return_code), str(message))
+    raise ProtocolError(f"malformed reply: {reply!r:.200}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Events (pure encoding, plus a queue the serving task drains)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One peer event as published: ``seq`` starts at 1 and grows by 1 per event."""
+
+    seq: int
+    kind: str
+    peer_id: int
+    vectors: int
+    time: float
+    reason: str | None = None
+
+    def to_frames(self) -> tuple[bytes, bytes]:
+        """The two zmq frames: topic and msgpack body."""
+        body: dict[str, Any] = {
+            "v": SCHEMA_VERSION,
+            "seq": self.seq,
+            "event": self.kind,
+            "peer_id": self.peer_id,
+            "vectors": self.vectors,
+            "time": self.time,
+        }
+        if self.reason is not None:
+            body["reason"] = self.reason
+        return self.kind.encode(), _pack(body)
+
+
+def decode_event(frames: list[bytes]) -> Event:
+    """Client side: an :class:`Event` from the frames of one events message."""
+    if len(frames) != 2:
+        raise ProtocolError(f"an event has 2 frames, got {len(frames)}")
+    try:
+        body = _unpack(frames[1])
+    except Exception as exc:
+        raise ProtocolError(f"event body is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict) or body.get("v") != SCHEMA_VERSION:
+        raise ProtocolError(f"event is not a schema-{SCHEMA_VERSION} map")
+    try:
+        event = Event(
+            seq=int(body["seq"]),
+            kind=str(body["event"]),
+            peer_id=int(body["peer_id"]),
+            vectors=int(body["vectors"]),
+            time=float(body["time"]),
+            reason=None if body.get("reason") is None else str(body["reason"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"event lacks a field or has a wrong type: {exc}") from None
+    if event.kind.encode() != frames[0]:
+        raise ProtocolError(f"event topic {frames[0]!r} does not match {event.kind!r}")
+    return event
+
+
+class EventPublisher:
+    """Stamps peer events with a sequence number and queues them for the events socket.
+
+    The daemon calls :meth:`peer_joined` / :meth:`peer_left` from its trio thread when the
+    registry changes; they never block and never fail. :func:`serve_control` drains the queue.
+    If nothing drains it (no control plane), the oldest events are dropped and counted in
+    :attr:`dropped`; the sequence numbers still tell subscribers about the gap.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pending: int = MAX_PENDING_EVENTS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._seq = 0
+        self._clock = clock
+        self._pending: deque[Event] = deque()
+        self._max_pending = max_pending
+        self._lot = trio.lowlevel.ParkingLot()
+        self.dropped = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last event published (0 before the first)."""
+        return self._seq
+
+    def publish(self, kind: str, peer_id: int, vectors: int, reason: str | None = None) -> Event:
+        """Stamp and queue one event; returns it."""
+        if kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {kind!r}")
+        self._seq += 1
+        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason)
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+        self._pending.append(event)
+        self._lot.unpark_all()
+        return event
+
+    def peer_joined(self, peer_id: int, vectors: int) -> Event:
+        return self.publish("peer-joined", peer_id, vectors)
+
+    def peer_left(self, peer_id: int, vectors: int, reason: str | None = None) -> Event:
+        """``reason`` is free text for humans, e.g. ``"disconnected"``, ``"kicked"``, ``"slow"``."""
+        return self.publish("peer-left", peer_id, vectors, reason)
+
+    def on_server_event(self, kind: str, event: Mapping[str, Any]) -> None:
+        """An event listener in the daemon's shape, ``listener(kind, {"peer_id", "vectors",
+        ...})``: ``server.listeners.append(publisher.on_server_event)``. An optional
+        ``"reason"`` is passed on; other kinds than peer-joined/peer-left are ignored."""
+        if kind not in EVENT_KINDS:
+            log.debug("not publishing server event %r", kind)
+            return
+        reason = event.get("reason")
+        self.publish(
+            kind,
+            int(event["peer_id"]),
+            int(event.get("vectors", 0)),
+            None if reason is None else str(reason),
+        )
+
+    def take_pending(self) -> list[Event]:
+        """Remove and return the queued events, oldest first."""
+        events = list(self._pending)
+        self._pending.clear()
+        return events
+
+    async def wait_pending(self) -> None:
+        """Return once at least one event is queued."""
+        if self._pending:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._lot.park()
+
+
+class SequenceTracker:
+    """Client side: notices gaps in the event sequence numbers."""
+
+    def __init__(self) -> None:
+        self.last_seq: int | None = None
+        self.missed = 0
+
+    def observe(self, seq: int) -> tuple[int, int] | None:
+        """Record ``seq``; returns the missing range ``(first, last)`` if there is a gap.
+
+        The first event seen starts the sequence (a subscriber that joins late has no gap).
+        A sequence number that goes backwards (the daemon restarted) also starts afresh.
+        """
+        gap: tuple[int, int] | None = None
+        if self.last_seq is not None and seq > self.last_seq + 1:
+            gap = (self.last_seq + 1, seq - 1)
+            self.missed += seq - 1 - self.last_seq
+        self.last_seq = seq
+        return gap
+
+
+# ---------------------------------------------------------------------------------------------
+# The trio server
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlEndpoints:
+    """The endpoints actually bound (``tcp://...:0`` resolved to its port)."""
+
+    control: str
+    events: str
+
+
+#: Returns None to let the request through, or the reason for refusing it.
+Authorizer = Callable[[Credentials | None], str | None]
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _bind(
+    sock: zmq.Socket[Any], endpoint: str, mode: int, gid: int | None, created: set[str]
+) -> str:
+    """Bind, with an ipc socket file created 0600 and then given ``mode``/``gid``; records
+    the files it creates in ``created`` (for removal on exit)."""
+    path = _ipc_path(endpoint)
+    if path is not None and len(os.fsencode(path)) > MAX_IPC_PATH:
+        raise ControlSetupError(
+            f"ipc path {path!r} is longer than {MAX_IPC_PATH} bytes (a unix socket limit); "
+            "use a shorter socket path or an explicit endpoint"
+        )
+    try:
+        # Created 0600 from the start: no window in which others could connect.
+        with _umask(0o177):
+            sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ControlSetupError(f"cannot bind {endpoint}: {exc}") from None
+    if path is not None:
+        created.add(path)
+        try:
+            os.chmod(path, mode)
+            if gid is not None:
+                os.chown(path, -1, gid)
+        except OSError as exc:
+            raise ControlSetupError(f"cannot set mode/group of {path}: {exc}") from None
+    bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return bound
+
+
+def _split_envelope(frames: list[zmq.Frame]) -> tuple[list[bytes], list[zmq.Frame]]:
+    """Split a ROUTER message into its routing envelope (up to the empty delimiter a REQ
+    client adds) and its body frames."""
+    for index in range(1, len(frames)):
+        if len(frames[index].bytes) == 0:
+            return [f.bytes for f in frames[: index + 1]], frames[index + 1 :]
+    return [frames[0].bytes], frames[1:]
+
+
+def _check_authorized(authorize: Authorizer | None, creds: Credentials | None) -> str | None:
+    """The hook's verdict; a hook that fails refuses (and never takes the server down)."""
+    if authorize is None:
+        return None
+    try:
+        return authorize(creds)
+    except Exception:
+        log.exception("control authorization hook failed")
+        return "authorization failed inside the daemon"
+
+
+async def _serve_requests(
+    router: TrioSocket,
+    view: ControlView,
+    authorize: Authorizer | None,
+    has_credentials: bool,
+) -> None:
+    while True:
+        frames = await router.recv_frames()
+        envelope, body = _split_envelope(frames)
+        creds: Credentials | None = None
+        if has_credentials and body:
+            creds = parse_peer_address(str(body[0].get("Peer-Address")))
+        if len(body) != 1:
+            reply = _error(ErrorCode.BAD_REQUEST, "a request is exactly one frame")
+        else:
+            refusal = _check_authorized(authorize, creds)
+            if refusal is not None:
+                log.warning("control request refused (%s): %s", creds, refusal)
+                reply = _error(ErrorCode.PERMISSION_DENIED, refusal)
+            else:
+                reply = handle_request(body[0].bytes, view, creds.uid if creds else None)
+        # ROUTER drops a reply to a client that is gone or full: never wait for one.
+        if not router.try_send_multipart([*envelope, reply]):
+            log.info("control reply dropped: client is gone or not reading")
+
+
+async def _wait_for_work(pub: TrioSocket, publisher: EventPublisher) -> None:
+    """Return when an event is queued or the XPUB socket has something to process (a new
+    subscriber to attach and greet, a subscription notice)."""
+    async with trio.open_nursery() as nursery:
+
+        async def then_stop(wait: Callable[[], Awaitable[None]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(then_stop, publisher.wait_pending)
+        nursery.start_soon(then_stop, pub.wait_readable)
+
+
+async def _serve_events(pub: TrioSocket, publisher: EventPublisher) -> None:
+    while True:
+        # XPUB delivers subscription notices; nothing to do with them but discard.
+        while pub.try_recv_multipart() is not None:
+            pass
+        for event in publisher.take_pending():
+            # XPUB never blocks: a subscriber over its high-water mark loses the event and
+            # sees the gap in the sequence numbers.
+            pub.try_send_multipart(event.to_frames())
+        await _wait_for_work(pub, publisher)
+
+
+async def serve_control(
+    view: ControlView,
+    endpoint: str,
+    events_endpoint: str,
+    publisher: EventPublisher,
+    *,
+    socket_mode: int = 0o600,
+    socket_gid: int | None = None,
+    authorize: Authorizer | None = None,
+    context: zmq.Context[Any] | None = None,
+    task_status: trio.TaskStatus[ControlEndpoints] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve control requests on ``endpoint`` and events on ``events_endpoint`` until
+    cancelled. Start it with ``await nursery.start(serve_control, view, ep, ev_ep, pub)``:
+    that returns the bound :class:`ControlEndpoints` once both sockets listen, or raises
+    :class:`ControlSetupError`.
+
+    ``socket_mode``/``socket_gid`` apply to ipc socket files. ``authorize`` (optional) sees
+    each request's credentials (None over tcp) and may refuse it with a reason. On exit the
+    sockets are closed with linger 0 and the ipc socket files removed.
+    """
+    own_context = context is None
+    ctx: zmq.Context[Any] = zmq.Context() if context is None else context
+    router_sock = ctx.socket(zmq.ROUTER)
+    pub_sock = ctx.socket(zmq.XPUB)
+    router = TrioSocket(router_sock)
+    pub = TrioSocket(pub_sock)
+    created: set[str] = set()
+    try:
+        router_sock.setsockopt(zmq.LINGER, 0)
+        router_sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE_BYTES)
+        pub_sock.setsockopt(zmq.LINGER, 0)
+        pub_sock.setsockopt(zmq.SNDHWM, EVENTS_SNDHWM)
+        pub_sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
+        pub_sock.setsockopt(zmq.XPUB_WELCOME_MSG, EVENTS_WELCOME)
+        bound = ControlEndpoints(
+            control=_bind(router_sock, endpoint, socket_mode, socket_gid, created),
+            events=_bind(pub_sock, events_endpoint, socket_mode, socket_gid, created),
+        )
+        has_credentials = endpoint.startswith("ipc://")
+        log.debug("control plane on %s, events on %s", bound.control, bound.events)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_serve_requests, router, view, authorize, has_credentials)
+            nursery.start_soon(_serve_events, pub, publisher)
+            task_status.started(bound)
+    finally:
+        router.close()
+        pub.close()
+        if own_context:
+            ctx.term()
+        # libzmq leaves the ipc socket files behind (it only removes them when binding).
+        for bound_endpoint in (endpoint, events_endpoint):
+            path = _ipc_path(bound_endpoint)
+            if path is not None and path in created:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)

@@ -1,0 +1,571 @@
+"""Tests for the control protocol (pure) and its trio server (real zmq sockets over ipc)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ivshmemd import control
+from ivshmemd.control import (
+    MAX_REQUEST_BYTES,
+    SCHEMA_VERSION,
+    ControlEndpoints,
+    ControlError,
+    ControlSetupError,
+    Credentials,
+    ErrorCode,
+    EventPublisher,
+    SequenceTracker,
+    decode_event,
+    decode_reply,
+    default_control_endpoint,
+    default_events_endpoint,
+    encode_request,
+    events_endpoint_for,
+    handle_request,
+    parse_peer_address,
+    serve_control,
+)
+from ivshmemd.zmqtrio import TrioSocket
+from tests.controlview import BrokenDaemon, FakeDaemon
+
+NOBODY = 65534
+
+
+def reply(raw: bytes) -> dict[str, Any]:
+    decoded = msgpack.unpackb(raw, raw=False)
+    assert isinstance(decoded, dict)
+    assert decoded["v"] == SCHEMA_VERSION
+    return decoded
+
+
+def error_code(raw: bytes) -> str:
+    decoded = reply(raw)
+    assert decoded["ok"] is False
+    assert isinstance(decoded["error"]["message"], str) and decoded["error"]["message"]
+    code = decoded["error"]["code"]
+    assert isinstance(code, str)
+    return code
+
+
+def req(obj: Any) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+# --- handle_request: commands ---------------------------------------------------------------
+
+
+def test_status_peers_stats() -> None:
+    daemon = FakeDaemon()
+    daemon.join(2)
+    daemon.join(2)
+    status = decode_reply(handle_request(encode_request("status"), daemon, 1000))
+    assert status["peers"] == 2
+    assert status["shm"]["size"] == 4 << 20
+    peers = decode_reply(handle_request(encode_request("peers"), daemon, None))
+    assert [p["id"] for p in peers["peers"]] == [0, 1]
+    stats = decode_reply(handle_request(encode_request("stats"), daemon, None))
+    assert stats["joins"] == 2 and stats["leaves"] == 0
+
+
+def test_kick_by_owner_and_root() -> None:
+    daemon = FakeDaemon(owner_uid=1000)
+    first, second = daemon.join(), daemon.join()
+    assert decode_reply(handle_request(encode_request("kick", {"id": first}), daemon, 1000)) == {
+        "kicked": first
+    }
+    assert decode_reply(handle_request(encode_request("kick", {"id": second}), daemon, 0)) == {
+        "kicked": second
+    }
+    assert daemon.table == {}
+    assert daemon.counters["leaves"] == 2
+
+
+@pytest.mark.parametrize("uid", [None, 1001, NOBODY])
+def test_kick_refused_for_other_uids(uid: int | None) -> None:
+    daemon = FakeDaemon(owner_uid=1000)
+    peer = daemon.join()
+    raw = handle_request(encode_request("kick", {"id": peer}), daemon, uid)
+    assert error_code(raw) == ErrorCode.PERMISSION_DENIED
+    assert peer in daemon.table
+
+
+def test_kick_unknown_peer() -> None:
+    daemon = FakeDaemon(owner_uid=0)
+    raw = handle_request(encode_request("kick", {"id": 7}), daemon, 0)
+    assert error_code(raw) == ErrorCode.NO_SUCH_PEER
+    with pytest.raises(ControlError) as info:
+        decode_reply(raw)
+    assert info.value.code == ErrorCode.NO_SUCH_PEER
+
+
+# --- handle_request: bad requests -----------------------------------------------------------
+
+BAD_REQUESTS: list[tuple[str, bytes, str]] = [
+    ("empty", b"", ErrorCode.BAD_MSGPACK),
+    ("not msgpack", b"\xc1", ErrorCode.BAD_MSGPACK),
+    ("truncated", req({"v": 1, "cmd": "status"})[:-2], ErrorCode.BAD_MSGPACK),
+    ("trailing data", req({"v": 1, "cmd": "status"}) + b"\x00", ErrorCode.BAD_MSGPACK),
+    ("json", b'{"v": 1, "cmd": "status"}', ErrorCode.BAD_MSGPACK),
+    ("deep nesting", b"\x91" * 5000 + b"\x00", ErrorCode.BAD_MSGPACK),
+    ("int key", req({1: 2}), ErrorCode.BAD_MSGPACK),
+    ("list", req(["status"]), ErrorCode.BAD_REQUEST),
+    ("string", req("status"), ErrorCode.BAD_REQUEST),
+    ("nil", req(None), ErrorCode.BAD_REQUEST),
+    ("no version", req({"cmd": "status"}), ErrorCode.BAD_REQUEST),
+    ("bool version", req({"v": True, "cmd": "status"}), ErrorCode.BAD_REQUEST),
+    ("string version", req({"v": "1", "cmd": "status"}), ErrorCode.BAD_REQUEST),
+    ("future version", req({"v": 2, "cmd": "status"}), ErrorCode.UNSUPPORTED_VERSION),
+    ("no cmd", req({"v": 1}), ErrorCode.BAD_REQUEST),
+    ("bytes cmd", req({"v": 1, "cmd": b"status"}), ErrorCode.BAD_REQUEST),
+    ("unknown cmd", req({"v": 1, "cmd": "reboot"}), ErrorCode.UNKNOWN_COMMAND),
+    ("unknown field", req({"v": 1, "cmd": "status", "x": 1}), ErrorCode.BAD_REQUEST),
+    ("args not map", req({"v": 1, "cmd": "status", "args": [1]}), ErrorCode.BAD_ARGS),
+    ("args for status", req({"v": 1, "cmd": "status", "args": {"a": 1}}), ErrorCode.BAD_ARGS),
+    ("kick no args", req({"v": 1, "cmd": "kick"}), ErrorCode.BAD_ARGS),
+    ("kick str id", req({"v": 1, "cmd": "kick", "args": {"id": "3"}}), ErrorCode.BAD_ARGS),
+    ("kick bool id", req({"v": 1, "cmd": "kick", "args": {"id": True}}), ErrorCode.BAD_ARGS),
+    ("kick float id", req({"v": 1, "cmd": "kick", "args": {"id": 1.0}}), ErrorCode.BAD_ARGS),
+    ("kick -1", req({"v": 1, "cmd": "kick", "args": {"id": -1}}), ErrorCode.BAD_ARGS),
+    ("kick 65536", req({"v": 1, "cmd": "kick", "args": {"id": 65536}}), ErrorCode.BAD_ARGS),
+    ("kick extra", req({"v": 1, "cmd": "kick", "args": {"id": 1, "x": 0}}), ErrorCode.BAD_ARGS),
+    (
+        "oversized",
+        req({"v": 1, "cmd": "status", "pad": b"x" * MAX_REQUEST_BYTES}),
+        ErrorCode.TOO_LARGE,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [(raw, code) for _, raw, code in BAD_REQUESTS],
+    ids=[n for n, *_ in BAD_REQUESTS],
+)
+def test_bad_requests_get_error_replies(raw: bytes, code: str) -> None:
+    daemon = FakeDaemon(owner_uid=0)
+    daemon.join()
+    assert error_code(handle_request(raw, daemon, 0)) == code
+    assert len(daemon.table) == 1  # nothing was kicked by a malformed request
+
+
+def test_view_failures_become_internal_errors() -> None:
+    daemon = BrokenDaemon()
+    assert error_code(handle_request(encode_request("status"), daemon, 0)) == ErrorCode.INTERNAL
+    assert error_code(handle_request(encode_request("stats"), daemon, 0)) == ErrorCode.INTERNAL
+    # and the daemon's other answers still work
+    assert decode_reply(handle_request(encode_request("peers"), daemon, 0)) == {"peers": []}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_always_get_a_reply(raw: bytes) -> None:
+    answer = reply(handle_request(raw, FakeDaemon(owner_uid=0), 0))
+    assert isinstance(answer["ok"], bool)
+
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["v", "cmd", "args", "extra"]),
+        st.sampled_from([1, "kick", "status", {"id": 0}]) | _msgpack_values,
+    )
+)
+def test_arbitrary_maps_never_kick_without_permission(request: dict[str, Any]) -> None:
+    daemon = FakeDaemon(owner_uid=1000)
+    daemon.join()
+    answer = reply(handle_request(req(request), daemon, 4242))
+    assert 0 in daemon.table
+    assert isinstance(answer["ok"], bool)
+
+
+# --- events, endpoints, credentials -----------------------------------------------------------
+
+
+def test_publisher_sequence_and_encoding() -> None:
+    publisher = EventPublisher(clock=lambda: 1234.5)
+    joined = publisher.peer_joined(3, 2)
+    left = publisher.peer_left(3, 2, "kicked")
+    assert (joined.seq, left.seq) == (1, 2)
+    assert publisher.last_seq == 2
+    decoded = [decode_event(list(e.to_frames())) for e in publisher.take_pending()]
+    assert decoded == [joined, left]
+    assert decoded[1].kind == "peer-left" and decoded[1].reason == "kicked"
+    assert publisher.take_pending() == []
+    with pytest.raises(ValueError):
+        publisher.publish("peer-exploded", 1, 1)
+    assert publisher.last_seq == 2
+
+
+def test_publisher_as_a_server_event_listener() -> None:
+    publisher = EventPublisher()
+    publisher.on_server_event("peer-joined", {"peer_id": 4, "vectors": 3, "pid": 99})
+    publisher.on_server_event("peer-left", {"peer_id": 4, "vectors": 3, "reason": "slow"})
+    publisher.on_server_event("shm-resized", {"peer_id": 0})
+    events = publisher.take_pending()
+    assert [(e.seq, e.kind, e.peer_id, e.vectors, e.reason) for e in events] == [
+        (1, "peer-joined", 4, 3, None),
+        (2, "peer-left", 4, 3, "slow"),
+    ]
+
+
+def test_publisher_drops_oldest_when_nobody_drains() -> None:
+    publisher = EventPublisher(max_pending=3)
+    for peer_id in range(5):
+        publisher.peer_joined(peer_id, 1)
+    assert [e.seq for e in publisher.take_pending()] == [3, 4, 5]
+    assert publisher.dropped == 2
+
+
+def test_decode_event_rejects_garbage() -> None:
+    good = list(EventPublisher().peer_joined(1, 1).to_frames())
+    for frames in ([good[1]], [b"peer-left", good[1]], [good[0], b"\xc1"], [good[0], req({})]):
+        with pytest.raises(control.ProtocolError):
+            decode_event(frames)
+
+
+def test_sequence_tracker_reports_gaps() -> None:
+    tracker = SequenceTracker()
+    assert tracker.observe(41) is None  # late subscriber: no gap
+    assert tracker.observe(42) is None
+    assert tracker.observe(45) == (43, 44)
+    assert tracker.missed == 2
+    assert tracker.observe(1) is None  # daemon restarted
+    assert tracker.observe(2) is None
+
+
+def test_endpoints() -> None:
+    assert default_control_endpoint("/run/ivshmem/ivshmem.sock") == (
+        "ipc:///run/ivshmem/ivshmem.sock.ctl"
+    )
+    assert default_events_endpoint("/run/ivshmem/ivshmem.sock") == (
+        "ipc:///run/ivshmem/ivshmem.sock.events"
+    )
+    assert default_control_endpoint("rel.sock") == f"ipc://{os.getcwd()}/rel.sock.ctl"
+    assert events_endpoint_for("ipc:///run/x.sock.ctl") == "ipc:///run/x.sock.events"
+    assert events_endpoint_for("tcp://10.0.0.1:7000") == "tcp://10.0.0.1:7001"
+    with pytest.raises(ValueError):
+        events_endpoint_for("ipc:///run/elsewhere")
+
+
+def test_parse_peer_address() -> None:
+    assert parse_peer_address("localhost:1000:100:4242") == Credentials(4242, 1000, 100)
+    assert parse_peer_address(":0:0:1") == Credentials(1, 0, 0)
+    assert parse_peer_address("127.0.0.1") is None
+    assert parse_peer_address("") is None
+    assert parse_peer_address(None) is None
+    assert parse_peer_address("a:b:c:d") is None
+
+
+# --- serve_control over real sockets ----------------------------------------------------------
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A short, world-traversable temporary directory (a client under another uid must be
+    able to reach the socket file; pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="ivctl-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def ask(endpoint: str, cmd: str, args: dict[str, Any] | None = None) -> bytes:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = TrioSocket(ctx.socket(zmq.REQ))
+    sock.socket.connect(endpoint)
+    try:
+        with trio.fail_after(10):
+            await sock.send_multipart([encode_request(cmd, args)])
+            (raw,) = await sock.recv_multipart()
+            return raw
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[FakeDaemon, ControlEndpoints, Path]]:
+    sock_path = tmp_path / "d.sock"
+    daemon = FakeDaemon(owner_uid=os.getuid(), publisher=EventPublisher())
+    assert daemon.publisher is not None
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            serve_control,
+            daemon,
+            default_control_endpoint(sock_path),
+            default_events_endpoint(sock_path),
+            daemon.publisher,
+        )
+        yield daemon, bound, sock_path
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_status_and_file_modes(
+    served: tuple[FakeDaemon, ControlEndpoints, Path],
+) -> None:
+    daemon, bound, sock_path = served
+    daemon.join()
+    for suffix in (".ctl", ".events"):
+        mode = os.stat(f"{sock_path}{suffix}").st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+    assert decode_reply(await ask(bound.control, "status"))["peers"] == 1
+    # kick over ipc: the credentials come from SO_PEERCRED (we are the daemon's uid)
+    assert decode_reply(await ask(bound.control, "kick", {"id": 0})) == {"kicked": 0}
+    assert daemon.table == {}
+
+
+async def test_serve_survives_bad_and_vanishing_clients(
+    served: tuple[FakeDaemon, ControlEndpoints, Path],
+) -> None:
+    _, bound, _ = served
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    # garbage, a multi-frame request, an oversized one: error replies, server unharmed
+    dealer = TrioSocket(ctx.socket(zmq.DEALER))
+    dealer.socket.connect(bound.control)
+    with trio.fail_after(10):
+        for frames, code in (
+            ([b"", b"\xc1"], ErrorCode.BAD_MSGPACK),
+            ([b"", b"a", b"b"], ErrorCode.BAD_REQUEST),
+            ([b"", b"\x00" * (MAX_REQUEST_BYTES + 1)], ErrorCode.TOO_LARGE),
+        ):
+            await dealer.send_multipart(frames)
+            empty, raw = await dealer.recv_multipart()
+            assert empty == b""
+            assert error_code(raw) == code
+    dealer.close()
+    # clients that send and vanish before the reply, many of them
+    for _ in range(50):
+        gone = ctx.socket(zmq.REQ)
+        gone.connect(bound.control)
+        gone.send(encode_request("status"))
+        gone.close(linger=0)
+    # a message above the hard limit: libzmq drops that connection, others carry on
+    huge = ctx.socket(zmq.DEALER)
+    huge.connect(bound.control)
+    huge.send_multipart([b"", b"\x00" * (control.HARD_MAX_MESSAGE_BYTES + 1)])
+    assert decode_reply(await ask(bound.control, "stats"))["joins"] == 0
+    huge.close(linger=0)
+
+
+async def test_thousand_join_leave_cycles_arrive_in_sequence(
+    served: tuple[FakeDaemon, ControlEndpoints, Path],
+) -> None:
+    daemon, bound, _ = served
+    sub_raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sub_raw.setsockopt(zmq.RCVHWM, 0)
+    sub_raw.setsockopt(zmq.SUBSCRIBE, b"")
+    sub_raw.connect(bound.events)
+    sub = TrioSocket(sub_raw)
+    cycles = 1000
+    with trio.fail_after(30):
+        assert await sub.recv_multipart() == [control.EVENTS_WELCOME]
+        for _ in range(cycles):
+            daemon.leave(daemon.join())
+        tracker = SequenceTracker()
+        kinds: list[str] = []
+        for _ in range(2 * cycles):
+            event = decode_event(await sub.recv_multipart())
+            assert tracker.observe(event.seq) is None
+            kinds.append(event.kind)
+    assert tracker.last_seq == 2 * cycles
+    assert kinds == ["peer-joined", "peer-left"] * cycles
+    sub.close()
+
+
+async def test_stalled_subscriber_and_garbage_clients_do_not_stall_the_daemon(
+    served: tuple[FakeDaemon, ControlEndpoints, Path],
+) -> None:
+    daemon, bound, sock_path = served
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    stalled_raw: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+    stalled_raw.setsockopt(zmq.RCVHWM, 1)
+    stalled_raw.setsockopt(zmq.RCVBUF, 4096)
+    stalled_raw.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled_raw.connect(bound.events)
+    healthy_raw: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
+    healthy_raw.setsockopt(zmq.RCVHWM, 0)
+    healthy_raw.setsockopt(zmq.SUBSCRIBE, b"")
+    healthy_raw.connect(bound.events)
+    stalled, healthy = TrioSocket(stalled_raw), TrioSocket(healthy_raw)
+    cycles = 2000
+    with trio.fail_after(30):
+        assert await stalled.recv_multipart() == [control.EVENTS_WELCOME]
+        assert await healthy.recv_multipart() == [control.EVENTS_WELCOME]
+        # not zmq at all: raw bytes on both unix sockets; libzmq drops these connections
+        for suffix in (".ctl", ".events"):
+            with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM) as junk:
+                await junk.connect(f"{sock_path}{suffix}")
+                await junk.send(b"GET / HTTP/1.0\r\n\r\n" * 100)
+        for _ in range(cycles):
+            daemon.leave(daemon.join())
+        # the stalled subscriber never reads; the daemon still answers and still publishes
+        assert decode_reply(await ask(bound.control, "stats"))["joins"] == cycles
+        seqs = [decode_event(await healthy.recv_multipart()).seq for _ in range(2 * cycles)]
+    assert seqs == list(range(1, 2 * cycles + 1))
+    stalled.close()
+    healthy.close()
+
+
+async def test_idle_control_plane_does_not_spin(
+    served: tuple[FakeDaemon, ControlEndpoints, Path],
+) -> None:
+    """With a subscriber connected and nothing happening, the server's tasks stay parked."""
+    _, bound, _ = served
+    sub_raw: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sub_raw.setsockopt(zmq.SUBSCRIBE, b"")
+    sub_raw.connect(bound.events)
+    sub = TrioSocket(sub_raw)
+    with trio.fail_after(10):
+        assert await sub.recv_multipart() == [control.EVENTS_WELCOME]
+    wall0, cpu0 = time.monotonic(), time.process_time()
+    await trio.sleep(0.5)
+    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+    assert cpu < wall / 5, f"idle control plane burned {cpu:.3f}s CPU in {wall:.3f}s"
+    sub.close()
+
+
+CHILD_REQUEST = """
+import json, sys, zmq, msgpack
+endpoint, cmd, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sock = zmq.Context().socket(zmq.REQ)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(endpoint)
+sock.send(msgpack.packb({"v": 1, "cmd": cmd, "args": args}))
+if not sock.poll(int(sys.argv[4])):
+    print(json.dumps({"timeout": True}))
+else:
+    print(json.dumps(msgpack.unpackb(sock.recv(), raw=False)))
+"""
+
+
+async def run_as(uid: int, endpoint: str, cmd: str, args: dict[str, Any], wait_ms: int) -> Any:
+    result = await trio.run_process(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            CHILD_REQUEST,
+            endpoint,
+            cmd,
+            json.dumps(args),
+            str(wait_ms),
+        ],
+        capture_stdout=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client under another uid")
+async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: Path) -> None:
+    daemon = FakeDaemon(owner_uid=0)
+    daemon.join()
+    refusals: list[Credentials] = []
+
+    def authorize(creds: Credentials | None) -> str | None:
+        if creds is not None and creds.uid == 4444:
+            raise RuntimeError("a buggy hook")
+        if creds is not None and creds.uid == 4321:
+            refusals.append(creds)
+            return "uid 4321 is not allowed"
+        return None
+
+    async with trio.open_nursery() as nursery:
+        # 0666 so that uid NOBODY can connect and reach the kick permission check
+        open_ep = await nursery.start(
+            lambda task_status: serve_control(
+                daemon,
+                f"ipc://{world_dir}/open.ctl",
+                f"ipc://{world_dir}/open.events",
+                EventPublisher(),
+                socket_mode=0o666,
+                authorize=authorize,
+                task_status=task_status,
+            )
+        )
+        answer = await run_as(NOBODY, open_ep.control, "kick", {"id": 0}, 10_000)
+        assert answer["ok"] is False
+        assert answer["error"]["code"] == ErrorCode.PERMISSION_DENIED
+        assert f"uid {NOBODY}" in answer["error"]["message"]
+        assert 0 in daemon.table
+        status = await run_as(NOBODY, open_ep.control, "status", {}, 10_000)
+        assert status["ok"] is True
+        # the authorize hook sees SO_PEERCRED and refuses uid 4321 for everything
+        refused = await run_as(4321, open_ep.control, "status", {}, 10_000)
+        assert refused["error"]["code"] == ErrorCode.PERMISSION_DENIED
+        assert [c.uid for c in refusals] == [4321]
+        # a hook that raises refuses the request, and the server keeps serving
+        buggy = await run_as(4444, open_ep.control, "status", {}, 10_000)
+        assert buggy["error"]["code"] == ErrorCode.PERMISSION_DENIED
+        assert (await run_as(NOBODY, open_ep.control, "status", {}, 10_000))["ok"] is True
+        # default 0600: another uid cannot even connect, so it never gets an answer
+        closed_ep = await nursery.start(
+            serve_control,
+            daemon,
+            f"ipc://{world_dir}/closed.ctl",
+            f"ipc://{world_dir}/closed.events",
+            EventPublisher(),
+        )
+        assert (await run_as(NOBODY, closed_ep.control, "status", {}, 500)) == {"timeout": True}
+        assert (await run_as(0, closed_ep.control, "status", {}, 10_000))["ok"] is True
+        nursery.cancel_scope.cancel()
+    assert not list(world_dir.iterdir()), "ipc socket files are removed on exit"
+
+
+async def test_setup_errors_are_clear(tmp_path: Path) -> None:
+    publisher = EventPublisher()
+    daemon = FakeDaemon()
+    long_path = "/tmp/" + "x" * 200
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(ControlSetupError, match="longer than"):
+            await nursery.start(
+                serve_control, daemon, f"ipc://{long_path}", f"ipc://{long_path}.e", publisher
+            )
+        with pytest.raises(ControlSetupError, match="cannot bind"):
+            await nursery.start(
+                serve_control, daemon, "tcp://256.1.1.1:1", f"ipc://{tmp_path}/e", publisher
+            )
+
+
+async def test_tcp_endpoints_resolve_port_and_carry_no_uid() -> None:
+    daemon = FakeDaemon(owner_uid=os.getuid())
+    daemon.join()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(
+            serve_control, daemon, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", EventPublisher()
+        )
+        assert not bound.control.endswith(":*")
+        assert decode_reply(await ask(bound.control, "status"))["peers"] == 1
+        # no credentials over tcp: kick is refused even for the daemon's own uid
+        assert error_code(await ask(bound.control, "kick", {"id": 0})) == (
+            ErrorCode.PERMISSION_DENIED
+        )
+        nursery.cancel_scope.cancel()

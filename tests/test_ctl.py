@@ -1,0 +1,316 @@
+"""``ivshmemctl`` end to end against the real control server (serve_control in a helper
+thread with its own trio loop, real zmq sockets on ipc endpoints under a temporary dir)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+import zmq
+
+from ivshmemd import ctl
+from ivshmemd.control import (
+    EVENTS_WELCOME,
+    ControlEndpoints,
+    Event,
+    EventPublisher,
+    default_control_endpoint,
+    default_events_endpoint,
+    serve_control,
+)
+from tests.controlview import FakeDaemon
+
+T = TypeVar("T")
+TIMEOUT = 30.0
+CTL = [sys.executable, "-m", "ivshmemd.ctl"]
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+class ServerThread:
+    """serve_control running in its own thread and trio loop, like a daemon would."""
+
+    def __init__(self, sock_path: Path, *, socket_mode: int = 0o600) -> None:
+        self.publisher = EventPublisher()
+        self.daemon = FakeDaemon(owner_uid=os.getuid(), publisher=self.publisher)
+        self.sock_path = sock_path
+        self.socket_mode = socket_mode
+        self.endpoints: ControlEndpoints | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            self.endpoints = await nursery.start(
+                lambda task_status: serve_control(
+                    self.daemon,
+                    default_control_endpoint(self.sock_path),
+                    default_events_endpoint(self.sock_path),
+                    self.publisher,
+                    socket_mode=self.socket_mode,
+                    task_status=task_status,
+                )
+            )
+            self._ready.set()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT), "control server did not start"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` in the server's trio thread (the daemon's registry lives there)."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def stop(self) -> None:
+        if self._scope is not None and self._thread.is_alive():
+            scope = self._scope
+            trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
+        self._thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    thread = ServerThread(tmp_path / "d.sock").start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(TIMEOUT)
+
+
+def run_ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = ctl.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_human_and_json(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    server.call(server.daemon.join)
+    code, out, err = run_ctl(capsys, "-S", str(server.sock_path), "status")
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "ivshmemd 0.1.0, up 12.5s"
+    assert "shm      ivshmem (/dev/shm/ivshmem), 4 MiB" in lines
+    assert "peers    1" in lines
+    code, out, _ = run_ctl(capsys, "-S", str(server.sock_path), "status", "--json")
+    assert code == 0
+    assert json.loads(out) == server.call(server.daemon.status)
+
+
+def test_peers_table(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_ctl(capsys, "-S", str(server.sock_path), "peers")
+    assert (code, out) == (0, "no peers connected\n")
+    for _ in range(3):
+        server.call(server.daemon.join)
+    code, out, _ = run_ctl(capsys, "--json", "-S", str(server.sock_path), "peers")
+    assert [p["id"] for p in json.loads(out)] == [0, 1, 2]
+    code, out, _ = run_ctl(capsys, "-S", str(server.sock_path), "peers")
+    header, *rows = out.splitlines()
+    assert header.split() == ["ID", "PID", "UID", "GID", "VECTORS", "CONNECTED"]
+    assert [row.split()[:2] for row in rows] == [["0", "4000"], ["1", "4001"], ["2", "4002"]]
+
+
+def test_kick_and_stats(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert server.endpoints is not None
+    peer = server.call(server.daemon.join)
+    code, out, _ = run_ctl(capsys, "--control", server.endpoints.control, "kick", str(peer))
+    assert (code, out) == (0, f"peer {peer} kicked\n")
+    assert server.call(lambda: dict(server.daemon.table)) == {}
+    code, out, err = run_ctl(capsys, "--control", server.endpoints.control, "kick", "9")
+    assert code == ctl.EXIT_ERROR
+    assert out == ""
+    assert "no peer with id 9 (no-such-peer)" in err
+    code, out, _ = run_ctl(capsys, "--control", server.endpoints.control, "stats", "--json")
+    assert json.loads(out)["leaves"] == 1
+    code, out, _ = run_ctl(capsys, "--control", server.endpoints.control, "stats")
+    assert "joins             1" in out.splitlines()
+
+
+def test_no_daemon_is_a_clear_message(tmp_path: Path) -> None:
+    # nothing at the path
+    result = subprocess.run(
+        [*CTL, "-S", str(tmp_path / "none.sock"), "status"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    # something at the path that never answers: the timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(f"{tmp_path}/mute.sock.ctl")
+        mute.listen()
+        result = subprocess.run(
+            [*CTL, "-S", str(tmp_path / "mute.sock"), "--timeout", "0.3", "stats"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert "no daemon answered" in result.stderr and "within 0.3 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run the client under another uid")
+def test_permission_denied_for_another_uid() -> None:
+    base = Path(tempfile.mkdtemp(prefix="ivctl-"))
+    base.chmod(0o755)
+    thread = ServerThread(base / "d.sock").start()
+    try:
+        result = subprocess.run(
+            [*AS_NOBODY, *CTL, "-S", str(base / "d.sock"), "status"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    finally:
+        thread.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert "permission denied" in result.stderr and "mode 0600" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def start_watch(
+    procs: list[subprocess.Popen[str]], *argv: str, pub: zmq.Socket[bytes] | None = None
+) -> subprocess.Popen[str]:
+    """Start `ivshmemctl watch` and wait until it says its subscription is live. With a
+    hand-made XPUB ``pub``, receive the subscription on it (that also sends the welcome)."""
+    proc = subprocess.Popen(
+        [*CTL, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    procs.append(proc)
+    if pub is not None:
+        assert pub.recv_multipart() == [b"\x01"]
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert line.startswith("watching events on"), line
+    return proc
+
+
+def test_watch_prints_events_live(server: ServerThread, procs: list[subprocess.Popen[str]]) -> None:
+    human = start_watch(procs, "-S", str(server.sock_path), "watch", "--count", "2")
+    machine = start_watch(procs, "-S", str(server.sock_path), "watch", "--json", "--count", "4")
+    peer = server.call(server.daemon.join)
+    # the human watcher prints the join before anything else happens
+    assert human.stdout is not None
+    first = human.stdout.readline()
+    assert f"#1      peer-joined peer {peer} (2 vectors)" in first
+    server.call(server.daemon.kick, peer)
+    server.call(server.daemon.join, 1)
+    server.call(server.daemon.leave, peer + 1)
+    out, err = human.communicate(timeout=TIMEOUT)
+    assert human.returncode == 0, err
+    assert "#2      peer-left   peer 0 (2 vectors), kicked" in out
+    out, err = machine.communicate(timeout=TIMEOUT)
+    assert machine.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    assert [e["event"] for e in events] == ["peer-joined", "peer-left"] * 2
+    assert events[1]["reason"] == "kicked"
+    assert "gap" not in err
+
+
+def test_watch_notes_a_sequence_gap(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub = context.socket(zmq.XPUB)
+    pub.setsockopt(zmq.XPUB_WELCOME_MSG, EVENTS_WELCOME)
+    pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # hand us every subscription, duplicates included
+    pub.setsockopt(zmq.RCVTIMEO, int(TIMEOUT * 1000))
+    endpoint = f"ipc://{tmp_path}/x.sock.events"
+    pub.bind(endpoint)
+    try:
+        args = ["--control", "tcp://127.0.0.1:9", "watch", "--events", endpoint]
+        watch = start_watch(procs, *args, pub=pub)
+        watch_json = start_watch(procs, "--json", *args, "--count", "3", pub=pub)
+        for seq in (1, 2, 5):
+            pub.send_multipart(list(Event(seq, "peer-joined", seq, 1, 1.0e9).to_frames()))
+        out, err = watch_json.communicate(timeout=TIMEOUT)
+        assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 5]
+        assert "gap in the event sequence: 2 events missed (seq 3..4)" in err
+        watch.kill()
+        out, err = watch.communicate(timeout=TIMEOUT)
+        assert "gap in the event sequence: 2 events missed (seq 3..4)" in err
+    finally:
+        pub.close(linger=0)
+        context.term()
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["kick", "70000"], ["kick", "x"], [], ["frobnicate"], ["--timeout", "0", "stats"]):
+        with pytest.raises(SystemExit) as info:
+            ctl.main(argv)
+        assert info.value.code == ctl.EXIT_USAGE
+    capsys.readouterr()
+
+
+def register_demo(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """A subcommand provider of the kind `up` will be."""
+    p = subparsers.add_parser("demo", parents=[common])
+    p.set_defaults(run=lambda args: 40 + len(ctl.resolve_endpoints(args)))
+
+
+def test_subcommands_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        ctl, "SUBCOMMAND_PROVIDERS", [*ctl.SUBCOMMAND_PROVIDERS, "tests.test_ctl:register_demo"]
+    )
+    args = ctl.build_parser().parse_args(["demo", "-S", "/run/x.sock"])
+    assert ctl.resolve_endpoints(args) == ("ipc:///run/x.sock.ctl", "ipc:///run/x.sock.events")
+    assert ctl.main(["demo"]) == 42
+
+
+def test_up_is_a_subcommand_and_a_broken_provider_spares_the_rest(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = ctl.build_parser()
+    assert parser.parse_args(["up", "--peers", "2", "--plugin", "ping"]).command == "up"
+    monkeypatch.setattr(
+        ctl, "SUBCOMMAND_PROVIDERS", ["no.such.module:register", *ctl.SUBCOMMAND_PROVIDERS]
+    )
+    args = ctl.build_parser().parse_args(["-S", "/run/x.sock", "status"])
+    assert args.command == "status"
+    assert "commands of no.such.module:register unavailable" in capsys.readouterr().err
+
+
+def test_default_socket_is_the_daemons() -> None:
+    from ivshmemd import cli
+
+    assert ctl.DEFAULT_SOCKET == cli.DEFAULT_SOCKET
