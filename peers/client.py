@@ -194,10 +194,12 @@ async def connect(
 ) -> IvshmemClient:
     """Connect to the server at ``path`` and complete the handshake.
 
-    With ``vectors`` known (the server's ``-n``), returns once all our own vectors have
-    arrived. Without it, waits up to ``settle`` seconds for the first of them (none come from
-    a server with zero vectors), then takes whatever else is already queued; own vectors
-    arriving later are still recorded as they are read.
+    Returns once all our own vectors have arrived. How many there are: ``vectors`` if given
+    (the server's ``-n``); otherwise the count every existing peer came with (the server
+    hands everyone the same number), which is exact whenever anyone else is connected. When
+    we are alone, we wait up to ``settle`` seconds for the first own vector (none come from
+    a server with zero vectors) and then until the stream pauses for ``settle / 5``;
+    own vectors arriving later are still recorded as they are read.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
@@ -226,15 +228,21 @@ async def connect(
         size = os.fstat(event.shm_fd).st_size
         client = IvshmemClient(sock, event.peer_id, event.shm_fd, size, parser=parser)
         client._pending, client._pending_fds = pending._pending, pending._pending_fds
-        if vectors is not None:
-            while len(client.own_vectors) < vectors:
-                client._apply(*await client._recv())
-        else:
+        if vectors is None:
             with trio.move_on_after(settle):
                 while not client.own_vectors:
                     client._apply(*await client._recv())
-            while (message := client._recv_nowait()) is not None:
-                client._apply(*message)
+            if client.peers:  # everyone has the same count: exact
+                vectors = len(next(iter(client.peers.values())))
+        if vectors is not None:
+            while len(client.own_vectors) < vectors:
+                client._apply(*await client._recv())
+        elif client.own_vectors:  # alone: take what comes until the stream pauses
+            while True:
+                with trio.move_on_after(settle / 5):
+                    client._apply(*await client._recv())
+                    continue
+                break
         return client
     except BaseException:
         if client is not None:

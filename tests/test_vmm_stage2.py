@@ -27,7 +27,9 @@ MIB = 1 << 20
 HPA = 0x1_0000_0000
 
 
-def _map(pt: vmm.Stage2PageTable, gpa: int, size: int, hpa: int, level: int, w: bool = True) -> bool:
+def _map(
+    pt: vmm.Stage2PageTable, gpa: int, size: int, hpa: int, level: int, w: bool = True
+) -> bool:
     pt.topup_for(gpa, size, level)
     return pt.map_range(gpa, size, hpa, leaf_perms(w), level)
 
@@ -63,7 +65,9 @@ def _decode_walk(pt: vmm.Stage2PageTable, gpa: int) -> tuple[int, int] | None:
         ("sv48x4", 4, [4096, 2 * MIB, GIB]),
     ],
 )
-def test_leaves_at_every_level_decode_with_the_spec(mode: str, levels: int, sizes: list[int]) -> None:
+def test_leaves_at_every_level_decode_with_the_spec(
+    mode: str, levels: int, sizes: list[int]
+) -> None:
     pt = vmm.Stage2PageTable(mode, vmid=3)
     assert pt.mode.levels == levels
     assert pt.mode.root_entries * pt.mode.pte_bytes == 16384  # the x4 root: four pages
@@ -176,15 +180,21 @@ def test_per_page_reference_agrees_with_the_walker() -> None:
 REGION = 8 * MIB  # GPA window [BASE, BASE + REGION)
 BASE = GIB
 _ops = st.one_of(
-    st.tuples(st.just("map"), st.integers(0, REGION // 4096 - 1), st.integers(1, 600),
-              st.sampled_from([0, 1]), st.booleans(), st.integers(0, 7)),
+    st.tuples(
+        st.just("map"),
+        st.integers(0, REGION // 4096 - 1),
+        st.integers(1, 600),
+        st.sampled_from([0, 1]),
+        st.booleans(),
+        st.integers(0, 7),
+    ),
     st.tuples(st.just("unmap"), st.integers(0, REGION // 4096 - 1), st.integers(1, 1500)),
     st.tuples(st.just("wp"), st.integers(0, REGION // 4096 - 1), st.integers(1, 1500)),
     st.tuples(st.just("split"), st.integers(0, 3)),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_ops, min_size=1, max_size=25), st.sampled_from(["sv39x4", "sv48x4", "sv32x4"]))
 def test_operations_match_a_dict_model(ops: list[tuple], mode: str) -> None:  # type: ignore[type-arg]
     pt = vmm.Stage2PageTable(mode)
@@ -225,7 +235,7 @@ def test_operations_match_a_dict_model(ops: list[tuple], mode: str) -> None:  # 
             else:
                 pt.wp_range(gpa, size)
             # Blocks that the range touches go (or lose W) whole.
-            touched = set()
+            touched: set[int] = set()
             for g in range(gpa, gpa + size, 4096):
                 if g >> 12 in model:
                     _h, _w, lvl = model[g >> 12]
@@ -243,15 +253,19 @@ def test_operations_match_a_dict_model(ops: list[tuple], mode: str) -> None:  # 
         else:
             chunk = op[1]
             pt.split_range(base + chunk * (span // 4), span // 4)
-            for gfn in range((base + chunk * (span // 4)) >> 12, (base + (chunk + 1) * (span // 4)) >> 12):
+            lo = (base + chunk * (span // 4)) >> 12
+            for gfn in range(lo, lo + ((span // 4) >> 12)):
                 if gfn in model:
                     h, w, _ = model[gfn]
                     model[gfn] = (h, w, 0)
         # Every translation the tables give equals the model's, at every step.
-        g, p, lv = pt.leaves(base, span)
+        leaf_gpas, leaf_ptes, leaf_levels = pt.leaves(base, span)
         got: dict[int, tuple[int, bool, int]] = {}
-        for gpa_, pte, level in zip(g.tolist(), p.tolist(), lv.tolist(), strict=True):
+        for gpa_, pte, level in zip(
+            leaf_gpas.tolist(), leaf_ptes.tolist(), leaf_levels.tolist(), strict=True
+        ):
             size = pt.mode.level_size(level)
             for k in range(0, size, 4096):
-                got[(gpa_ + k) >> 12] = (((pte >> PTE_PPN_SHIFT) << 12) + k, bool(pte & PTE_W), level)
+                hpa = ((pte >> PTE_PPN_SHIFT) << 12) + k
+                got[(gpa_ + k) >> 12] = (hpa, bool(pte & PTE_W), level)
         assert got == model

@@ -36,8 +36,10 @@ class Registers:
 
 def _vm(size: int = 4 * MIB, flags: int = 0, page_size: int = 4096) -> tuple[vmm.Vm, vmm.Vcpu]:
     vm = vmm.Vm()
-    backing = vmm.Backing.anonymous(size, page_size) if page_size == 4096 else (
-        vmm.Backing.hugetlb(size, page_size)
+    backing = (
+        vmm.Backing.anonymous(size, page_size)
+        if page_size == 4096
+        else (vmm.Backing.hugetlb(size, page_size))
     )
     vm.set_user_memory_region(0, flags, RAM, size, backing)
     return vm, vm.create_vcpu(0)
@@ -86,7 +88,7 @@ def test_one_gib_hugetlb_maps_a_gib_leaf() -> None:
 
 
 def test_access_outside_memory_is_a_clear_error() -> None:
-    _vm_, cpu = _vm()
+    cpu = _vm()[1]
     with pytest.raises(vmm.GuestMemoryFault, match="no memslot or MMIO region"):
         cpu.read(0x1000, 4)
     with pytest.raises(vmm.GuestMemoryFault):
@@ -201,7 +203,8 @@ def test_backings_from_buffer_and_fd(tmp_path: object) -> None:
         vmm.Backing.hugetlb(4 * MIB, 4096)
     a, b = vmm.Backing.thp(4 * MIB), vmm.Backing.hugetlb(4 * MIB)
     assert a.page_size == b.page_size == 2 * MIB
-    assert a.hpa % (2 * MIB) == 0 and a.hpa_end <= b.hpa or b.hpa_end <= a.hpa
+    assert a.hpa % (2 * MIB) == 0
+    assert a.hpa_end <= b.hpa or b.hpa_end <= a.hpa
 
 
 def test_tlb_conflict_needs_break_before_make() -> None:
@@ -261,8 +264,20 @@ def test_bulk_touch_goes_through_faults_and_writes_memory() -> None:
 SLOT_PAGES = 1024
 _vm_ops = st.one_of(
     st.tuples(st.just("access"), st.integers(0, 3), st.integers(0, SLOT_PAGES - 1), st.booleans()),
-    st.tuples(st.just("bulk"), st.integers(0, 3), st.integers(0, SLOT_PAGES - 1),
-              st.integers(1, 300), st.booleans()),
+    st.tuples(
+        st.just("bulk"),
+        st.integers(0, 3),
+        st.integers(0, SLOT_PAGES - 1),
+        st.integers(1, 300),
+        st.booleans(),
+    ),
+    st.tuples(
+        st.just("scatter"),
+        st.integers(0, 3),
+        st.integers(0, 2**32 - 1),
+        st.integers(1, 400),
+        st.booleans(),
+    ),
     st.tuples(st.just("log"), st.integers(0, 3), st.booleans()),
     st.tuples(st.just("move"), st.integers(0, 3), st.integers(0, 7)),
     st.tuples(st.just("delete"), st.integers(0, 3)),
@@ -271,14 +286,16 @@ _vm_ops = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_vm_ops, min_size=1, max_size=30))
 def test_faults_and_memslot_changes_match_a_reference(ops: list[tuple]) -> None:  # type: ignore[type-arg]
     vm = vmm.Vm()
     cpu = vm.create_vcpu(0)
     size = SLOT_PAGES * 4096
-    backings = [vmm.Backing.anonymous(size) if i % 2 else vmm.Backing.hugetlb(size, 2 * MIB)
-                for i in range(4)]
+    backings = [
+        vmm.Backing.anonymous(size) if i % 2 else vmm.Backing.hugetlb(size, 2 * MIB)
+        for i in range(4)
+    ]
     where = {i: RAM + i * 16 * MIB for i in range(4)}
     for i in range(4):
         vm.set_user_memory_region(i, 0, where[i], size, backings[i])
@@ -298,11 +315,25 @@ def test_faults_and_memslot_changes_match_a_reference(ops: list[tuple]) -> None:
                 continue
             count = min(count, SLOT_PAGES - page)
             cpu.touch(where[slot] + page * 4096, count * 4096, write=write)
+        elif kind == "scatter":
+            _, slot, seed, count, write = op
+            if slot not in where:
+                continue
+            rng = np.random.default_rng(seed)
+            offsets = rng.integers(0, SLOT_PAGES, count).astype(np.uint64) * np.uint64(4096)
+            gpas = np.uint64(where[slot]) + offsets + np.uint64(16)
+            got = cpu.access_many(gpas, write=write, value=seed)
+            words = backings[slot].u64[(offsets + np.uint64(16)).astype(np.int64) // 8]
+            if write:
+                assert (words == np.uint64(seed)).all()
+            else:
+                assert got is not None and np.array_equal(got, words)
         elif kind == "log":
             _, slot, on = op
             if slot in where:
-                vm.set_user_memory_region(slot, vmm.KVM_MEM_LOG_DIRTY_PAGES if on else 0,
-                                          where[slot], size)
+                vm.set_user_memory_region(
+                    slot, vmm.KVM_MEM_LOG_DIRTY_PAGES if on else 0, where[slot], size
+                )
         elif kind == "move":
             _, slot, dest = op
             if slot in where and RAM + dest * 16 * MIB not in where.values():
@@ -330,7 +361,23 @@ def test_faults_and_memslot_changes_match_a_reference(ops: list[tuple]) -> None:
             assert (pte >> PTE_PPN_SHIFT) << 12 == memslot.hpa_of(gpa)
             if memslot.logging:
                 assert level == 0 or not pte & PTE_W
-                if pte & PTE_W and memslot.dirty_bitmap is not None and level == 0:
+                if pte & PTE_W:
+                    # Writable under logging only once marked dirty (GET re-protects).
+                    assert memslot.dirty_bitmap is not None
                     off = (gpa - memslot.gpa) >> 12
-                    # Writable under logging only once marked dirty (or harvested by GET).
-                    assert off < memslot.npages
+                    assert int(memslot.dirty_bitmap[off >> 6]) >> (off & 63) & 1
+
+
+def test_eager_split_on_enabling_logging() -> None:
+    vm = vmm.Vm(eager_split=True, eager_split_chunk=2 * MIB)
+    vm.set_user_memory_region(0, 0, RAM, 8 * MIB, vmm.Backing.hugetlb(8 * MIB, 2 * MIB))
+    cpu = vm.create_vcpu(0)
+    cpu.touch(RAM, 8 * MIB, stride=2 * MIB)
+    assert set(vm.pt.leaves()[2].tolist()) == {1}
+    vm.set_user_memory_region(0, vmm.KVM_MEM_LOG_DIRTY_PAGES, RAM, 8 * MIB)
+    _g, ptes, levels = vm.pt.leaves()
+    assert levels.size == 2048 and set(levels.tolist()) == {0}  # split up front, all kept
+    assert not (ptes & np.uint64(PTE_W)).any()  # and write-protected
+    cpu.write(RAM + 4096, b"w")
+    words = vm.get_dirty_log(0)
+    assert int(words[0]) == 1 << 1

@@ -83,9 +83,9 @@ class DirtyRing:
         self.flags[pos] = KVM_DIRTY_GFN_F_DIRTY
         self.dirty_index += n
 
-    def harvest(self, max_entries: int | None = None) -> tuple[
-        npt.NDArray[np.uint32], npt.NDArray[np.uint64]
-    ]:
+    def harvest(
+        self, max_entries: int | None = None
+    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64]]:
         """Collect DIRTY entries in ring order from the fetch index: ``(slots, offsets)``.
 
         Each collected entry is flagged RESET; the walk stops at the first entry the kernel

@@ -55,6 +55,10 @@ class HostPhysSpace:
 
     def __init__(self, base: int = _HPA_BASE, limit: int = _HPA_LIMIT) -> None:
         self._lock = threading.Lock()
+        # Ranges of collected owners: a finalizer may run inside a locked section (the
+        # garbage collector runs at any allocation), so it only queues; the queue is drained
+        # under the lock by the next call.
+        self._pending: list[tuple[int, int]] = []
         self._free: list[tuple[int, int]] = [(base, limit)]  # sorted (start, end)
         self._starts: list[int] = []
         self._owners: list[tuple[int, int, weakref.ref[Backing]]] = []
@@ -63,6 +67,7 @@ class HostPhysSpace:
         """Reserve ``size`` bytes at an ``align``-aligned HPA at or above ``minimum``,
         lowest address first."""
         with self._lock:
+            self._drain()
             for i, (start, end) in enumerate(self._free):
                 hpa = (max(start, minimum) + align - 1) & ~(align - 1)
                 if hpa + size <= end:
@@ -75,27 +80,41 @@ class HostPhysSpace:
                     return hpa
         raise VmmError(f"host-physical space exhausted: no {size:#x}-byte range free")
 
+    def release_later(self, hpa: int, size: int) -> None:
+        """Queue ``[hpa, hpa + size)`` for release (safe from finalizers)."""
+        self._pending.append((hpa, size))
+
     def release(self, hpa: int, size: int) -> None:
         """Give ``[hpa, hpa + size)`` back, merging it with free neighbours."""
+        self._pending.append((hpa, size))
         with self._lock:
-            free = self._free
-            i = bisect.bisect_left(free, (hpa, 0))
-            start, end = hpa, hpa + size
-            if i < len(free) and free[i][0] == end:
-                end = free[i][1]
-                del free[i]
-            if i > 0 and free[i - 1][1] == start:
-                start = free[i - 1][0]
-                del free[i - 1]
-                i -= 1
-            free.insert(i, (start, end))
-            j = bisect.bisect_left(self._starts, hpa)
-            if j < len(self._starts) and self._starts[j] == hpa:
-                del self._starts[j]
-                del self._owners[j]
+            self._drain()
+
+    def _drain(self) -> None:
+        while self._pending:
+            hpa, size = self._pending.pop()
+            self._release_locked(hpa, size)
+
+    def _release_locked(self, hpa: int, size: int) -> None:
+        free = self._free
+        i = bisect.bisect_left(free, (hpa, 0))
+        start, end = hpa, hpa + size
+        if i < len(free) and free[i][0] == end:
+            end = free[i][1]
+            del free[i]
+        if i > 0 and free[i - 1][1] == start:
+            start = free[i - 1][0]
+            del free[i - 1]
+            i -= 1
+        free.insert(i, (start, end))
+        j = bisect.bisect_left(self._starts, hpa)
+        if j < len(self._starts) and self._starts[j] == hpa:
+            del self._starts[j]
+            del self._owners[j]
 
     def register(self, backing: Backing) -> None:
         with self._lock:
+            self._drain()
             j = bisect.bisect_left(self._starts, backing.hpa)
             self._starts.insert(j, backing.hpa)
             self._owners.insert(j, (backing.hpa, backing.hpa + backing.size, weakref.ref(backing)))
@@ -148,7 +167,7 @@ class Backing:
         self._owner = owner  # keeps the mmap alive as long as the backing
         self.hpa = space.allocate(size, max(page_size, SIZE_4K))
         space.register(self)
-        self._finalizer = weakref.finalize(self, space.release, self.hpa, size)
+        self._finalizer = weakref.finalize(self, space.release_later, self.hpa, size)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -212,8 +231,7 @@ class Backing:
             raise VmmError(f"cannot use fd {fd} as backing: {exc.strerror}") from None
         if offset + size > file_size:
             raise VmmError(
-                f"fd {fd} holds {file_size:#x} bytes, less than offset {offset:#x} + "
-                f"size {size:#x}"
+                f"fd {fd} holds {file_size:#x} bytes, less than offset {offset:#x} + size {size:#x}"
             )
         try:
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, offset=offset)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import GuestMemoryFault, VmmError
 from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W, leaf_perms
@@ -69,7 +70,7 @@ def rmap_decode(rmap: int) -> tuple[int, int]:
     return (rmap & RMAP_NESTED_LPID_MASK) >> RMAP_NESTED_LPID_SHIFT, rmap & RMAP_NESTED_GPA_MASK
 
 
-def _rmap_array(slot: Memslot) -> np.ndarray:  # type: ignore[type-arg]
+def _rmap_array(slot: Memslot) -> npt.NDArray[np.uint64]:
     if slot.rmap is None:
         slot.rmap = np.zeros(slot.npages, dtype=np.uint64)
     return slot.rmap
@@ -79,7 +80,7 @@ def insert_nest_rmap(slot: Memslot, gfn_offset: int, rmap: int) -> bool:
     """Record ``rmap`` on page ``gfn_offset`` of ``slot``; False if it was there already."""
     arr = _rmap_array(slot)
     cur = int(arr[gfn_offset])
-    if cur == 0:
+    if cur == 0 and gfn_offset not in slot.rmap_lists:
         arr[gfn_offset] = rmap | RMAP_NESTED_IS_SINGLE_ENTRY
         return True
     if cur & RMAP_NESTED_IS_SINGLE_ENTRY:
@@ -89,7 +90,7 @@ def insert_nest_rmap(slot: Memslot, gfn_offset: int, rmap: int) -> bool:
         slot.rmap_lists[gfn_offset] = [old, rmap]
         arr[gfn_offset] = 0  # the list head now lives in rmap_lists
         return True
-    entries = slot.rmap_lists.setdefault(gfn_offset, [])
+    entries = slot.rmap_lists[gfn_offset]
     if rmap in entries:
         return False
     entries.append(rmap)
@@ -139,9 +140,7 @@ class NestedGuest:
         self.vm = vm
         self.lpid = lpid
         self.l2_to_l1: dict[int, int] = {}
-        self.pt = Stage2PageTable(
-            vm.mode, _SHADOW_VMID_BASE + lpid, pool=vm.pt.pool, flusher=vm
-        )
+        self.pt = Stage2PageTable(vm.mode, _SHADOW_VMID_BASE + lpid, pool=vm.pt.pool, flusher=vm)
 
     def set_l2_mapping(self, l2_gpa: int, l1_gpa: int, size: int) -> None:
         """The L1 maps L2 ``[l2_gpa, +size)`` to its ``[l1_gpa, +size)`` (4K pages).
@@ -167,7 +166,7 @@ class NestedGuest:
         pte, _ = self.vm.pt.translate(l1_gpa)
         if not pte or (write and not pte & PTE_W):
             self.vm.handle_faults(np.array([l1_gpa], dtype=np.uint64), write)
-            pte, level = self.vm.pt.translate(l1_gpa)
+            pte, _level = self.vm.pt.translate(l1_gpa)
         hpa = slot.hpa_of(l1_gpa)
         writable = bool(pte & PTE_W)
         self.pt.topup_for(page, PAGE_SIZE, 0)

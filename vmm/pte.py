@@ -99,7 +99,7 @@ class Stage2Mode:
         return 1 << (self.ppn_bits + PAGE_SHIFT)
 
     @property
-    def dtype(self) -> type[np.unsignedinteger]:  # type: ignore[type-arg]
+    def dtype(self) -> type[np.unsignedinteger]:
         return np.uint64 if self.pte_bytes == 8 else np.uint32
 
     def shift(self, level: int) -> int:

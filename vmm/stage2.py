@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ._arrays import unique_sorted
 from .errors import ModelBug, PageTableError
 from .pte import (
     PAGE_SHIFT,
@@ -205,10 +206,8 @@ class Stage2PageTable:
         per = mode.entries_per_table
         pages = self.pool.pages
         flat = pages.reshape(-1)
-        if flat.dtype != np.uint64:
-            flat = flat.astype(np.int64)
-        else:
-            flat = flat.view(np.int64)
+        # Sv32x4 words are widened (a copy); 64-bit words are reinterpreted in place.
+        flat = flat.view(np.int64) if flat.dtype == np.uint64 else flat.astype(np.int64)
         g = gpas.view(np.int64) if gpas.dtype == np.uint64 else gpas.astype(np.int64)
         level = mode.root_level
         pte = flat[self.root * per + ((g >> mode.shift(level)) & (mode.root_entries - 1))]
@@ -266,6 +265,32 @@ class Stage2PageTable:
             raise PageTableError(f"split must be 'preserve' or 'drop', got {split!r}")
         visitor = _MapVisitor(self, gpa, gpa + size, hpa, perms & _PERM_MASK | PTE_V, level, split)
         self._locked_walk(gpa, gpa + size, visitor)
+        return visitor.flush
+
+    def map_pages(
+        self,
+        gpas: npt.NDArray[np.uint64],
+        delta: int,
+        perms: int,
+        level: int = 0,
+        *,
+        split: str = "preserve",
+    ) -> bool:
+        """Map many scattered level-``level`` blocks in one walk: block ``g`` (aligned GPAs,
+        ascending, unique) goes to HPA ``g + delta``. Same semantics as :meth:`map_range`
+        per block; tables are installed only where a block lands."""
+        if gpas.shape[0] == 0:
+            return False
+        size = self.mode.level_size(level)
+        first, last = int(gpas[0]), int(gpas[-1])
+        self._check_aligned(first, size, first + delta, level)
+        self._check_aligned(last, size, last + delta, level)
+        if (gpas & np.uint64(size - 1)).any():
+            raise PageTableError(f"map_pages: GPAs must be aligned to {size:#x}")
+        visitor = _SparseMapVisitor(
+            self, gpas.astype(np.int64), delta, perms & _PERM_MASK | PTE_V, level, split
+        )
+        self._locked_walk(first, last + size, visitor)
         return visitor.flush
 
     def unmap_range(self, gpa: int, size: int) -> bool:
@@ -355,9 +380,9 @@ class Stage2PageTable:
                 self.walker.walk(start, end, visitor)
 
     # ------------------------------------------------------------------ inspection
-    def leaves(self, gpa: int = 0, size: int | None = None) -> tuple[
-        npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int8]
-    ]:
+    def leaves(
+        self, gpa: int = 0, size: int | None = None
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.int8]]:
         """All valid leaves intersecting the range: (gpa, pte, level) arrays, by GPA."""
         if size is None:
             size = self.mode.gpa_limit - gpa
@@ -411,7 +436,13 @@ class _MapVisitor(Visitor):
     wants_table_pre = True
 
     def __init__(
-        self, pt: Stage2PageTable, start: int, end: int, hpa: int, perms: int, level: int,
+        self,
+        pt: Stage2PageTable,
+        start: int,
+        end: int,
+        hpa: int,
+        perms: int,
+        level: int,
         split: str,
     ) -> None:
         self.pt = pt
@@ -444,6 +475,17 @@ class _MapVisitor(Visitor):
         n = i1 - i0
         gpa0 = base + (i0 << shift)
         first_ppn = (self.hpa + gpa0 - self.start) >> PAGE_SHIFT
+        if n == 1:  # the fault path: one entry, scalar
+            old = int(tbl[i0])
+            new_pte = (first_ppn << PTE_PPN_SHIFT) | self.perms
+            if old & PTE_V:
+                if old >> PTE_PPN_SHIFT != first_ppn:
+                    tbl[i0] = 0
+                    pt.flusher.flush_addr(pt.vmid, gpa0, level)
+                elif old & ~new_pte & PTE_RWX:
+                    self.flush = True
+            tbl[i0] = new_pte
+            return
         step = 1 << (shift - PAGE_SHIFT)
         new = ((first_ppn + np.arange(n, dtype=np.int64) * step) << PTE_PPN_SHIFT) | self.perms
         new = new.astype(pt.mode.dtype)
@@ -477,6 +519,79 @@ class _MapVisitor(Visitor):
         tbl[i] = (ppn << PTE_PPN_SHIFT) | self.perms
 
 
+class _SparseMapVisitor(Visitor):
+    """:class:`_MapVisitor` for a sorted set of blocks: acts only on entries holding one."""
+
+    wants_table_pre = True
+
+    def __init__(
+        self,
+        pt: Stage2PageTable,
+        gpas: npt.NDArray[np.int64],
+        delta: int,
+        perms: int,
+        level: int,
+        split: str,
+    ) -> None:
+        self.pt = pt
+        self.gpas = gpas
+        self.delta = delta
+        self.perms = perms
+        self.level = level
+        self.split = split
+        self.flush = False
+
+    def _targets(self, lo: int, hi: int) -> npt.NDArray[np.int64]:
+        a, b = np.searchsorted(self.gpas, [lo, hi])
+        return self.gpas[int(a) : int(b)]
+
+    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
+        pt = self.pt
+        shift = pt.mode.shift(level)
+        targets = self._targets(base + (i0 << shift), base + (i1 << shift))
+        if targets.size == 0:
+            return
+        idx = (targets - base) >> shift
+        if level > self.level:
+            idx = unique_sorted(idx)
+        if level > self.level:
+            rows = pt.cache.take(idx.size)
+            for k, i in enumerate(idx.tolist()):
+                old = int(tbl[i])
+                if old & PTE_V:
+                    tbl[i] = 0
+                    pt.flusher.flush_addr(pt.vmid, base + (i << shift), level)
+                    if self.split == "preserve":
+                        pt.pool.pages[rows[k]] = _block_children(pt, old, level)
+            tbl[idx] = _new_table_ptes(pt, rows)
+            return
+        ppns = (targets + self.delta) >> PAGE_SHIFT
+        new = ((ppns << PTE_PPN_SHIFT) | self.perms).astype(pt.mode.dtype)
+        olds = tbl[idx]
+        valid = (olds & PTE_V) != 0
+        if valid.any():
+            moved = valid & ((olds >> PTE_PPN_SHIFT) != (new >> PTE_PPN_SHIFT))
+            for k in np.flatnonzero(moved).tolist():
+                tbl[int(idx[k])] = 0
+                pt.flusher.flush_addr(pt.vmid, base + (int(idx[k]) << shift), level)
+            if (valid & ~moved & ((olds & ~new & PTE_RWX) != 0)).any():
+                self.flush = True
+        tbl[idx] = new
+
+    def table_pre(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
+        if level != self.level or self._targets(gpa, gpa + 1).size == 0:
+            return
+        pt = self.pt
+        old = int(tbl[i])
+        tbl[i] = 0
+        if not pt.debug_skip_coalesce_tlbi:
+            pt.flusher.flush_range(pt.vmid, gpa, pt.mode.level_size(level))
+        freed: list[int] = []
+        _free_subtree(pt, (old >> PTE_PPN_SHIFT) - pt.pool.base_ppn, level - 1, freed)
+        pt.cache.give_back(freed)
+        tbl[i] = (((gpa + self.delta) >> PAGE_SHIFT) << PTE_PPN_SHIFT) | self.perms
+
+
 class _UnmapVisitor(Visitor):
     wants_table_post = True
     batch_leaf = True
@@ -494,7 +609,10 @@ class _UnmapVisitor(Visitor):
         ents[:] = 0
 
     def leaf_batch(
-        self, parent: PteArray, idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64],
+        self,
+        parent: PteArray,
+        idx: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
         gpas: npt.NDArray[np.int64],
     ) -> None:
         self.flush = True
@@ -505,8 +623,9 @@ class _UnmapVisitor(Visitor):
         size = self.pt.mode.level_size(level)
         if gpa >= self.start and gpa + size <= self.end:
             freed: list[int] = []
-            _free_subtree(self.pt, (int(tbl[i]) >> PTE_PPN_SHIFT) - self.pt.pool.base_ppn,
-                          level - 1, freed)
+            _free_subtree(
+                self.pt, (int(tbl[i]) >> PTE_PPN_SHIFT) - self.pt.pool.base_ppn, level - 1, freed
+            )
             tbl[i] = 0
             self.pt.cache.give_back(freed)
 
@@ -522,7 +641,7 @@ class _WpVisitor(Visitor):
         self.masked = masked
         self._wbit = pt.mode.dtype(PTE_W)
 
-    def _page_mask(self, gpa: int, npages: int) -> npt.NDArray[np.bool_] | None:
+    def _page_mask(self, gpa: int, npages: int) -> npt.NDArray[np.bool_]:
         assert self.masked is not None
         base, pages = self.masked
         first = (gpa - base) >> PAGE_SHIFT
@@ -546,17 +665,18 @@ class _WpVisitor(Visitor):
         per = 1 << (shift - PAGE_SHIFT)
         gpa0 = base + (i0 << shift)
         mask = self._page_mask(gpa0, (i1 - i0) * per)
-        if mask is None:
-            return
         if per > 1:
-            mask = mask.reshape(i1 - i0, per).any(axis=1)
+            mask = np.asarray(mask.reshape(i1 - i0, per).any(axis=1))
         hit = ents & (mask.astype(ents.dtype) * self._wbit)
         if hit.any():
             self.flush = True
             ents -= hit
 
     def leaf_batch(
-        self, parent: PteArray, idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64],
+        self,
+        parent: PteArray,
+        idx: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
         gpas: npt.NDArray[np.int64],
     ) -> None:
         pages = self.pt.pool.pages
@@ -576,7 +696,7 @@ class _WpVisitor(Visitor):
             ):
                 m = bits[firsts[0] : firsts[0] + n * per].reshape(n, per)
             else:
-                m = np.stack([self._page_mask(int(g), per) for g in gpas.tolist()])  # type: ignore[misc]
+                m = np.stack([self._page_mask(int(g), per) for g in gpas.tolist()])
             hit = block & (m.astype(block.dtype) * self._wbit)
         if hit.any():
             self.flush = True
@@ -685,7 +805,10 @@ class _CollectVisitor(Visitor):
             self.levels.append(np.full(k.size, level, dtype=np.int8))
 
     def leaf_batch(
-        self, parent: PteArray, idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64],
+        self,
+        parent: PteArray,
+        idx: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
         gpas: npt.NDArray[np.int64],
     ) -> None:
         assert self.pt is not None

@@ -51,12 +51,12 @@ class TablePagePool:
         self._space = space
         window = reserve_pages * PAGE_SIZE
         self.base_hpa = space.allocate(window, 4 * PAGE_SIZE, 0 if narrow else HIGH_TABLE_HPA)
-        self._finalizer = weakref.finalize(self, space.release, self.base_hpa, window)
+        self._finalizer = weakref.finalize(self, space.release_later, self.base_hpa, window)
         if self.base_hpa + window > mode.hpa_limit:
             self._finalizer()
             raise VmmError(f"no host-physical window for {mode.name} tables below its PPN limit")
         self.base_ppn = self.base_hpa >> PAGE_SHIFT
-        self.pages: npt.NDArray[np.unsignedinteger] = np.zeros(  # type: ignore[type-arg]
+        self.pages: npt.NDArray[np.unsignedinteger] = np.zeros(
             (_GROW_CHUNK, mode.entries_per_table), dtype=mode.dtype
         )
         self._high = 0  # rows [0, _high) have been handed out at least once

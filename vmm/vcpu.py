@@ -165,9 +165,7 @@ class Vcpu:
         gpas = np.arange(gpa, gpa + size, stride, dtype=np.uint64)
         return self.access_many(gpas, write=write, value=value)
 
-    def access_many(
-        self, gpas: U64, *, write: bool, value: int = TOUCH_PATTERN
-    ) -> U64 | None:
+    def access_many(self, gpas: U64, *, write: bool, value: int = TOUCH_PATTERN) -> U64 | None:
         """8-byte accesses at each GPA of ``gpas`` (RAM only), in order, in bulk."""
         vm = self.vm
         gpas = np.ascontiguousarray(gpas, dtype=np.uint64)

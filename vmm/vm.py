@@ -69,6 +69,8 @@ KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: Final = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET: Final = 1 << 1
 _MANUAL_FLAGS: Final = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 MAX_SLOTS: Final = 32768
+_SPARSE_RUNS: Final = 8  # more fault runs than this: one sparse walk instead of one per run
+_U64_ALL: Final = 0xFFFF_FFFF_FFFF_FFFF
 _vmids = itertools.count(1)
 U64 = npt.NDArray[np.uint64]
 
@@ -301,6 +303,8 @@ class Vm:
         n = int(pages.shape[0])
         if n == 0:
             return 0
+        if n == 1:
+            return self._fault_one(int(pages[0]), write, vcpu)
         self.faults += n
         idx = self.memslots.find_many(pages)
         if (idx < 0).any():
@@ -328,6 +332,21 @@ class Vm:
             self._fault_slot(slot, mine, write, vcpu)
         return handled
 
+    def _fault_one(self, gpa: int, write: bool, vcpu: Vcpu | None) -> int:
+        """:meth:`handle_faults` for one page, with scalar look-ups."""
+        self.faults += 1
+        slot = self.memslots.find(gpa)
+        if slot is None:
+            raise GuestMemoryFault(gpa)
+        if write:
+            if slot.readonly:
+                raise MmioExit(gpa, b"", True)
+            ring = vcpu.dirty_ring if vcpu is not None else None
+            if ring is not None and slot.logging and ring.room == 0:
+                return 0
+        self._fault_slot(slot, np.array([gpa], dtype=np.uint64), write, vcpu)
+        return 1
+
     def _levels_for(self, slot: Memslot, pages: U64) -> npt.NDArray[np.int8]:
         levels = np.zeros(pages.shape[0], dtype=np.int8)
         if slot.logging:
@@ -340,19 +359,63 @@ class Vm:
             if size > slot.backing.page_size or delta % size:
                 continue
             start = pages & np.uint64(~(size - 1) & 0xFFFF_FFFF_FFFF_FFFF)
-            inside = (start >= np.uint64(slot.gpa)) & (start + np.uint64(size) <= np.uint64(slot.end))
+            lo, hi = np.uint64(slot.gpa), np.uint64(slot.end)
+            inside = (start >= lo) & (start + np.uint64(size) <= hi)
             ok = undecided & inside
             levels[ok] = level
             undecided &= ~ok
         return levels
+
+    def _level_for_one(self, slot: Memslot, gpa: int) -> int:
+        """Scalar :meth:`_levels_for` for one faulting page."""
+        if slot.logging:
+            return 0
+        mode = self.mode
+        delta = slot.hpa - slot.gpa
+        for level in range(mode.root_level, 0, -1):
+            size = mode.level_size(level)
+            if size > slot.backing.page_size or delta % size:
+                continue
+            start = gpa & ~(size - 1)
+            if start >= slot.gpa and start + size <= slot.end:
+                return level
+        return 0
+
+    def _tables_needed(
+        self, runs: list[tuple[int, int, int]], run_arrays: list[tuple[U64, U64, int]]
+    ) -> int:
+        """Upper bound of the table pages mapping the fault runs can take: per run when
+        they are few; otherwise, for every level from the lowest leaf level up, one table
+        per distinct region a table of that level covers."""
+        if runs:
+            return sum(self.pt.tables_needed(g, s, lv) for g, s, lv in runs)
+        mode = self.mode
+        lowest = min(lv for _f, _e, lv in run_arrays)
+        firsts = np.concatenate([f for f, _e, _l in run_arrays])
+        lasts = np.concatenate([e for _f, e, _l in run_arrays])
+        total = 0
+        for level in range(lowest, mode.root_level):
+            shift = np.uint64(mode.shift(level + 1))
+            lo, hi = firsts >> shift, lasts >> shift
+            total += int(unique_sorted(np.sort(np.concatenate((lo, hi)))).shape[0])
+            total += int((hi - lo).astype(np.int64).clip(min=1).sum()) - int(lo.shape[0])
+        return total
 
     def _fault_slot(self, slot: Memslot, pages: U64, write: bool, vcpu: Vcpu | None) -> None:
         mode = self.mode
         writable = not slot.readonly and (write or not slot.logging)
         perms = leaf_perms(writable)
         split = "drop" if slot.logging else "preserve"
-        levels = self._levels_for(slot, pages)
-        runs: list[tuple[int, int, int]] = []  # (gpa, size, level)
+        # Runs of consecutive blocks per level: (gpa, size, level) for a few, arrays for many.
+        runs: list[tuple[int, int, int]] = []
+        run_arrays: list[tuple[U64, U64, int]] = []  # (first gpa, last byte, level)
+        if pages.shape[0] == 1:
+            level = self._level_for_one(slot, int(pages[0]))
+            size = mode.level_size(level)
+            runs.append((int(pages[0]) & ~(size - 1), size, level))
+            levels = np.empty(0, dtype=np.int8)
+        else:
+            levels = self._levels_for(slot, pages)
         for level in unique_sorted(levels).tolist():
             size = mode.level_size(level)
             shift = mode.shift(level)
@@ -360,15 +423,32 @@ class Vm:
             breaks = np.flatnonzero(np.diff(blocks) != 1) + 1
             starts = np.concatenate(([0], breaks))
             stops = np.concatenate((breaks, [blocks.shape[0]]))
-            for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-                runs.append((int(blocks[a]) << shift, (b - a) * size, level))
-        need = sum(self.pt.tables_needed(g, s, lv) for g, s, lv in runs)
-        self.pt.cache.topup(need)
+            first = (blocks[starts] << shift).astype(np.uint64)
+            last = ((blocks[stops - 1] + 1) << shift).astype(np.uint64) - np.uint64(1)
+            run_arrays.append((first, last, level))
+            if len(runs) + first.shape[0] <= _SPARSE_RUNS:
+                for g, e in zip(first.tolist(), last.tolist(), strict=True):
+                    runs.append((g, e + 1 - g, level))
+        total_runs = sum(int(f.shape[0]) for f, _e, _l in run_arrays) or len(runs)
+        if total_runs > _SPARSE_RUNS:
+            runs = []
+        self.pt.cache.topup(self._tables_needed(runs, run_arrays))
         flushes: list[tuple[int, int]] = []
         with self.pt.mmu_lock():
-            for gpa, size, level in runs:
-                if self.pt.map_range(gpa, size, slot.hpa_of(gpa), perms, level, split=split):
-                    flushes.append((gpa, size))
+            if runs:
+                for gpa, size, level in runs:
+                    if self.pt.map_range(gpa, size, slot.hpa_of(gpa), perms, level, split=split):
+                        flushes.append((gpa, size))
+            else:
+                # Many scattered faults: one sparse walk per leaf level.
+                delta = slot.hpa - slot.gpa
+                for level in unique_sorted(levels).tolist():
+                    block = mode.level_size(level)
+                    mask = np.uint64(~(block - 1) & _U64_ALL)
+                    chosen = unique_sorted(pages[levels == level] & mask)
+                    if self.pt.map_pages(chosen, delta, perms, level, split=split):
+                        lo, hi = int(chosen[0]), int(chosen[-1]) + block
+                        flushes.append((lo, hi - lo))
         for gpa, size in flushes:
             self.flush_range(self.vmid, gpa, size)
         if write and slot.logging:
@@ -381,6 +461,10 @@ class Vm:
             ring.push_many(slot.slot, offsets)
             return
         if slot.dirty_bitmap is None:
+            return
+        if offsets.shape[0] == 1:
+            off = int(offsets[0])
+            slot.dirty_bitmap[off >> 6] |= np.uint64(1 << (off & 63))
             return
         bools = np.zeros(slot.bitmap_words() * 64, dtype=np.bool_)
         bools[offsets] = True
@@ -446,8 +530,7 @@ class Vm:
             raise DirtyLogError(f"first_page {first_page} is not a multiple of 64")
         if first_page + num_pages > npages:
             raise DirtyLogError(
-                f"pages [{first_page}, {first_page + num_pages}) run past the slot's "
-                f"{npages} pages"
+                f"pages [{first_page}, {first_page + num_pages}) run past the slot's {npages} pages"
             )
         if num_pages % 64 and first_page + num_pages != npages:
             raise DirtyLogError(
@@ -458,8 +541,11 @@ class Vm:
             return
         words = np.asarray(bitmap)
         if words.dtype != np.uint64:
-            words = np.frombuffer(bytes(words), dtype=np.uint64) if words.dtype == np.uint8 \
+            words = (
+                np.frombuffer(bytes(words), dtype=np.uint64)
+                if words.dtype == np.uint8
                 else words.astype(np.uint64)
+            )
         nwords = (num_pages + 63) // 64
         if words.shape[0] < nwords:
             raise DirtyLogError(f"bitmap holds {words.shape[0]} words, {nwords} needed")
@@ -520,6 +606,31 @@ class Vm:
         if self.manual_protect:
             self.clear_dirty_log(slot, 0, memslot.npages, words)
         return IovaBitmap(memslot.gpa, memslot.size, PAGE_SIZE, words)
+
+    def harvest_dirty_rings(self) -> dict[int, IovaBitmap]:
+        """Harvest every vCPU's ring in order, reset the rings, and hand the dirty pages out
+        per memslot in vfio's IOVA-bitmap format (the dirty-ring form of
+        :meth:`export_dirty`)."""
+        from .iova_bitmap import IovaBitmap
+
+        if not self.dirty_ring_entries:
+            raise DirtyLogError("the dirty ring is not enabled")
+        out: dict[int, IovaBitmap] = {}
+        for vcpu in self.vcpus.values():
+            assert vcpu.dirty_ring is not None
+            slots, offsets = vcpu.dirty_ring.harvest()
+            for sid in unique_sorted(slots).tolist():
+                slot = self.memslots.by_id.get(int(sid))
+                if slot is None:
+                    continue
+                bitmap = out.get(slot.slot)
+                if bitmap is None:
+                    bitmap = IovaBitmap(slot.gpa, slot.size, PAGE_SIZE)
+                    out[slot.slot] = bitmap
+                pages = offsets[slots == sid].astype(np.int64)
+                bitmap.set_pages(pages[pages < slot.npages])
+        self.reset_dirty_rings()
+        return out
 
     # ------------------------------------------------------------------ nested
     def create_nested(self, lpid: int) -> NestedGuest:

@@ -44,7 +44,10 @@ class Visitor:
         GPA the table starts at (entry ``i`` maps ``base + (i << shift(level))``)."""
 
     def leaf_batch(
-        self, parent: PteArray, idx: npt.NDArray[np.int64], rows: npt.NDArray[np.int64],
+        self,
+        parent: PteArray,
+        idx: npt.NDArray[np.int64],
+        rows: npt.NDArray[np.int64],
         gpas: npt.NDArray[np.int64],
     ) -> None:
         """Level-0 tables ``rows`` (pointed to by ``parent[idx]``, starting at ``gpas``) lie
@@ -80,6 +83,30 @@ class Walker:
             return
         self._walk(pt.root_view(), pt.mode.root_level, start, end, 0, visitor)
 
+    def _walk_one(
+        self, tbl: PteArray, level: int, i: int, start: int, end: int, base: int, v: Visitor
+    ) -> None:
+        """One entry at ``level`` > 0: scalar checks, no vector set-up (the fault path)."""
+        if v.wants_leaf and int(tbl[i]) & _TABLE_MASK != PTE_V:
+            v.leaf(tbl, level, i, i + 1, base)
+        shift = self.shifts[level]
+        gpa = base + (i << shift)
+        if v.wants_table_pre and int(tbl[i]) & _TABLE_MASK == PTE_V:
+            v.table_pre(tbl, level, i, gpa)
+        pte = int(tbl[i])
+        if pte & _TABLE_MASK != PTE_V:
+            return
+        pt = self.pt
+        child = pt.pool.pages[(pte >> PTE_PPN_SHIFT) - pt.pool.base_ppn]
+        size = 1 << shift
+        if level == 1 and v.batch_leaf and gpa >= start and gpa + size <= end:
+            rows = np.array([(pte >> PTE_PPN_SHIFT) - pt.pool.base_ppn], dtype=np.int64)
+            v.leaf_batch(tbl, np.array([i], dtype=np.int64), rows, np.array([gpa]))
+            return
+        self._walk(child, level - 1, max(start, gpa), min(end, gpa + size), gpa, v)
+        if v.wants_table_post:
+            v.table_post(tbl, level, i, gpa)
+
     def _walk(self, tbl: PteArray, level: int, start: int, end: int, base: int, v: Visitor) -> None:
         shift = self.shifts[level]
         i0 = (start - base) >> shift
@@ -87,6 +114,9 @@ class Walker:
         if level == 0:
             if v.wants_leaf:
                 v.leaf(tbl, 0, i0, i1, base)
+            return
+        if i1 - i0 == 1:
+            self._walk_one(tbl, level, i0, start, end, base, v)
             return
         ents = tbl[i0:i1]
         tmask = (ents & _TABLE_MASK) == PTE_V

@@ -1,0 +1,362 @@
+"""Benchmarks of the built-in plugins, run as real processes: ``python -m peers.bench``.
+
+    python -m peers.bench ring [--bytes 100M] [--message-size 64K] [--shm-size 4M] [--json]
+
+``ring`` starts a daemon and two ``ivshmem-peer --plugin ring --report json`` processes,
+reads their ``finished`` lines, then, in the same run and on the same POSIX shm segment,
+measures a raw memcpy of the same sizes with producer->consumer semantics: each message is
+copied from a private source buffer into the ring area of the shm (at the offsets the ring
+would use) and from there into a private destination buffer. It prints both throughputs and
+their ratio (``--json``: one JSON object). Benchmarks print figures; they never assert one.
+
+Each benchmark is one function ``bench_<name>(args) -> dict``; a subcommand parser per
+benchmark is added in :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ivshmemd.shm import unlink_posix_shm
+from ivshmemd.sizes import SizeError, parse_size
+
+from .plugins.ring import HEADER_SIZE, record_size
+from .testing import daemon_command, unique_name
+
+__all__ = ["BenchError", "bench_ring", "build_parser", "main", "memcpy_ring", "run_pair"]
+
+READY_TIMEOUT = 20.0
+PEER_TIMEOUT = 600.0
+
+
+class BenchError(Exception):
+    """The benchmark could not run (a process failed, a figure is missing)."""
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return value
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+class Daemon:
+    """A foreground ``ivshmemd`` under a temporary directory, stopped (and its shm and socket
+    removed) on exit."""
+
+    def __init__(self, directory: str, size: int, vectors: int) -> None:
+        self.socket_path = str(Path(directory) / "ivshmem.sock")
+        self.shm_name = unique_name("ivshmem-bench")
+        argv = daemon_command(self.socket_path, self.shm_name, vectors, str(size), ())
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    def wait_ready(self) -> None:
+        """Read the daemon's log until it listens (a clear error if it exits instead)."""
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        seen: list[str] = []
+        for line in self.process.stderr:
+            seen.append(line.rstrip())
+            if "listening on " in line:
+                return
+            if time.monotonic() > deadline:
+                break
+        raise BenchError("ivshmemd did not start: " + " / ".join(seen[-5:]))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(READY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        unlink_posix_shm(self.shm_name)
+
+
+def peer_command(socket_path: str, plugin: str, options: Sequence[str]) -> list[str]:
+    """The argv of one ``ivshmem-peer`` reporting JSON lines."""
+    return [sys.executable, "-m", "peers", "-S", socket_path, "--plugin", plugin,
+            "--report", "json", *options]  # fmt: skip
+
+
+def run_pair(socket_path: str, plugin: str, options: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """Run two peers of ``plugin`` to completion; return each one's JSON lines.
+
+    If a peer exits non-zero, the other is killed (its partner is gone, it would wait) and
+    :class:`BenchError` says why. The peers are killed on the way out whatever happens.
+    """
+    with tempfile.TemporaryFile() as out0, tempfile.TemporaryFile() as out1:
+        outs = [out0, out1]
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for out in outs:
+                procs.append(
+                    subprocess.Popen(
+                        peer_command(socket_path, plugin, options),
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            first_failed = _wait_all_or_first_failure(procs)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        texts = []
+        for out in outs:
+            out.seek(0)
+            texts.append(out.read().decode(errors="replace"))
+    if first_failed:  # the root cause first: the other one only lost its partner
+        procs.reverse()
+        texts.reverse()
+    results: list[list[dict[str, Any]]] = []
+    for proc, text in zip(procs, texts, strict=True):
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        if proc.returncode != 0:
+            said = [
+                str(e.get("summary") or e.get("message"))
+                for e in lines
+                if e.get("event") in ("finished", "error", "log")
+            ]
+            other = [line for line in text.splitlines() if not line.startswith("{")]
+            raise BenchError(
+                f"a {plugin} peer exited with status {proc.returncode}: "
+                + " / ".join([*said[-2:], *other[-2:]])
+            )
+        results.append(lines)
+    return results
+
+
+def _wait_all_or_first_failure(procs: list[subprocess.Popen[bytes]]) -> int | None:
+    """Wait (on pidfds) until every process has exited, or one has failed (its index)."""
+    pidfds = {os.pidfd_open(proc.pid): proc for proc in procs}
+    deadline = time.monotonic() + PEER_TIMEOUT
+    try:
+        while pidfds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"the peers did not finish in {PEER_TIMEOUT:.0f} s")
+            ready, _, _ = select.select(list(pidfds), [], [], left)
+            for fd in ready:
+                proc = pidfds.pop(fd)
+                os.close(fd)
+                if proc.wait() != 0:
+                    return procs.index(proc)
+        return None
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+
+
+# -- ring ----------------------------------------------------------------------------------
+
+
+def memcpy_ring(
+    shm: memoryview, total: int, message_size: int, ring_size: int, repeat: int = 3
+) -> dict[str, float]:
+    """Move ``total`` bytes through the ring area of ``shm`` with plain copies: each message
+    from a private source into the ring (at the record offsets the ring plugin uses) and
+    from the ring into a private destination. The best of ``repeat`` runs, in MB/s."""
+    area = np.frombuffer(shm, np.uint8, ring_size, HEADER_SIZE)
+    source = np.random.default_rng(1).integers(0, 256, message_size, dtype=np.uint8)
+    dest = np.empty(message_size, np.uint8)
+    best = float("inf")
+    messages = 0
+    for _ in range(repeat):
+        head = moved = messages = 0
+        t0 = time.perf_counter()
+        while moved < total:
+            length = min(message_size, total - moved)
+            pos = head % ring_size
+            first = min(length, ring_size - pos)
+            area[pos : pos + first] = source[:first]  # copy in
+            dest[:first] = area[pos : pos + first]  # copy out
+            if first < length:  # the record wraps, as in the ring
+                area[: length - first] = source[first:length]
+                dest[first:length] = area[: length - first]
+            head += record_size(length)
+            moved += length
+            messages += 1
+        best = min(best, time.perf_counter() - t0)
+    return {"mb_per_s": total / best / 1e6, "messages_per_s": messages / best, "seconds": best}
+
+
+def _finished(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    ring = [e for e in lines if e.get("event") == "ring"]
+    done = [e for e in lines if e.get("event") == "finished"]
+    if not ring or not done:
+        raise BenchError(f"a ring peer ended without its figures: {lines[-3:]}")
+    return ring[-1], done[-1]
+
+
+def bench_ring(args: argparse.Namespace) -> dict[str, Any]:
+    """Ring throughput between two peer processes against a raw memcpy on the same shm."""
+    options = ["--bytes", str(args.bytes), "--message-size", str(args.message_size),
+               "--checksum", args.checksum]  # fmt: skip
+    if args.ring_size is not None:
+        options += ["--ring-size", str(args.ring_size)]
+    with tempfile.TemporaryDirectory(prefix="ivshmem-bench-") as directory:
+        daemon = Daemon(directory, args.shm_size, vectors=2)
+        try:
+            daemon.wait_ready()
+            peers = run_pair(daemon.socket_path, "ring", options)
+            figures = {}
+            summaries = {}
+            for lines in peers:
+                ring, done = _finished(lines)
+                figures[ring["role"]] = ring
+                summaries[ring["role"]] = done.get("summary")
+            if set(figures) != {"producer", "consumer"}:
+                raise BenchError(f"expected a producer and a consumer, got {sorted(figures)}")
+            shm_size = int(peers[0][0].get("shm_size", args.shm_size))
+            ring_size = args.ring_size or shm_size - HEADER_SIZE
+            fd = os.open(f"/dev/shm/{daemon.shm_name}", os.O_RDWR)
+            try:
+                with mmap.mmap(fd, shm_size) as mapping:
+                    view = memoryview(mapping)
+                    try:
+                        memcpy = memcpy_ring(view, args.bytes, args.message_size, ring_size)
+                    finally:
+                        view.release()
+            finally:
+                os.close(fd)
+        finally:
+            daemon.close()
+    consumer = figures["consumer"]
+    return {
+        "bench": "ring",
+        "bytes": args.bytes,
+        "message_size": args.message_size,
+        "shm_size": shm_size,
+        "ring_size": ring_size,
+        "checksum": args.checksum,
+        "ring_mb_per_s": consumer["mb_per_s"],
+        "ring_messages_per_s": consumer["messages_per_s"],
+        "ring_checksum_errors": consumer["checksum_errors"],
+        "producer_mb_per_s": figures["producer"]["mb_per_s"],
+        "memcpy_mb_per_s": memcpy["mb_per_s"],
+        "memcpy_messages_per_s": memcpy["messages_per_s"],
+        "ratio": consumer["mb_per_s"] / memcpy["mb_per_s"],
+        "consumer_summary": summaries["consumer"],
+        "producer_summary": summaries["producer"],
+    }
+
+
+def _print_ring(result: dict[str, Any]) -> None:
+    print(result["consumer_summary"])
+    print(result["producer_summary"])
+    print(
+        f"memcpy: {result['bytes']} bytes in {result['message_size']}-byte messages through "
+        f"the same {result['ring_size']}-byte shm area (copy in + copy out): "
+        f"{result['memcpy_mb_per_s']:.1f} MB/s, {result['memcpy_messages_per_s']:.0f} "
+        "messages/s"
+    )
+    print(f"ring / memcpy: {result['ratio']:.2f}x (target >= 0.5x)")
+
+
+# -- command line --------------------------------------------------------------------------
+
+BENCHES: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
+                         Callable[[dict[str, Any]], None]]] = {
+    "ring": (bench_ring, _print_ring),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per benchmark."""
+    parser = argparse.ArgumentParser(
+        prog="python -m peers.bench", description="Benchmarks of the peer plugins."
+    )
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    ring = sub.add_parser("ring", help="ring plugin throughput against a raw memcpy")
+    ring.add_argument(
+        "--bytes",
+        type=_size,
+        default=100 << 20,
+        metavar="SIZE",
+        help="payload to move (default 100M)",
+    )
+    ring.add_argument(
+        "--message-size",
+        type=_size,
+        default=64 << 10,
+        metavar="SIZE",
+        help="payload bytes per message (default 64K)",
+    )
+    ring.add_argument(
+        "--shm-size",
+        type=_size,
+        default=4 << 20,
+        metavar="SIZE",
+        help="the daemon's shared memory (default 4M)",
+    )
+    ring.add_argument(
+        "--ring-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="the ring's data area (default: the shm minus the header)",
+    )
+    ring.add_argument(
+        "--checksum",
+        choices=("sum64", "crc32"),
+        default="sum64",
+        help="the ring's payload checksum (default sum64)",
+    )
+    for p in (ring,):
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one benchmark; exit 1 with a clear message if it cannot run."""
+    args = build_parser().parse_args(argv)
+    run, show = BENCHES[args.bench]
+    try:
+        result = run(args)
+    except BenchError as exc:
+        print(f"peers.bench {args.bench}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result))
+    else:
+        show(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,987 @@
+"""``ivshmemctl up``: one command that runs a daemon and N peers, and stops them all cleanly.
+
+    ivshmemctl up --peers N --plugin NAME [--vectors V] [--size S] [--socket PATH]
+                  [--shm-name NAME] [--keep] [-v] [plugin options] [-- plugin options]
+
+What it does, in order:
+
+1. validates everything up front (the plugin exists and accepts the plugin options, exactly
+   as ``ivshmem-peer`` would parse them); a mistake exits 2 before anything is started;
+2. starts ``ivshmemd`` in the foreground as a child, on a unique socket in a private
+   temporary directory and a unique POSIX shm name (unless ``--socket``/``--shm-name``),
+   and waits for its "listening on" line;
+3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's JSON
+   event lines: running, finished (with the plugin's summary), failed, and the last thing it
+   said; prints ``all N peers running after X ms`` once every peer is up;
+4. shows what is happening: a live progress line on a terminal, plain lines otherwise;
+5. ends when every peer has exited, when a peer fails (the others are stopped), when the
+   daemon dies, or on SIGINT/SIGTERM (a second one kills instead of waiting). Stopping is
+   always the same: SIGTERM to the live peers, reap them (SIGKILL after a grace period),
+   SIGTERM to the daemon, reap it, remove the private socket directory and unlink the shm.
+   With ``--keep`` the daemon stays up after the peers are done, until Ctrl-C.
+
+Output: progress and per-peer lines on stderr; on stdout the ``all N peers running`` line
+and, at the very end, every plugin's summary line in peer-id order (so ``ivshmemctl up
+--peers 2 --plugin ping`` ends with the ping latency line). Exit status: 0 when every peer
+finished ok, 1 when a peer (or the daemon) failed (each failed peer is named with its id,
+pid, exit status and last error line), 2 on bad usage, 130/143 when stopped by
+SIGINT/SIGTERM with no failure.
+
+Children run in their own process groups, so a Ctrl-C on the terminal reaches only the
+launcher, which then stops them in the right order (peers before the daemon, so that no
+peer mistakes the shutdown for a lost daemon). Nothing here sleeps to synchronise: every
+wait is on a child's output, its exit, or a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Self, TextIO
+
+import trio
+
+from ivshmemd.protocol import MAX_VECTORS
+from ivshmemd.shm import unlink_posix_shm
+from ivshmemd.sizes import SizeError, parse_size
+
+from . import forkserver
+from .plugin import Plugin, PluginError, load_plugin
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UpConfig",
+    "add_up_arguments",
+    "main",
+    "parse_up_config",
+    "register_up_command",
+    "run_up",
+]
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+#: How long the daemon may take to print its "listening on" line.
+DAEMON_READY_TIMEOUT: Final = 30.0
+#: How long a child may take to exit after SIGTERM before it gets SIGKILL.
+STOP_GRACE: Final = 10.0
+#: Lines of a child's stderr kept to explain a failure.
+TAIL_LINES: Final = 20
+MAX_PEERS: Final = 4096
+PROG: Final = "ivshmemctl up"
+
+_READY_MARK: Final = "listening on "
+_SIGNAL_EXIT: Final[dict[int, int]] = {signal.SIGINT: 130, signal.SIGTERM: 143}
+#: When the command started (this module is imported first thing): the start-up figure
+#: counts from here, so it includes validating the plugin.
+_STARTED: Final = time.monotonic()
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit 2, one clear line)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= MAX_PEERS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_PEERS}, not {value}")
+    return value
+
+
+def _vectors(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_VECTORS:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_VECTORS}, not {value}")
+    return value
+
+
+def _size(text: str) -> str:
+    try:
+        parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The launcher's own options. With ``suppress`` no defaults are set, so a second parse
+    (of what follows ``--plugin NAME``) only overrides what was given again."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--peers",
+        type=_positive_int,
+        metavar="N",
+        default=default(None),
+        help="how many peer processes to run (required)",
+    )
+    parser.add_argument(
+        "--vectors",
+        type=_vectors,
+        metavar="V",
+        default=default(1),
+        help="interrupt vectors per peer, the daemon's -n (default 1)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_size,
+        metavar="S",
+        default=default(None),
+        help="shared memory size, the daemon's -l (default: the daemon's, 4M)",
+    )
+    parser.add_argument(
+        "-S",
+        "--socket",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the daemon's socket (default: a unique one in a private temporary directory)",
+    )
+    parser.add_argument(
+        "--shm-name",
+        metavar="NAME",
+        default=default(None),
+        help="the POSIX shm name (default: a unique one)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        default=default(False),
+        help="keep the daemon running after the peers are done, until Ctrl-C",
+    )
+    parser.add_argument(
+        "--no-fork-server",
+        dest="fork_server",
+        action="store_false",
+        default=default(True),
+        help="start every peer as a fresh interpreter instead of forking it from one that "
+        "has already imported the peer runtime (slower start-up)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="also show the daemon's log and every peer's log lines",
+    )
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``up`` options to ``parser`` (a subcommand parser of ``ivshmemctl``).
+
+    ``--plugin NAME`` takes everything after it: the launcher picks its own options out of
+    that and hands the rest to the plugin; after a ``--`` everything goes to the plugin
+    (for a plugin option that has the same name as a launcher option).
+    """
+    _add_launcher_options(parser, suppress=False)
+    parser.add_argument("--plugin", dest="plugin_argv", nargs=argparse.REMAINDER,
+                        metavar="NAME [PLUGIN OPTIONS]",
+                        help="the plugin every peer runs, then its options "
+                        "('--plugin NAME --help' lists them)")  # fmt: skip
+    parser.add_argument("plugin_extra", nargs="*", help=argparse.SUPPRESS)
+
+
+def register_up_command(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """``ivshmemctl`` subcommand provider (see ``ivshmemd.ctl.SUBCOMMAND_PROVIDERS``)."""
+    del common  # -S means the socket to create here, not one to talk to
+    parser = subparsers.add_parser(
+        "up",
+        help="run a daemon and N peers running a plugin; stop them all on Ctrl-C",
+        description="Start an ivshmemd and N peer processes running a plugin, show their "
+        "progress, print each plugin's summary, and stop everything cleanly when the "
+        "plugins finish or on Ctrl-C.",
+        epilog="Plugin options follow --plugin NAME; after '--' every argument goes to the "
+        "plugin. Exit status: 0 all peers ok, 1 a peer or the daemon failed, 2 bad usage, "
+        "130/143 stopped by SIGINT/SIGTERM.",
+    )
+    add_up_arguments(parser)
+    parser.set_defaults(run=run_up)
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """Everything ``up`` needs, validated."""
+
+    peers: int
+    plugin: str
+    plugin_args: tuple[str, ...]
+    vectors: int = 1
+    size: str | None = None
+    socket: str | None = None
+    shm_name: str | None = None
+    keep: bool = False
+    verbose: bool = False
+    fork_server: bool = True
+
+
+def _help_parser(plugin_cls: type[Plugin] | None, name: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, add_help=False, description="Run a daemon and N peers running a plugin."
+    )
+    _add_launcher_options(parser, suppress=False)
+    parser.add_argument("--plugin", metavar="NAME", help="the plugin every peer runs")
+    if plugin_cls is not None:
+        plugin_cls.add_arguments(parser.add_argument_group(f"options of the {name} plugin"))
+    return parser
+
+
+def _validate_plugin_options(name: str, plugin_cls: type[Plugin], args: Sequence[str]) -> None:
+    """Parse ``args`` exactly as every peer will (``ivshmem-peer``'s parser)."""
+    from .cli import build_parser
+
+    parser = build_parser(plugin_cls)
+    parser.prog = f"{PROG} --plugin {name}"
+    try:
+        options = parser.parse_args(["-S", "unused", "--plugin", name, *args])
+    except SystemExit as exc:  # the parser printed its one-line error
+        raise UsageError("") from exc
+    problem = plugin_cls.check_options(options)
+    if problem:
+        raise UsageError(f"plugin {name}: {problem}")
+
+
+def parse_up_config(args: argparse.Namespace) -> UpConfig | None:
+    """Turn what :func:`add_up_arguments` parsed into an :class:`UpConfig`.
+
+    Returns None when help was asked for (and printed); raises :class:`UsageError`.
+    """
+    plugin_argv = list(getattr(args, "plugin_argv", None) or [])
+    extra = list(getattr(args, "plugin_extra", None) or [])
+    if "--" in plugin_argv:  # `python -m peers.launcher up`: argparse kept it in REMAINDER
+        cut = plugin_argv.index("--")
+        plugin_argv, extra = plugin_argv[:cut], plugin_argv[cut + 1 :] + extra
+    if not plugin_argv:
+        raise UsageError("--plugin NAME is required (ivshmem-peer --list-plugins lists them)")
+    name, rest = plugin_argv[0], plugin_argv[1:]
+    if name.startswith("-"):
+        raise UsageError(f"--plugin needs a plugin name first, not {name!r}")
+    try:
+        plugin_cls = load_plugin(name)
+    except PluginError as exc:
+        raise UsageError(str(exc)) from None
+    if "-h" in rest or "--help" in rest:
+        _help_parser(plugin_cls, name).print_help()
+        return None
+    again = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    _add_launcher_options(again, suppress=True)
+    values = argparse.Namespace(**vars(args))
+    try:
+        values, plugin_args = again.parse_known_args(rest, values)
+    except SystemExit as exc:
+        raise UsageError("") from exc
+    plugin_args += extra
+    if values.peers is None:
+        raise UsageError("--peers N is required")
+    _validate_plugin_options(name, plugin_cls, plugin_args)
+    return UpConfig(
+        peers=values.peers,
+        plugin=name,
+        plugin_args=tuple(plugin_args),
+        vectors=values.vectors,
+        size=values.size,
+        socket=getattr(values, "socket", None),
+        shm_name=values.shm_name,
+        keep=values.keep,
+        verbose=values.verbose,
+        fork_server=values.fork_server,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Showing progress
+# ---------------------------------------------------------------------------------------------
+
+
+class Display:
+    """Status output on ``err``: a live progress line on a terminal, plain lines otherwise.
+    Results (the running-time line, the summaries) go to ``out``."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, live: bool | None = None) -> None:
+        self.out = out
+        self.err = err
+        self.live = err.isatty() if live is None else live
+        self._status = ""
+
+    def _clear(self) -> None:
+        if self.live and self._status:
+            self.err.write("\r\x1b[K")
+
+    def _draw(self) -> None:
+        if self.live and self._status:
+            width = shutil.get_terminal_size((100, 24)).columns - 1
+            self.err.write(self._status[:width])
+        self.err.flush()
+
+    def status(self, text: str) -> None:
+        """Replace the progress line (terminal only)."""
+        if not self.live or text == self._status:
+            return
+        self._clear()
+        self._status = text
+        self._draw()
+
+    def line(self, text: str) -> None:
+        """A status line on stderr (above the progress line on a terminal)."""
+        self._clear()
+        self.err.write(f"up: {text}\n")
+        self._draw()
+
+    def result(self, text: str) -> None:
+        """A result line on stdout."""
+        self._clear()
+        self.err.flush()
+        self.out.write(text + "\n")
+        self.out.flush()
+        self._draw()
+
+    def close(self) -> None:
+        self._clear()
+        self._status = ""
+        self.err.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Children
+# ---------------------------------------------------------------------------------------------
+
+
+async def _lines(stream: trio.abc.ReceiveStream | None) -> AsyncIterator[str]:
+    """The stream's lines, without their newlines, until EOF."""
+    if stream is None:
+        return
+    buffer = b""
+    async for chunk in stream:
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            yield raw.decode(errors="replace")
+    if buffer:
+        yield buffer.decode(errors="replace")
+
+
+def _exit_text(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+@dataclass
+class Child:
+    """A child process (started by exec, or forked by the fork server), its output pipes,
+    how it exited, and the last lines it wrote on stderr."""
+
+    pid: int
+    stdout: trio.abc.ReceiveStream | None
+    stderr: trio.abc.ReceiveStream | None
+    process: trio.Process | None = None  # None: a fork server's child (it reports the exit)
+    returncode: int | None = None
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    exited: trio.Event = field(default_factory=trio.Event)
+
+    @classmethod
+    def of(cls, process: trio.Process, **more: Any) -> Self:
+        return cls(process.pid, process.stdout, process.stderr, process, **more)
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    def set_exited(self, returncode: int) -> None:
+        if self.alive:
+            self.returncode = returncode
+            self.exited.set()
+
+    def signal(self, signum: int) -> None:
+        """Signal it unless it has been reaped (so its pid cannot have been reused)."""
+        if not self.alive:
+            return
+        try:
+            if self.process is not None:
+                if self.process.returncode is None:
+                    self.process.send_signal(signum)
+            else:
+                os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    async def reap(self) -> None:
+        """For an exec'ed child: wait for its exit and record it."""
+        assert self.process is not None
+        self.set_exited(await self.process.wait())
+
+
+@dataclass
+class Peer(Child):
+    """One peer process: what it reported so far."""
+
+    index: int = 0  # launch order, for peers that die before they have an id
+    peer_id: int | None = None
+    state: str = "starting"  # starting, running, finished, failed, stopped
+    ok: bool | None = None
+    summary: str | None = None
+    problem: str | None = None  # its last error (error, server-gone, failed finish)
+    last_log: str | None = None
+    failed_before_stop: bool = False  # it reported a failure before the launcher stopped
+
+    @property
+    def name(self) -> str:
+        if self.peer_id is not None:
+            return f"peer {self.peer_id}"
+        return f"peer #{self.index} (no id yet)"
+
+    def reason(self) -> str:
+        """The best one-line explanation of a failure."""
+        for candidate in (self.problem, *reversed(self.stderr_tail), self.last_log):
+            if candidate and candidate.strip():
+                return candidate.strip()
+        return "no message"
+
+
+class ForkServerError(Exception):
+    """The fork server could not start a peer, or is gone."""
+
+
+@dataclass
+class _Reply:
+    done: trio.Event = field(default_factory=trio.Event)
+    pid: int = 0
+    error: str | None = None
+
+
+class ForkServer:
+    """The launcher's end of :mod:`peers.forkserver`: spawn requests, exit reports."""
+
+    def __init__(self, process: trio.Process, sock: trio.socket.SocketType) -> None:
+        self.process = process
+        self.sock = sock
+        self.ready = trio.Event()
+        self.gone = False
+        self.children: dict[int, Child] = {}
+        self.stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._early_exits: dict[int, int] = {}
+        self._replies: dict[int, _Reply] = {}
+        self._tokens = itertools.count()
+        self._send_lock = trio.Lock()
+
+    @classmethod
+    async def start(cls, preload: str, env: dict[str, str]) -> ForkServer:
+        """Start the server (it imports the runtime and ``preload``, then says it is ready)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), preload],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env=env, process_group=0, pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(process, trio.socket.from_stdlib_socket(ours))
+
+    async def run(self) -> None:
+        """Dispatch the server's messages until it is gone."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_stderr)
+            try:
+                while data := await self.sock.recv(forkserver.MAX_MESSAGE):
+                    self._dispatch(forkserver.decode(data))
+            except (OSError, ValueError) as exc:
+                self.stderr_tail.append(f"fork server connection: {exc}")
+            finally:
+                self._lost()
+
+    async def _pump_stderr(self) -> None:
+        async for line in _lines(self.process.stderr):
+            self.stderr_tail.append(line)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "ready" in message:
+            self.ready.set()
+        elif "spawned" in message or "failed" in message:
+            token = message["spawned"] if "spawned" in message else message["failed"]
+            reply = self._replies.pop(int(token), None)
+            if reply is not None:
+                reply.pid = int(message.get("pid", 0))
+                reply.error = message.get("error")
+                reply.done.set()
+        elif "exited" in message:
+            pid, status = int(message["exited"]), int(message["status"])
+            child = self.children.pop(pid, None)
+            if child is None:
+                self._early_exits[pid] = status
+            else:
+                child.set_exited(status)
+
+    def _lost(self) -> None:
+        """The server is gone: its children are orphans now; make sure they die too."""
+        self.gone = True
+        self.ready.set()
+        for reply in self._replies.values():
+            reply.error = "the fork server is gone"
+            reply.done.set()
+        self._replies.clear()
+        for child in self.children.values():
+            child.signal(signal.SIGKILL)
+            child.set_exited(-signal.SIGKILL)
+        self.children.clear()
+
+    def register(self, child: Child) -> None:
+        """Follow ``child``'s exit (the server reports it)."""
+        if child.pid in self._early_exits:
+            child.set_exited(self._early_exits.pop(child.pid))
+        elif self.gone:
+            child.signal(signal.SIGKILL)
+            child.set_exited(-signal.SIGKILL)
+        else:
+            self.children[child.pid] = child
+
+    async def spawn(
+        self, argv: list[str]
+    ) -> tuple[int, trio.abc.ReceiveStream, trio.abc.ReceiveStream]:
+        """Fork a peer running ``peers.cli.main(argv)``: its pid, stdout and stderr."""
+        if self.gone:
+            raise ForkServerError("the fork server is gone")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        token = next(self._tokens)
+        reply = self._replies[token] = _Reply()
+        try:
+            fds = array.array("i", [out_w, err_w])
+            message = forkserver.encode({"spawn": token, "argv": argv})
+            async with self._send_lock:
+                await self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except BaseException:
+            self._replies.pop(token, None)
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        await reply.done.wait()
+        if reply.error is not None:
+            os.close(out_r)
+            os.close(err_r)
+            raise ForkServerError(reply.error)
+        return reply.pid, trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
+
+    async def aclose(self) -> None:
+        """EOF to the server (it stops any child left) and reap it."""
+        self.sock.close()
+        with trio.move_on_after(STOP_GRACE):
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+class Launcher:
+    """Runs one ``up``: the daemon, the peers, the display, the shutdown."""
+
+    def __init__(self, config: UpConfig, display: Display) -> None:
+        self.config = config
+        self.display = display
+        self.t0 = _STARTED
+        self.own_dir: str | None = None
+        self.socket_path = config.socket or ""
+        self.shm_name = config.shm_name or f"ivshmem-up-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.daemon: Child | None = None
+        self.forkserver: ForkServer | None = None
+        self.daemon_ready = trio.Event()
+        self.peers: list[Peer] = []
+        self.all_running_ms: float | None = None
+        self.stopping = False
+        self.stop_signal: int | None = None
+        self.kill_now = False
+        self.daemon_failed: str | None = None
+        self._changed = trio.lowlevel.ParkingLot()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _ms(self) -> float:
+        return (time.monotonic() - self.t0) * 1000
+
+    def _notify(self) -> None:
+        self._changed.unpark_all()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        states = [p.state for p in self.peers]
+        running = sum(1 for p in self.peers if p.peer_id is not None and p.alive)
+        finished, failed = states.count("finished"), states.count("failed")
+        text = f"up: {running}/{self.config.peers} running, {finished} finished, {failed} failed"
+        last = next((p.summary for p in reversed(self.peers) if p.summary and p.ok), None)
+        if last:
+            text += f" | {last}"
+        self.display.status(text)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # Each peer is single-threaded: numpy's BLAS thread pools only cost start-up time.
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
+        return env
+
+    async def _spawn(self, argv: list[str], *, stdout: int = subprocess.PIPE) -> trio.Process:
+        return await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
+            env=self._child_env(), process_group=0,
+        )  # fmt: skip
+
+    # -- the daemon -------------------------------------------------------------------------
+
+    def daemon_argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "ivshmemd", "-F", "-S", self.socket_path,
+                "-M", self.shm_name, "-n", str(self.config.vectors)]  # fmt: skip
+        if self.config.size is not None:
+            argv += ["-l", self.config.size]
+        return argv
+
+    async def _run_daemon(self, daemon: Child) -> None:
+        async for line in _lines(daemon.stderr):
+            daemon.stderr_tail.append(line)
+            if self.config.verbose:
+                self.display.line(f"daemon: {line}")
+            if not self.daemon_ready.is_set() and _READY_MARK in line:
+                self.daemon_ready.set()
+                self._notify()
+        await daemon.reap()
+        if not self.stopping:
+            last = next((x for x in reversed(daemon.stderr_tail) if x.strip()), "no message")
+            self.daemon_failed = f"{_exit_text(daemon.returncode)}: {last.strip()}"
+            self._begin_stop()
+        self._notify()
+
+    # -- the peers --------------------------------------------------------------------------
+
+    def peer_argv(self) -> list[str]:
+        # --vectors: the device gets exactly the daemon's vectors (none with -n 0)
+        vectors = ["--vectors", str(self.config.vectors)] if self.config.vectors else []
+        return [sys.executable, "-m", "peers", "-S", self.socket_path,
+                "--plugin", self.config.plugin, "--report", "json", *vectors,
+                *self.config.plugin_args]  # fmt: skip
+
+    async def _start_peer(self, index: int, nursery: trio.Nursery) -> None:
+        argv = self.peer_argv()
+        peer: Peer | None = None
+        if self.forkserver is not None:
+            try:  # argv[3:]: what follows "python -m peers"
+                pid, stdout, stderr = await self.forkserver.spawn(argv[3:])
+            except ForkServerError as exc:
+                self.display.line(f"fork server: {exc}; starting the peer with exec")
+            else:
+                peer = Peer(pid, stdout, stderr, index=index)
+                self.forkserver.register(peer)
+        if peer is None:
+            peer = Peer.of(await self._spawn(argv), index=index)
+            nursery.start_soon(peer.reap)
+        self.peers.append(peer)
+        nursery.start_soon(self._pump_peer_stderr, peer)
+        nursery.start_soon(self._run_peer, peer)
+        self._notify()
+
+    async def _pump_peer_stderr(self, peer: Peer) -> None:
+        async for line in _lines(peer.stderr):
+            peer.stderr_tail.append(line)
+            if self.config.verbose:
+                self.display.line(f"{peer.name}: {line}")
+
+    def _on_peer_event(self, peer: Peer, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "running":
+            peer.peer_id = event.get("peer_id")
+            peer.state = "running"
+            if not self.display.live or self.config.verbose:  # the progress line says it
+                self.display.line(f"{peer.name} running (pid {peer.pid})")
+            running = sum(1 for p in self.peers if p.peer_id is not None)
+            if running == self.config.peers and self.all_running_ms is None:
+                self.all_running_ms = self._ms()
+                self.display.result(
+                    f"all {self.config.peers} peers running after {self.all_running_ms:.0f} ms"
+                )
+        elif kind == "finished":
+            peer.ok = bool(event.get("ok"))
+            peer.summary = event.get("summary")
+            if not peer.ok:
+                peer.problem = peer.summary
+                peer.failed_before_stop = not self.stopping
+            text = f": {peer.summary}" if peer.summary else ""
+            self.display.line(f"{peer.name} {'finished' if peer.ok else 'failed'}{text}")
+        elif kind in ("error", "server-gone"):
+            peer.problem = str(event.get("message") or kind)
+        elif kind == "stopped":
+            peer.state = "stopped"
+        elif kind == "log":
+            peer.last_log = str(event.get("message"))
+            if self.config.verbose:
+                self.display.line(f"{peer.name}: {peer.last_log}")
+        elif kind in ("peer-joined", "peer-left") and self.config.verbose:
+            self.display.line(f"{peer.name}: {kind} {event.get('peer_id')}")
+
+    async def _run_peer(self, peer: Peer) -> None:
+        async for line in _lines(peer.stdout):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                peer.last_log = line  # a plugin printing on stdout: keep it as a log line
+                continue
+            if isinstance(event, dict):
+                self._on_peer_event(peer, event)
+                self._notify()
+        await peer.exited.wait()
+        returncode = peer.returncode
+        failed = returncode != 0 or peer.ok is False
+        if failed and self.stopping and not peer.failed_before_stop:
+            peer.state = "stopped"  # it went down with the rest: a consequence, not a cause
+        elif failed:
+            peer.state = "failed"
+            self.display.line(
+                f"{peer.name} (pid {peer.pid}) failed, {_exit_text(returncode)}: {peer.reason()}"
+            )
+            self._begin_stop()
+        elif peer.state != "stopped":
+            peer.state = "finished"
+        self._notify()
+
+    # -- signals ----------------------------------------------------------------------------
+
+    async def _watch_signals(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if self.stop_signal is None:
+                    self.stop_signal = signum
+                    self._begin_stop()
+                    self.display.line(
+                        f"{signal.Signals(signum).name} received, stopping (again to kill at once)"
+                    )
+                else:
+                    self.kill_now = True
+                    for child in self._children():
+                        child.signal(signal.SIGKILL)
+                self._notify()
+
+    def _begin_stop(self) -> None:
+        """From now on a peer that goes down is a consequence of stopping, not a failure."""
+        self.stopping = True
+
+    def _children(self) -> list[Child]:
+        return [*self.peers, *([self.daemon] if self.daemon else [])]
+
+    # -- the whole run ----------------------------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        if self.stopping:
+            return True
+        return len(self.peers) == self.config.peers and not any(p.alive for p in self.peers)
+
+    async def _wait_until(self, condition: Any) -> None:
+        while not condition():
+            await self._changed.park()
+
+    async def _stop_child(self, child: Child) -> None:
+        child.signal(signal.SIGTERM)
+        with trio.move_on_after(0 if self.kill_now else STOP_GRACE):
+            await child.exited.wait()
+        if child.alive:
+            child.signal(signal.SIGKILL)
+            await child.exited.wait()
+
+    async def _stop_all(self) -> None:
+        self._begin_stop()
+        async with trio.open_nursery() as nursery:
+            for peer in self.peers:
+                nursery.start_soon(self._stop_child, peer)
+        if self.forkserver is not None:
+            await self.forkserver.aclose()
+        if self.daemon is not None:
+            await self._stop_child(self.daemon)
+
+    async def run(self) -> int:
+        """Run to the end; return the exit status."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._watch_signals)
+            try:
+                await self._run(nursery)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop_all()
+                    self._cleanup_files()
+                nursery.cancel_scope.cancel()
+        return self._finish()
+
+    async def _run(self, nursery: trio.Nursery) -> None:
+        config = self.config
+        if not self.socket_path:
+            self.own_dir = tempfile.mkdtemp(prefix="ivshmem-up-")
+            self.socket_path = os.path.join(self.own_dir, "ivshmem.sock")
+        if config.fork_server:  # its imports overlap with the daemon's start-up
+            self.forkserver = await ForkServer.start(config.plugin, self._child_env())
+            nursery.start_soon(self.forkserver.run)
+        self.daemon = Child.of(await self._spawn(self.daemon_argv(), stdout=subprocess.DEVNULL))
+        nursery.start_soon(self._run_daemon, self.daemon)
+        with trio.move_on_after(DAEMON_READY_TIMEOUT) as ready_scope:
+            await self._wait_until(
+                lambda: self.daemon_ready.is_set() or self.daemon_failed is not None
+                or self.stop_signal is not None
+            )  # fmt: skip
+        if ready_scope.cancelled_caught and not self.daemon_ready.is_set():
+            self.daemon_failed = f"not listening after {DAEMON_READY_TIMEOUT:g} s"
+        if not self.daemon_ready.is_set():
+            return
+        size = f", {config.size}" if config.size else ""
+        self.display.line(
+            f"daemon (pid {self.daemon.pid}) listening on {self.socket_path} "
+            f"(shm {self.shm_name}{size}, {config.vectors} vectors) after {self._ms():.0f} ms; "
+            f"starting {config.peers} peers running {config.plugin}"
+        )
+        if self.forkserver is not None:
+            await self._wait_fork_server()
+        async with trio.open_nursery() as starting:
+            for index in range(config.peers):
+                starting.start_soon(self._start_peer, index, nursery)
+        await self._wait_until(self._should_stop)
+        if config.keep and not self.stopping:
+            self._report_peers_done()
+            self.display.line(
+                f"--keep: the daemon stays up on {self.socket_path} (shm {self.shm_name}); "
+                "Ctrl-C to stop it"
+            )
+            await self._wait_until(
+                lambda: self.stop_signal is not None or self.daemon_failed is not None
+            )
+
+    async def _wait_fork_server(self) -> None:
+        assert self.forkserver is not None
+        with trio.move_on_after(DAEMON_READY_TIMEOUT):
+            await self.forkserver.ready.wait()
+        if self.forkserver.gone or not self.forkserver.ready.is_set():
+            why = next(reversed(self.forkserver.stderr_tail), "no message")
+            self.display.line(f"the fork server did not start ({why}); starting peers with exec")
+            await self.forkserver.aclose()
+            self.forkserver = None
+
+    def _report_peers_done(self) -> None:
+        ok = sum(1 for p in self.peers if p.state == "finished")
+        self.display.line(f"{ok} of {self.config.peers} peers finished ok")
+
+    def _finish(self) -> int:
+        self.display.close()
+        failed = [p for p in self.peers if p.state == "failed"]
+        for peer in failed:
+            self.display.line(
+                f"FAILED: {peer.name} (pid {peer.pid}), {_exit_text(peer.returncode)}: "
+                f"{peer.reason()}"
+            )
+        if self.daemon_failed is not None:
+            self.display.line(f"FAILED: the daemon stopped unexpectedly, {self.daemon_failed}")
+        summaries = sorted(
+            (p for p in self.peers if p.summary and p.ok),
+            key=lambda p: (p.peer_id is None, p.peer_id or 0, p.index),
+        )
+        elapsed = self._ms() / 1000
+        if failed or self.daemon_failed is not None:
+            status = EXIT_FAILED
+            self.display.line(f"stopped after {elapsed:.2f} s with failures")
+        elif self.stop_signal is not None:
+            status = _SIGNAL_EXIT.get(self.stop_signal, EXIT_FAILED)
+            self.display.line(
+                f"stopped by {signal.Signals(self.stop_signal).name} after {elapsed:.2f} s"
+            )
+        else:
+            status = EXIT_OK
+            if not self.config.keep:
+                self._report_peers_done()
+            self.display.line(f"done in {elapsed:.2f} s; daemon stopped, shm unlinked")
+        for peer in summaries:
+            assert peer.summary is not None
+            self.display.result(peer.summary)
+        return status
+
+    def _cleanup_files(self) -> None:
+        """Remove what a killed daemon may have left: the socket (directory) and the shm."""
+        if self.own_dir is not None:
+            shutil.rmtree(self.own_dir, ignore_errors=True)
+        elif self.socket_path:
+            for path in (self.socket_path, self.socket_path + ".ctl", self.socket_path + ".events"):
+                try:
+                    if not os.path.isdir(path):
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        unlink_posix_shm(self.shm_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Run ``up`` with the options :func:`add_up_arguments` parsed; return the exit status."""
+    try:
+        config = parse_up_config(args)
+    except UsageError as exc:
+        if str(exc):
+            print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if config is None:
+        return EXIT_OK
+    display = Display(sys.stdout, sys.stderr)
+    launcher = Launcher(config, display)
+    try:
+        return trio.run(launcher.run)
+    except KeyboardInterrupt:  # a SIGINT before the signal receiver was installed
+        return _SIGNAL_EXIT[signal.SIGINT]
+    finally:
+        display.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m peers.launcher up ...``: the same as ``ivshmemctl up ...``."""
+    parser = argparse.ArgumentParser(prog="python -m peers.launcher")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register_up_command(subparsers, argparse.ArgumentParser(add_help=False))
+    args = parser.parse_args(argv)
+    status: int = args.run(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

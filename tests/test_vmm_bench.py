@@ -1,0 +1,57 @@
+"""The benchmark commands run, print what they promise and refuse bad input clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vmm.bench import parse_size
+from vmm.bench.__main__ import main
+
+
+def test_parse_size() -> None:
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("64KiB") == 64 << 10
+    with pytest.raises(ValueError, match="bad size"):
+        parse_size("lots")
+
+
+def test_pagetable_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pagetable", "-b", "8M", "-v", "2", "-s", "thp", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["times"]) == {
+        "KVM_CREATE_MAPPINGS",
+        "KVM_UPDATE_MAPPINGS",
+        "KVM_ADJUST_MAPPINGS",
+    }
+    assert out["tlb_conflict"] is None and out["vcpus"] == 2
+
+
+def test_pagetable_text_and_conflict(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pagetable", "-b", "4M", "-s", "hugetlb", "--debug-skip-tlbi"]) == 0
+    text = capsys.readouterr().out
+    assert "KVM_CREATE_MAPPINGS: total execution time:" in text
+    assert "TLB conflict" in text
+
+
+def test_dirty_log_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dirty-log", "-b", "4M", "-i", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dirty_pages"] == [1024, 1024]
+    assert set(out["compare"]["speedup"]) == {"wp", "unmap", "get+clear"}
+    assert out["compare"]["memory_ratio"] >= 1.0
+    assert main(["dirty-log", "-b", "4M", "-g", "--no-compare"]) == 0
+    assert "clear dirty log" not in capsys.readouterr().out
+
+
+def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["pagetable", "-b", "huge"])
+    assert info.value.code == 2
+    assert "bad size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pagetable", "-s", "floppy"])
+    with pytest.raises(SystemExit):
+        main(["dirty-log", "-v", "0"])
