@@ -27,6 +27,16 @@ from .plugin import Guest, Plugin
 __all__ = ["Layout", "PeerMachine", "PeerOutcome"]
 
 
+def shm_page_size(size: int) -> int:
+    """The host page size to back BAR2 with: the largest of 1G/2M/4K that divides the shm
+    (a shm segment is hugepage-backed where the host allows; blocks make bulk accesses one
+    slice each instead of one per 4 KiB page)."""
+    for page in (1 << 30, 2 << 20):
+        if size % page == 0:
+            return page
+    return 4096
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where things sit in guest-physical memory."""
@@ -87,8 +97,9 @@ class PeerMachine:
             on_interrupt=plugin.interrupt,
         )
         self.device.attach(
-            self.vm, layout.shm_slot, layout.bar0_gpa, layout.bar1_gpa, layout.shm_gpa, self.shm
-        )
+            self.vm, layout.shm_slot, layout.bar0_gpa, layout.bar1_gpa, layout.shm_gpa, self.shm,
+            page_size=shm_page_size(client.shm_size),
+        )  # fmt: skip
         #: peer id -> its eventfds; ourselves included (a doorbell to our own id rings us)
         self.peer_fds: dict[int, list[int]] = client.peers
         self.peer_fds[client.peer_id] = client.own_vectors

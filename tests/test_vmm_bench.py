@@ -55,3 +55,8 @@ def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         main(["pagetable", "-s", "floppy"])
     with pytest.raises(SystemExit):
         main(["dirty-log", "-v", "0"])
+
+
+def test_too_much_memory_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pagetable", "-b", "64T"]) == 2
+    assert "does not fit" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from ._arrays import unique_first, unique_sorted
 from .dirty import DirtyRing
 from .errors import DirtyRingFull, GuestMemoryFault, MmioExit, ModelBug, VmmError
 from .memory import HOST_PHYS, Backing
+from .mmio import MmioRegion
 from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W
 from .tlb import Tlb, TlbEntry
 
@@ -44,11 +45,18 @@ class Vcpu:
         self.id = vcpu_id
         self.tlb = Tlb(vm.mode, vm.tlb_entries)
         self._tlb0 = self.tlb.sets(vm.vmid)[0]
+        # the second level's blocks (2M, or 4M on Sv32x4): hits there are fast too
+        self._tlb1 = self.tlb.sets(vm.vmid)[1]
+        self._shift1 = vm.mode.shift(1)
+        self._size1 = 1 << self._shift1
+        self._mask1 = self._size1 - 1
         self.dirty_ring: DirtyRing | None = (
             DirtyRing(vm.dirty_ring_entries) if vm.dirty_ring_entries else None
         )
         self.mmio_reads = 0
         self.mmio_writes = 0
+        #: guest page -> the MMIO region seen there last (read32/write32's fast dispatch)
+        self._mmio_pages: dict[int, MmioRegion] = {}
 
     # ------------------------------------------------------------------ per access
     def read(self, gpa: int, n: int) -> bytes:
@@ -58,23 +66,49 @@ class Vcpu:
             off = gpa & (PAGE_SIZE - 1)
             if off + n <= PAGE_SIZE:
                 return entry.mem[off : off + n].tobytes()
+        else:
+            entry = self._tlb1.get(gpa >> self._shift1)
+            if entry is not None:
+                off = gpa & self._mask1
+                if off + n <= self._size1:
+                    return entry.mem[off : off + n].tobytes()
         return self._access(gpa, n, None)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``gpa``."""
         entry = self._tlb0.get(gpa >> PAGE_SHIFT)
-        if entry is not None and entry.writable:
-            off = gpa & (PAGE_SIZE - 1)
-            n = len(data)
-            if off + n <= PAGE_SIZE:
-                entry.mem[off : off + n] = data
-                return
-        self._access(gpa, len(data), bytes(data))
+        if entry is not None:
+            if entry.writable:
+                off = gpa & (PAGE_SIZE - 1)
+                n = len(data)
+                if off + n <= PAGE_SIZE:
+                    entry.mem[off : off + n] = data
+                    return
+        else:
+            entry = self._tlb1.get(gpa >> self._shift1)
+            if entry is not None and entry.writable:
+                off = gpa & self._mask1
+                n = len(data)
+                if off + n <= self._size1:
+                    entry.mem[off : off + n] = data
+                    return
+        self._access(gpa, len(data), data)
 
     def read32(self, gpa: int) -> int:
+        """A 32-bit load (a device register through MMIO dispatch, or memory)."""
+        region = self._mmio_pages.get(gpa >> PAGE_SHIFT)
+        if region is not None and region.gpa <= gpa and gpa + 4 <= region.end:
+            self.mmio_reads += 1
+            return int(region.handler.mmio_read(gpa - region.gpa, 4)) & 0xFFFF_FFFF
         return int.from_bytes(self.read(gpa, 4), "little")
 
     def write32(self, gpa: int, value: int) -> None:
+        """A 32-bit store; a device register write is one look-up and one call."""
+        region = self._mmio_pages.get(gpa >> PAGE_SHIFT)
+        if region is not None and region.gpa <= gpa and gpa + 4 <= region.end:
+            self.mmio_writes += 1
+            region.handler.mmio_write(gpa - region.gpa, 4, value & 0xFFFF_FFFF)
+            return
         self.write(gpa, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
 
     def read64(self, gpa: int) -> int:
@@ -83,7 +117,12 @@ class Vcpu:
     def write64(self, gpa: int, value: int) -> None:
         self.write(gpa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
 
-    def _access(self, gpa: int, n: int, data: bytes | None) -> bytes:
+    def forget_mmio(self) -> None:
+        """Drop the MMIO dispatch cache (the VM calls this when a region goes away)."""
+        self._mmio_pages.clear()
+
+    def _access(self, gpa: int, n: int, data: bytes | bytearray | memoryview | None) -> bytes:
+        """The slow path: MMIO dispatch, or memory leaf by leaf (a 2M block is one slice)."""
         if n < 0 or gpa < 0:
             raise VmmError(f"bad guest access: {n} bytes at {gpa:#x}")
         if n == 0:
@@ -91,26 +130,35 @@ class Vcpu:
         vm = self.vm
         region = vm.mmio.find(gpa)
         if region is not None:
+            self._mmio_pages[gpa >> PAGE_SHIFT] = region
             if data is None:
                 self.mmio_reads += 1
                 return vm.mmio.read(region, gpa, n).to_bytes(n, "little")
             self.mmio_writes += 1
             vm.mmio.write(region, gpa, n, int.from_bytes(data, "little"))
             return b""
+        source = None if data is None else memoryview(data).cast("B")
         out = bytearray() if data is None else None
         pos = 0
         while pos < n:
             addr = gpa + pos
-            chunk = min(n - pos, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            if data is None:
+            in_page = min(n - pos, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
+            mem = self._resolve(
+                addr, None if source is None else source[pos : pos + in_page]
+            ).mem
+            off = addr & (len(mem) - 1)
+            chunk = min(n - pos, len(mem) - off)
+            if source is None:
                 assert out is not None
-                out += self._page_access(addr, chunk, None)
+                out += mem[off : off + chunk]
             else:
-                self._page_access(addr, chunk, data[pos : pos + chunk])
+                mem[off : off + chunk] = source[pos : pos + chunk]
             pos += chunk
         return bytes(out) if out is not None else b""
 
-    def _page_access(self, gpa: int, n: int, data: bytes | None) -> bytes:
+    def _resolve(self, gpa: int, data: memoryview | None) -> TlbEntry:
+        """The TLB entry that maps ``gpa`` for this access (a read if ``data`` is None),
+        after walking and faulting as needed; ``data`` is the write, for an MMIO exit."""
         vm = self.vm
         write = data is not None
         for _ in range(_MAX_RETRIES):
@@ -120,11 +168,7 @@ class Vcpu:
                     # A cached read-only entry: permission fault, drop it and re-walk.
                     self.tlb.flush_addr(vm.vmid, gpa, entry.level)
                 else:
-                    off = gpa & (len(entry.mem) - 1)
-                    if data is None:
-                        return entry.mem[off : off + n].tobytes()
-                    entry.mem[off : off + n] = data
-                    return b""
+                    return entry
             pte, level = vm.pt.translate(gpa)
             if pte and (not write or pte & PTE_W):
                 self.tlb.fill(vm.vmid, gpa, self._entry(pte, level))

@@ -7,7 +7,10 @@ KVM-shaped: :meth:`Vm.set_user_memory_region`, :meth:`Vm.create_vcpu`,
 The fault handler (:meth:`Vm.handle_faults`) takes the faulting pages of one or many
 accesses, finds their memslots, picks the largest leaf the backing's page size and the
 GPA/HPA alignment allow (4K while the slot is dirty-logged), tops the page cache up, takes
-the MMU lock, maps, and flushes once per mapped range. A write fault on a logged slot marks
+the MMU lock, maps, and flushes once per mapped range. Faults come in bulk from
+:meth:`vmm.vcpu.Vcpu.access_many`: a few runs of consecutive pages are mapped with one walk
+each, many scattered ones with a single sparse walk per leaf level
+(:meth:`~vmm.stage2.Stage2PageTable.map_pages`). A write fault on a logged slot marks
 the page dirty (bitmap, or the vCPU's dirty ring) and maps it writable; the first write into a
 block under logging splits it (lazily: the block's other pages refault; or eagerly when
 logging is enabled, with ``eager_split=True``). Once logging is off, a fault inside a split
@@ -290,6 +293,8 @@ class Vm:
 
     def unregister_mmio(self, gpa: int) -> None:
         region = self.mmio.remove(gpa)
+        for vcpu in self.vcpus.values():
+            vcpu.forget_mmio()
         self.flush_range(self.vmid, region.gpa, region.size)
 
     # ------------------------------------------------------------------ faults
@@ -344,7 +349,29 @@ class Vm:
             ring = vcpu.dirty_ring if vcpu is not None else None
             if ring is not None and slot.logging and ring.room == 0:
                 return 0
-        self._fault_slot(slot, np.array([gpa], dtype=np.uint64), write, vcpu)
+        level = self._level_for_one(slot, gpa)
+        size = self.mode.level_size(level)
+        start = gpa & ~(size - 1)
+        pt = self.pt
+        pt.cache.topup(pt.tables_needed(start, size, level))
+        with pt.mmu_lock():
+            flush = pt.map_range(
+                start,
+                size,
+                slot.hpa_of(start),
+                leaf_perms(not slot.readonly and (write or not slot.logging)),
+                level,
+                split="drop" if slot.logging else "preserve",
+            )
+        if flush:
+            self.flush_range(self.vmid, start, size)
+        if write and slot.logging:
+            offset = (gpa - slot.gpa) >> PAGE_SHIFT
+            ring = vcpu.dirty_ring if vcpu is not None else None
+            if ring is not None:
+                ring.push_many(slot.slot, np.array([offset], dtype=np.int64))
+            elif slot.dirty_bitmap is not None:
+                slot.dirty_bitmap[offset >> 6] |= np.uint64(1 << (offset & 63))
         return 1
 
     def _levels_for(self, slot: Memslot, pages: U64) -> npt.NDArray[np.int8]:

@@ -148,7 +148,6 @@ class _RingView:
         self.shm_gpa = guest.shm_gpa
         self.data_gpa = guest.shm_gpa + HEADER_SIZE
         self.ring_size = ring_size
-        self._stage = memoryview(bytearray(PAGE_SIZE))
 
     def read64(self, offset: int) -> int:
         return int.from_bytes(self.vcpu.read(self.shm_gpa + offset, 8), "little")
@@ -159,47 +158,37 @@ class _RingView:
     def write_header(self, offset: int, data: bytes) -> None:
         self.vcpu.write(self.shm_gpa + offset, data)
 
-    def _pages(self, pos: int, n: int) -> range | list[int]:
-        """GPAs of the pages holding ``n`` bytes from the page-aligned ring offset ``pos``."""
+    def _span(self, pos: int, n: int) -> list[tuple[int, int, int]]:
+        """``n`` bytes from ring offset ``pos`` as (gpa, start, length) runs: one run, or
+        two where the ring wraps. The vCPU moves each run leaf by leaf (a 2M block is one
+        slice), so a message costs one or two guest accesses, not one per page."""
         base, ring = self.data_gpa, self.ring_size
+        pos %= ring
         if pos + n <= ring:
-            return range(base + pos, base + pos + n, PAGE_SIZE)
-        return [*range(base + pos, base + ring, PAGE_SIZE),
-                *range(base, base + pos + n - ring, PAGE_SIZE)]  # fmt: skip
+            return [(base + pos, 0, n)]
+        first = ring - pos
+        return [(base + pos, 0, first), (base, first, n - first)]
 
     def store_record(self, pos: int, header: bytes, payload: memoryview) -> None:
-        """Write a record (``header`` then ``payload``) at the 64-byte aligned offset ``pos``."""
-        n = len(payload)
-        head_room = PAGE_SIZE - (pos & (PAGE_SIZE - 1)) - len(header)
-        k = min(n, head_room)
-        stage = self._stage
-        stage[: len(header)] = header
-        stage[len(header) : len(header) + k] = payload[:k]
+        """Write a record (``header`` then ``payload``) at the 64-byte aligned offset ``pos``
+        (a header never straddles the ring's end: records are 64-byte aligned)."""
         write = self.vcpu.write
-        write(self.data_gpa + pos, stage[: len(header) + k])
-        if n > k:
-            rest = payload[k:]
-            gpas = self._pages((pos + len(header) + k) % self.ring_size, n - k)
-            for gpa, start in zip(gpas, range(0, n - k, PAGE_SIZE), strict=True):
-                write(gpa, rest[start : start + PAGE_SIZE])
+        write(self.data_gpa + pos, header)
+        for gpa, start, length in self._span(pos + len(header), len(payload)):
+            write(gpa, payload[start : start + length])
 
     def load_record(self, pos: int, limit: int) -> tuple[bytes, bytes | memoryview]:
         """A record's header bytes and its payload, at the 64-byte aligned offset ``pos``;
-        ``limit`` bounds the length the header may claim (a bad one is returned as is)."""
+        ``limit`` bounds the length the header may claim (a bad one gets no payload)."""
         read = self.vcpu.read
-        first = min(PAGE_SIZE - (pos & (PAGE_SIZE - 1)), RECORD_HEADER.size + limit)
-        chunk = read(self.data_gpa + pos, first)
-        length = int.from_bytes(chunk[8:16], "little")
-        body = memoryview(chunk)[RECORD_HEADER.size :]
-        if not 0 < length <= limit or length <= len(body):
-            return chunk, body[:length]
-        rest = length - len(body)
-        gpas = self._pages((pos + first) % self.ring_size, rest)
-        last = rest - (len(gpas) - 1) * PAGE_SIZE
-        pieces: list[bytes | memoryview] = [body]
-        pieces += [read(gpa, PAGE_SIZE) for gpa in gpas[:-1]]
-        pieces.append(read(gpas[-1], last))
-        return chunk, b"".join(pieces)
+        raw = read(self.data_gpa + pos, RECORD_HEADER.size)
+        length = int.from_bytes(raw[8:16], "little")
+        if not 0 < length <= limit:
+            return raw, b""
+        runs = self._span(pos + RECORD_HEADER.size, length)
+        if len(runs) == 1:
+            return raw, read(runs[0][0], length)
+        return raw, b"".join(read(gpa, n) for gpa, _start, n in runs)
 
 
 class RingPlugin(Plugin):

@@ -7,7 +7,23 @@ clear times, and the per-page walker comparison on a fully mapped range.
 
 from __future__ import annotations
 
-__all__ = ["parse_size"]
+import os
+
+__all__ = ["check_host_memory", "parse_size"]
+
+
+def check_host_memory(size: int) -> None:
+    """Refuse (clearly) a benchmark whose pre-faulted memory would not fit in free RAM."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if size > free * 0.9:
+        raise ValueError(
+            f"{size / (1 << 30):.1f} GiB of guest memory does not fit in the host's "
+            f"{free / (1 << 30):.1f} GiB of free memory"
+        )
+
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ..errors import VmmError
 from ..pte import MODES
-from . import parse_size
+from . import check_host_memory, parse_size
 from .dirtylog import compare_with_per_page, run_dirty_log_perf
 from .pagetable import BACKINGS, STAGES, run_page_table_test
 
@@ -167,6 +167,7 @@ def _dirty_log(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        check_host_memory(args.size * (args.vcpus if args.bench == "dirty-log" else 1))
         if args.bench == "pagetable":
             return _pagetable(args)
         return _dirty_log(args)
