@@ -657,9 +657,16 @@ async def _wait_for_work(pub: TrioSocket, publisher: EventPublisher) -> None:
 
 async def _serve_events(pub: TrioSocket, publisher: EventPublisher) -> None:
     while True:
-        # XPUB delivers subscription notices; nothing to do with them but discard.
-        while pub.try_recv_multipart() is not None:
-            pass
+        # A subscription notice (b"\x01" + topic) means XPUB has now processed a new
+        # subscriber's filter: greet it then, and not earlier. (libzmq's XPUB_WELCOME_MSG
+        # goes out when the connection attaches, which can be before the subscription
+        # arrives, so a subscriber could see the welcome and still miss the next event.)
+        # The greeting is broadcast; subscribers skip welcomes they did not wait for.
+        greet = False
+        while (notice := pub.try_recv_multipart()) is not None:
+            greet = greet or notice[0][:1] == b"\x01"
+        if greet:
+            pub.try_send_multipart([EVENTS_WELCOME])
         for event in publisher.take_pending():
             # XPUB never blocks: a subscriber over its high-water mark loses the event and
             # sees the gap in the sequence numbers.
@@ -701,7 +708,7 @@ async def serve_control(
         pub_sock.setsockopt(zmq.LINGER, 0)
         pub_sock.setsockopt(zmq.SNDHWM, EVENTS_SNDHWM)
         pub_sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
-        pub_sock.setsockopt(zmq.XPUB_WELCOME_MSG, EVENTS_WELCOME)
+        pub_sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, so every one is greeted
         bound = ControlEndpoints(
             control=_bind(router_sock, endpoint, socket_mode, socket_gid, created),
             events=_bind(pub_sock, events_endpoint, socket_mode, socket_gid, created),
