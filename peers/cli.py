@@ -23,9 +23,7 @@ from typing import Any
 import trio
 
 from .client import ClientError, ServerGone, connect_with_retry
-from .loops import Stopped, run_blocking, run_trio
 from .plugin import Plugin, PluginError, available_plugins, load_plugin
-from .runtime import PeerMachine
 
 __all__ = ["main"]
 
@@ -108,10 +106,16 @@ class Reporter:
 
 
 async def _connect(args: argparse.Namespace) -> Any:
-    return await connect_with_retry(args.socket, timeout=args.wait)
+    # --vectors is the device's count; given, it is also what to expect from the daemon
+    return await connect_with_retry(args.socket, vectors=args.vectors, timeout=args.wait)
 
 
 def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Reporter) -> int:
+    # the VMM model (numpy and friends) is imported only when a peer really runs, so that
+    # argument checking (the launcher validates up front) stays quick
+    from .loops import Stopped, run_blocking, run_trio
+    from .runtime import PeerMachine
+
     client = trio.run(_connect, args)
     reporter.peer_id = client.peer_id
     plugin = plugin_cls(args)

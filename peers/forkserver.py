@@ -8,43 +8,67 @@ exec'ed: its own process group, its stdin on /dev/null, stdout and stderr on the
 launcher sent with the request, default signal dispositions, and no fd of the server or of
 another child; it runs ``peers.cli.main(argv)`` and exits with its status.
 
-The server is a plain blocking loop (no trio, no threads), so forking it is safe. It talks
-to the launcher over a ``SOCK_SEQPACKET`` socketpair, one JSON object per datagram, fds by
-``SCM_RIGHTS``:
+The server (:func:`serve`, ``python -m peers.forkserver FD [PLUGIN...]``) is a plain blocking
+loop (trio is imported, never run; no threads), so forking it is safe. The launcher's end is
+:class:`ForkServer` (trio). They talk over a ``SOCK_SEQPACKET`` socketpair, one JSON object
+per datagram, fds by ``SCM_RIGHTS``:
 
 * server -> launcher ``{"ready": PID}`` once the imports are done;
 * launcher -> server ``{"spawn": TOKEN, "argv": [...]}`` with two fds (stdout, stderr);
 * server -> launcher ``{"spawned": TOKEN, "pid": PID}`` or ``{"failed": TOKEN, "error": ...}``;
 * server -> launcher ``{"exited": PID, "status": CODE}`` when it reaps a child (``CODE`` as
-  ``subprocess`` reports it: negative for a signal).
+  ``subprocess`` reports it: negative for a signal);
+* launcher -> server ``{"guard": PID, "dir": PATH, "shm": NAME}``: should the launcher die
+  (EOF without a ``{"release": true}`` first), stop process PID (the daemon, held by a
+  pidfd, so never a recycled pid), remove the directory PATH and unlink the shm NAME.
 
 Children are the server's, so the server reaps them; the launcher signals them by pid, which
 is safe because a pid is only reused after its ``exited`` message. When the launcher goes away
 (EOF on the socket) or sends SIGTERM, the server SIGTERMs every child, SIGKILLs those still
-there after :data:`STOP_GRACE` seconds, reaps them all and exits: no orphan outlives it.
+there after :data:`STOP_GRACE` seconds, reaps them all and exits: no orphan outlives it. If
+the launcher died (no release), the guarded daemon and its files go the same way.
 """
 
 from __future__ import annotations
 
 import array
+import itertools
 import json
 import os
+import select
 import selectors
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Sequence
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
 
-__all__ = ["MAX_MESSAGE", "STOP_GRACE", "decode", "encode", "recv_message", "serve"]
+import trio
+
+__all__ = [
+    "MAX_MESSAGE",
+    "STOP_GRACE",
+    "ForkServer",
+    "ForkServerError",
+    "ForkedChild",
+    "decode",
+    "encode",
+    "recv_message",
+    "serve",
+]
 
 #: Largest datagram (an argv easily fits).
 MAX_MESSAGE: Final = 1 << 16
 #: Seconds children get between SIGTERM and SIGKILL when the server shuts down.
 STOP_GRACE: Final = 10.0
 _FDS_PER_SPAWN: Final = 2
+_TAIL_LINES: Final = 20
 _HANDLED: Final = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
 
 
@@ -74,6 +98,15 @@ def recv_message(sock: socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
+@dataclass
+class Guard:
+    """The launcher's daemon (a pidfd: no pid reuse), socket directory and shm name."""
+
+    pidfd: int
+    directory: str | None
+    shm: str | None
+
+
 def _close(fds: Sequence[int]) -> None:
     for fd in fds:
         try:
@@ -89,6 +122,7 @@ class _Server:
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stop_requested = False
         self.selector = selectors.DefaultSelector()
+        self.guard: Guard | None = None
         self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
     # -- the child ------------------------------------------------------------------------
@@ -111,6 +145,8 @@ class _Server:
             os.dup2(stdout_fd, 1)
             os.dup2(stderr_fd, 2)
             _close([devnull, stdout_fd, stderr_fd, self.wake_read, self.wake_write])
+            if self.guard is not None:
+                _close([self.guard.pidfd])
             self.sock.close()
             sys.argv = ["ivshmem-peer", *argv]
             from .cli import main
@@ -203,6 +239,7 @@ class _Server:
                     self.stop_requested = True
                 self._reap()
         self._stop_children(selector)
+        self._clean_up_after_launcher()
 
     def _on_request(self) -> None:
         try:
@@ -220,9 +257,50 @@ class _Server:
             _close(fds)
             return
         if "spawn" in message:
-            self._spawn(message, fds)
-        else:
-            _close(fds)
+            self._spawn(message, fds)  # it closes the fds
+            return
+        _close(fds)
+        if "guard" in message:
+            self._set_guard(message)
+        elif "release" in message:
+            self._release_guard()
+
+    # -- the guard: what to clean up should the launcher die ------------------------------
+
+    def _set_guard(self, message: dict[str, Any]) -> None:
+        self._release_guard()
+        try:
+            pidfd = os.pidfd_open(int(message["guard"]))
+        except (OSError, ValueError, TypeError):
+            return  # already gone, or no pidfd support: nothing to guard
+        self.guard = Guard(pidfd, message.get("dir"), message.get("shm"))
+
+    def _release_guard(self) -> None:
+        if self.guard is not None:
+            os.close(self.guard.pidfd)
+            self.guard = None
+
+    def _clean_up_after_launcher(self) -> None:
+        """The launcher died without releasing the guard: stop its daemon (SIGTERM, SIGKILL
+        after the grace period), then remove its socket directory and unlink its shm."""
+        guard = self.guard
+        if guard is None:
+            return
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(guard.pidfd, signum)
+            except ProcessLookupError:
+                break
+            ready, _, _ = select.select([guard.pidfd], [], [], STOP_GRACE)
+            if ready:  # a pidfd is readable once its process has exited
+                break
+        self._release_guard()
+        if guard.directory:
+            shutil.rmtree(guard.directory, ignore_errors=True)
+        if guard.shm:
+            from ivshmemd.shm import unlink_posix_shm
+
+            unlink_posix_shm(guard.shm)
 
     def _stop_children(self, selector: selectors.BaseSelector) -> None:
         """SIGTERM every child, SIGKILL after the grace period, reap them all."""
@@ -250,6 +328,183 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher's end (trio)
+# ---------------------------------------------------------------------------------------------
+
+
+class ForkedChild(Protocol):
+    """What :class:`ForkServer` needs of the launcher's record of a forked peer."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def signal(self, signum: int) -> None: ...
+
+    def set_exited(self, returncode: int) -> None: ...
+
+
+class ForkServerError(Exception):
+    """The fork server could not start a peer, or is gone."""
+
+
+@dataclass
+class _Reply:
+    done: trio.Event = field(default_factory=trio.Event)
+    pid: int = 0
+    error: str | None = None
+
+
+class ForkServer:
+    """The launcher's end: start the server, ask it for peers, follow their exits."""
+
+    def __init__(self, process: trio.Process, sock: trio.socket.SocketType) -> None:
+        self.process = process
+        self.sock = sock
+        self.ready = trio.Event()
+        self.gone = False
+        self.children: dict[int, ForkedChild] = {}
+        self.stderr_tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._early_exits: dict[int, int] = {}
+        self._replies: dict[int, _Reply] = {}
+        self._tokens = itertools.count()
+        self._send_lock = trio.Lock()
+
+    @classmethod
+    async def start(cls, preload: str, env: dict[str, str]) -> ForkServer:
+        """Start the server (it imports the runtime and ``preload``, then says it is ready)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), preload],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env=env, process_group=0, pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return cls(process, trio.socket.from_stdlib_socket(ours))
+
+    async def run(self) -> None:
+        """Dispatch the server's messages until it is gone."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_stderr)
+            try:
+                while data := await self.sock.recv(MAX_MESSAGE):
+                    self._dispatch(decode(data))
+            except trio.ClosedResourceError:
+                pass  # aclose(): we hung up
+            except (OSError, ValueError) as exc:
+                self.stderr_tail.append(f"fork server connection: {exc}")
+            finally:
+                self._lost()
+
+    async def _pump_stderr(self) -> None:
+        stream = self.process.stderr
+        assert stream is not None
+        buffer = b""
+        async for chunk in stream:
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            self.stderr_tail.extend(line.decode(errors="replace") for line in lines)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "ready" in message:
+            self.ready.set()
+        elif "spawned" in message or "failed" in message:
+            token = message["spawned"] if "spawned" in message else message["failed"]
+            reply = self._replies.pop(int(token), None)
+            if reply is not None:
+                reply.pid = int(message.get("pid", 0))
+                reply.error = message.get("error")
+                reply.done.set()
+        elif "exited" in message:
+            pid, status = int(message["exited"]), int(message["status"])
+            child = self.children.pop(pid, None)
+            if child is None:
+                self._early_exits[pid] = status
+            else:
+                child.set_exited(status)
+
+    def _lost(self) -> None:
+        """The server is gone: its children are orphans now; make sure they die too."""
+        self.gone = True
+        self.ready.set()
+        for reply in self._replies.values():
+            reply.error = "the fork server is gone"
+            reply.done.set()
+        self._replies.clear()
+        for child in self.children.values():
+            child.signal(signal.SIGKILL)
+            child.set_exited(-signal.SIGKILL)
+        self.children.clear()
+
+    def register(self, child: ForkedChild) -> None:
+        """Follow ``child``'s exit (the server reports it)."""
+        if child.pid in self._early_exits:
+            child.set_exited(self._early_exits.pop(child.pid))
+        elif self.gone:
+            child.signal(signal.SIGKILL)
+            child.set_exited(-signal.SIGKILL)
+        else:
+            self.children[child.pid] = child
+
+    async def spawn(
+        self, argv: list[str]
+    ) -> tuple[int, trio.abc.ReceiveStream, trio.abc.ReceiveStream]:
+        """Fork a peer running ``peers.cli.main(argv)``: its pid, stdout and stderr."""
+        if self.gone:
+            raise ForkServerError("the fork server is gone")
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        token = next(self._tokens)
+        reply = self._replies[token] = _Reply()
+        try:
+            fds = array.array("i", [out_w, err_w])
+            message = encode({"spawn": token, "argv": argv})
+            async with self._send_lock:
+                await self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except BaseException:
+            self._replies.pop(token, None)
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        await reply.done.wait()
+        if reply.error is not None:
+            os.close(out_r)
+            os.close(err_r)
+            raise ForkServerError(reply.error)
+        return reply.pid, trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        """A message without fds (``guard``/``release``); ignored if the server is gone."""
+        try:
+            async with self._send_lock:
+                await self.sock.send(encode(message))
+        except (OSError, trio.ClosedResourceError):
+            pass
+
+    async def aclose(self) -> None:
+        """Release the guard, EOF to the server (it stops any child left), reap it."""
+        if not self.gone:
+            await self.send({"release": True})
+        self.sock.close()
+        with trio.move_on_after(STOP_GRACE):
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point of the server process
+# ---------------------------------------------------------------------------------------------
 
 
 def serve(fd: int, preload: Sequence[str] = ()) -> int:

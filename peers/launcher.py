@@ -1,7 +1,8 @@
 """``ivshmemctl up``: one command that runs a daemon and N peers, and stops them all cleanly.
 
     ivshmemctl up --peers N --plugin NAME [--vectors V] [--size S] [--socket PATH]
-                  [--shm-name NAME] [--keep] [-v] [plugin options] [-- plugin options]
+                  [--shm-name NAME] [--keep] [--no-fork-server] [-v]
+                  [plugin options] [-- plugin options]
 
 What it does, in order:
 
@@ -12,20 +13,25 @@ What it does, in order:
    and waits for its "listening on" line;
 3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's JSON
    event lines: running, finished (with the plugin's summary), failed, and the last thing it
-   said; prints ``all N peers running after X ms`` once every peer is up;
+   said; prints ``all N peers running after X ms`` (counted from the command's start) once
+   every peer is up. Peers are forked from a fork server (:mod:`peers.forkserver`) that has
+   imported the runtime once, started alongside the daemon, so N peers do not pay N
+   interpreter start-ups; ``--no-fork-server`` execs each one instead;
 4. shows what is happening: a live progress line on a terminal, plain lines otherwise;
 5. ends when every peer has exited, when a peer fails (the others are stopped), when the
    daemon dies, or on SIGINT/SIGTERM (a second one kills instead of waiting). Stopping is
    always the same: SIGTERM to the live peers, reap them (SIGKILL after a grace period),
    SIGTERM to the daemon, reap it, remove the private socket directory and unlink the shm.
-   With ``--keep`` the daemon stays up after the peers are done, until Ctrl-C.
+   With ``--keep`` the daemon stays up after the peers are done, until Ctrl-C. Should the
+   launcher itself be killed outright, the fork server notices and stops the peers and the
+   daemon, and removes the socket directory and the shm.
 
 Output: progress and per-peer lines on stderr; on stdout the ``all N peers running`` line
 and, at the very end, every plugin's summary line in peer-id order (so ``ivshmemctl up
 --peers 2 --plugin ping`` ends with the ping latency line). Exit status: 0 when every peer
 finished ok, 1 when a peer (or the daemon) failed (each failed peer is named with its id,
 pid, exit status and last error line), 2 on bad usage, 130/143 when stopped by
-SIGINT/SIGTERM with no failure.
+SIGINT/SIGTERM with no failure (0 with ``--keep`` once every peer had finished ok).
 
 Children run in their own process groups, so a Ctrl-C on the terminal reaches only the
 launcher, which then stops them in the right order (peers before the daemon, so that no
@@ -36,13 +42,10 @@ wait is on a child's output, its exit, or a signal.
 from __future__ import annotations
 
 import argparse
-import array
-import itertools
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,7 +62,7 @@ from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.shm import unlink_posix_shm
 from ivshmemd.sizes import SizeError, parse_size
 
-from . import forkserver
+from .forkserver import ForkServer, ForkServerError
 from .plugin import Plugin, PluginError, load_plugin
 
 __all__ = [
@@ -89,9 +92,25 @@ PROG: Final = "ivshmemctl up"
 
 _READY_MARK: Final = "listening on "
 _SIGNAL_EXIT: Final[dict[int, int]] = {signal.SIGINT: 130, signal.SIGTERM: 143}
-#: When the command started (this module is imported first thing): the start-up figure
-#: counts from here, so it includes validating the plugin.
-_STARTED: Final = time.monotonic()
+
+
+def _process_started() -> float:
+    """When this process started, on the ``time.monotonic()`` clock (10 ms resolution):
+    the start-up figure counts from the command's start, interpreter and imports included.
+    Falls back to now where /proc is not available."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            since_boot = float(uptime.read().split()[0])
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5)
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - max(0.0, since_boot - started)
+
+
+_STARTED: Final = _process_started()
 
 
 class UsageError(Exception):
@@ -202,11 +221,14 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     that and hands the rest to the plugin; after a ``--`` everything goes to the plugin
     (for a plugin option that has the same name as a launcher option).
     """
+    parser.usage = (
+        f"{parser.prog} --peers N [--vectors V] [--size S] [-S PATH] [--shm-name NAME] "
+        "[--keep] [--no-fork-server] [-v] --plugin NAME [PLUGIN OPTIONS] [-- PLUGIN OPTIONS]"
+    )
     _add_launcher_options(parser, suppress=False)
     parser.add_argument("--plugin", dest="plugin_argv", nargs=argparse.REMAINDER,
-                        metavar="NAME [PLUGIN OPTIONS]",
-                        help="the plugin every peer runs, then its options "
-                        "('--plugin NAME --help' lists them)")  # fmt: skip
+                        help="NAME [PLUGIN OPTIONS]: the plugin every peer runs, then its "
+                        "options ('--plugin NAME --help' lists them)")  # fmt: skip
     parser.add_argument("plugin_extra", nargs="*", help=argparse.SUPPRESS)
 
 
@@ -323,23 +345,41 @@ def parse_up_config(args: argparse.Namespace) -> UpConfig | None:
 
 class Display:
     """Status output on ``err``: a live progress line on a terminal, plain lines otherwise.
-    Results (the running-time line, the summaries) go to ``out``."""
+    Results (the running-time line, the summaries) go to ``out``. A stream whose reader has
+    gone (``ivshmemctl up ... | head -1``) is dropped quietly: the run itself goes on and
+    ends cleanly."""
 
     def __init__(self, out: TextIO, err: TextIO, *, live: bool | None = None) -> None:
         self.out = out
         self.err = err
         self.live = err.isatty() if live is None else live
         self._status = ""
+        self._gone: set[int] = set()
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        if id(stream) in self._gone:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            self._gone.add(id(stream))
+            devnull = os.open(os.devnull, os.O_WRONLY)  # so that the flush at exit is quiet
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
+            finally:
+                os.close(devnull)
 
     def _clear(self) -> None:
         if self.live and self._status:
-            self.err.write("\r\x1b[K")
+            self._write(self.err, "\r\x1b[K")
 
     def _draw(self) -> None:
         if self.live and self._status:
             width = shutil.get_terminal_size((100, 24)).columns - 1
-            self.err.write(self._status[:width])
-        self.err.flush()
+            self._write(self.err, self._status[:width])
 
     def status(self, text: str) -> None:
         """Replace the progress line (terminal only)."""
@@ -352,21 +392,18 @@ class Display:
     def line(self, text: str) -> None:
         """A status line on stderr (above the progress line on a terminal)."""
         self._clear()
-        self.err.write(f"up: {text}\n")
+        self._write(self.err, f"up: {text}\n")
         self._draw()
 
     def result(self, text: str) -> None:
         """A result line on stdout."""
         self._clear()
-        self.err.flush()
-        self.out.write(text + "\n")
-        self.out.flush()
+        self._write(self.out, text + "\n")
         self._draw()
 
     def close(self) -> None:
         self._clear()
         self._status = ""
-        self.err.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,11 +416,15 @@ async def _lines(stream: trio.abc.ReceiveStream | None) -> AsyncIterator[str]:
     if stream is None:
         return
     buffer = b""
-    async for chunk in stream:
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for raw in complete:
-            yield raw.decode(errors="replace")
+    try:
+        async for chunk in stream:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                yield raw.decode(errors="replace")
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
     if buffer:
         yield buffer.decode(errors="replace")
 
@@ -443,6 +484,13 @@ class Child:
         assert self.process is not None
         self.set_exited(await self.process.wait())
 
+    async def wait_exit(self) -> None:
+        """Wait until it has exited (reaping it ourselves if it was exec'ed)."""
+        if self.process is not None:
+            await self.reap()
+        else:
+            await self.exited.wait()
+
 
 @dataclass
 class Peer(Child):
@@ -456,6 +504,7 @@ class Peer(Child):
     problem: str | None = None  # its last error (error, server-gone, failed finish)
     last_log: str | None = None
     failed_before_stop: bool = False  # it reported a failure before the launcher stopped
+    done: bool = False  # exited, output read, outcome decided
 
     @property
     def name(self) -> str:
@@ -471,146 +520,6 @@ class Peer(Child):
         return "no message"
 
 
-class ForkServerError(Exception):
-    """The fork server could not start a peer, or is gone."""
-
-
-@dataclass
-class _Reply:
-    done: trio.Event = field(default_factory=trio.Event)
-    pid: int = 0
-    error: str | None = None
-
-
-class ForkServer:
-    """The launcher's end of :mod:`peers.forkserver`: spawn requests, exit reports."""
-
-    def __init__(self, process: trio.Process, sock: trio.socket.SocketType) -> None:
-        self.process = process
-        self.sock = sock
-        self.ready = trio.Event()
-        self.gone = False
-        self.children: dict[int, Child] = {}
-        self.stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._early_exits: dict[int, int] = {}
-        self._replies: dict[int, _Reply] = {}
-        self._tokens = itertools.count()
-        self._send_lock = trio.Lock()
-
-    @classmethod
-    async def start(cls, preload: str, env: dict[str, str]) -> ForkServer:
-        """Start the server (it imports the runtime and ``preload``, then says it is ready)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), preload],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env=env, process_group=0, pass_fds=(theirs.fileno(),),
-            )  # fmt: skip
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        return cls(process, trio.socket.from_stdlib_socket(ours))
-
-    async def run(self) -> None:
-        """Dispatch the server's messages until it is gone."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_stderr)
-            try:
-                while data := await self.sock.recv(forkserver.MAX_MESSAGE):
-                    self._dispatch(forkserver.decode(data))
-            except (OSError, ValueError) as exc:
-                self.stderr_tail.append(f"fork server connection: {exc}")
-            finally:
-                self._lost()
-
-    async def _pump_stderr(self) -> None:
-        async for line in _lines(self.process.stderr):
-            self.stderr_tail.append(line)
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        if "ready" in message:
-            self.ready.set()
-        elif "spawned" in message or "failed" in message:
-            token = message["spawned"] if "spawned" in message else message["failed"]
-            reply = self._replies.pop(int(token), None)
-            if reply is not None:
-                reply.pid = int(message.get("pid", 0))
-                reply.error = message.get("error")
-                reply.done.set()
-        elif "exited" in message:
-            pid, status = int(message["exited"]), int(message["status"])
-            child = self.children.pop(pid, None)
-            if child is None:
-                self._early_exits[pid] = status
-            else:
-                child.set_exited(status)
-
-    def _lost(self) -> None:
-        """The server is gone: its children are orphans now; make sure they die too."""
-        self.gone = True
-        self.ready.set()
-        for reply in self._replies.values():
-            reply.error = "the fork server is gone"
-            reply.done.set()
-        self._replies.clear()
-        for child in self.children.values():
-            child.signal(signal.SIGKILL)
-            child.set_exited(-signal.SIGKILL)
-        self.children.clear()
-
-    def register(self, child: Child) -> None:
-        """Follow ``child``'s exit (the server reports it)."""
-        if child.pid in self._early_exits:
-            child.set_exited(self._early_exits.pop(child.pid))
-        elif self.gone:
-            child.signal(signal.SIGKILL)
-            child.set_exited(-signal.SIGKILL)
-        else:
-            self.children[child.pid] = child
-
-    async def spawn(
-        self, argv: list[str]
-    ) -> tuple[int, trio.abc.ReceiveStream, trio.abc.ReceiveStream]:
-        """Fork a peer running ``peers.cli.main(argv)``: its pid, stdout and stderr."""
-        if self.gone:
-            raise ForkServerError("the fork server is gone")
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        token = next(self._tokens)
-        reply = self._replies[token] = _Reply()
-        try:
-            fds = array.array("i", [out_w, err_w])
-            message = forkserver.encode({"spawn": token, "argv": argv})
-            async with self._send_lock:
-                await self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        except BaseException:
-            self._replies.pop(token, None)
-            os.close(out_r)
-            os.close(err_r)
-            raise
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        await reply.done.wait()
-        if reply.error is not None:
-            os.close(out_r)
-            os.close(err_r)
-            raise ForkServerError(reply.error)
-        return reply.pid, trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
-
-    async def aclose(self) -> None:
-        """EOF to the server (it stops any child left) and reap it."""
-        self.sock.close()
-        with trio.move_on_after(STOP_GRACE):
-            await self.process.wait()
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-
 class Launcher:
     """Runs one ``up``: the daemon, the peers, the display, the shutdown."""
 
@@ -623,6 +532,7 @@ class Launcher:
         self.shm_name = config.shm_name or f"ivshmem-up-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.daemon: Child | None = None
         self.forkserver: ForkServer | None = None
+        self.kept = False  # --keep: the peers are done, the daemon stays up until a signal
         self.daemon_ready = trio.Event()
         self.peers: list[Peer] = []
         self.all_running_ms: float | None = None
@@ -777,6 +687,7 @@ class Launcher:
             self._begin_stop()
         elif peer.state != "stopped":
             peer.state = "finished"
+        peer.done = True
         self._notify()
 
     # -- signals ----------------------------------------------------------------------------
@@ -809,7 +720,7 @@ class Launcher:
     def _should_stop(self) -> bool:
         if self.stopping:
             return True
-        return len(self.peers) == self.config.peers and not any(p.alive for p in self.peers)
+        return len(self.peers) == self.config.peers and all(p.done for p in self.peers)
 
     async def _wait_until(self, condition: Any) -> None:
         while not condition():
@@ -818,10 +729,12 @@ class Launcher:
     async def _stop_child(self, child: Child) -> None:
         child.signal(signal.SIGTERM)
         with trio.move_on_after(0 if self.kill_now else STOP_GRACE):
-            await child.exited.wait()
+            await child.wait_exit()
         if child.alive:
             child.signal(signal.SIGKILL)
-            await child.exited.wait()
+            with trio.move_on_after(STOP_GRACE):
+                await child.wait_exit()
+            child.set_exited(-signal.SIGKILL)  # no news after SIGKILL: take it as dead
 
     async def _stop_all(self) -> None:
         self._begin_stop()
@@ -856,6 +769,10 @@ class Launcher:
             nursery.start_soon(self.forkserver.run)
         self.daemon = Child.of(await self._spawn(self.daemon_argv(), stdout=subprocess.DEVNULL))
         nursery.start_soon(self._run_daemon, self.daemon)
+        if self.forkserver is not None:  # should we die, it stops the daemon and cleans up
+            await self.forkserver.send(
+                {"guard": self.daemon.pid, "dir": self.own_dir, "shm": self.shm_name}
+            )
         with trio.move_on_after(DAEMON_READY_TIMEOUT) as ready_scope:
             await self._wait_until(
                 lambda: self.daemon_ready.is_set() or self.daemon_failed is not None
@@ -878,6 +795,7 @@ class Launcher:
                 starting.start_soon(self._start_peer, index, nursery)
         await self._wait_until(self._should_stop)
         if config.keep and not self.stopping:
+            self.kept = True
             self._report_peers_done()
             self.display.line(
                 f"--keep: the daemon stays up on {self.socket_path} (shm {self.shm_name}); "
@@ -896,6 +814,10 @@ class Launcher:
             self.display.line(f"the fork server did not start ({why}); starting peers with exec")
             await self.forkserver.aclose()
             self.forkserver = None
+        elif not self.display.live or self.config.verbose:
+            self.display.line(
+                f"fork server (pid {self.forkserver.process.pid}) ready after {self._ms():.0f} ms"
+            )
 
     def _report_peers_done(self) -> None:
         ok = sum(1 for p in self.peers if p.state == "finished")
@@ -919,7 +841,7 @@ class Launcher:
         if failed or self.daemon_failed is not None:
             status = EXIT_FAILED
             self.display.line(f"stopped after {elapsed:.2f} s with failures")
-        elif self.stop_signal is not None:
+        elif self.stop_signal is not None and not self.kept:
             status = _SIGNAL_EXIT.get(self.stop_signal, EXIT_FAILED)
             self.display.line(
                 f"stopped by {signal.Signals(self.stop_signal).name} after {elapsed:.2f} s"
@@ -969,8 +891,22 @@ def run_up(args: argparse.Namespace) -> int:
         return trio.run(launcher.run)
     except KeyboardInterrupt:  # a SIGINT before the signal receiver was installed
         return _SIGNAL_EXIT[signal.SIGINT]
+    except (OSError, BaseExceptionGroup) as exc:  # the children are stopped by now
+        problem = _os_error(exc)
+        if problem is None:
+            raise
+        display.line(f"FAILED: {problem}")
+        return EXIT_FAILED
     finally:
         display.close()
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (e.g. a process that could not be started), if that is
+    what it is: one clear line for the user rather than a traceback."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,6 +149,10 @@ class PeerMachine:
                 if self._started:
                     self.plugin.peer_joined(event.peer_id)
         else:
+            # A ring that peer sent before leaving may still sit in our eventfds: deliver it
+            # first, so the plugin sees the peer's last doorbell before its departure.
+            for vector in range(len(self._own_fds)):
+                self.on_vector(vector)
             self.device.remove_peer(event.peer_id)
             self._report(event="peer-left", peer_id=event.peer_id)
             if self._started:

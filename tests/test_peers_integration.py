@@ -1,0 +1,529 @@
+"""Multi-process integration tests: real daemon, real peer processes, the real launcher.
+
+The peers run the test-only ``doorbell-probe`` plugin (tests/plugins, registered through a
+``*.dist-info`` on the peers' PYTHONPATH) where a test needs a peer to ring on a schedule,
+and the built-in plugins otherwise. Nothing here waits on time: every wait is for a line
+or a JSON event from a process, or for its exit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from peers import pytest_plugin
+from peers.pytest_plugin import PeerProcess, PeerSpawner, SyncPeerSpawner
+
+# The fixtures come from the `ivshmem` pytest11 entry point once the project is installed
+# with it; naming them here as well keeps this module working before that (a module-level
+# fixture simply takes precedence over the plugin's identical one).
+ivshmem_daemon = pytest_plugin.ivshmem_daemon
+ivshmem_peers = pytest_plugin.ivshmem_peers
+ivshmem_daemon_sync = pytest_plugin.ivshmem_daemon_sync
+ivshmem_peers_sync = pytest_plugin.ivshmem_peers_sync
+
+PLUGIN_DIR = Path(__file__).resolve().parent / "plugins"
+TIMEOUT = 60.0
+PING_LINE = re.compile(r"^ping: (\d+) round trips, p50 [0-9.]+ us, p99 [0-9.]+ us$")
+
+
+def _irqs(peer: PeerProcess, round_: int) -> list[dict[str, Any]]:
+    return peer.matching(event="irq", round=round_)
+
+
+def _check_round(peers: list[PeerProcess], round_: int, ids: list[int], vectors: int) -> None:
+    """Every (source, target, vector) of the round arrived once, at its target and vector."""
+    delivered: list[tuple[int, int, int]] = []
+    steps: list[int] = []
+    for peer in peers:
+        for irq in _irqs(peer, round_):
+            assert irq["vector"] == irq["expected_vector"], irq
+            assert irq["target"] == peer.peer_id == irq["me"], irq
+            assert irq["repeat"] is False, irq
+            delivered.append((irq["source"], irq["target"], irq["vector"]))
+            steps.append(irq["step"])
+    expected = {(s, t, v) for s in ids for t in ids if s != t for v in range(vectors)}
+    assert Counter(delivered) == Counter(expected)  # each exactly once, no extras
+    assert sorted(steps) == list(range(len(expected)))
+
+
+def _probe_args(expect: int, *more: str) -> list[str]:
+    return ["--expect", str(expect), *more]
+
+
+async def test_four_peers_ring_every_pair_and_vector(
+    ivshmem_daemon: Any, ivshmem_peers: PeerSpawner
+) -> None:
+    vectors = 4
+    async with ivshmem_daemon(vectors=vectors) as daemon:
+        async with trio.open_nursery() as nursery:  # start the four at once
+            for _ in range(4):
+                nursery.start_soon(
+                    lambda: ivshmem_peers(
+                        daemon, "doorbell-probe", _probe_args(4, "--trio"), pythonpath=[PLUGIN_DIR]
+                    )
+                )
+        peers = sorted(ivshmem_peers.peers, key=lambda p: p.peer_id or 0)
+        ids = [p.peer_id for p in peers]
+        assert ids == [0, 1, 2, 3]
+        # The circuit starts and ends at the lowest id: its round-done closes the round.
+        await peers[0].wait_event(event="round-done", round=0, timeout=TIMEOUT)
+        for peer in peers:
+            await peer.wait_events(3 * vectors, event="irq", round=0)
+        for peer in peers:  # stop them, so that every event they will ever print is in
+            peer.terminate()
+            assert await peer.wait_exit() == 0
+            assert peer.matching(event="stopped"), peer.describe()
+        _check_round(peers, 0, [0, 1, 2, 3], vectors)
+        assert sum(len(p.matching(event="round-done")) for p in peers) == 1
+
+
+async def test_sigkilled_peer_leaves_and_the_survivors_keep_ringing(
+    ivshmem_daemon: Any, ivshmem_peers: PeerSpawner
+) -> None:
+    vectors = 2
+    async with ivshmem_daemon(vectors=vectors) as daemon:
+        args = _probe_args(4, "--rerun-on-leave", "--fast-path")
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(
+                    lambda: ivshmem_peers(daemon, "doorbell-probe", args, pythonpath=[PLUGIN_DIR])
+                )
+        peers = sorted(ivshmem_peers.peers, key=lambda p: p.peer_id or 0)
+        assert [p.peer_id for p in peers] == [0, 1, 2, 3]
+        await peers[0].wait_event(event="round-done", round=0, timeout=TIMEOUT)
+
+        victim = peers[2]
+        survivors = [p for p in peers if p is not victim]
+        victim.kill()
+        assert await victim.wait_exit() == -signal.SIGKILL
+        await daemon.wait_log(r"peer 2 left")
+        for peer in survivors:  # the leave notice reached them, and their tables dropped it
+            table = await peer.wait_event(event="peer-table", left=2)
+            assert table["peers"] == [0, 1, 3], (peer.peer_id, table)
+            await peer.wait_event(event="peer-left", peer_id=2)
+        # The lowest survivor rang the departed peer on every vector, then ran a new round
+        # over the survivors; the round completing shows the doorbells to the dead peer
+        # were ignored and that the survivors still ring each other.
+        departed = await peers[0].wait_event(event="rang-departed", peer_id=2)
+        assert departed["vectors"] == vectors
+        await peers[0].wait_event(event="round-done", round=1, timeout=TIMEOUT)
+        for peer in survivors:
+            peer.terminate()
+            assert await peer.wait_exit() == 0, peer.describe()
+        _check_round(peers, 0, [0, 1, 2, 3], vectors)
+        _check_round(survivors, 1, [0, 1, 3], vectors)
+        assert not victim.matching(event="irq", round=1)
+        assert not any(p.matching(event="error") for p in survivors)
+
+
+def test_the_synchronous_fixtures_run_real_peers(
+    ivshmem_daemon_sync: Any, ivshmem_peers_sync: SyncPeerSpawner
+) -> None:
+    """A plain test: ping between two peers, then a SIGTERM'd peer says it stopped."""
+    with ivshmem_daemon_sync(vectors=1) as daemon:
+        first = ivshmem_peers_sync(daemon, "ping", ["--count", "300"])
+        second = ivshmem_peers_sync(daemon, "ping", ["--count", "300"])
+        assert {first.peer_id, second.peer_id} == {0, 1}
+        server = first if first.peer_id == 0 else second
+        summary = server.wait_finished()
+        assert summary is not None and (found := PING_LINE.match(summary)), summary
+        assert found.group(1) == "300"
+        assert first.wait_exit() == second.wait_exit() == 0
+        watcher = ivshmem_peers_sync(daemon, "monitor")
+        daemon.wait_log(rf"peer {watcher.peer_id} joined")
+        watcher.terminate()
+        watcher.wait_event(event="stopped")
+        assert watcher.wait_exit() == 0
+        daemon.wait_log(rf"peer {watcher.peer_id} left")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors a user can make
+# ---------------------------------------------------------------------------------------------
+
+
+async def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(TIMEOUT):
+        return await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
+                                      check=False, stdin=subprocess.DEVNULL,
+                                      **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "message"),
+    [
+        (["--plugin", "no-such-plugin"], 2, "unknown plugin 'no-such-plugin'"),
+        (["--plugin", "ping", "--count", "many"], 2, "argument --count: invalid int value"),
+        (["--plugin", "ping", "--no-such-option"], 2, "unrecognized arguments: --no-such-option"),
+        (["--plugin", "ping", "--count", "0"], 2, "--count must be at least 1"),
+        (["--plugin", "monitor", "--wait", "0.5"], 1, "no ivshmem server answered"),
+    ],
+    ids=["unknown-plugin", "bad-option-value", "unknown-option", "rejected-option", "no-daemon"],
+)
+async def test_peer_usage_errors_are_clear(
+    tmp_path: Path, extra: list[str], status: int, message: str
+) -> None:
+    socket_path = str(tmp_path / "nobody-listens.sock")  # no daemon here
+    done = await _run([sys.executable, "-m", "peers", "-S", socket_path, *extra])
+    err = done.stderr.decode()
+    assert done.returncode == status, err
+    assert message in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def _launcher_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
+    return env
+
+
+def _launcher_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "peers.launcher", "up", *args]
+
+
+class LauncherRun:
+    """A running launcher whose stdout and stderr lines we can wait for."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._open = 2
+
+    async def pump(self, stream: trio.abc.ReceiveStream, into: list[str]) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            into.extend(line.decode() for line in lines)
+            self._lot.unpark_all()
+        if buffer:
+            into.append(buffer.decode())
+        self._open -= 1
+        self._lot.unpark_all()
+
+    async def wait_line(self, into: list[str], pattern: str) -> re.Match[str]:
+        rx = re.compile(pattern)
+        with trio.move_on_after(TIMEOUT):
+            while True:
+                for line in into:
+                    if found := rx.search(line):
+                        return found
+                if not self._open:
+                    break
+                await self._lot.park()
+        raise AssertionError(f"no line /{pattern}/; stdout {self.out}, stderr {self.err}")
+
+    async def wait(self) -> int:
+        with trio.fail_after(TIMEOUT):
+            while self._open:
+                await self._lot.park()
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def launcher(*args: str) -> AsyncIterator[LauncherRun]:
+    """Run the launcher; kill it (and so its pipes) if the test fails half way."""
+    process = await trio.lowlevel.open_process(
+        _launcher_argv(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=_launcher_env(),
+    )  # fmt: skip
+    run = LauncherRun(process)
+    async with trio.open_nursery() as nursery:
+        assert process.stdout is not None and process.stderr is not None
+        nursery.start_soon(run.pump, process.stdout, run.out)
+        nursery.start_soon(run.pump, process.stderr, run.err)
+        try:
+            yield run
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGINT)  # it stops its children itself
+                    with trio.move_on_after(TIMEOUT):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+
+
+def _gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def _no_leftovers(run: LauncherRun) -> None:
+    """The daemon and every peer are gone, and so are the socket directory and the shm."""
+    daemon = re.search(
+        r"daemon \(pid (\d+)\) listening on (\S+) \(shm ([^,]+),", "\n".join(run.err)
+    )
+    assert daemon, run.err
+    pids = [int(daemon.group(1))]
+    pids += [
+        int(m.group(1))
+        for line in run.err
+        if (m := re.search(r"(?:running|fork server) \(pid (\d+)\)", line))
+    ]
+    assert all(_gone(pid) for pid in pids), pids
+    socket_path = Path(daemon.group(2))
+    assert not socket_path.exists()
+    assert not socket_path.parent.exists()  # the private directory
+    assert not Path("/dev/shm", daemon.group(3)).exists()
+
+
+@pytest.mark.parametrize("spawn", [(), ("--no-fork-server",)], ids=["fork-server", "exec"])
+async def test_launcher_two_peers_ping_ends_with_the_ping_line(spawn: tuple[str, ...]) -> None:
+    async with launcher("--peers", "2", *spawn, "--plugin", "ping", "--count", "2000") as run:
+        assert await run.wait() == 0, run.err
+    assert any("fork server (pid" in line for line in run.err) == (not spawn), run.err
+    assert re.fullmatch(r"all 2 peers running after \d+ ms", run.out[0]), run.out
+    last = PING_LINE.match(run.out[-1])
+    assert last and last.group(1) == "2000", run.out
+    _no_leftovers(run)
+
+
+async def test_launcher_names_the_peer_that_failed() -> None:
+    probe = ("--plugin", "doorbell-probe", "--expect", "3", "--fail-id", "1")
+    async with launcher("--peers", "3", *probe) as run:
+        assert await run.wait() == 1, run.err
+    failed = [line for line in run.err if line.startswith("up: FAILED:")]
+    assert len(failed) == 1, run.err
+    assert re.fullmatch(
+        r"up: FAILED: peer 1 \(pid \d+\), exit code 1: probe: peer 1 fails on purpose", failed[0]
+    ), failed
+    _no_leftovers(run)  # the two healthy peers were stopped, not left running
+
+
+async def test_launcher_reports_a_killed_peer() -> None:
+    async with launcher("--peers", "2", "--plugin", "monitor") as run:
+        await run.wait_line(run.out, r"^all 2 peers running")
+        found = await run.wait_line(run.err, r"peer 1 running \(pid (\d+)\)")
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        assert await run.wait() == 1, run.err
+    assert any(
+        re.fullmatch(rf"up: FAILED: peer 1 \(pid {found.group(1)}\), killed by SIGKILL: .*", x)
+        for x in run.err
+    ), run.err
+    _no_leftovers(run)
+
+
+async def test_launcher_stops_everything_on_sigint() -> None:
+    async with launcher("--peers", "3", "--plugin", "monitor") as run:
+        await run.wait_line(run.out, r"^all 3 peers running after \d+ ms$")
+        run.process.send_signal(signal.SIGINT)
+        assert await run.wait() == 130, run.err
+    assert any("stopped by SIGINT" in line for line in run.err), run.err
+    assert not any("FAILED" in line or "Traceback" in line for line in run.err), run.err
+    _no_leftovers(run)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--peers", "2", "--plugin", "no-such-plugin"), "unknown plugin 'no-such-plugin'"),
+        (("--peers", "2", "--plugin", "ping", "--bogus"), "unrecognized arguments: --bogus"),
+        (("--plugin", "ping"), "--peers N is required"),
+    ],
+    ids=["unknown-plugin", "bad-plugin-option", "no-peer-count"],
+)
+async def test_launcher_rejects_bad_usage_before_starting_anything(
+    args: tuple[str, ...], message: str
+) -> None:
+    done = await _run(_launcher_argv(*args), env=_launcher_env())
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert message in err and "Traceback" not in err
+    assert "daemon" not in err  # nothing was started
+    assert done.stdout == b""
+
+
+def test_probe_circuit_rings_every_pair_once_in_a_chain() -> None:
+    sys.path.insert(0, str(PLUGIN_DIR))
+    try:
+        from doorbell_probe import circuit
+    finally:
+        sys.path.remove(str(PLUGIN_DIR))
+    edges = circuit([0, 1, 3, 7], 3)
+    assert sorted(edges) == sorted(
+        (s, t, v) for s in (0, 1, 3, 7) for t in (0, 1, 3, 7) if s != t for v in range(3)
+    )
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(edges))
+    assert edges[0][0] == edges[-1][1] == 0
+    assert json.dumps(circuit([5], 2)) == "[]"
+
+
+async def test_a_killed_launcher_takes_its_peers_and_daemon_along() -> None:
+    """SIGKILL gives the launcher no chance to clean up: its fork server notices the hang-up,
+    stops the peers it forked, then the daemon it was asked to guard, and removes the files."""
+    async with launcher("--peers", "2", "--plugin", "monitor") as run:
+        await run.wait_line(run.out, r"^all 2 peers running")
+        text = "\n".join(run.err)
+        daemon = re.search(r"daemon \(pid (\d+)\) listening on (\S+) \(shm ([^,]+),", text)
+        server = re.search(r"fork server \(pid (\d+)\)", text)
+        peers = re.findall(r"running \(pid (\d+)\)", text)
+        assert daemon and server and len(peers) == 2, run.err
+        pids = [int(daemon.group(1)), int(server.group(1)), *map(int, peers)]
+        pidfds = [os.pidfd_open(pid) for pid in pids]  # no pid reuse can fool these
+        try:
+            run.process.kill()
+            assert await run.wait() == -signal.SIGKILL
+            with trio.fail_after(TIMEOUT):
+                for pidfd in pidfds:  # readable once that process has exited
+                    await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+    socket_path = Path(daemon.group(2))
+    assert not socket_path.parent.exists()
+    assert not Path("/dev/shm", daemon.group(3)).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher's command line, as `ivshmemctl up` will see it (no processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def _ctl_parser() -> Any:
+    """An ``ivshmemctl``-shaped parser: top-level -S, then the ``up`` subcommand."""
+    import argparse
+
+    from peers.launcher import register_up_command
+
+    parser = argparse.ArgumentParser(prog="ivshmemctl")
+    parser.add_argument("-S", "--socket", default=None)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register_up_command(subparsers, argparse.ArgumentParser(add_help=False))
+    return parser
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["up", "--peers", "2", "--plugin", "ping", "--count", "5"],
+            {"peers": 2, "plugin": "ping", "plugin_args": ("--count", "5"), "socket": None},
+        ),
+        (  # launcher options may follow the plugin's; unknown ones go to the plugin
+            ["up", "--plugin", "ping", "--count", "5", "--peers", "3", "--vectors", "2"],
+            {"peers": 3, "vectors": 2, "plugin_args": ("--count", "5")},
+        ),
+        (  # after `--`, everything is the plugin's, even a launcher option's name
+            ["up", "--peers", "2", "--plugin", "ping", "--", "--count", "7", "--vectors", "2"],
+            {"vectors": 1, "plugin_args": ("--count", "7", "--vectors", "2")},
+        ),
+        (
+            ["-S", "/run/x.sock", "up", "--peers", "1", "--keep", "--plugin", "monitor"],
+            {"socket": "/run/x.sock", "keep": True, "fork_server": True},
+        ),
+        (
+            ["up", "--peers", "1", "--plugin", "monitor", "--no-fork-server", "--shm-name", "s"],
+            {"fork_server": False, "shm_name": "s", "plugin_args": ()},
+        ),
+    ],
+)
+def test_up_command_line(argv: list[str], expected: dict[str, Any]) -> None:
+    from peers.launcher import parse_up_config
+
+    config = parse_up_config(_ctl_parser().parse_args(argv))
+    assert config is not None
+    for key, value in expected.items():
+        assert getattr(config, key) == value, (key, config)
+
+
+def test_the_progress_line_is_redrawn_under_the_status_lines() -> None:
+    import io
+
+    from peers.launcher import Display
+
+    out, err = io.StringIO(), io.StringIO()
+    display = Display(out, err, live=True)
+    display.status("up: 0/2 running")
+    display.line("peer 0 running (pid 1)")
+    display.status("up: 1/2 running")
+    display.status("up: 1/2 running")  # unchanged: not redrawn
+    display.result("all 2 peers running after 5 ms")
+    display.close()
+    assert out.getvalue() == "all 2 peers running after 5 ms\n"
+    assert (
+        err.getvalue()
+        == (
+            "up: 0/2 running"
+            "\r\x1b[Kup: peer 0 running (pid 1)\nup: 0/2 running"
+            "\r\x1b[Kup: 1/2 running"
+            "\r\x1b[K" + "up: 1/2 running"  # cleared for the result line, then redrawn
+            "\r\x1b[K"  # closed
+        )
+    )
+    plain = io.StringIO()
+    quiet = Display(io.StringIO(), plain, live=False)
+    quiet.status("up: 0/2 running")
+    quiet.line("peer 0 running (pid 1)")
+    assert plain.getvalue() == "up: peer 0 running (pid 1)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The fork server, spoken to directly
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_fork_server_forks_peers_and_reports_their_exits(tmp_path: Path) -> None:
+    from peers.forkserver import ForkServer
+
+    server = await ForkServer.start("monitor", dict(os.environ))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.run)
+        with trio.fail_after(TIMEOUT):
+            await server.ready.wait()
+        assert not server.gone
+
+        class Record:
+            def __init__(self, pid: int) -> None:
+                self.pid = pid
+                self.status: int | None = None
+                self.exited = trio.Event()
+
+            def signal(self, signum: int) -> None:
+                os.kill(self.pid, signum)
+
+            def set_exited(self, returncode: int) -> None:
+                self.status = returncode
+                self.exited.set()
+
+        # A peer with no daemon to talk to: it says so on stderr and exits 1.
+        socket_path = str(tmp_path / "nobody.sock")
+        pid, stdout, stderr = await server.spawn(
+            ["-S", socket_path, "--plugin", "monitor", "--wait", "0.2"]
+        )
+        record = Record(pid)
+        server.register(record)
+        with trio.fail_after(TIMEOUT):
+            await record.exited.wait()
+            err = b"".join([chunk async for chunk in stderr]).decode()
+            assert b"".join([chunk async for chunk in stdout]) == b""
+        assert record.status == 1
+        assert f"no ivshmem server answered on {socket_path}" in err
+        assert "Traceback" not in err
+        await stdout.aclose()
+        await stderr.aclose()
+        await server.aclose()
+        assert server.process.returncode == 0
+        nursery.cancel_scope.cancel()
