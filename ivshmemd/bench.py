@@ -121,6 +121,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
             for proc in procs:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             fds_before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+            cpu_before = _cpu_seconds(daemon.pid)
             start = time.perf_counter()
             for proc in procs:
                 assert proc.stdin is not None
@@ -132,6 +133,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
                 if status != "done":
                     raise SystemExit(f"a worker failed: {status!r}")
             elapsed = time.perf_counter() - start
+            daemon_cpu = _cpu_seconds(daemon.pid) - cpu_before
             fds_during = len(os.listdir(f"/proc/{daemon.pid}/fd"))
         finally:
             for proc in procs:
@@ -159,6 +161,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
         "fd_messages_per_s": fd_messages / elapsed,
         "daemon_fds_before": fds_before,
         "daemon_fds_with_peers": fds_during,
+        "daemon_cpu_seconds": daemon_cpu,
     }
 
 
@@ -225,6 +228,13 @@ async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
     }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (from /proc), to show who is the bottleneck."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
@@ -253,7 +263,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
             f"in {result['seconds'] * 1000:.1f} ms; {result['fd_messages']} fd messages, "
             f"{result['fd_messages_per_s']:,.0f} fd messages/s "
             f"(daemon fds: {result['daemon_fds_before']} idle, "
-            f"{result['daemon_fds_with_peers']} with all peers)"
+            f"{result['daemon_fds_with_peers']} with all peers; daemon CPU "
+            f"{result['daemon_cpu_seconds']:.2f} s of {result['seconds']:.2f} s)"
         )
     else:
         print(

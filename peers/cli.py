@@ -53,26 +53,59 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         epilog="Plugins come from the entry-point group 'ivshmem.peers'; "
         "--list-plugins shows them. 'ivshmem-peer --plugin NAME --help' shows NAME's options.",
     )
-    p.add_argument("-S", "--socket", metavar="PATH", default="/tmp/ivshmem_socket",
-                   help="the daemon's unix socket (default /tmp/ivshmem_socket)")
+    p.add_argument(
+        "-S",
+        "--socket",
+        metavar="PATH",
+        default="/tmp/ivshmem_socket",
+        help="the daemon's unix socket (default /tmp/ivshmem_socket)",
+    )
     p.add_argument("--plugin", metavar="NAME", help="the guest software to run")
     p.add_argument("--list-plugins", action="store_true", help="list the plugins and exit")
-    p.add_argument("--vectors", type=int, metavar="N", default=None,
-                   help="the device's MSI-X vectors (default: as many as the daemon hands out)")
-    p.add_argument("--ram", type=_size, metavar="SIZE", default=16 << 20,
-                   help="guest RAM (default 16M)")
-    p.add_argument("--wait", type=float, metavar="SECONDS", default=10.0,
-                   help="keep retrying the connection this long while the daemon is not up "
-                   "(default 10)")
-    p.add_argument("--reconnect", action="store_true",
-                   help="when the daemon goes away, reconnect (a new peer id) instead of exiting")
+    p.add_argument(
+        "--vectors",
+        type=int,
+        metavar="N",
+        default=None,
+        help="the device's MSI-X vectors (default: as many as the daemon hands out)",
+    )
+    p.add_argument(
+        "--ram", type=_size, metavar="SIZE", default=16 << 20, help="guest RAM (default 16M)"
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        default=10.0,
+        help="keep retrying the connection this long while the daemon is not up (default 10)",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the daemon goes away, reconnect (a new peer id) instead of exiting",
+    )
     loop = p.add_mutually_exclusive_group()
-    loop.add_argument("--fast-path", dest="fast_path", action="store_const", const=True,
-                      default=None, help="use the blocking epoll loop (lowest latency)")
-    loop.add_argument("--trio", dest="fast_path", action="store_const", const=False,
-                      help="use the trio event loop")
-    p.add_argument("--report", choices=("human", "json"), default="human",
-                   help="json: one JSON object per line on stdout (for the launcher)")
+    loop.add_argument(
+        "--fast-path",
+        dest="fast_path",
+        action="store_const",
+        const=True,
+        default=None,
+        help="use the blocking epoll loop (lowest latency)",
+    )
+    loop.add_argument(
+        "--trio",
+        dest="fast_path",
+        action="store_const",
+        const=False,
+        help="use the trio event loop",
+    )
+    p.add_argument(
+        "--report",
+        choices=("human", "json"),
+        default="human",
+        help="json: one JSON object per line on stdout (for the launcher)",
+    )
     if plugin is not None:
         group = p.add_argument_group(f"options of the {plugin.name or 'selected'} plugin")
         plugin.add_arguments(group)

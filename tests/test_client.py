@@ -22,8 +22,9 @@ from ivshmemd import wire
 from peers.client import ClientError, ServerGone, connect
 
 TRACES = json.loads(
-    (Path(__file__).resolve().parents[2] / "shared/testdata/qemu-ivshmem-server-traces.json")
-    .read_text()
+    (
+        Path(__file__).resolve().parents[2] / "shared/testdata/qemu-ivshmem-server-traces.json"
+    ).read_text()
 )
 
 
@@ -133,5 +134,3 @@ async def test_client_rejects_broken_streams_clearly(
 async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ClientError, match=r"cannot connect to .*nothing\.sock"):
         await connect(str(tmp_path / "nothing.sock"))
-
-

@@ -159,12 +159,13 @@ def wait_pid_exit(pid: int) -> None:
 
 def test_daemon_mode_returns_once_listening_and_cleans_up(tmp_path: Path, shm_name: str) -> None:
     path, pidfile = str(tmp_path / "sock"), str(tmp_path / "ivshmemd.pid")
+    result: subprocess.CompletedProcess[str] | None = None
     try:
         result = run_daemon_cli("-S", path, "-M", shm_name, "-p", pidfile, "-l", "64K")
     finally:  # whatever happened, never leave a daemon behind
-        if os.path.exists(pidfile) and (pid := int(Path(pidfile).read_text() or 0)):
-            if "result" not in locals() or result.returncode != 0:
-                os.kill(pid, signal.SIGKILL)
+        failed = result is None or result.returncode != 0
+        if failed and os.path.exists(pidfile) and (pid := int(Path(pidfile).read_text() or 0)):
+            os.kill(pid, signal.SIGKILL)
     assert result.returncode == 0, result.stderr
     pid = int(Path(pidfile).read_text())
     try:

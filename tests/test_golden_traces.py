@@ -21,8 +21,11 @@ from ivshmemd.shm import MIN_SHM_SIZE
 
 from .rawclient import RawClient
 
-TRACES_PATH = Path(__file__).resolve().parents[2] / "shared" / "testdata" / (
-    "qemu-ivshmem-server-traces.json"
+TRACES_PATH = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "testdata"
+    / ("qemu-ivshmem-server-traces.json")
 )
 
 

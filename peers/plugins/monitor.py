@@ -16,8 +16,13 @@ class MonitorPlugin(Plugin):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--exit-after", type=int, metavar="N", default=0,
-                           help="finish after N interrupts (default: run until stopped)")
+        group.add_argument(
+            "--exit-after",
+            type=int,
+            metavar="N",
+            default=0,
+            help="finish after N interrupts (default: run until stopped)",
+        )
 
     def start(self, guest: Guest) -> None:
         super().start(guest)

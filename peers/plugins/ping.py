@@ -29,12 +29,27 @@ class PingPlugin(Plugin):
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--count", type=int, default=10_000, metavar="N",
-                           help="measured round trips (default 10000)")
-        group.add_argument("--warmup", type=int, default=200, metavar="N",
-                           help="unmeasured round trips first (default 200)")
-        group.add_argument("--partner", type=int, default=None, metavar="ID",
-                           help="the peer to play with (default: own id XOR 1)")
+        group.add_argument(
+            "--count",
+            type=int,
+            default=10_000,
+            metavar="N",
+            help="measured round trips (default 10000)",
+        )
+        group.add_argument(
+            "--warmup",
+            type=int,
+            default=200,
+            metavar="N",
+            help="unmeasured round trips first (default 200)",
+        )
+        group.add_argument(
+            "--partner",
+            type=int,
+            default=None,
+            metavar="ID",
+            help="the peer to play with (default: own id XOR 1)",
+        )
 
     @classmethod
     def check_options(cls, options: argparse.Namespace) -> str | None:
