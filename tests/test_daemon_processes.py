@@ -5,13 +5,13 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from .probes import probes
+from .probes import probe_id, probes
 
 
 async def test_clients_see_each_other_and_eventfds_connect(start_daemon: Any) -> None:
     async with start_daemon(vectors=2) as daemon, probes(daemon.socket_path, 2) as spawn:
         clients = [await spawn() for _ in range(4)]
-        ids = [c.peer_id for c in clients]
+        ids = [probe_id(c) for c in clients]
         assert ids == [0, 1, 2, 3]
         for index, client in enumerate(clients):
             # peers present at connect time come in the welcome, later ones as joins
@@ -19,7 +19,7 @@ async def test_clients_see_each_other_and_eventfds_connect(start_daemon: Any) ->
                 str(p) for p in ids[:index]
             }
             for later in ids[index + 1 :]:
-                await client.wait_for(event="joined", peer=later)
+                await client.wait_event(event="joined", peer=later)
         # every pair, every vector: the interrupt arrives at exactly its target vector
         for source in clients:
             for target in clients:
@@ -27,8 +27,8 @@ async def test_clients_see_each_other_and_eventfds_connect(start_daemon: Any) ->
                     continue
                 for vector in range(2):
                     before = len(target.matching(event="rung"))
-                    await source.send(f"ring {target.peer_id} {vector}")
-                    event = await target.wait_for(event="rung", vector=vector, count=1)
+                    await source.send(f"ring {probe_id(target)} {vector}")
+                    event = await target.wait_event(event="rung", vector=vector, count=1)
                     rung = target.matching(event="rung")
                     assert len(rung) == before + 1 and rung[-1] == event
                     target.events.remove(event)
@@ -38,13 +38,13 @@ async def test_clients_see_each_other_and_eventfds_connect(start_daemon: Any) ->
 async def test_sigkill_gives_leave_notices(start_daemon: Any) -> None:
     async with start_daemon(vectors=1) as daemon, probes(daemon.socket_path, 1) as spawn:
         a, b, c = [await spawn() for _ in range(3)]
-        await a.wait_for(event="joined", peer=c.peer_id)
+        await a.wait_event(event="joined", peer=probe_id(c))
         b.process.send_signal(signal.SIGKILL)
-        await a.wait_for(event="left", peer=b.peer_id)
-        await c.wait_for(event="left", peer=b.peer_id)
-        await daemon.wait_log(rf"peer {b.peer_id} left")
+        await a.wait_event(event="left", peer=probe_id(b))
+        await c.wait_event(event="left", peer=probe_id(b))
+        await daemon.wait_log(rf"peer {probe_id(b)} left")
         # a doorbell to the departed peer is refused client-side; survivors still connect
-        await a.send(f"ring {b.peer_id} 0")
-        assert (await a.wait_for(event="ringed"))["ok"] is False
-        await a.send(f"ring {c.peer_id} 0")
-        await c.wait_for(event="rung", vector=0)
+        await a.send(f"ring {probe_id(b)} 0")
+        assert (await a.wait_event(event="ringed"))["ok"] is False
+        await a.send(f"ring {probe_id(c)} 0")
+        await c.wait_event(event="rung", vector=0)

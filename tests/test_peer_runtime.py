@@ -59,7 +59,7 @@ async def test_reconnect_after_the_daemon_restarts(start_daemon: Any, tmp_path: 
         await peer.wait_event(event="reconnecting")
         async with start_daemon(vectors=1, socket_path=socket_path) as daemon:
             await daemon.wait_log("peer 0 joined")
-            again = await peer.wait_event(event="running", count=2)
+            again = await peer.wait_event(event="running", nth=2)
             assert again["peer_id"] == 0  # a fresh daemon, a fresh id
             peer.process.send_signal(signal.SIGTERM)
             assert await peer.wait_exit() == 0
