@@ -98,10 +98,13 @@ class Peer:
     peer_id: int
     vectors: tuple[SharedFd, ...]
     info: dict[str, Any] = field(default_factory=dict)
+    _view: PeerVectors[SharedFd] | None = field(default=None, repr=False)
 
     def as_protocol(self) -> PeerVectors[SharedFd]:
-        """This peer as the sans-I/O protocol sees it."""
-        return PeerVectors(self.peer_id, self.vectors)
+        """This peer as the sans-I/O protocol sees it (made once: every join lists it)."""
+        if self._view is None:
+            self._view = PeerVectors(self.peer_id, self.vectors)
+        return self._view
 
 
 class Registry:
