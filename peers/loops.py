@@ -155,14 +155,14 @@ def run_blocking(machine: PeerMachine, on_ready: Callable[[], None] = _nothing) 
         vector_of: dict[int, int] = {}
         _drain_server(machine)
         machine.start()
-        registered: set[int] = set()
+        own_fds = machine.own_fds  # grows if own vectors arrive after the handshake
+        watched = 0
         poll, on_vector = poller.poll, machine.on_vector
-        while not machine.done and not caught:
-            for vector, fd in enumerate(machine.own_fds):
-                if fd not in registered:
-                    poller.register(fd, select.EPOLLIN)
-                    registered.add(fd)
-                    vector_of[fd] = vector
+        while machine.outcome is None and not caught:
+            while watched < len(own_fds):
+                poller.register(own_fds[watched], select.EPOLLIN)
+                vector_of[own_fds[watched]] = watched
+                watched += 1
             for fd, _mask in poll():
                 ready = vector_of.get(fd)
                 if ready is not None:
@@ -175,7 +175,7 @@ def run_blocking(machine: PeerMachine, on_ready: Callable[[], None] = _nothing) 
                             pass
                     except BlockingIOError:
                         pass
-                if machine.done:
+                if machine.outcome is not None:
                     break
         if caught and not machine.done:
             raise Stopped(caught[0])
