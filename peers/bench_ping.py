@@ -39,7 +39,7 @@ def _run_reference(binary: str, count: int) -> tuple[float, float]:
     return float(match[1]), float(match[2])
 
 
-def _run_ping(directory: str, count: int, loop: str) -> tuple[float, float]:
+def _run_ping(directory: str, count: int, loop: str, spin_us: float) -> tuple[float, float]:
     sock = os.path.join(directory, "ping.sock")
     name = f"ivshmem-bench-ping-{os.getpid()}"
     daemon = subprocess.Popen(
@@ -54,7 +54,7 @@ def _run_ping(directory: str, count: int, loop: str) -> tuple[float, float]:
         for _ in range(2):
             peers.append(subprocess.Popen(
                 [sys.executable, "-m", "peers", "-S", sock, "--plugin", "ping",
-                 "--count", str(count), f"--{loop}"],
+                 "--count", str(count), f"--{loop}", "--spin-us", str(spin_us)],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             ))  # fmt: skip
         outputs = [p.communicate(timeout=600)[0] for p in peers]
@@ -72,8 +72,11 @@ def _run_ping(directory: str, count: int, loop: str) -> tuple[float, float]:
     raise SystemExit(f"no ping result; peers printed {outputs!r}")
 
 
-def bench_ping(count: int = 20_000, loop: str = "fast-path") -> dict[str, Any]:
-    """Reference, ours, reference again; returns every figure and the p50 ratio."""
+def bench_ping(
+    count: int = 20_000, loop: str = "fast-path", spin_us: float = 50.0
+) -> dict[str, Any]:
+    """Reference, ours (spinning ``spin_us`` before sleeping), ours without spinning, the
+    reference again; returns every figure and the p50 ratios."""
     source = reference_source()
     if not source.exists():
         raise SystemExit(f"the C reference {source} is missing")
@@ -84,7 +87,8 @@ def bench_ping(count: int = 20_000, loop: str = "fast-path") -> dict[str, Any]:
         binary = os.path.join(directory, "eventfd_pingpong")
         subprocess.run([compiler, "-O2", "-o", binary, str(source)], check=True)
         ref1 = _run_reference(binary, count)
-        ours = _run_ping(directory, count, loop)
+        ours = _run_ping(directory, count, loop, spin_us)
+        asleep = _run_ping(directory, count, loop, 0.0)
         ref2 = _run_reference(binary, count)
     ref_p50 = (ref1[0] + ref2[0]) / 2
     return {
@@ -94,9 +98,13 @@ def bench_ping(count: int = 20_000, loop: str = "fast-path") -> dict[str, Any]:
         "reference_p50_us": ref_p50,
         "reference_p99_us": (ref1[1] + ref2[1]) / 2,
         "reference_runs": [ref1, ref2],
+        "spin_us": spin_us,
         "ping_p50_us": ours[0],
         "ping_p99_us": ours[1],
         "ratio_p50": ours[0] / ref_p50,
+        "ping_no_spin_p50_us": asleep[0],
+        "ping_no_spin_p99_us": asleep[1],
+        "ratio_no_spin_p50": asleep[0] / ref_p50,
     }
 
 
@@ -109,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--loop", choices=("fast-path", "trio"), default="fast-path")
+    parser.add_argument("--spin-us", type=float, default=50.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = bench_ping(args.count, args.loop)
+    result = bench_ping(args.count, args.loop, args.spin_us)
     if args.json:
         print(json.dumps(result))
     else:
@@ -120,10 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {result['reference_p99_us']:.2f} us"
         )
         print(
-            f"ivshmem ping ({args.loop}): p50 {result['ping_p50_us']:.2f} us, "
-            f"p99 {result['ping_p99_us']:.2f} us"
+            f"ivshmem ping ({args.loop}, spin {args.spin_us:g} us): p50 "
+            f"{result['ping_p50_us']:.2f} us, p99 {result['ping_p99_us']:.2f} us, "
+            f"ratio (p50) {result['ratio_p50']:.2f}x"
         )
-        print(f"ratio (p50): {result['ratio_p50']:.2f}x")
+        print(
+            f"ivshmem ping ({args.loop}, no spin): p50 {result['ping_no_spin_p50_us']:.2f} us, "
+            f"p99 {result['ping_no_spin_p99_us']:.2f} us, "
+            f"ratio (p50) {result['ratio_no_spin_p50']:.2f}x"
+        )
     return 0
 
 

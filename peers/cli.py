@@ -101,6 +101,14 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         help="use the trio event loop",
     )
     p.add_argument(
+        "--spin-us",
+        type=float,
+        metavar="US",
+        default=None,
+        help="fast path: poll for the next ring this long before sleeping (lower latency, "
+        "a busy core meanwhile; default: the plugin's choice, usually 0)",
+    )
+    p.add_argument(
         "--report",
         choices=("human", "json"),
         default="human",
@@ -173,7 +181,8 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
 
     try:
         if fast:
-            run_blocking(machine, ready)
+            spin = plugin_cls.default_spin_us if args.spin_us is None else args.spin_us
+            run_blocking(machine, ready, spin_us=spin)
         else:
             trio.run(run_trio, machine, ready)
     except Stopped as stop:

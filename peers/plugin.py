@@ -146,6 +146,8 @@ class Plugin:
     description: ClassVar[str] = ""
     #: Prefer the blocking fast-path event loop (lowest doorbell latency) over trio.
     prefers_fast_path: ClassVar[bool] = False
+    #: On the fast path, how long to poll for the next ring before sleeping (microseconds).
+    default_spin_us: ClassVar[float] = 0.0
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options

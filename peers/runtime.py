@@ -120,13 +120,15 @@ class PeerMachine:
     def _doorbell(self, peer_id: int, vector: int) -> None:
         os.eventfd_write(self.peer_fds[peer_id][vector], 1)
 
-    def on_vector(self, vector: int) -> None:
-        """Our eventfd ``vector`` is readable: consume it and interrupt the guest once."""
+    def on_vector(self, vector: int) -> bool:
+        """Our eventfd ``vector`` may be readable: consume it and interrupt the guest once.
+        Returns whether it had been rung."""
         try:
             os.eventfd_read(self._own_fds[vector])
         except BlockingIOError:
-            return
+            return False
         self.device.ring(vector)
+        return True
 
     @property
     def own_fds(self) -> list[int]:

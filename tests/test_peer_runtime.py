@@ -13,15 +13,15 @@ from .peerprocs import peer_processes
 PING_LINE = re.compile(r"^ping: 300 round trips, p50 [0-9.]+ us, p99 [0-9.]+ us$")
 
 
-@pytest.mark.parametrize("loop", ["--fast-path", "--trio"])
+@pytest.mark.parametrize("loop", ["--fast-path", "--trio", "--fast-path --spin-us 20"])
 async def test_two_peers_play_ping(start_daemon: Any, loop: str) -> None:
     async with start_daemon(vectors=1) as daemon, peer_processes() as spawn:
-        args = ["-S", daemon.socket_path, "--plugin", "ping", "--count", "300", loop]
+        args = ["-S", daemon.socket_path, "--plugin", "ping", "--count", "300", *loop.split()]
         server, answerer = await spawn(args), await spawn(args)
         first = await server.wait_event(event="running")
         second = await answerer.wait_event(event="running")
         assert {first["peer_id"], second["peer_id"]} == {0, 1}
-        assert first["loop"] == ("fast-path" if loop == "--fast-path" else "trio")
+        assert first["loop"] == ("trio" if loop == "--trio" else "fast-path")
         serving = server if first["peer_id"] == 0 else answerer
         done = await serving.wait_event(event="finished")
         assert done["ok"] is True and PING_LINE.match(done["summary"]), done
