@@ -15,10 +15,19 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 import trio
 
 from peers.plugin import available_plugins
-from peers.plugins.ring import checksum_crc32, checksum_sum64, record_size
+from peers.plugins.ring import (
+    CHECKSUMS,
+    batch_bytes,
+    checksum_at,
+    checksum_crc32,
+    checksum_sum64,
+    record_size,
+)
 from peers.testing import DaemonProcess
 
 PEER_TIMEOUT = 60.0
@@ -127,6 +136,33 @@ def test_checksums_catch_a_flipped_byte_and_count_every_byte() -> None:
     assert checksum_sum64(b"") != checksum_sum64(b"\0")  # the length is part of it
 
 
+def test_checksums_in_place_match_the_plain_checksums() -> None:
+    buf = memoryview(bytearray(os.urandom(8192)))
+    words = np.frombuffer(buf, np.uint64)
+    for kind, plain in CHECKSUMS.items():
+        for start, n in [(0, 0), (0, 8192), (32, 4096), (8, 4099), (4096, 1), (64, 7)]:
+            assert checksum_at(kind, buf, words, start, n) == plain(bytes(buf[start : start + n]))
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        checksum_at("sum64", buf, words, 4, 16)
+
+
+@pytest.mark.parametrize(
+    ("ring", "largest"),
+    [(8192, 1088), (1 << 20, 65600), (69632, 65600), (65600, 65600), (4096, 64)],
+)
+def test_the_sleep_thresholds_never_let_both_sides_sleep(ring: int, largest: int) -> None:
+    batch = batch_bytes(ring, largest)
+    assert 0 <= batch <= ring // 4 and batch <= ring - largest
+    tail = 0  # indices are free-running: only differences matter
+    for rec in range(64, largest + 1, 64):
+        for head in range(tail + ring - rec + 64, tail + ring + 1, 64):  # no room for rec
+            want = head - ring + max(batch, rec)  # the tail the blocked producer waits for
+            assert tail < want <= head  # reachable, and it frees room for rec
+            # the consumer sleeps only with head <= its tail + batch, i.e. past ``want``:
+            # its release reaching ``want`` rang the producer, so both never sleep
+            assert head > tail + batch and head - batch >= want
+
+
 def test_records_are_cache_line_aligned_and_hold_header_and_payload() -> None:
     assert record_size(1) == 64
     assert record_size(32) == 64
@@ -172,6 +208,34 @@ async def test_ring_wraps_small_odd_sized_messages_with_crc32(
     assert consumer.returncode == 0, consumer.stderr
     figures = consumer.last("ring")
     assert (figures["bytes"], figures["messages"], figures["checksum_errors"]) == (1000003, 1001, 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "options", "messages"),
+    [
+        # payloads not a whole number of words: checksummed one by one; a tiny ring, so
+        # both sides sleep and wake on their event indices all the time
+        ("64K", ["--bytes", "300007", "--message-size", "1001", "--ring-size", "8K"], 300),
+        # whole-word payloads checksummed by the batch, then a shorter last message
+        ("1M", ["--bytes", "1000000", "--message-size", "64K"], 16),
+    ],
+)
+async def test_ring_handles_uneven_messages_and_sizes(
+    start_daemon: StartDaemon, tmp_path: Path, size: str, options: list[str], messages: int
+) -> None:
+    env = plugin_env(tmp_path, ["ring"])
+    async with start_daemon(vectors=2, size=size) as daemon:
+        argv = peer_argv(daemon.socket_path, "ring", *options)
+        runs = await run_peers([argv, argv], env)
+    consumer = by_role(runs)["consumer"]
+    assert consumer.returncode == 0, (consumer.stderr, consumer.events[-3:])
+    figures = consumer.last("ring")
+    total = int(options[1])
+    assert (figures["bytes"], figures["messages"], figures["checksum_errors"]) == (
+        total,
+        messages,
+        0,
+    )
 
 
 async def test_a_corrupted_message_fails_the_consumer(

@@ -61,6 +61,27 @@ def test_read_write_reach_host_memory() -> None:
     assert cpu.tlb.fills == fills
 
 
+@pytest.mark.parametrize("page_size", [4096, 2 * MIB])
+def test_read_into_fills_a_buffer_as_read_returns(page_size: int) -> None:
+    vm, cpu = _vm(4 * MIB, page_size=page_size)
+    pattern = np.random.default_rng(7).integers(0, 256, 4 * MIB, dtype=np.uint8)
+    vm.memslot(0).backing.mem[:] = pattern.tobytes()
+    buf = bytearray(3 * 4096 + 100)
+    view = memoryview(buf)
+    # inside one page or block (a hit once mapped), across pages, across 2M blocks, empty
+    for gpa, n in [(RAM + 5, 64), (RAM + 5, 64), (RAM + 4000, 9000), (RAM + 2 * MIB - 50, 100),
+                   (RAM + 123, 0)]:  # fmt: skip
+        cpu.read_into(gpa, view[:n])
+        assert bytes(view[:n]) == cpu.read(gpa, n) == pattern[gpa - RAM : gpa - RAM + n].tobytes()
+    with pytest.raises(vmm.GuestMemoryFault):  # runs off the end of memory
+        cpu.read_into(RAM + 4 * MIB - 8, view[:16])
+    dev = Registers()
+    vm.register_mmio(0x1000_0000, 256, dev)
+    dev.regs[8] = 0x01020304
+    cpu.read_into(0x1000_0008, view[:4])
+    assert bytes(view[:4]) == bytes([4, 3, 2, 1]) and dev.log[-1] == ("r", 8, 4, 0)
+
+
 def test_fault_maps_the_largest_leaf_alignment_allows() -> None:
     vm = vmm.Vm()
     backing = vmm.Backing.hugetlb(8 * MIB, 2 * MIB)

@@ -74,6 +74,41 @@ class Vcpu:
                     return entry.mem[off : off + n].tobytes()
         return self._access(gpa, n, None)
 
+    def read_into(self, gpa: int, buffer: bytearray | memoryview) -> None:
+        """Fill ``buffer`` (writable, bytes format) with the ``len(buffer)`` bytes at ``gpa``:
+        :meth:`read` without a new ``bytes`` object per access, for a driver that copies
+        into a buffer it reuses. Same translation, faults and MMIO dispatch as :meth:`read`."""
+        n = len(buffer)
+        entry = self._tlb0.get(gpa >> PAGE_SHIFT)
+        if entry is not None:
+            off = gpa & (PAGE_SIZE - 1)
+            if off + n <= PAGE_SIZE:
+                buffer[:] = entry.mem[off : off + n]
+                return
+        else:
+            entry = self._tlb1.get(gpa >> self._shift1)
+            if entry is not None:
+                off = gpa & self._mask1
+                if off + n <= self._size1:
+                    buffer[:] = entry.mem[off : off + n]
+                    return
+        self._read_leaves_into(gpa, memoryview(buffer).cast("B"))
+
+    def _read_leaves_into(self, gpa: int, out: memoryview) -> None:
+        """:meth:`read_into`'s slow path: MMIO dispatch, or memory leaf by leaf."""
+        n = len(out)
+        if n == 0 or gpa < 0 or self.vm.mmio.find(gpa) is not None:
+            out[:] = self._access(gpa, n, None)
+            return
+        pos = 0
+        while pos < n:
+            addr = gpa + pos
+            mem = self._resolve(addr, None).mem
+            off = addr & (len(mem) - 1)
+            chunk = min(n - pos, len(mem) - off)
+            out[pos : pos + chunk] = mem[off : off + chunk]
+            pos += chunk
+
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``gpa``."""
         entry = self._tlb0.get(gpa >> PAGE_SHIFT)
@@ -143,9 +178,7 @@ class Vcpu:
         while pos < n:
             addr = gpa + pos
             in_page = min(n - pos, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            mem = self._resolve(
-                addr, None if source is None else source[pos : pos + in_page]
-            ).mem
+            mem = self._resolve(addr, None if source is None else source[pos : pos + in_page]).mem
             off = addr & (len(mem) - 1)
             chunk = min(n - pos, len(mem) - off)
             if source is None:
