@@ -510,7 +510,9 @@ class ForkServer:
 def serve(fd: int, preload: Sequence[str] = ()) -> int:
     """Run the fork server on the inherited socket ``fd``; ``preload`` names plugins to
     import before the first fork. Returns when the launcher is gone or sends SIGTERM."""
-    from . import cli  # noqa: F401  (the point: import once, before forking)
+    # the point: import once, before forking (the CLI imports the VMM model lazily, so name
+    # the runtime modules too)
+    from . import cli, loops, runtime  # noqa: F401
     from .plugin import PluginError, load_plugin
 
     for name in preload:
