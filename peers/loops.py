@@ -66,9 +66,14 @@ async def run_trio(machine: PeerMachine, on_ready: Callable[[], None] = _nothing
                 finished.set()
                 return
 
-    async def watch_server() -> None:
-        client = machine.client
+    async def watch_server(nursery: trio.Nursery) -> None:
+        client, own_fds = machine.client, machine.own_fds
+        watched = 0
         while True:
+            # own vectors can still arrive after the handshake: watch each as it comes
+            while watched < len(own_fds):
+                nursery.start_soon(watch_vector, watched, own_fds[watched])
+                watched += 1
             machine.on_server_event(await client.next_event())
             if machine.done:
                 finished.set()
@@ -103,7 +108,7 @@ async def _supervise(
     finished: trio.Event,
     watch_signals: Callable[[Any], Awaitable[None]],
     watch_vector: Callable[[int, int], Awaitable[None]],
-    watch_server: Callable[[], Awaitable[None]],
+    watch_server: Callable[[trio.Nursery], Awaitable[None]],
     on_ready: Callable[[], None],
 ) -> None:
     async with trio.open_nursery() as nursery:
@@ -111,9 +116,7 @@ async def _supervise(
         on_ready()
         _drain_server(machine)
         machine.start()
-        for vector, fd in enumerate(machine.own_fds):
-            nursery.start_soon(watch_vector, vector, fd)
-        nursery.start_soon(watch_server)
+        nursery.start_soon(watch_server, nursery)
         if not machine.done:
             await finished.wait()
         nursery.cancel_scope.cancel()
