@@ -36,7 +36,7 @@ from .control import (
 from .controlview import DaemonControlView
 from .daemon import daemonize, write_pidfile
 from .listener import Listener, ListenerError, bind_listener, parse_group
-from .protocol import MAX_VECTORS
+from .protocol import MAX_PEER_ID, MAX_VECTORS
 from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig
 from .shm import (
@@ -149,6 +149,18 @@ def _mode(text: str) -> int:
     if not 0 <= value <= 0o777:
         raise argparse.ArgumentTypeError(f"invalid socket mode {text!r} (octal, e.g. 0660)")
     return value
+
+
+def _id_range(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit()):
+        raise argparse.ArgumentTypeError(f"invalid peer id range {text!r} (FIRST-LAST)")
+    low, high = int(first), int(last)
+    if not low <= high <= MAX_PEER_ID:
+        raise argparse.ArgumentTypeError(
+            f"invalid peer id range {text!r}: need FIRST <= LAST <= {MAX_PEER_ID}"
+        )
+    return low, high
 
 
 def _positive_int(text: str) -> int:
@@ -267,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_MAX_PEERS,
         help=f"refuse newcomers beyond N peers (default {DEFAULT_MAX_PEERS})",
+    )
+    more.add_argument(
+        "--peer-ids",
+        metavar="FIRST-LAST",
+        type=_id_range,
+        default=(0, MAX_PEER_ID),
+        help="hand out peer ids from this range only (default 0-65535), e.g. to give "
+        "daemons that will federate disjoint ranges",
     )
     more.add_argument(
         "--send-timeout",
@@ -481,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = ServerConfig(
         n_vectors=args.vectors,
         max_peers=args.max_peers,
+        peer_ids=args.peer_ids,
         send_timeout=args.send_timeout,
         allow_uids=frozenset(args.allow_uid),
         allow_gids=frozenset(args.allow_gid),

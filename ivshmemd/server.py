@@ -32,7 +32,7 @@ import trio
 
 from . import wire
 from .protocol import Message, join_messages, leave_messages
-from .registry import Peer, Registry, RegistryFull, SharedFd
+from .registry import IdAllocator, Peer, Registry, RegistryFull, SharedFd
 from .shm import SharedMemoryRegion
 
 __all__ = [
@@ -65,6 +65,8 @@ class ServerConfig:
 
     n_vectors: int = 1
     max_peers: int = 4096
+    #: the ids this daemon hands out (a federation gives each daemon its own range)
+    peer_ids: tuple[int, int] = (0, 0xFFFF)
     send_timeout: float = 5.0
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
@@ -158,7 +160,7 @@ class IvshmemServer:
         self.listen_sock = listen_sock
         self.shm = shm
         self.config = config
-        self.registry = Registry(config.n_vectors, config.max_peers)
+        self.registry = Registry(config.n_vectors, config.max_peers, IdAllocator(*config.peer_ids))
         self.stats = ServerStats()
         self.connections: dict[int, Connection] = {}
         self.listeners: list[EventListener] = []

@@ -54,6 +54,8 @@ def shm_name() -> Any:
         (["-l", "16E"], "below 2^64"),
         (["-x"], "unrecognized arguments"),
         (["--max-peers", "0"], "must be positive"),
+        (["--peer-ids", "9-3"], "invalid peer id range"),
+        (["--peer-ids", "0-70000"], "invalid peer id range"),
         (["--socket-mode", "999"], "invalid socket mode"),
         (["--socket-group", "no-such-group-xyz"], "unknown group"),
         (["-M", "a/b"], "may not contain '/'"),

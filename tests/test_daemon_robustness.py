@@ -199,3 +199,25 @@ async def test_a_thousand_peers_see_each_other(start_daemon: Any) -> None:
         finally:
             for client in clients:
                 client.close()
+
+
+async def test_peer_ids_come_from_the_configured_range(start_daemon: Any) -> None:
+    """--peer-ids FIRST-LAST: ids start at FIRST, wrap within the range, and a full range
+    refuses the newcomer."""
+    async with start_daemon(vectors=0, args=["--peer-ids", "700-702"]) as daemon:
+        clients = [await RawClient.connect(daemon.socket_path) for _ in range(3)]
+        try:
+            ids = [(await c.read(3))[1][0] for c in clients]
+            assert ids == [700, 701, 702]
+            extra = await RawClient.connect(daemon.socket_path)
+            assert await extra.read_eof() == []
+            assert "all 3 peer ids in 700..702 are in use" in (await daemon.wait_log("refused"))[0]
+            extra.close()
+            clients.pop(1).close()
+            await daemon.wait_log("peer 701 left")
+            again = await RawClient.connect(daemon.socket_path)
+            clients.append(again)
+            assert (await again.read(3))[1][0] == 701  # the counter wrapped to the free id
+        finally:
+            for client in clients:
+                client.close()
