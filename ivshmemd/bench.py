@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from . import wire
+from .argtypes import int_in, positive_int
 
 
 async def _worker(path: str, count: int, vectors: int, total: int) -> None:
@@ -290,12 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="bench", required=True)
     join = sub.add_parser("join", help="N peers join; time until all have seen each other")
-    join.add_argument("--peers", type=int, default=64)
-    join.add_argument("--vectors", type=int, default=4)
-    join.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    join.add_argument("--peers", type=int_in(1, 65536), default=64)
+    join.add_argument("--vectors", type=int_in(1, 64), default=4)
+    join.add_argument("--workers", type=positive_int, default=os.cpu_count() or 2)
     join.add_argument("--json", action="store_true")
     churn = sub.add_parser("churn", help="join/leave cycles: fds and RSS before and after")
-    churn.add_argument("--cycles", type=int, default=1000)
+    churn.add_argument("--cycles", type=positive_int, default=1000)
     churn.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.bench == "join":

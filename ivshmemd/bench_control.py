@@ -29,6 +29,7 @@ from typing import Any
 import trio
 import zmq
 
+from ivshmemd.argtypes import positive_int
 from ivshmemd.control import (
     EVENTS_WELCOME,
     EventPublisher,
@@ -229,8 +230,8 @@ def run(requests: int, cycles: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--cycles", type=int, default=1000)
+    parser.add_argument("--requests", type=positive_int, default=5000)
+    parser.add_argument("--cycles", type=positive_int, default=1000)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", metavar="SOCK", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ import trio
 
 from . import __version__
 from .activation import ActivationError, adopt_unix_listener
+from .argtypes import positive_int
 from .control import (
     ControlSetupError,
     Credentials,
@@ -163,16 +164,6 @@ def _id_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -276,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument(
         "--max-peers",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_PEERS,
         help=f"refuse newcomers beyond N peers (default {DEFAULT_MAX_PEERS})",
     )

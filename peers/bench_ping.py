@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ivshmemd.argtypes import positive_int
+
 __all__ = ["bench_ping", "main", "reference_source"]
 
 _LINE = re.compile(r"p50 ([0-9.]+) us\s+p99 ([0-9.]+) us")
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--count", type=int, default=20_000)
+    parser.add_argument("--count", type=positive_int, default=20_000)
     parser.add_argument("--loop", choices=("fast-path", "trio"), default="fast-path")
     parser.add_argument("--spin-us", type=float, default=50.0)
     parser.add_argument("--json", action="store_true")

@@ -1,0 +1,35 @@
+"""argparse value types shared by the commands and benchmarks: bad values become one clear
+usage error instead of a traceback deep inside."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+__all__ = ["int_in", "positive_int"]
+
+
+def positive_int(text: str) -> int:
+    """An integer > 0 (any base Python accepts: 10, 0x10, 0o10)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for integers in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}: {text!r}")
+        return value
+
+    return parse

@@ -1,0 +1,29 @@
+"""The benchmarks' command lines: bad numbers are one clear usage error, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("ivshmemd.bench", ["join", "--peers", "0"], "must be in 1..65536"),
+        ("ivshmemd.bench", ["churn", "--cycles", "x"], "not an integer"),
+        ("ivshmemd.bench_control", ["--requests", "-1"], "must be positive"),
+        ("peers.bench_ping", ["--count", "0"], "must be positive"),
+        ("peers.bench", ["ring", "--bytes", "xx"], "invalid size"),
+        ("vmm.bench", ["pagetable", "-b", "garbage"], "bad size"),
+        ("vmm.bench", ["dirty-log", "-v", "0"], "positive integer"),
+    ],
+)
+def test_bad_benchmark_arguments(module: str, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
