@@ -24,7 +24,7 @@ import trio
 
 from . import __version__
 from .activation import ActivationError, adopt_unix_listener
-from .argtypes import positive_int
+from .argtypes import positive_float, positive_int
 from .control import (
     ControlSetupError,
     Credentials,
@@ -164,16 +164,6 @@ def _id_range(text: str) -> tuple[int, int]:
     return low, high
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def _id_list(text: str) -> list[int]:
     out = []
     for part in text.split(","):
@@ -282,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument(
         "--send-timeout",
         metavar="SECONDS",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_SEND_TIMEOUT,
         help="disconnect a peer that reads none of its pending messages for this "
         f"long (default {DEFAULT_SEND_TIMEOUT:g})",

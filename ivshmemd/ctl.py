@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
 import zmq
 
+from ivshmemd.argtypes import positive_float
 from ivshmemd.control import (
     EVENTS_WELCOME,
     MAX_PEER_ID,
@@ -454,16 +455,6 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
 # ---------------------------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def _add_target_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """-S/--control/--timeout/--json, accepted before and after the subcommand. On the
     subcommand parsers the defaults are suppressed so they do not undo a value given first."""
@@ -487,7 +478,7 @@ def _add_target_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         metavar="SECONDS",
         default=default(DEFAULT_TIMEOUT),
         help=f"how long to wait for the daemon (default {DEFAULT_TIMEOUT:g})",
