@@ -51,10 +51,19 @@ class Message(Generic[H]):
 
 @dataclass(frozen=True, slots=True)
 class PeerVectors(Generic[H]):
-    """A peer as the protocol sees it: its id and its receive vectors (one fd handle each)."""
+    """A peer as the protocol sees it: its id and its receive vectors (one fd handle each).
+
+    ``announcement`` is the message run that tells others about it (one message per vector,
+    in order), built once: every later join repeats it to the newcomer.
+    """
 
     peer_id: int
     vectors: tuple[H, ...]
+    announcement: tuple[Message[H], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        run = tuple(Message(self.peer_id, fd) for fd in self.vectors)
+        object.__setattr__(self, "announcement", run)
 
 
 Outbox = list[tuple[int, list[Message[H]]]]
@@ -73,7 +82,7 @@ def join_messages(
     """
     existing = list(existing)
     p = newcomer.peer_id
-    notice = [Message(p, fd) for fd in newcomer.vectors]
+    notice = newcomer.announcement
     outbox: Outbox[H] = [
         (p, [Message(PROTOCOL_VERSION), Message(p), Message(SHM_MESSAGE_VALUE, shm)])
     ]
@@ -81,7 +90,7 @@ def join_messages(
         outbox.extend((peer.peer_id, list(notice)) for peer in existing)
     rest: list[Message[H]] = []
     for peer in existing:
-        rest.extend(Message(peer.peer_id, fd) for fd in peer.vectors)
+        rest.extend(peer.announcement)
     rest.extend(notice)
     if rest:
         outbox.append((p, rest))

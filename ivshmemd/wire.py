@@ -10,6 +10,7 @@ two thin helpers at the end, which wrap a single ``sendmsg``/``recvmsg`` call.
 from __future__ import annotations
 
 import array
+import functools
 import socket
 import struct
 
@@ -35,8 +36,11 @@ class WireError(Exception):
     """A message violates the wire format (wrong length, several fds, a truncated message)."""
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def encode(value: int) -> bytes:
-    """Encode one message value (a peer id, -1 for the shm message, or 0 for the version)."""
+    """Encode one message value (a peer id, -1 for the shm message, or 0 for the version).
+
+    Cached: the same few thousand ids are encoded over and over during joins."""
     return MESSAGE.pack(value)
 
 
