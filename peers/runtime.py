@@ -152,9 +152,13 @@ class PeerMachine:
                     self.plugin.peer_joined(event.peer_id)
         else:
             # A ring that peer sent before leaving may still sit in our eventfds: deliver it
-            # first, so the plugin sees the peer's last doorbell before its departure.
-            for vector in range(len(self._own_fds)):
-                self.on_vector(vector)
+            # first, so the plugin sees the peer's last doorbell before its departure. Not
+            # before the plugin has started: its driver has not enabled MSI-X yet, and a ring
+            # consumed now would be lost (QEMU drops rings while MSI-X is off); left in the
+            # eventfd, the event loop delivers it once the guest is ready.
+            if self._started:
+                for vector in range(len(self._own_fds)):
+                    self.on_vector(vector)
             self.device.remove_peer(event.peer_id)
             self._report(event="peer-left", peer_id=event.peer_id)
             if self._started:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import signal
 from typing import Any
@@ -84,3 +85,41 @@ async def test_interrupts_reach_the_plugin_through_msix(start_daemon: Any) -> No
         failed = await pinger.wait_event(event="finished")
         assert failed["ok"] is False and "partner 1 left" in failed["summary"]
         assert await pinger.wait_exit() == 1
+
+
+async def test_a_ring_before_the_guest_starts_is_not_lost(start_daemon: Any) -> None:
+    """A doorbell that lands before the plugin has enabled MSI-X stays pending in the
+    eventfd, even when a leave notice is processed first, and is delivered once it runs."""
+    from peers.client import PeerLeft, connect
+    from peers.plugin import Guest, Plugin
+    from peers.runtime import PeerMachine
+
+    class Recorder(Plugin):
+        def start(self, guest: Guest) -> None:
+            super().start(guest)
+            guest.enable_msix()
+            self.vectors: list[int] = []
+
+        def interrupt(self, vector: int) -> None:
+            self.vectors.append(vector)
+
+    async with start_daemon(vectors=1) as daemon:
+        ringer = await connect(daemon.socket_path, vectors=1)
+        leaver = await connect(daemon.socket_path, vectors=1)
+        target = await connect(daemon.socket_path, vectors=1)
+        plugin = Recorder(argparse.Namespace())
+        machine = PeerMachine(target, plugin, vectors=1)
+        try:
+            while target.peer_id not in ringer.peers:  # the ringer learns of the target
+                await ringer.next_event()
+            assert ringer.ring(target.peer_id, 0)
+            leaver.close()
+            event = await target.next_event()
+            assert event == PeerLeft(leaver.peer_id)
+            machine.on_server_event(event)  # before the guest has started
+            machine.start()
+            assert machine.on_vector(0) is True  # what the event loop does next
+            assert plugin.vectors == [0]
+        finally:
+            machine.stop()
+            ringer.close()
