@@ -187,12 +187,9 @@ class IvshmemServer:
                 self._reserve_fd = None
 
     def shutdown_peers(self, reason: str) -> None:
-        """Free every peer in connection order, telling the rest, then flush and close."""
-        conns = [self.connections[pid] for pid in self.registry.ids()]
-        for conn in conns:
+        """Free every peer in connection order, telling the rest (as QEMU's server does)."""
+        for conn in [self.connections[pid] for pid in self.registry.ids()]:
             self.drop(conn, reason)
-        for conn in conns:
-            self._finish(conn)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -306,14 +303,19 @@ class IvshmemServer:
     # -- per-connection tasks ------------------------------------------------------------
 
     async def _run_connection(self, conn: Connection) -> None:
+        if conn.dropped:  # dropped before its tasks ever ran: its socket is closed
+            return
         with conn.scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_client, conn)
                 nursery.start_soon(self._send_loop, conn)
-        self._finish(conn)
+
+    # Both tasks begin with a cancellation check: if the other one dropped the peer (and
+    # closed its socket) before this one first ran, it must not touch the closed fd.
 
     async def _watch_client(self, conn: Connection) -> None:
         """Any readability means the client is gone: EOF, an error, or forbidden data."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             await trio.lowlevel.wait_readable(conn.sock)
             try:
@@ -332,6 +334,7 @@ class IvshmemServer:
 
     async def _send_loop(self, conn: Connection) -> None:
         """Wait for room whenever the client's socket is full; drop it if none comes."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         outbox = conn.outbox
         while True:
             if not outbox:
@@ -356,13 +359,15 @@ class IvshmemServer:
     # -- leaving --------------------------------------------------------------------------
 
     def drop(self, conn: Connection, reason: str | None) -> None:
-        """Unregister a peer and queue its leave notice to every remaining peer (once)."""
+        """Unregister a peer, queue its leave notice to every remaining peer and close its
+        connection (once). By the time its "left" is logged or announced, its fds are gone."""
         if conn.dropped:
             return
         conn.dropped = True
         conn.scope.cancel()
         peer_id = conn.peer.peer_id
-        if self.connections.get(peer_id) is conn:
+        registered = self.connections.get(peer_id) is conn
+        if registered:
             del self.connections[peer_id]
             self.registry.remove(peer_id)
             notices: list[tuple[int, list[Message[SharedFd]]]] = leave_messages(
@@ -370,6 +375,8 @@ class IvshmemServer:
             )
             for recipient, messages in notices:
                 self.connections[recipient].enqueue(messages)
+        self._close(conn)
+        if registered:
             self.stats.leaves += 1
             if reason is None:
                 log.info("peer %d left", peer_id)
@@ -377,12 +384,12 @@ class IvshmemServer:
                 log.info("peer %d left: %s", peer_id, reason)
             self._emit("peer-left", conn.peer, reason)
 
-    def _finish(self, conn: Connection) -> None:
-        """After a drop: push out what the socket takes now, free the rest, close."""
-        if conn.sock.fileno() < 0:
-            return
+    def _close(self, conn: Connection) -> None:
+        """Push out what the socket takes now, free the rest, close the socket. Its tasks
+        were cancelled first, so none is left waiting on the fd when it goes."""
         conn.flush_nowait()
         conn.release_outbox()
+        trio.lowlevel.notify_closing(conn.sock)
         conn.sock.close()
 
     def kick(self, peer_id: int, reason: str = "kicked") -> bool:

@@ -221,3 +221,18 @@ async def test_peer_ids_come_from_the_configured_range(start_daemon: Any) -> Non
         finally:
             for client in clients:
                 client.close()
+
+
+async def test_clients_that_vanish_at_once_are_dropped_cleanly(start_daemon: Any) -> None:
+    """Clients that close right after connecting (before their greeting is out) are dropped
+    with their fds closed, and the daemon stays healthy and shuts down cleanly."""
+    async with start_daemon(vectors=2) as daemon:
+        fds_before = daemon.fd_count()
+        for _ in range(50):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(daemon.socket_path)
+            sock.close()
+        await daemon.wait_log(r"peer \d+ left", count=50)
+        assert daemon.fd_count() == fds_before  # closed by the time "left" is logged
+        assert await daemon.terminate() == 0
+        assert daemon.count("fatal") == 0
