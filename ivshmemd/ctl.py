@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
 import zmq
 
-from ivshmemd.argtypes import positive_float
+from ivshmemd.argtypes import positive_float, positive_int
 from ivshmemd.control import (
     EVENTS_WELCOME,
     MAX_PEER_ID,
@@ -414,16 +414,6 @@ def _peer_id(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
 def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentParser) -> None:
     """Add ``status``, ``peers``, ``kick``, ``stats`` and ``watch``."""
     p = subparsers.add_parser("status", parents=[common], help="daemon version, shm, peers")
@@ -446,7 +436,7 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
         default=argparse.SUPPRESS,
         help="events endpoint (default: derived from -S or --control)",
     )
-    p.add_argument("--count", type=_count, default=None, help="exit after N events")
+    p.add_argument("--count", type=positive_int, default=None, help="exit after N events")
     p.set_defaults(run=_run_watch)
 
 

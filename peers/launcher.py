@@ -58,6 +58,7 @@ from typing import Any, Final, Self, TextIO
 
 import trio
 
+from ivshmemd.argtypes import int_in
 from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.shm import unlink_posix_shm
 from ivshmemd.sizes import SizeError, parse_size
@@ -122,26 +123,6 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= value <= MAX_PEERS:
-        raise argparse.ArgumentTypeError(f"must be 1..{MAX_PEERS}, not {value}")
-    return value
-
-
-def _vectors(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= MAX_VECTORS:
-        raise argparse.ArgumentTypeError(f"must be 0..{MAX_VECTORS}, not {value}")
-    return value
-
-
 def _size(text: str) -> str:
     try:
         parse_size(text)
@@ -159,14 +140,14 @@ def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) ->
 
     parser.add_argument(
         "--peers",
-        type=_positive_int,
+        type=int_in(1, MAX_PEERS),
         metavar="N",
         default=default(None),
         help="how many peer processes to run (required)",
     )
     parser.add_argument(
         "--vectors",
-        type=_vectors,
+        type=int_in(0, MAX_VECTORS),
         metavar="V",
         default=default(1),
         help="interrupt vectors per peer, the daemon's -n (default 1)",
