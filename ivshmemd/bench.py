@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,31 @@ from . import wire
 from .argtypes import int_in, positive_int
 
 
+def _connect(path: str) -> socket.socket:
+    """A raw, non-blocking client connection to the daemon."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.setblocking(False)
+    return sock
+
+
+async def _read_values(sock: socket.socket, count: int) -> list[int]:
+    """Read ``count`` messages, closing their fds at once; their values, in order."""
+    values: list[int] = []
+    while len(values) < count:
+        try:
+            data, fds, _flags = wire.recv_message(sock)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not data:
+            raise SystemExit(f"bench client: EOF after {len(values)} of {count} messages")
+        for fd in fds:
+            os.close(fd)
+        values.append(wire.decode(data))
+    return values
+
+
 async def _worker(path: str, count: int, vectors: int, total: int) -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -38,24 +64,9 @@ async def _worker(path: str, count: int, vectors: int, total: int) -> None:
 
     async def tracked() -> None:
         nonlocal remaining
-        import socket
-
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        sock.setblocking(False)
-        needed, got = 3 + vectors * total, 0
+        sock = _connect(path)
         try:
-            while got < needed:
-                try:
-                    data, fds, _flags = wire.recv_message(sock)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(sock)
-                    continue
-                if not data:
-                    raise SystemExit(f"worker: EOF after {got} of {needed} messages")
-                for fd in fds:
-                    os.close(fd)
-                got += 1
+            await _read_values(sock, 3 + vectors * total)
             remaining -= 1
             if remaining == 0:
                 done.set()
@@ -167,48 +178,25 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
 
 
 async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
-    import socket
-
-    def connect() -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(path)
-        sock.setblocking(False)
-        return sock
-
-    async def read(sock: socket.socket, count: int) -> list[int]:
-        values: list[int] = []
-        while len(values) < count:
-            try:
-                data, fds, _flags = wire.recv_message(sock)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            if not data:
-                raise SystemExit("churn: unexpected EOF")
-            for fd in fds:
-                os.close(fd)
-            values.append(wire.decode(data))
-        return values
-
     observers: list[socket.socket] = []
     for index in range(2):
-        sock = connect()
-        await read(sock, 3 + index + 1)
+        sock = _connect(path)
+        await _read_values(sock, 3 + index + 1)
         for other in observers:
-            await read(other, 1)
+            await _read_values(other, 1)
         observers.append(sock)
     fds_before = len(os.listdir(f"/proc/{pid}/fd"))
     rss_before = _rss(pid)
     seen: list[list[int]] = [[], []]
     start = time.perf_counter()
     for _ in range(cycles):
-        churner = connect()
-        await read(churner, 3 + 3)
+        churner = _connect(path)
+        await _read_values(churner, 3 + 3)
         for index, obs in enumerate(observers):
-            seen[index].extend(await read(obs, 1))
+            seen[index].extend(await _read_values(obs, 1))
         churner.close()
         for index, obs in enumerate(observers):
-            seen[index].extend(await read(obs, 1))
+            seen[index].extend(await _read_values(obs, 1))
     elapsed = time.perf_counter() - start
     expected = [peer for peer in range(2, 2 + cycles) for _ in range(2)]
     complete = all(s == expected for s in seen)
