@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .peerprocs import peer_processes
+from tests.peerprocs import peer_processes
 
 PING_LINE = re.compile(r"^ping: 300 round trips, p50 [0-9.]+ us, p99 [0-9.]+ us$")
 

@@ -19,10 +19,10 @@ import pytest
 
 from ivshmemd.shm import MIN_SHM_SIZE
 
-from .rawclient import RawClient
+from tests.rawclient import RawClient
 
 TRACES_PATH = (
-    Path(__file__).resolve().parents[2]
+    Path(__file__).resolve().parents[3]
     / "shared"
     / "testdata"
     / ("qemu-ivshmem-server-traces.json")

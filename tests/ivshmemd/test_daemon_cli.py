@@ -16,7 +16,7 @@ import pytest
 from ivshmemd.shm import attach_posix_shm, unlink_posix_shm
 from peers.testing import unique_name
 
-from .rawclient import RawClient
+from tests.rawclient import RawClient
 
 TIMEOUT = 20
 

@@ -35,7 +35,7 @@ ivshmem_peers = pytest_plugin.ivshmem_peers
 ivshmem_daemon_sync = pytest_plugin.ivshmem_daemon_sync
 ivshmem_peers_sync = pytest_plugin.ivshmem_peers_sync
 
-PLUGIN_DIR = Path(__file__).resolve().parent / "plugins"
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins"
 TIMEOUT = 60.0
 PING_LINE = re.compile(r"^ping: (\d+) round trips, p50 [0-9.]+ us, p99 [0-9.]+ us$")
 

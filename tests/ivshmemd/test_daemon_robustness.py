@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from .rawclient import RawClient
+from tests.rawclient import RawClient
 
 
 async def join(path: str, vectors: int, others: list[RawClient]) -> RawClient:

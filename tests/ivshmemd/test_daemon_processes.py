@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from .probes import probe_id, probes
+from tests.probes import probe_id, probes
 
 
 async def test_clients_see_each_other_and_eventfds_connect(start_daemon: Any) -> None:

@@ -23,7 +23,7 @@ from peers.client import ClientError, ServerGone, connect
 
 TRACES = json.loads(
     (
-        Path(__file__).resolve().parents[2] / "shared/testdata/qemu-ivshmem-server-traces.json"
+        Path(__file__).resolve().parents[3] / "shared/testdata/qemu-ivshmem-server-traces.json"
     ).read_text()
 )
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from .rawclient import RawClient
+from tests.rawclient import RawClient
 
 NOBODY = 65534
 

@@ -24,7 +24,7 @@ import pytest
 
 from ivshmemd.activation import DEFAULT_FD_NAME
 
-UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
+UNITS_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ("ivshmemd.service", "ivshmemd.socket", "ivshmem-peer@.service")
 INSTANCE = "ivshmem-peer@example.service"  # templates are verified through an instance
 BINARIES = {"/usr/bin/ivshmemd": "ivshmemd", "/usr/bin/ivshmem-peer": "ivshmem-peer"}

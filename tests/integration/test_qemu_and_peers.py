@@ -19,13 +19,13 @@ import trio
 from ivshmemd.shm import attach_posix_shm
 from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
 
-from .peerprocs import peer_processes
+from tests.peerprocs import peer_processes
 
 pytestmark = pytest.mark.skipif(
     not qemu_available(), reason=f"{QEMU_BINARY} is not on PATH (install qemu-system-x86)"
 )
 
-PLUGIN_DIR = Path(__file__).resolve().parent / "plugins"
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins"
 PEER_NOTE = b"hello from the emulated peer"
 QEMU_NOTE = b"hello from QEMU"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_plugin_ring import StartDaemon, peer_argv, plugin_env, run_peers
+from tests.peers.test_plugin_ring import StartDaemon, peer_argv, plugin_env, run_peers
 from vmm.bench.pagetable import STAGES
 
 
