@@ -5,8 +5,12 @@ The ring follows Documentation/virt/kvm/api.rst (KVM_CAP_DIRTY_LOG_RING): the ke
 strictly in order from its fetch index, flipping each to RESET ("collected"); then
 KVM_RESET_DIRTY_RINGS re-protects the collected pages and frees their slots, stopping at the
 first entry not collected yet. Until that reset, collected pages stay writable, so a write
-after the harvest is not reported again: reset before re-reading a page's content. When the
-ring holds ``entries`` unreset entries the vCPU exits with KVM_EXIT_DIRTY_RING_FULL.
+after the harvest is not reported again: reset before re-reading a page's content.
+
+Sizes are KVM's (virt/kvm/dirty_ring.c): KVM_CAP_DIRTY_LOG_RING takes the ring's size in
+*bytes*, a power of two of at least a page, 16 bytes per entry (:func:`ring_entries`). The
+vCPU exits with KVM_EXIT_DIRTY_RING_FULL at the *soft* limit, once ``entries - 64`` entries
+are unreset: the 64 reserved entries absorb what is pushed before the exit is taken.
 """
 
 from __future__ import annotations
@@ -21,14 +25,41 @@ from .errors import DirtyLogError, ModelBug
 __all__ = [
     "KVM_DIRTY_GFN_F_DIRTY",
     "KVM_DIRTY_GFN_F_RESET",
+    "KVM_DIRTY_GFN_SIZE",
+    "KVM_DIRTY_RING_MAX_ENTRIES",
+    "KVM_DIRTY_RING_RSVD_ENTRIES",
     "DirtyRing",
     "bitmap_from_pages",
     "bitmap_to_bools",
+    "ring_entries",
 ]
 
 KVM_DIRTY_GFN_F_DIRTY: Final = 1 << 0
 KVM_DIRTY_GFN_F_RESET: Final = 1 << 1
-MIN_RING_ENTRIES: Final = 16
+#: sizeof(struct kvm_dirty_gfn): flags u32, slot u32, offset u64
+KVM_DIRTY_GFN_SIZE: Final = 16
+#: Entries kept free for what is pushed before a vCPU takes its ring-full exit.
+KVM_DIRTY_RING_RSVD_ENTRIES: Final = 64
+KVM_DIRTY_RING_MAX_ENTRIES: Final = 65536
+_RING_PAGE: Final = 4096
+
+
+def ring_entries(size: int) -> int:
+    """Entries of a ring of ``size`` bytes, checked as KVM_CAP_DIRTY_LOG_RING checks it
+    (kvm_vm_ioctl_enable_dirty_log_ring): a power of two, at least a page and the reserved
+    entries, at most 65536 entries."""
+    if not isinstance(size, int) or size <= 0 or size & (size - 1):
+        raise DirtyLogError(f"dirty ring size must be a power of two in bytes, got {size!r}")
+    if size < _RING_PAGE or size < KVM_DIRTY_RING_RSVD_ENTRIES * KVM_DIRTY_GFN_SIZE:
+        raise DirtyLogError(
+            f"dirty ring size {size} is below a page ({_RING_PAGE} bytes = "
+            f"{_RING_PAGE // KVM_DIRTY_GFN_SIZE} entries of {KVM_DIRTY_GFN_SIZE} bytes)"
+        )
+    if size > KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE:
+        raise DirtyLogError(
+            f"dirty ring size {size} is above {KVM_DIRTY_RING_MAX_ENTRIES} entries (-E2BIG)"
+        )
+    return size // KVM_DIRTY_GFN_SIZE
 
 
 def bitmap_from_pages(pages: npt.NDArray[np.int64], npages: int) -> npt.NDArray[np.uint64]:
@@ -49,11 +80,10 @@ class DirtyRing:
     """One vCPU's dirty ring (an array of kvm_dirty_gfn: flags, slot, offset)."""
 
     def __init__(self, entries: int) -> None:
-        if entries < MIN_RING_ENTRIES or entries & (entries - 1):
-            raise DirtyLogError(
-                f"dirty ring size must be a power of two >= {MIN_RING_ENTRIES}, got {entries}"
-            )
+        ring_entries(entries * KVM_DIRTY_GFN_SIZE)  # KVM's size rules
         self.entries = entries
+        #: unreset entries at which the vCPU exits (kvm_dirty_ring_soft_full)
+        self.soft_limit = entries - KVM_DIRTY_RING_RSVD_ENTRIES
         self.flags = np.zeros(entries, dtype=np.uint32)
         self.slot = np.zeros(entries, dtype=np.uint32)
         self.offset = np.zeros(entries, dtype=np.uint64)
@@ -63,20 +93,34 @@ class DirtyRing:
 
     @property
     def used(self) -> int:
+        """Entries pushed and not reset yet."""
         return self.dirty_index - self.reset_index
 
     @property
     def room(self) -> int:
-        return self.entries - self.used
+        """Pages the vCPU can still dirty before its ring-full exit."""
+        return max(0, self.soft_limit - self.used)
 
     @property
     def full(self) -> bool:
-        return self.room == 0
+        """Soft-full: the vCPU exits with KVM_EXIT_DIRTY_RING_FULL before running on."""
+        return self.used >= self.soft_limit
+
+    def push(self, slot: int, offset: int) -> None:
+        """Publish one dirty page (the scalar form of :meth:`push_many`)."""
+        if self.used >= self.entries:
+            raise ModelBug("dirty ring push into a full ring")
+        pos = self.dirty_index & (self.entries - 1)
+        self.slot[pos] = slot
+        self.offset[pos] = offset
+        self.flags[pos] = KVM_DIRTY_GFN_F_DIRTY
+        self.dirty_index += 1
 
     def push_many(self, slot: int, offsets: npt.NDArray[np.int64]) -> None:
+        """Publish dirty pages in order (kvm_dirty_ring_push per page)."""
         n = int(offsets.shape[0])
-        if n > self.room:
-            raise ModelBug(f"dirty ring push of {n} entries with room for {self.room}")
+        if n > self.entries - self.used:
+            raise ModelBug(f"dirty ring push of {n} entries into {self.entries - self.used} free")
         pos = (self.dirty_index + np.arange(n)) & (self.entries - 1)
         self.slot[pos] = slot
         self.offset[pos] = offsets

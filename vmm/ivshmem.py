@@ -4,7 +4,8 @@ What the guest sees (docs/ivshmem-protocol.md):
 
 * PCI 1af4:1110 revision 1, class 0x0500, subsystem 1af4:1100; config space through
   :meth:`IvshmemDevice.config_read` / :meth:`IvshmemDevice.config_write`.
-* BAR0, 256 bytes of 32-bit registers (the device itself is BAR0's MMIO handler):
+* BAR0, 256 bytes of 32-bit registers (the device itself is BAR0's MMIO handler); the
+  offsets are public names here (:data:`REG_INTRMASK` ...), for drivers and tests:
 
   ========  ==========  ===========================================================
   offset    register    behaviour
@@ -13,13 +14,21 @@ What the guest sees (docs/ivshmem-protocol.md):
   4         IntrStatus  read/write; a read returns the value and clears it
   8         IVPosition  read-only: own peer id (0xffffffff, i.e. -1, while unknown)
   12        Doorbell    write-only (reads 0): bits 31..16 peer id, bits 7..0 vector
+                        (:func:`doorbell_value` / :func:`doorbell_fields`)
   ========  ==========  ===========================================================
 
-  Other offsets read 0 and ignore writes. As in QEMU (``impl.min_access_size = 4``,
-  ``valid`` sizes 1..4), a 1- or 2-byte access is served as a 4-byte one at the same
-  offset: a narrow read at an offset that is not a register returns 0, a narrow write goes
-  to the register of its dword with the narrow value. 8-byte or misaligned accesses are
-  refused (:class:`~vmm.pci.PciAccessError`).
+  Other offsets read 0 and ignore writes. Every access size is accepted, exactly as QEMU
+  7.2 serves a guest's MMIO exit (``address_space_rw`` then ``ivshmem_io_read/write``, with
+  ``impl`` sizes 4..4 and no ``valid`` limits): the memory core splits an access into
+  naturally aligned pieces of at most 4 bytes (a piece is also no wider than its address's
+  alignment), low address first; each piece reaches the device as a 4-byte access at the
+  piece's own offset. A read at an offset that is not a multiple of 4 returns 0 (QEMU's
+  read handler sees no register there) and a write goes to the register of its dword
+  (the handler masks the offset with 0xfc), with the piece's value zero-extended. So a
+  qword read at 0 returns ``IntrStatus << 32 | IntrMask`` (and clears IntrStatus), a
+  qword write at 8 rings the Doorbell with its high half, and a ``readl`` at offset 2
+  returns ``IntrStatus << 16``. tests/vmm/test_ivshmem_device.py checks all of this
+  against QEMU itself.
 * BAR1, MSI-X with one vector per eventfd (table at 0, PBA at 0x800), served by
   :attr:`IvshmemDevice.msix`.
 * BAR2, the shared memory (64-bit, prefetchable), mapped by :meth:`IvshmemDevice.attach`
@@ -68,6 +77,9 @@ from vmm.pci import (
 
 __all__ = [
     "BAR0_SIZE",
+    "DOORBELL_PEER_MASK",
+    "DOORBELL_PEER_SHIFT",
+    "DOORBELL_VECTOR_MASK",
     "INTX_VECTOR",
     "IVSHMEM_DEVICE_ID",
     "IVSHMEM_SUBSYSTEM_ID",
@@ -81,6 +93,8 @@ __all__ = [
     "InterruptSink",
     "IvshmemDevice",
     "VmLike",
+    "doorbell_fields",
+    "doorbell_value",
 ]
 
 IVSHMEM_VENDOR_ID = 0x1AF4  # Red Hat / Qumranet
@@ -89,11 +103,21 @@ IVSHMEM_REVISION = 1
 IVSHMEM_SUBSYSTEM_VENDOR_ID = 0x1AF4
 IVSHMEM_SUBSYSTEM_ID = 0x1100
 
+#: BAR0 offset of IntrMask (read/write): INTx is asserted while ``IntrStatus & IntrMask``.
 REG_INTRMASK = 0
+#: BAR0 offset of IntrStatus (read/write; reading it returns the value and clears it).
 REG_INTRSTATUS = 4
+#: BAR0 offset of IVPosition (read-only): this peer's id, 0xffffffff while unknown.
 REG_IVPOSITION = 8
+#: BAR0 offset of Doorbell (write-only, reads 0): ``doorbell_value(peer_id, vector)``.
 REG_DOORBELL = 12
+#: BAR0's size in bytes.
 BAR0_SIZE = 0x100
+#: Doorbell word: the destination peer id sits in bits 31..16 ...
+DOORBELL_PEER_SHIFT = 16
+DOORBELL_PEER_MASK = 0xFFFF
+#: ... and the vector in bits 7..0 (bits 15..8 are ignored).
+DOORBELL_VECTOR_MASK = 0xFF
 
 REGISTERS_BAR = 0
 MSIX_BAR = 1
@@ -108,7 +132,9 @@ INTX_VECTOR = -1
 
 _REG_MASK = 0xFC
 _ALL_ONES = 0xFFFFFFFF
-_SIZE_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}
+_WIDTH_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
+#: QEMU's memory core serves BAR0 in pieces of at most this many bytes (no ``valid`` limit)
+_MAX_PIECE = 4
 
 DoorbellNotifier = Callable[[int, int], None]
 InterruptSink = Callable[[int], None]
@@ -135,6 +161,35 @@ def _no_notifier(peer_id: int, vector: int) -> None:
 
 def _ignore_interrupt(vector: int) -> None:
     """Default interrupt sink: a guest with no handler installed."""
+
+
+def _pieces(offset: int, size: int) -> list[tuple[int, int, int]]:
+    """``(position, offset, width)`` of the pieces QEMU's ``flatview_read/write_continue``
+    cuts an access into (``memory_access_size``): at most 4 bytes, no wider than the
+    address's alignment, a power of two."""
+    out = []
+    pos = 0
+    while pos < size:
+        addr = offset + pos
+        width = min(size - pos, _MAX_PIECE, (addr & -addr) or _MAX_PIECE)
+        width = 1 << (width.bit_length() - 1)
+        out.append((pos, addr, width))
+        pos += width
+    return out
+
+
+def doorbell_value(peer_id: int, vector: int = 0) -> int:
+    """The 32-bit word a guest writes to :data:`REG_DOORBELL` to ring ``peer_id``'s
+    ``vector``."""
+    _check_peer_id(peer_id)
+    if not isinstance(vector, int) or not 0 <= vector <= DOORBELL_VECTOR_MASK:
+        raise ValueError(f"doorbell vector must be in 0..{DOORBELL_VECTOR_MASK}, got {vector!r}")
+    return (peer_id << DOORBELL_PEER_SHIFT) | vector
+
+
+def doorbell_fields(value: int) -> tuple[int, int]:
+    """``(peer_id, vector)`` of a Doorbell word, as the device decodes it."""
+    return (value >> DOORBELL_PEER_SHIFT) & DOORBELL_PEER_MASK, value & DOORBELL_VECTOR_MASK
 
 
 def _check_peer_id(peer_id: int) -> None:
@@ -289,31 +344,34 @@ class IvshmemDevice:
 
     # ------------------------------------------------------------------ BAR0
     def mmio_read(self, offset: int, size: int) -> int:
-        """Guest read of a BAR0 register."""
-        if size != 4:
-            return self._narrow_read(offset, size)
-        if offset & 3 or not 0 <= offset < BAR0_SIZE:
-            raise PciAccessError(self._bad_access(offset, size))
+        """Guest read of BAR0 (any size, split as QEMU's memory core splits it)."""
+        if size == 4 and not offset & 3 and 0 <= offset < BAR0_SIZE:
+            if not self._decode:
+                return _ALL_ONES
+            return self._read_register(offset)
+        self._check_access(offset, size)
         if not self._decode:
-            return _ALL_ONES
-        return self._read_register(offset)
+            return (1 << (8 * size)) - 1
+        value = 0
+        for pos, piece, width in _pieces(offset, size):
+            reg = self._read_register(piece) if not piece & 3 else 0
+            value |= (reg & _WIDTH_MASKS[width]) << (8 * pos)
+        return value
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
-        """Guest write of a BAR0 register; the Doorbell path is kept short."""
-        if size != 4:
-            self._narrow_write(offset, size, value)
+        """Guest write of BAR0; the Doorbell path (an aligned 4-byte write) is kept short."""
+        if size == 4 and offset == REG_DOORBELL:
+            if self._decode:
+                dest = (value >> 16) & 0xFFFF
+                connected = self._peer_vectors.get(dest)
+                if connected is not None and (value & 0xFF) < connected:
+                    self.notify(dest, value & 0xFF)
             return
-        if offset & 3 or not 0 <= offset < BAR0_SIZE:
-            raise PciAccessError(self._bad_access(offset, size))
+        self._check_access(offset, size)
         if not self._decode:
             return
-        if offset == REG_DOORBELL:
-            dest = (value >> 16) & 0xFFFF
-            connected = self._peer_vectors.get(dest)
-            if connected is not None and (value & 0xFF) < connected:
-                self.notify(dest, value & 0xFF)
-            return
-        self._write_register(offset, value & _ALL_ONES)
+        for pos, piece, width in _pieces(offset, size):
+            self._write_register(piece & _REG_MASK, (value >> (8 * pos)) & _WIDTH_MASKS[width])
 
     def _read_register(self, offset: int) -> int:
         if offset == REG_INTRMASK:
@@ -335,39 +393,22 @@ class IvshmemDevice:
             self._intr_status = value
             self._update_intx()
         elif register == REG_DOORBELL:
-            dest = (value >> 16) & 0xFFFF
+            dest, vector = doorbell_fields(value)
             connected = self._peer_vectors.get(dest)
-            if connected is not None and (value & 0xFF) < connected:
-                self.notify(dest, value & 0xFF)
+            if connected is not None and vector < connected:
+                self.notify(dest, vector)
         # IVPosition is read-only; other offsets ignore writes.
 
-    def _narrow_read(self, offset: int, size: int) -> int:
-        mask = self._check_narrow(offset, size)
-        if not self._decode:
-            return mask
-        if offset & 3:
-            return 0  # QEMU's handler sees a non-register address
-        return self._read_register(offset) & mask
-
-    def _narrow_write(self, offset: int, size: int, value: int) -> None:
-        mask = self._check_narrow(offset, size)
-        if self._decode:
-            self._write_register(offset & _REG_MASK, value & mask)
-
     @staticmethod
-    def _check_narrow(offset: int, size: int) -> int:
-        mask = _SIZE_MASKS.get(size)
-        if mask is None or offset % size or not 0 <= offset < BAR0_SIZE:
-            raise PciAccessError(IvshmemDevice._bad_access(offset, size))
-        return mask
-
-    @staticmethod
-    def _bad_access(offset: int, size: int) -> str:
-        if size not in _SIZE_MASKS:
-            return f"ivshmem BAR0 accepts 1-, 2- or 4-byte accesses, got {size} bytes"
-        if not 0 <= offset < BAR0_SIZE:
-            return f"ivshmem BAR0 offset {offset:#x} is outside the {BAR0_SIZE}-byte BAR"
-        return f"ivshmem BAR0 access of {size} bytes at {offset:#x} is misaligned"
+    def _check_access(offset: int, size: int) -> None:
+        """Refuse what never reaches BAR0 from a guest (the MMIO bus checks the same)."""
+        if size not in _WIDTH_MASKS:
+            raise PciAccessError(f"ivshmem BAR0 accesses are 1, 2, 4 or 8 bytes, got {size}")
+        if offset < 0 or offset + size > BAR0_SIZE:
+            raise PciAccessError(
+                f"ivshmem BAR0 access of {size} bytes at {offset:#x} is outside the "
+                f"{BAR0_SIZE}-byte BAR"
+            )
 
     # ------------------------------------------------------------------ interrupts
     def ring(self, vector: int) -> None:

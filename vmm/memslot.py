@@ -10,6 +10,7 @@ while ``KVM_MEM_LOG_DIRTY_PAGES`` is on (a numpy ``uint64`` array in KVM's bit l
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -54,10 +55,6 @@ class Memslot:
         return self.size >> PAGE_SHIFT
 
     @property
-    def base_gfn(self) -> int:
-        return self.gpa >> PAGE_SHIFT
-
-    @property
     def hpa(self) -> int:
         """HPA of the slot's first byte."""
         return self.backing.hpa + self.backing_offset
@@ -87,7 +84,7 @@ class MemslotTable:
         self._np_starts = np.empty(0, dtype=np.uint64)
         self._np_ends = np.empty(0, dtype=np.uint64)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Memslot]:
         return iter(list(self._slots))
 
     def __len__(self) -> int:

@@ -1,146 +1,88 @@
-"""Nested guests (L2) with shadow stage-2 tables, and POWER KVM's nested rmap.
+"""Nested guests (L2) with shadow stage-2 tables, kept in step with the L1 through the rmap.
 
 An L1 guest runs an L2 guest (identified by its ``lpid``) whose guest-physical space the L1
 maps onto its own (:meth:`NestedGuest.set_l2_mapping`, what the L1's own stage-2 table for
 its guest would say). The host keeps a *shadow* stage-2 table per lpid mapping L2 GPA ->
-host, filled on L2 faults by composing the L1's mapping with the VM's stage 2.
+host, filled on L2 faults by composing the L1's mapping with the VM's stage 2. An L2 runs
+on one of the VM's vCPUs: its accesses fault the L1 page on that vCPU, so a write is logged
+where any write of that vCPU is (its dirty ring, or the slot's bitmap). A shadow PTE is
+writable only while the L1's stage-2 PTE is.
 
-Every shadow PTE records a reverse-map entry on the L1 page it came from, in the seed's
-64-bit encoding (book3s_hv_nested.c)::
+Every shadow PTE records a reverse-map entry on the L1 page it came from (:mod:`vmm.rmap`).
+Whatever the host does to an L1 page it also does to the shadow PTEs the rmap names, if
+they still map the same host page (a stale entry, whose L2 page was since remapped, is left
+alone, as in book3s_hv_nested.c):
 
-    0xFFF0000000000000  12-bit lpid
-    0x000FFFFFFFFFF000  40-bit L2 guest page frame number (as a GPA, 4K-aligned)
-    0x0000000000000001  single-entry flag
-
-A memslot's rmap holds, per L1 page, nothing (0), one entry inline (flag set), or a list
-(``Memslot.rmap_lists``); a duplicate entry is never added twice. When host memory under an
-L1 range goes away (memslot delete or move, or :meth:`~vmm.vm.Vm.invalidate_range`),
-:func:`remove_nest_rmap_range` walks the range's rmaps and clears exactly the shadow PTEs
-that still point at the same host page, leaving stale entries (the shadow PTE was since
-remapped elsewhere) alone, then frees the rmap entries.
+* :func:`unmap_shadows` when the page's host memory goes away (memslot delete or move, an
+  MMU-notifier invalidation), freeing the rmap entries;
+* :func:`protect_shadows` when the page is write-protected for dirty logging (logging
+  starts, GET/CLEAR, a ring reset), so an L2 write faults and is logged again.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from collections.abc import Mapping
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import GuestMemoryFault, VmmError
-from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W, leaf_perms
+from .dirtylog import DirtyWriter
+from .errors import DirtyRingFull, GuestMemoryFault, VmmError
+from .memory import HOST_PHYS
+from .memslot import Memslot, MemslotTable
+from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W, Stage2Mode, leaf_perms
+from .rmap import (
+    MAX_LPID,
+    drop_rmaps,
+    insert_nest_rmap,
+    pages_with_rmaps,
+    rmap_decode,
+    rmap_encode,
+    rmap_entries,
+)
 from .stage2 import Stage2PageTable
 
-if TYPE_CHECKING:
-    from .memslot import Memslot
-    from .vm import Vm
+__all__ = ["L1Host", "NestedGuest", "protect_shadows", "unmap_shadows"]
 
-__all__ = [
-    "RMAP_NESTED_GPA_MASK",
-    "RMAP_NESTED_IS_SINGLE_ENTRY",
-    "RMAP_NESTED_LPID_MASK",
-    "RMAP_NESTED_LPID_SHIFT",
-    "NestedGuest",
-    "insert_nest_rmap",
-    "remove_nest_rmap_range",
-    "rmap_decode",
-    "rmap_encode",
-    "rmap_entries",
-]
-
-RMAP_NESTED_LPID_MASK: Final = 0xFFF0_0000_0000_0000
-RMAP_NESTED_LPID_SHIFT: Final = 52
-RMAP_NESTED_GPA_MASK: Final = 0x000F_FFFF_FFFF_F000
-RMAP_NESTED_IS_SINGLE_ENTRY: Final = 0x1
-MAX_LPID: Final = (1 << 12) - 1
 _SHADOW_VMID_BASE: Final = 1 << 12
+_MAX_RETRIES: Final = 3
 
 
-def rmap_encode(lpid: int, l2_gpa: int) -> int:
-    """The rmap word for the shadow PTE of L2 page ``l2_gpa`` in guest ``lpid``."""
-    if not 0 <= lpid <= MAX_LPID:
-        raise VmmError(f"lpid {lpid} does not fit the rmap's 12 bits")
-    if l2_gpa & ~RMAP_NESTED_GPA_MASK:
-        raise VmmError(f"L2 GPA {l2_gpa:#x} is not a 4K-aligned 52-bit address")
-    return (lpid << RMAP_NESTED_LPID_SHIFT) | l2_gpa
+class L1Host(Protocol):
+    """What a nested guest needs of the VM it runs in."""
 
+    mode: Stage2Mode
+    memslots: MemslotTable
 
-def rmap_decode(rmap: int) -> tuple[int, int]:
-    """``(lpid, l2_gpa)`` of an rmap word (the single-entry flag is ignored)."""
-    return (rmap & RMAP_NESTED_LPID_MASK) >> RMAP_NESTED_LPID_SHIFT, rmap & RMAP_NESTED_GPA_MASK
+    @property
+    def pt(self) -> Stage2PageTable: ...
 
+    def handle_faults(
+        self, pages: npt.NDArray[np.uint64], write: bool, vcpu: DirtyWriter | None = None
+    ) -> int: ...
 
-def _rmap_array(slot: Memslot) -> npt.NDArray[np.uint64]:
-    if slot.rmap is None:
-        slot.rmap = np.zeros(slot.npages, dtype=np.uint64)
-    return slot.rmap
+    def flush_range(self, vmid: int, gpa: int, size: int) -> None: ...
 
+    def flush_addr(self, vmid: int, gpa: int, level: int) -> None: ...
 
-def insert_nest_rmap(slot: Memslot, gfn_offset: int, rmap: int) -> bool:
-    """Record ``rmap`` on page ``gfn_offset`` of ``slot``; False if it was there already."""
-    arr = _rmap_array(slot)
-    cur = int(arr[gfn_offset])
-    if cur == 0 and gfn_offset not in slot.rmap_lists:
-        arr[gfn_offset] = rmap | RMAP_NESTED_IS_SINGLE_ENTRY
-        return True
-    if cur & RMAP_NESTED_IS_SINGLE_ENTRY:
-        old = cur & ~RMAP_NESTED_IS_SINGLE_ENTRY
-        if old == rmap:
-            return False
-        slot.rmap_lists[gfn_offset] = [old, rmap]
-        arr[gfn_offset] = 0  # the list head now lives in rmap_lists
-        return True
-    entries = slot.rmap_lists[gfn_offset]
-    if rmap in entries:
-        return False
-    entries.append(rmap)
-    return True
+    def flush_vmid(self, vmid: int) -> None: ...
 
-
-def rmap_entries(slot: Memslot, gfn_offset: int) -> list[int]:
-    """The rmap words recorded on one page (flag stripped)."""
-    if slot.rmap is not None:
-        cur = int(slot.rmap[gfn_offset])
-        if cur & RMAP_NESTED_IS_SINGLE_ENTRY:
-            return [cur & ~RMAP_NESTED_IS_SINGLE_ENTRY]
-    return list(slot.rmap_lists.get(gfn_offset, ()))
-
-
-def remove_nest_rmap_range(vm: Vm, slot: Memslot, gpa: int, size: int) -> int:
-    """Invalidate the shadow PTEs recorded on ``[gpa, gpa+size)`` of ``slot`` that still
-    map the same host page; free those pages' rmap entries. Returns PTEs cleared."""
-    if slot.rmap is None and not slot.rmap_lists:
-        return 0
-    first = (gpa - slot.gpa) >> PAGE_SHIFT
-    last = (gpa + size - 1 - slot.gpa) >> PAGE_SHIFT
-    offsets: set[int] = {o for o in slot.rmap_lists if first <= o <= last}
-    if slot.rmap is not None:
-        nz = np.flatnonzero(slot.rmap[first : last + 1]) + first
-        offsets.update(nz.tolist())
-    cleared = 0
-    for off in sorted(offsets):
-        hpa = slot.hpa + (off << PAGE_SHIFT)
-        for rmap in rmap_entries(slot, off):
-            lpid, l2_gpa = rmap_decode(rmap)
-            guest = vm.nested.get(lpid)
-            if guest is not None and guest.unmap_if_points_to(l2_gpa, hpa):
-                cleared += 1
-        if slot.rmap is not None:
-            slot.rmap[off] = 0
-        slot.rmap_lists.pop(off, None)
-    return cleared
+    def default_vcpu(self) -> DirtyWriter | None: ...
 
 
 class NestedGuest:
     """An L2 guest: the L1's L2->L1 mapping and the host's shadow table L2 -> host."""
 
-    def __init__(self, vm: Vm, lpid: int) -> None:
+    def __init__(self, host: L1Host, lpid: int) -> None:
         if not 0 <= lpid <= MAX_LPID:
             raise VmmError(f"lpid must be in [0, {MAX_LPID}], got {lpid}")
-        self.vm = vm
+        self.host = host
         self.lpid = lpid
         self.l2_to_l1: dict[int, int] = {}
-        self.pt = Stage2PageTable(vm.mode, _SHADOW_VMID_BASE + lpid, pool=vm.pt.pool, flusher=vm)
+        self.pt = Stage2PageTable(
+            host.mode, _SHADOW_VMID_BASE + lpid, pool=host.pt.pool, flusher=host
+        )
 
     def set_l2_mapping(self, l2_gpa: int, l1_gpa: int, size: int) -> None:
         """The L1 maps L2 ``[l2_gpa, +size)`` to its ``[l1_gpa, +size)`` (4K pages).
@@ -151,64 +93,120 @@ class NestedGuest:
         for off in range(0, size, PAGE_SIZE):
             self.l2_to_l1[(l2_gpa + off) >> PAGE_SHIFT] = (l1_gpa + off) >> PAGE_SHIFT
         if self.pt.unmap_range(l2_gpa, size):
-            self.vm.flush_range(self.pt.vmid, l2_gpa, size)
+            self.host.flush_range(self.pt.vmid, l2_gpa, size)
 
-    def _shadow_fault(self, l2_gpa: int, write: bool) -> None:
+    def _shadow_fault(self, l2_gpa: int, write: bool, vcpu: DirtyWriter | None) -> None:
         page = l2_gpa & ~(PAGE_SIZE - 1)
         l1_gfn = self.l2_to_l1.get(page >> PAGE_SHIFT)
         if l1_gfn is None:
             raise GuestMemoryFault(l2_gpa, f"L2 GPA {l2_gpa:#x} of lpid {self.lpid} is unmapped")
+        host = self.host
         l1_gpa = l1_gfn << PAGE_SHIFT
-        slot = self.vm.memslots.find(l1_gpa)
+        slot = host.memslots.find(l1_gpa)
         if slot is None:
             raise GuestMemoryFault(l1_gpa)
-        # The L1 page must be mapped in stage 2 first (fault it in like an L1 access).
-        pte, _ = self.vm.pt.translate(l1_gpa)
+        # The L1 page must be mapped (writable, for a write) in stage 2 first: fault it in
+        # on the vCPU that runs the L2, so a write is logged as that vCPU's.
+        pte, _ = host.pt.translate(l1_gpa)
         if not pte or (write and not pte & PTE_W):
-            self.vm.handle_faults(np.array([l1_gpa], dtype=np.uint64), write)
-            pte, _level = self.vm.pt.translate(l1_gpa)
-        hpa = slot.hpa_of(l1_gpa)
-        writable = bool(pte & PTE_W)
+            if host.handle_faults(np.array([l1_gpa], dtype=np.uint64), write, vcpu) == 0:
+                assert vcpu is not None
+                raise DirtyRingFull(vcpu.id)
+            pte, _ = host.pt.translate(l1_gpa)
         self.pt.topup_for(page, PAGE_SIZE, 0)
-        if self.pt.map_range(page, PAGE_SIZE, hpa, leaf_perms(writable), 0):
-            self.vm.flush_range(self.pt.vmid, page, PAGE_SIZE)
+        if self.pt.map_range(
+            page, PAGE_SIZE, slot.hpa_of(l1_gpa), leaf_perms(bool(pte & PTE_W)), 0
+        ):
+            host.flush_range(self.pt.vmid, page, PAGE_SIZE)
         insert_nest_rmap(slot, (l1_gpa - slot.gpa) >> PAGE_SHIFT, rmap_encode(self.lpid, page))
 
-    def translate(self, l2_gpa: int, write: bool = False) -> int:
-        """The HPA an L2 access reaches (faulting the shadow table in as needed)."""
-        for _ in range(3):
+    def translate(self, l2_gpa: int, write: bool = False, vcpu: DirtyWriter | None = None) -> int:
+        """The HPA an L2 access reaches, faulting the shadow table in as needed. The access
+        runs on ``vcpu`` (default: the VM's first vCPU, if it has any)."""
+        runner = vcpu if vcpu is not None else self.host.default_vcpu()
+        for _ in range(_MAX_RETRIES):
             pte, level = self.pt.translate(l2_gpa)
             if pte and (not write or pte & PTE_W):
-                size = self.vm.mode.level_size(level)
+                size = self.host.mode.level_size(level)
                 return ((pte >> PTE_PPN_SHIFT) << PAGE_SHIFT) + (l2_gpa & (size - 1))
-            self._shadow_fault(l2_gpa, write)
+            self._shadow_fault(l2_gpa, write, runner)
         raise VmmError(f"L2 access at {l2_gpa:#x} did not resolve")
 
-    def read(self, l2_gpa: int, n: int) -> bytes:
+    def _host_view(self, hpa: int, n: int) -> memoryview:
+        backing = HOST_PHYS.owner(hpa)
+        if backing is None:
+            raise VmmError(f"HPA {hpa:#x} belongs to no backing")
+        if (hpa & (PAGE_SIZE - 1)) + n > PAGE_SIZE:
+            raise VmmError("an L2 access stays within one 4K page")
+        off = hpa - backing.hpa
+        return backing.mem[off : off + n]
+
+    def read(self, l2_gpa: int, n: int, vcpu: DirtyWriter | None = None) -> bytes:
         """Read from L2 guest memory (within one page)."""
-        from .memory import HOST_PHYS
+        return bytes(self._host_view(self.translate(l2_gpa, False, vcpu), n))
 
-        hpa = self.translate(l2_gpa)
-        backing = HOST_PHYS.owner(hpa)
-        assert backing is not None
-        off = hpa - backing.hpa
-        return bytes(backing.mem[off : off + n])
-
-    def write(self, l2_gpa: int, data: bytes) -> None:
+    def write(self, l2_gpa: int, data: bytes, vcpu: DirtyWriter | None = None) -> None:
         """Write to L2 guest memory (within one page)."""
-        from .memory import HOST_PHYS
+        self._host_view(self.translate(l2_gpa, True, vcpu), len(data))[:] = data
 
-        hpa = self.translate(l2_gpa, write=True)
-        backing = HOST_PHYS.owner(hpa)
-        assert backing is not None
-        off = hpa - backing.hpa
-        backing.mem[off : off + len(data)] = data
+    def _points_to(self, l2_gpa: int, hpa: int) -> bool:
+        pte, level = self.pt.translate(l2_gpa)
+        return bool(pte) and level == 0 and (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT == hpa
 
     def unmap_if_points_to(self, l2_gpa: int, hpa: int) -> bool:
         """Clear the shadow PTE of ``l2_gpa`` if it maps host page ``hpa``."""
-        pte, level = self.pt.translate(l2_gpa)
-        if not pte or level != 0 or (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT != hpa:
+        if not self._points_to(l2_gpa, hpa):
             return False
-        if self.pt.unmap_range(l2_gpa & ~(PAGE_SIZE - 1), PAGE_SIZE):
-            self.vm.flush_range(self.pt.vmid, l2_gpa & ~(PAGE_SIZE - 1), PAGE_SIZE)
+        page = l2_gpa & ~(PAGE_SIZE - 1)
+        if self.pt.unmap_range(page, PAGE_SIZE):
+            self.host.flush_range(self.pt.vmid, page, PAGE_SIZE)
         return True
+
+    def protect_if_points_to(self, l2_gpa: int, hpa: int) -> bool:
+        """Write-protect the shadow PTE of ``l2_gpa`` if it maps host page ``hpa``."""
+        if not self._points_to(l2_gpa, hpa):
+            return False
+        page = l2_gpa & ~(PAGE_SIZE - 1)
+        if self.pt.wp_range(page, PAGE_SIZE):
+            self.host.flush_range(self.pt.vmid, page, PAGE_SIZE)
+        return True
+
+
+def unmap_shadows(guests: Mapping[int, NestedGuest], slot: Memslot, gpa: int, size: int) -> int:
+    """Invalidate the shadow PTEs recorded on ``[gpa, gpa+size)`` of ``slot`` that still
+    map the same host page, and free those pages' rmap entries. Returns PTEs cleared."""
+    first = (gpa - slot.gpa) >> PAGE_SHIFT
+    last = (gpa + size - 1 - slot.gpa) >> PAGE_SHIFT
+    cleared = 0
+    for off in pages_with_rmaps(slot, first, last):
+        hpa = slot.hpa + (off << PAGE_SHIFT)
+        for rmap in rmap_entries(slot, off):
+            lpid, l2_gpa = rmap_decode(rmap)
+            guest = guests.get(lpid)
+            if guest is not None and guest.unmap_if_points_to(l2_gpa, hpa):
+                cleared += 1
+        drop_rmaps(slot, off)
+    return cleared
+
+
+def protect_shadows(
+    guests: Mapping[int, NestedGuest],
+    slot: Memslot,
+    first: int,
+    count: int,
+    pages: npt.NDArray[np.bool_] | None,
+) -> int:
+    """Write-protect the shadow PTEs recorded on pages ``[first, first + count)`` of
+    ``slot`` (those set in ``pages``, when given) that still map the same host page
+    (kvmhv_update_nest_rmap_rc_list). Returns PTEs write-protected."""
+    protected = 0
+    for off in pages_with_rmaps(slot, first, first + count - 1):
+        if pages is not None and not pages[off - first]:
+            continue
+        hpa = slot.hpa + (off << PAGE_SHIFT)
+        for rmap in rmap_entries(slot, off):
+            lpid, l2_gpa = rmap_decode(rmap)
+            guest = guests.get(lpid)
+            if guest is not None and guest.protect_if_points_to(l2_gpa, hpa):
+                protected += 1
+    return protected

@@ -367,11 +367,7 @@ class Msix:
 
     def is_masked(self, vector: int) -> bool:
         """Masked by its own bit, by the function mask, or because MSI-X is disabled."""
-        return (
-            not self.enabled
-            or self.function_masked
-            or bool(self._table[4 * vector + 3] & MSIX_VECTOR_MASKED)
-        )
+        return not self.enabled or self.function_masked or self.vector_masked(vector)
 
     def is_pending(self, vector: int) -> bool:
         """The vector's bit in the PBA."""
@@ -397,7 +393,7 @@ class Msix:
         """
         if not self.enabled:
             return False
-        if self.function_masked or self._table[4 * vector + 3] & MSIX_VECTOR_MASKED:
+        if self.is_masked(vector):
             self._pending |= 1 << vector
         else:
             self.deliver(vector)
@@ -412,7 +408,7 @@ class Msix:
             low = pending & -pending
             vector = low.bit_length() - 1
             pending ^= low
-            if not self._table[4 * vector + 3] & MSIX_VECTOR_MASKED:
+            if not self.vector_masked(vector):
                 self._pending &= ~low
                 self.deliver(vector)
 

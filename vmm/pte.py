@@ -16,6 +16,7 @@ root is 16 KiB, 16 KiB-aligned. Level 0 is the 4 KiB level; the root is ``levels
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Final
 
 import numpy as np
@@ -56,10 +57,14 @@ PTE_RWX: Final = PTE_R | PTE_W | PTE_X
 PTE_PPN_SHIFT: Final = 10
 
 
-def leaf_perms(writable: bool) -> int:
-    """Low bits of a G-stage leaf as KVM installs it: V R X U A, plus W D when writable."""
-    bits = PTE_V | PTE_R | PTE_X | PTE_U | PTE_A
-    return bits | PTE_W | PTE_D if writable else bits
+def leaf_perms(writable: bool, executable: bool = True) -> int:
+    """Low bits of a G-stage leaf as KVM RISC-V installs it: V R U A D, plus X (memory, not
+    device) and W when writable. D is always set: KVM makes every G-stage leaf dirty
+    (``pte_mkdirty``) and tracks dirty pages by write-protection, never by the D bit."""
+    bits = PTE_V | PTE_R | PTE_U | PTE_A | PTE_D
+    if executable:
+        bits |= PTE_X
+    return bits | PTE_W if writable else bits
 
 
 @dataclass(frozen=True)
@@ -109,15 +114,16 @@ class Stage2Mode:
     def level_size(self, level: int) -> int:
         return 1 << self.shift(level)
 
+    @cached_property
+    def shifts(self) -> tuple[int, ...]:
+        """:meth:`shift` of every level, level 0 first (the hot paths index this)."""
+        return tuple(self.shift(level) for level in range(self.levels))
+
     def check_level(self, level: int) -> None:
         if not 0 <= level <= self.root_level:
             raise PageTableError(
                 f"level {level} does not exist in {self.name} (levels 0..{self.root_level})"
             )
-
-    def block_sizes(self) -> list[int]:
-        """Leaf sizes, level 0 first (4K, 2M, 1G, ... or 4K, 4M for Sv32x4)."""
-        return [self.level_size(level) for level in range(self.levels)]
 
 
 MODES: Final[dict[str, Stage2Mode]] = {

@@ -17,7 +17,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from .pte import PAGE_SHIFT, PTE_PPN_SHIFT, PTE_RWX, PTE_V, PTE_W
+from .pte import PAGE_SHIFT, PTE_RWX, PTE_V, PTE_W
 from .stage2 import Stage2PageTable
 
 __all__ = ["OP_CLEAR", "OP_WP", "PerPageWalker"]
@@ -52,7 +52,7 @@ class PerPageWalker:
             if level == 0:
                 return False, level, row, idx
             level -= 1
-            row = (pte >> PTE_PPN_SHIFT) - self.pt.pool.base_ppn
+            row = self.pt.pool.follow(pte)
             idx = (addr >> mode.shift(level)) & (mode.entries_per_table - 1)
 
     def op_pte(self, addr: int, row: int, idx: int, level: int, op: int) -> None:
@@ -61,7 +61,7 @@ class PerPageWalker:
         if not pte & PTE_V:
             return
         if level and not pte & PTE_RWX:
-            child = (pte >> PTE_PPN_SHIFT) - self.pt.pool.base_ppn
+            child = self.pt.pool.follow(pte)
             next_size = self.mode.level_size(level - 1)
             if op == OP_CLEAR:
                 pages[row, idx] = 0

@@ -4,10 +4,15 @@ Every operation is a walk of :class:`~vmm.walker.Walker` with a small visitor, a
 ``pgtable.c``: map (which also installs tables, splits blocks and coalesces tables into
 blocks), unmap, write-protect (whole or masked by a dirty bitmap), get-leaf, eager split,
 coalesce, ioremap and free. Range operations return whether a TLB flush is needed and the
-caller flushes once per range. Break-before-make is explicit: an entry whose output address
-or size changes is first invalidated, the TLBs are flushed for it, then the new entry is
-written (:meth:`Stage2PageTable.debug_skip_coalesce_tlbi` skips that flush before a coalesce,
-to reproduce the TLB conflict arm64's kvm_page_table_test found).
+caller flushes once per range.
+
+Break-before-make has two helpers, as in pgtable.c: :meth:`Stage2PageTable.break_pte`
+invalidates an entry and flushes the TLBs for what it mapped (a table entry: its whole
+range, since entries of every level below may be cached; a leaf: by address with the level
+hint), and :meth:`Stage2PageTable.make_pte` writes the new entry. Every entry whose output
+address or size changes goes through both. :attr:`Stage2PageTable.debug_skip_coalesce_tlbi`
+skips the flush when a table is broken to make a block, to reproduce the TLB conflict
+arm64's kvm_page_table_test found.
 
 Maps run under :meth:`Stage2PageTable.mmu_lock` and take table pages only from the page
 cache, which the caller tops up beforehand (:meth:`Stage2PageTable.topup_for`).
@@ -30,21 +35,22 @@ from ._arrays import unique_sorted
 from .errors import ModelBug, PageTableError
 from .pte import (
     PAGE_SHIFT,
-    PTE_D,
     PTE_PPN_SHIFT,
     PTE_RWX,
     PTE_V,
     PTE_W,
     Stage2Mode,
     get_mode,
+    leaf_perms,
 )
 from .tablepool import PageCache, TablePagePool
-from .walker import PteArray, Visitor, Walker
+from .walker import TABLE_MASK, VisitCtx, Visitor, Walker, is_table
 
 __all__ = ["Leaf", "Stage2PageTable", "TlbFlusher"]
 
-_TABLE_MASK: Final = PTE_V | PTE_RWX
 _PERM_MASK: Final = (1 << PTE_PPN_SHIFT) - 1
+_SPLITS: Final = ("preserve", "drop")
+IndexArray = npt.NDArray[np.int64]
 
 
 class TlbFlusher(Protocol):
@@ -86,10 +92,6 @@ class Leaf:
         return bool(self.pte & PTE_W)
 
 
-def _is_table(pte: int) -> bool:
-    return pte & _TABLE_MASK == PTE_V
-
-
 class Stage2PageTable:
     """One stage-2 address space (a VMID) in one of the RISC-V G-stage modes."""
 
@@ -108,11 +110,15 @@ class Stage2PageTable:
         self.flusher: TlbFlusher = flusher if flusher is not None else _NoFlush()
         self.cache = PageCache(self.pool, minimum=self.mode.levels)
         self.root = self.pool.alloc_root()
-        self.walker = Walker(self)
+        self.walker = Walker(self.pool, self.mode, self.root)
         self.debug_skip_coalesce_tlbi = False
         self._freed = False
-        self._dtype = self.mode.dtype
         self._ppn_limit = 1 << self.mode.ppn_bits
+        # the hardware walk's constants
+        self._shifts = self.mode.shifts
+        self._per = self.mode.entries_per_table
+        self._root_flat = self.root * self._per
+        self._root_mask = self.mode.root_entries - 1
 
     # ------------------------------------------------------------------ basics
     @property
@@ -126,17 +132,6 @@ class Stage2PageTable:
             return (self.mode.hgatp_mode << 31) | ((self.vmid & 0x7F) << 22) | (self.root_hpa >> 12)
         return (self.mode.hgatp_mode << 60) | ((self.vmid & 0x3FFF) << 44) | (self.root_hpa >> 12)
 
-    def root_view(self) -> PteArray:
-        return self.pool.pages[self.root : self.root + 4].reshape(-1)
-
-    def check_range(self, gpa: int, size: int) -> None:
-        limit = self.mode.gpa_limit
-        if gpa < 0 or size < 0 or gpa + size > limit:
-            raise PageTableError(
-                f"GPA range [{gpa:#x}, {gpa + size:#x}) is beyond {self.mode.name}'s "
-                f"{self.mode.gpa_bits}-bit guest-physical space"
-            )
-
     def _check_aligned(self, gpa: int, size: int, hpa: int, level: int) -> None:
         self.mode.check_level(level)
         block = self.mode.level_size(level)
@@ -145,7 +140,7 @@ class Stage2PageTable:
                 f"map of GPA {gpa:#x} size {size:#x} to HPA {hpa:#x} is not aligned to the "
                 f"level-{level} size {block:#x}"
             )
-        self.check_range(gpa, size)
+        self.walker.check_range(gpa, size)
         if (hpa + size) >> PAGE_SHIFT > self._ppn_limit:
             raise PageTableError(f"HPA {hpa + size - 1:#x} does not fit {self.mode.name}'s PPN")
 
@@ -164,14 +159,33 @@ class Stage2PageTable:
     def tables_needed(self, gpa: int, size: int, level: int) -> int:
         """Upper bound of the table pages a map of ``[gpa, gpa+size)`` at ``level`` needs."""
         total = 0
-        for lvl in range(level, self.mode.root_level):
-            span = self.mode.level_size(lvl + 1)
-            total += (gpa + size - 1) // span - gpa // span + 1
+        last = gpa + size - 1
+        for shift in self._shifts[level + 1 :]:
+            total += (last >> shift) - (gpa >> shift) + 1
         return total
 
     def topup_for(self, gpa: int, size: int, level: int) -> None:
         """Top the cache up for one map (outside the MMU lock)."""
         self.cache.topup(self.tables_needed(gpa, size, level))
+
+    # ------------------------------------------------------------------ break-before-make
+    def break_pte(self, ctx: VisitCtx, i: int) -> int:
+        """Break: invalidate entry ``i`` of ``ctx``'s table and flush the TLBs for what it
+        mapped (a table's whole range, a leaf by address and level). Returns the old entry."""
+        old = ctx.word(i)
+        ctx.set_word(i, 0)
+        if old & PTE_V:
+            gpa = ctx.gpa(i)
+            if is_table(old):
+                if not self.debug_skip_coalesce_tlbi:
+                    self.flusher.flush_range(self.vmid, gpa, ctx.size)
+            else:
+                self.flusher.flush_addr(self.vmid, gpa, ctx.level)
+        return old
+
+    def make_pte(self, ctx: VisitCtx, i: int, new: int) -> None:
+        """Make: write the new entry ``i`` (after :meth:`break_pte`, or over an invalid one)."""
+        ctx.set_word(i, new)
 
     # ------------------------------------------------------------------ hardware walk
     def translate(self, gpa: int) -> tuple[int, int]:
@@ -179,18 +193,17 @@ class Stage2PageTable:
 
         ``pte`` is 0 when the walk met an invalid entry at ``level``.
         """
-        mode = self.mode
-        level = mode.root_level
-        pages = self.pool.pages
-        base_ppn = self.pool.base_ppn
-        idx = (gpa >> mode.shift(level)) & (mode.root_entries - 1)
-        pte = int(pages[self.root + (idx >> mode.index_bits), idx & (mode.entries_per_table - 1)])
-        mask = mode.entries_per_table - 1
-        while pte & _TABLE_MASK == PTE_V:
+        pool = self.pool
+        words = pool.words
+        shifts = self._shifts
+        level = len(shifts) - 1
+        pte = words[self._root_flat + ((gpa >> shifts[level]) & self._root_mask)]
+        mask = self._per - 1
+        while pte & TABLE_MASK == PTE_V:
             if level == 0:
                 raise ModelBug(f"table PTE {pte:#x} at level 0 (GPA {gpa:#x})")
             level -= 1
-            pte = int(pages[(pte >> PTE_PPN_SHIFT) - base_ppn, (gpa >> mode.shift(level)) & mask])
+            pte = words[pool.follow(pte) * self._per + ((gpa >> shifts[level]) & mask)]
         return (pte if pte & PTE_V else 0), level
 
     def translate_bulk(
@@ -203,30 +216,23 @@ class Stage2PageTable:
         out_lvl = np.zeros(n, dtype=np.int8)
         if n == 0:
             return out_pte.view(np.uint64), out_lvl
-        per = mode.entries_per_table
-        pages = self.pool.pages
-        flat = pages.reshape(-1)
+        per = self._per
+        flat = self.pool.pages.reshape(-1)
         # Sv32x4 words are widened (a copy); 64-bit words are reinterpreted in place.
         flat = flat.view(np.int64) if flat.dtype == np.uint64 else flat.astype(np.int64)
         g = gpas.view(np.int64) if gpas.dtype == np.uint64 else gpas.astype(np.int64)
         level = mode.root_level
-        pte = flat[self.root * per + ((g >> mode.shift(level)) & (mode.root_entries - 1))]
-        active: npt.NDArray[np.int64] | None = None  # None: every address is still walking
-        base_ppn = self.pool.base_ppn
+        pte = flat[self._root_flat + ((g >> self._shifts[level]) & self._root_mask)]
+        active: IndexArray | None = None  # None: every address is still walking
         while True:
-            is_tbl = (pte & _TABLE_MASK) == PTE_V
-            all_tbl = bool(is_tbl.all())
-            if not all_tbl:
+            is_tbl = (pte & TABLE_MASK) == PTE_V
+            if not bool(is_tbl.all()):
                 done = ~is_tbl
                 p = pte[done]
                 p = np.where(p & PTE_V, p, 0)
-                if active is None:
-                    out_pte[done] = p
-                    out_lvl[done] = level
-                else:
-                    sel = active[done]
-                    out_pte[sel] = p
-                    out_lvl[sel] = level
+                sel = done if active is None else active[done]
+                out_pte[sel] = p
+                out_lvl[sel] = level
                 if not is_tbl.any():
                     break
                 if level == 0:
@@ -238,8 +244,8 @@ class Stage2PageTable:
             elif level == 0:
                 raise ModelBug("table PTE at level 0")
             level -= 1
-            rows = (pte >> PTE_PPN_SHIFT) - base_ppn
-            pte = flat[rows * per + ((g >> mode.shift(level)) & (per - 1))]
+            rows = self.pool.follow_many(pte)
+            pte = flat[rows * per + ((g >> self._shifts[level]) & (per - 1))]
         return out_pte.view(np.uint64), out_lvl
 
     # ------------------------------------------------------------------ KVM operations
@@ -261,9 +267,7 @@ class Stage2PageTable:
         cache; call under :meth:`mmu_lock` (taken here if the caller did not).
         """
         self._check_aligned(gpa, size, hpa, level)
-        if split not in ("preserve", "drop"):
-            raise PageTableError(f"split must be 'preserve' or 'drop', got {split!r}")
-        visitor = _MapVisitor(self, gpa, gpa + size, hpa, perms & _PERM_MASK | PTE_V, level, split)
+        visitor = _MapVisitor(self, level, perms, split, hpa - gpa, None)
         self._locked_walk(gpa, gpa + size, visitor)
         return visitor.flush
 
@@ -287,9 +291,7 @@ class Stage2PageTable:
         self._check_aligned(last, size, last + delta, level)
         if (gpas & np.uint64(size - 1)).any():
             raise PageTableError(f"map_pages: GPAs must be aligned to {size:#x}")
-        visitor = _SparseMapVisitor(
-            self, gpas.astype(np.int64), delta, perms & _PERM_MASK | PTE_V, level, split
-        )
+        visitor = _MapVisitor(self, level, perms, split, delta, gpas.astype(np.int64))
         self._locked_walk(first, last + size, visitor)
         return visitor.flush
 
@@ -310,12 +312,12 @@ class Stage2PageTable:
         """Write-protect the 4K pages ``gpa + k*4K`` for which ``pages[k]`` is True (dirty-log
         re-protection). A block holding any of them is write-protected whole."""
         visitor = _WpVisitor(self, (gpa, pages))
-        self._locked_walk(gpa, gpa + pages.shape[0] * 4096, visitor)
+        self._locked_walk(gpa, gpa + (pages.shape[0] << PAGE_SHIFT), visitor)
         return visitor.flush
 
     def get_leaf(self, gpa: int) -> Leaf | None:
         """The leaf mapping ``gpa``, found with a walk (None when unmapped)."""
-        visitor = _GetLeafVisitor(self.mode)
+        visitor = _GetLeafVisitor()
         self.walker.walk(gpa, gpa + 1, visitor)
         return visitor.found
 
@@ -328,12 +330,9 @@ class Stage2PageTable:
         addr = gpa
         while addr < end:
             stop = min(end, (addr // chunk + 1) * chunk)
-            need = sum(
-                (stop - 1) // self.mode.level_size(lvl) - addr // self.mode.level_size(lvl) + 1
-                for lvl in range(1, self.mode.levels)
-            )
+            need = sum(((stop - 1) >> shift) - (addr >> shift) + 1 for shift in self._shifts[1:])
             self.cache.topup(need)
-            visitor = _SplitVisitor(self, addr, stop)
+            visitor = _SplitVisitor(self)
             self._locked_walk(addr, stop, visitor)
             flush |= visitor.flush
             addr = stop
@@ -352,9 +351,7 @@ class Stage2PageTable:
     def ioremap(self, gpa: int, hpa: int, size: int, writable: bool = True) -> None:
         """Eagerly map device memory with 4K leaves (the seed's stage2_ioremap): no execute,
         no dirty tracking. Tops the cache up itself and flushes the range."""
-        from .pte import PTE_A, PTE_R, PTE_U
-
-        perms = PTE_V | PTE_R | PTE_U | PTE_A | ((PTE_W | PTE_D) if writable else 0)
+        perms = leaf_perms(writable, executable=False)
         self.topup_for(gpa, size, 0)
         if self.map_range(gpa, size, hpa, perms, 0):
             self.flusher.flush_range(self.vmid, gpa, size)
@@ -363,7 +360,7 @@ class Stage2PageTable:
         """Free every table page and the root (the VM is going away)."""
         if self._freed:
             return
-        visitor = _FreeVisitor(self)
+        visitor = _FreeVisitor(self.pool)
         self.walker.walk(0, self.mode.gpa_limit, visitor)
         self.pool.free_root(self.root)
         self.cache.drain()
@@ -386,8 +383,7 @@ class Stage2PageTable:
         """All valid leaves intersecting the range: (gpa, pte, level) arrays, by GPA."""
         if size is None:
             size = self.mode.gpa_limit - gpa
-        visitor = _CollectVisitor(self.mode)
-        visitor.pt = self
+        visitor = _CollectVisitor()
         self.walker.walk(gpa, gpa + size, visitor)
         if not visitor.gpas:
             empty = np.empty(0, dtype=np.uint64)
@@ -406,190 +402,125 @@ class Stage2PageTable:
         return visitor.count + 4
 
 
-# ---------------------------------------------------------------------- visitors
-def _new_table_ptes(pt: Stage2PageTable, rows: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
-    return (((rows + pt.pool.base_ppn) << PTE_PPN_SHIFT) | PTE_V).astype(pt.mode.dtype)
-
-
-def _block_children(pt: Stage2PageTable, pte: int, level: int) -> npt.NDArray[Any]:
+# ---------------------------------------------------------------------- helpers
+def _block_children(mode: Stage2Mode, pte: int, level: int) -> npt.NDArray[Any]:
     """The entries of a table that maps exactly what the block ``pte`` at ``level`` maps."""
-    step = 1 << (pt.mode.shift(level - 1) - PAGE_SHIFT)
+    step = 1 << (mode.shift(level - 1) - PAGE_SHIFT)
     ppn = pte >> PTE_PPN_SHIFT
-    perms = pte & _PERM_MASK
-    n = pt.mode.entries_per_table
-    children = ((ppn + np.arange(n, dtype=np.int64) * step) << PTE_PPN_SHIFT) | perms
-    return children.astype(pt.mode.dtype)
+    children = (
+        (ppn + np.arange(mode.entries_per_table, dtype=np.int64) * step) << PTE_PPN_SHIFT
+    ) | (pte & _PERM_MASK)
+    return children.astype(mode.dtype)
 
 
-def _free_subtree(pt: Stage2PageTable, row: int, level: int, out: list[int]) -> None:
+def _free_subtree(pool: TablePagePool, row: int, level: int, out: list[int]) -> None:
     """Collect ``row`` and every table below it (``level`` is the table's level)."""
     out.append(row)
     if level == 0:
         return
-    tbl = pt.pool.pages[row]
-    tmask = (tbl & _TABLE_MASK) == PTE_V
-    for pte in tbl[tmask].tolist():
-        _free_subtree(pt, (pte >> PTE_PPN_SHIFT) - pt.pool.base_ppn, level - 1, out)
+    tbl = pool.table(row)
+    for pte in tbl[(tbl & TABLE_MASK) == PTE_V].tolist():
+        _free_subtree(pool, pool.follow(pte), level - 1, out)
 
 
+# ---------------------------------------------------------------------- visitors
 class _MapVisitor(Visitor):
+    """Map leaves at ``level``: block ``g`` goes to HPA ``g + delta``, for every block of
+    the walk's range (``targets`` None) or for the sorted block GPAs in ``targets``."""
+
     wants_table_pre = True
 
     def __init__(
         self,
         pt: Stage2PageTable,
-        start: int,
-        end: int,
-        hpa: int,
-        perms: int,
         level: int,
+        perms: int,
         split: str,
-    ) -> None:
-        self.pt = pt
-        self.start = start
-        self.end = end
-        self.hpa = hpa
-        self.perms = perms
-        self.level = level
-        self.split = split
-        self.flush = False
-
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
-        pt = self.pt
-        shift = pt.mode.shift(level)
-        if level > self.level:
-            # Install next-level tables under every entry of the run, splitting blocks.
-            ents = tbl[i0:i1]
-            rows = pt.cache.take(i1 - i0)
-            valid = np.flatnonzero(ents & PTE_V)
-            for k in valid.tolist():
-                i = i0 + k
-                old = int(tbl[i])
-                tbl[i] = 0  # break
-                pt.flusher.flush_addr(pt.vmid, base + (i << shift), level)
-                if self.split == "preserve":
-                    pt.pool.pages[rows[k]] = _block_children(pt, old, level)
-            tbl[i0:i1] = _new_table_ptes(pt, rows)  # make
-            return
-        # level == self.level: write the leaves.
-        n = i1 - i0
-        gpa0 = base + (i0 << shift)
-        first_ppn = (self.hpa + gpa0 - self.start) >> PAGE_SHIFT
-        if n == 1:  # the fault path: one entry, scalar
-            old = int(tbl[i0])
-            new_pte = (first_ppn << PTE_PPN_SHIFT) | self.perms
-            if old & PTE_V:
-                if old >> PTE_PPN_SHIFT != first_ppn:
-                    tbl[i0] = 0
-                    pt.flusher.flush_addr(pt.vmid, gpa0, level)
-                elif old & ~new_pte & PTE_RWX:
-                    self.flush = True
-            tbl[i0] = new_pte
-            return
-        step = 1 << (shift - PAGE_SHIFT)
-        new = ((first_ppn + np.arange(n, dtype=np.int64) * step) << PTE_PPN_SHIFT) | self.perms
-        new = new.astype(pt.mode.dtype)
-        ents = tbl[i0:i1]
-        valid = (ents & PTE_V) != 0
-        if valid.any():
-            moved = valid & ((ents >> PTE_PPN_SHIFT) != (new >> PTE_PPN_SHIFT))
-            if moved.any():
-                for k in np.flatnonzero(moved).tolist():
-                    tbl[i0 + k] = 0  # break-before-make for a changed output address
-                    pt.flusher.flush_addr(pt.vmid, gpa0 + (k << shift), level)
-            lost = valid & ~moved & ((ents & ~new & PTE_RWX) != 0)
-            if lost.any():
-                self.flush = True
-        tbl[i0:i1] = new
-
-    def table_pre(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
-        if level != self.level:
-            return
-        # Coalesce: a table sits where the block goes. Break, flush, free, make.
-        pt = self.pt
-        old = int(tbl[i])
-        tbl[i] = 0
-        size = pt.mode.level_size(level)
-        if not pt.debug_skip_coalesce_tlbi:
-            pt.flusher.flush_range(pt.vmid, gpa, size)
-        freed: list[int] = []
-        _free_subtree(pt, (old >> PTE_PPN_SHIFT) - pt.pool.base_ppn, level - 1, freed)
-        pt.cache.give_back(freed)
-        ppn = (self.hpa + gpa - self.start) >> PAGE_SHIFT
-        tbl[i] = (ppn << PTE_PPN_SHIFT) | self.perms
-
-
-class _SparseMapVisitor(Visitor):
-    """:class:`_MapVisitor` for a sorted set of blocks: acts only on entries holding one."""
-
-    wants_table_pre = True
-
-    def __init__(
-        self,
-        pt: Stage2PageTable,
-        gpas: npt.NDArray[np.int64],
         delta: int,
-        perms: int,
-        level: int,
-        split: str,
+        targets: IndexArray | None,
     ) -> None:
+        if split not in _SPLITS:
+            raise PageTableError(f"split must be 'preserve' or 'drop', got {split!r}")
         self.pt = pt
-        self.gpas = gpas
-        self.delta = delta
-        self.perms = perms
         self.level = level
-        self.split = split
+        self.perms = perms & _PERM_MASK | PTE_V
+        self.preserve = split == "preserve"
+        self.delta = delta
+        self.targets = targets
         self.flush = False
 
-    def _targets(self, lo: int, hi: int) -> npt.NDArray[np.int64]:
-        a, b = np.searchsorted(self.gpas, [lo, hi])
-        return self.gpas[int(a) : int(b)]
+    def _indices(self, ctx: VisitCtx) -> IndexArray | None:
+        """The entries of the run that hold a target (None: all of them)."""
+        if self.targets is None:
+            return None
+        a, b = np.searchsorted(self.targets, [ctx.addr, ctx.gpa(ctx.i1)])
+        idx = (self.targets[int(a) : int(b)] - ctx.base) >> ctx.shift
+        return unique_sorted(idx) if ctx.level > self.level else idx
 
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
+    def leaf(self, ctx: VisitCtx) -> None:
+        idx = self._indices(ctx)
+        if idx is not None and idx.size == 0:
+            return
+        if ctx.level > self.level:
+            self._install_tables(ctx, np.arange(ctx.i0, ctx.i1) if idx is None else idx)
+        elif idx is None and ctx.i1 - ctx.i0 == 1:
+            self._write_leaf(ctx, ctx.i0)
+        else:
+            self._write_leaves(ctx, idx)
+
+    def _install_tables(self, ctx: VisitCtx, idx: IndexArray) -> None:
+        """Next-level tables under every entry in ``idx``, splitting the blocks there."""
         pt = self.pt
-        shift = pt.mode.shift(level)
-        targets = self._targets(base + (i0 << shift), base + (i1 << shift))
-        if targets.size == 0:
-            return
-        idx = (targets - base) >> shift
-        if level > self.level:
-            idx = unique_sorted(idx)
-        if level > self.level:
-            rows = pt.cache.take(idx.size)
-            for k, i in enumerate(idx.tolist()):
-                old = int(tbl[i])
-                if old & PTE_V:
-                    tbl[i] = 0
-                    pt.flusher.flush_addr(pt.vmid, base + (i << shift), level)
-                    if self.split == "preserve":
-                        pt.pool.pages[rows[k]] = _block_children(pt, old, level)
-            tbl[idx] = _new_table_ptes(pt, rows)
-            return
-        ppns = (targets + self.delta) >> PAGE_SHIFT
-        new = ((ppns << PTE_PPN_SHIFT) | self.perms).astype(pt.mode.dtype)
-        olds = tbl[idx]
+        rows = pt.cache.take(idx.size)
+        tbl = ctx.tbl
+        for k in np.flatnonzero(tbl[idx] & PTE_V).tolist():
+            old = pt.break_pte(ctx, int(idx[k]))
+            if self.preserve:
+                pt.pool.pages[rows[k]] = _block_children(pt.mode, old, ctx.level)
+        tbl[idx] = pt.pool.table_ptes(rows)  # make
+
+    def _write_leaf(self, ctx: VisitCtx, i: int) -> None:
+        """One leaf, scalar (the fault path)."""
+        new = (((ctx.gpa(i) + self.delta) >> PAGE_SHIFT) << PTE_PPN_SHIFT) | self.perms
+        old = ctx.word(i)
+        if old & PTE_V:
+            if (old ^ new) >> PTE_PPN_SHIFT:
+                self.pt.break_pte(ctx, i)
+            elif old & ~new & PTE_RWX:
+                self.flush = True
+        self.pt.make_pte(ctx, i, new)
+
+    def _write_leaves(self, ctx: VisitCtx, idx: IndexArray | None) -> None:
+        sel: slice | IndexArray = slice(ctx.i0, ctx.i1) if idx is None else idx
+        index = np.arange(ctx.i0, ctx.i1) if idx is None else idx
+        gpas = ctx.base + (index << ctx.shift)
+        new = (((gpas + self.delta) >> PAGE_SHIFT) << PTE_PPN_SHIFT) | self.perms
+        new = new.astype(ctx.tbl.dtype)
+        olds = ctx.tbl[sel]
         valid = (olds & PTE_V) != 0
         if valid.any():
             moved = valid & ((olds >> PTE_PPN_SHIFT) != (new >> PTE_PPN_SHIFT))
             for k in np.flatnonzero(moved).tolist():
-                tbl[int(idx[k])] = 0
-                pt.flusher.flush_addr(pt.vmid, base + (int(idx[k]) << shift), level)
+                self.pt.break_pte(ctx, int(index[k]))
             if (valid & ~moved & ((olds & ~new & PTE_RWX) != 0)).any():
                 self.flush = True
-        tbl[idx] = new
+        ctx.tbl[sel] = new  # make
 
-    def table_pre(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
-        if level != self.level or self._targets(gpa, gpa + 1).size == 0:
+    def table_pre(self, ctx: VisitCtx) -> None:
+        if ctx.level != self.level:
             return
+        gpa = ctx.addr
+        if self.targets is not None:
+            a, b = np.searchsorted(self.targets, [gpa, gpa + ctx.size])
+            if a == b:
+                return
+        # Coalesce: a table sits where the block goes. Break, free the tables, make.
         pt = self.pt
-        old = int(tbl[i])
-        tbl[i] = 0
-        if not pt.debug_skip_coalesce_tlbi:
-            pt.flusher.flush_range(pt.vmid, gpa, pt.mode.level_size(level))
+        old = pt.break_pte(ctx, ctx.i0)
         freed: list[int] = []
-        _free_subtree(pt, (old >> PTE_PPN_SHIFT) - pt.pool.base_ppn, level - 1, freed)
+        _free_subtree(pt.pool, pt.pool.follow(old), ctx.level - 1, freed)
         pt.cache.give_back(freed)
-        tbl[i] = (((gpa + self.delta) >> PAGE_SHIFT) << PTE_PPN_SHIFT) | self.perms
+        pt.make_pte(ctx, ctx.i0, (((gpa + self.delta) >> PAGE_SHIFT) << PTE_PPN_SHIFT) | self.perms)
 
 
 class _UnmapVisitor(Visitor):
@@ -602,31 +533,26 @@ class _UnmapVisitor(Visitor):
         self.end = end
         self.flush = False
 
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
-        ents = tbl[i0:i1]
+    def leaf(self, ctx: VisitCtx) -> None:
+        ents = ctx.tbl[ctx.i0 : ctx.i1]
         if not self.flush and (ents & PTE_V).any():
             self.flush = True
         ents[:] = 0
 
     def leaf_batch(
-        self,
-        parent: PteArray,
-        idx: npt.NDArray[np.int64],
-        rows: npt.NDArray[np.int64],
-        gpas: npt.NDArray[np.int64],
+        self, ctx: VisitCtx, idx: IndexArray, rows: IndexArray, gpas: IndexArray
     ) -> None:
         self.flush = True
-        parent[idx] = 0
+        ctx.tbl[idx] = 0
         self.pt.cache.give_back(rows)
 
-    def table_post(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
-        size = self.pt.mode.level_size(level)
-        if gpa >= self.start and gpa + size <= self.end:
+    def table_post(self, ctx: VisitCtx) -> None:
+        gpa = ctx.addr
+        if gpa >= self.start and gpa + ctx.size <= self.end:
+            pool = self.pt.pool
             freed: list[int] = []
-            _free_subtree(
-                self.pt, (int(tbl[i]) >> PTE_PPN_SHIFT) - self.pt.pool.base_ppn, level - 1, freed
-            )
-            tbl[i] = 0
+            _free_subtree(pool, pool.follow(ctx.word(ctx.i0)), ctx.level - 1, freed)
+            ctx.set_word(ctx.i0, 0)
             self.pt.cache.give_back(freed)
 
 
@@ -653,31 +579,22 @@ class _WpVisitor(Visitor):
             out[lo - first : hi - first] = pages[lo:hi]
         return out
 
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
-        ents = tbl[i0:i1]
+    def leaf(self, ctx: VisitCtx) -> None:
+        ents = ctx.tbl[ctx.i0 : ctx.i1]
         if self.masked is None:
             hit = ents & self._wbit
-            if hit.any():
-                self.flush = True
-                ents -= hit
-            return
-        shift = self.pt.mode.shift(level)
-        per = 1 << (shift - PAGE_SHIFT)
-        gpa0 = base + (i0 << shift)
-        mask = self._page_mask(gpa0, (i1 - i0) * per)
-        if per > 1:
-            mask = np.asarray(mask.reshape(i1 - i0, per).any(axis=1))
-        hit = ents & (mask.astype(ents.dtype) * self._wbit)
+        else:
+            per = 1 << (ctx.shift - PAGE_SHIFT)
+            mask = self._page_mask(ctx.addr, (ctx.i1 - ctx.i0) * per)
+            if per > 1:
+                mask = np.asarray(mask.reshape(ctx.i1 - ctx.i0, per).any(axis=1))
+            hit = ents & (mask.astype(ents.dtype) * self._wbit)
         if hit.any():
             self.flush = True
             ents -= hit
 
     def leaf_batch(
-        self,
-        parent: PteArray,
-        idx: npt.NDArray[np.int64],
-        rows: npt.NDArray[np.int64],
-        gpas: npt.NDArray[np.int64],
+        self, ctx: VisitCtx, idx: IndexArray, rows: IndexArray, gpas: IndexArray
     ) -> None:
         pages = self.pt.pool.pages
         n = rows.shape[0]
@@ -706,39 +623,33 @@ class _WpVisitor(Visitor):
 
 
 class _GetLeafVisitor(Visitor):
-    def __init__(self, mode: Stage2Mode) -> None:
-        self.mode = mode
+    def __init__(self) -> None:
         self.found: Leaf | None = None
 
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
-        pte = int(tbl[i0])
+    def leaf(self, ctx: VisitCtx) -> None:
+        pte = ctx.word(ctx.i0)
         if pte & PTE_V:
-            shift = self.mode.shift(level)
-            self.found = Leaf(pte, level, base + (i0 << shift), 1 << shift)
+            self.found = Leaf(pte, ctx.level, ctx.addr, ctx.size)
 
 
 class _SplitVisitor(Visitor):
-    def __init__(self, pt: Stage2PageTable, start: int, end: int) -> None:
+    def __init__(self, pt: Stage2PageTable) -> None:
         self.pt = pt
         self.flush = False
 
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
-        if level == 0:
+    def leaf(self, ctx: VisitCtx) -> None:
+        if ctx.level == 0:
             return
         pt = self.pt
-        shift = pt.mode.shift(level)
-        ents = tbl[i0:i1]
-        blocks = np.flatnonzero(ents & PTE_V)
+        blocks = np.flatnonzero(ctx.tbl[ctx.i0 : ctx.i1] & PTE_V)
         if blocks.size == 0:
             return
         rows = pt.cache.take(blocks.size)
         for k, row in zip(blocks.tolist(), rows.tolist(), strict=True):
-            i = i0 + k
-            old = int(tbl[i])
-            tbl[i] = 0
-            pt.flusher.flush_addr(pt.vmid, base + (i << shift), level)
-            pt.pool.pages[row] = _block_children(pt, old, level)
-            tbl[i] = ((row + pt.pool.base_ppn) << PTE_PPN_SHIFT) | PTE_V
+            i = ctx.i0 + k
+            old = pt.break_pte(ctx, i)
+            pt.pool.pages[row] = _block_children(pt.mode, old, ctx.level)
+            pt.make_pte(ctx, i, pt.pool.table_pte(row))
         self.flush = True
 
 
@@ -751,25 +662,22 @@ class _CoalesceVisitor(Visitor):
         self.level = level
         self.flush = False
 
-    def table_pre(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
-        if level != self.level:
+    def table_pre(self, ctx: VisitCtx) -> None:
+        if ctx.level != self.level:
             return
         pt = self.pt
-        row = (int(tbl[i]) >> PTE_PPN_SHIFT) - pt.pool.base_ppn
-        child = pt.pool.pages[row]
-        if ((child & _TABLE_MASK) == PTE_V).any() or not (child & PTE_V).all():
+        row = pt.pool.follow(ctx.word(ctx.i0))
+        child = pt.pool.table(row)
+        if ((child & TABLE_MASK) == PTE_V).any() or not (child & PTE_V).all():
             return
         first = int(child[0])
-        expect = _block_children(pt, first, level)
-        if (first >> PTE_PPN_SHIFT) % (1 << (pt.mode.shift(level) - PAGE_SHIFT)):
+        if (first >> PTE_PPN_SHIFT) % (1 << (ctx.shift - PAGE_SHIFT)):
             return
-        if not np.array_equal(child, expect):
+        if not np.array_equal(child, _block_children(pt.mode, first, ctx.level)):
             return
-        tbl[i] = 0
-        if not pt.debug_skip_coalesce_tlbi:
-            pt.flusher.flush_range(pt.vmid, gpa, pt.mode.level_size(level))
+        pt.break_pte(ctx, ctx.i0)
         pt.cache.give_back([row])
-        tbl[i] = first
+        pt.make_pte(ctx, ctx.i0, first)
         self.flush = True
 
 
@@ -777,42 +685,34 @@ class _FreeVisitor(Visitor):
     wants_leaf = False
     wants_table_post = True
 
-    def __init__(self, pt: Stage2PageTable) -> None:
-        self.pt = pt
+    def __init__(self, pool: TablePagePool) -> None:
+        self.pool = pool
 
-    def table_post(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
-        self.pt.pool.free([(int(tbl[i]) >> PTE_PPN_SHIFT) - self.pt.pool.base_ppn])
-        tbl[i] = 0
+    def table_post(self, ctx: VisitCtx) -> None:
+        self.pool.free([self.pool.follow(ctx.word(ctx.i0))])
+        ctx.set_word(ctx.i0, 0)
 
 
 class _CollectVisitor(Visitor):
     batch_leaf = True
 
-    def __init__(self, mode: Stage2Mode) -> None:
-        self.mode = mode
+    def __init__(self) -> None:
         self.gpas: list[npt.NDArray[np.uint64]] = []
         self.ptes: list[npt.NDArray[np.uint64]] = []
         self.levels: list[npt.NDArray[np.int8]] = []
-        self.pt: Stage2PageTable | None = None
 
-    def leaf(self, tbl: PteArray, level: int, i0: int, i1: int, base: int) -> None:
-        ents = tbl[i0:i1]
+    def leaf(self, ctx: VisitCtx) -> None:
+        ents = ctx.tbl[ctx.i0 : ctx.i1]
         k = np.flatnonzero(ents & PTE_V)
         if k.size:
-            shift = self.mode.shift(level)
-            self.gpas.append((base + ((k + i0) << shift)).astype(np.uint64))
+            self.gpas.append((ctx.base + ((k + ctx.i0) << ctx.shift)).astype(np.uint64))
             self.ptes.append(ents[k].astype(np.uint64))
-            self.levels.append(np.full(k.size, level, dtype=np.int8))
+            self.levels.append(np.full(k.size, ctx.level, dtype=np.int8))
 
     def leaf_batch(
-        self,
-        parent: PteArray,
-        idx: npt.NDArray[np.int64],
-        rows: npt.NDArray[np.int64],
-        gpas: npt.NDArray[np.int64],
+        self, ctx: VisitCtx, idx: IndexArray, rows: IndexArray, gpas: IndexArray
     ) -> None:
-        assert self.pt is not None
-        block = self.pt.pool.pages[rows]
+        block = ctx.pool.pages[rows]
         r, k = np.nonzero(block & PTE_V)
         if r.size:
             self.gpas.append((gpas[r] + (k << PAGE_SHIFT)).astype(np.uint64))
@@ -827,5 +727,5 @@ class _CountVisitor(Visitor):
     def __init__(self) -> None:
         self.count = 0
 
-    def table_post(self, tbl: PteArray, level: int, i: int, gpa: int) -> None:
+    def table_post(self, ctx: VisitCtx) -> None:
         self.count += 1

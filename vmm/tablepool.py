@@ -3,7 +3,11 @@
 :class:`TablePagePool` is the ``mm_ops`` allocator of the page tables. Its pages are rows of
 one numpy array (4 KiB each: 512 ``uint64`` PTEs, or 1024 ``uint32`` for Sv32x4) and sit in a
 host-physical window reserved from :data:`vmm.memory.HOST_PHYS`, so a table PTE holds a real
-PPN and ``ppn - base_ppn`` is the row. The array grows in chunks; rows never move in HPA.
+PPN: :meth:`TablePagePool.follow` turns it into the row of the table it points to, and
+:meth:`TablePagePool.table_pte` makes one. The same words are also :attr:`TablePagePool.words`,
+a flat ``memoryview`` (row ``r``'s entry ``i`` is word ``r * entries + i``): a scalar read
+or write there is a fraction of a numpy element access, which the per-access paths (the
+hart's walk, a one-page fault) use. The array grows in chunks; rows never move in HPA.
 
 :class:`PageCache` is ``kvm_mmu_memory_cache``: it is topped up *before* the MMU lock is
 taken (the seed's ``stage2_cache_topup``), and a map under the lock only takes pages from it.
@@ -14,14 +18,14 @@ silent allocation.
 from __future__ import annotations
 
 import weakref
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import ModelBug, PageCacheEmpty, VmmError
 from .memory import HOST_PHYS, HostPhysSpace
-from .pte import PAGE_SHIFT, PAGE_SIZE, Stage2Mode
+from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_V, Stage2Mode
 
 __all__ = ["PageCache", "TablePagePool"]
 
@@ -56,9 +60,11 @@ class TablePagePool:
             self._finalizer()
             raise VmmError(f"no host-physical window for {mode.name} tables below its PPN limit")
         self.base_ppn = self.base_hpa >> PAGE_SHIFT
+        self.entries = mode.entries_per_table
         self.pages: npt.NDArray[np.unsignedinteger] = np.zeros(
             (_GROW_CHUNK, mode.entries_per_table), dtype=mode.dtype
         )
+        self.words: memoryview = _words(self.pages)
         self._high = 0  # rows [0, _high) have been handed out at least once
         self._free: list[int] = []
         self.in_use = 0
@@ -76,6 +82,7 @@ class TablePagePool:
         grown = np.zeros((new_cap, self.mode.entries_per_table), dtype=self.mode.dtype)
         grown[:cap] = self.pages
         self.pages = grown
+        self.words = _words(grown)
 
     def alloc(self, n: int) -> IndexArray:
         """``n`` zeroed pages (row indices); fresh rows come out consecutive."""
@@ -119,19 +126,39 @@ class TablePagePool:
     def hpa_of(self, row: int) -> int:
         return (self.base_ppn + row) << PAGE_SHIFT
 
-    def row_of_ppn(self, ppn: int) -> int:
-        row = ppn - self.base_ppn
-        if not 0 <= row < self._high:
-            raise ModelBug(f"PPN {ppn:#x} is not a table page of this pool")
-        return row
+    def follow(self, pte: int) -> int:
+        """The row of the table a (valid, non-leaf) table PTE points to."""
+        return (pte >> PTE_PPN_SHIFT) - self.base_ppn
+
+    def follow_many(self, ptes: npt.NDArray[Any]) -> IndexArray:
+        """:meth:`follow` for an array of table PTEs."""
+        return (ptes >> PTE_PPN_SHIFT).astype(np.int64) - self.base_ppn
+
+    def table(self, row: int) -> npt.NDArray[np.unsignedinteger]:
+        """Table page ``row`` as a numpy view of its entries."""
+        view: npt.NDArray[np.unsignedinteger] = self.pages[row]
+        return view
+
+    def table_pte(self, row: int) -> int:
+        """The PTE that points to table page ``row`` (V set, R=W=X=0)."""
+        return ((self.base_ppn + row) << PTE_PPN_SHIFT) | PTE_V
+
+    def table_ptes(self, rows: IndexArray) -> npt.NDArray[Any]:
+        """:meth:`table_pte` for many rows, in the table's word type."""
+        return (((rows + self.base_ppn) << PTE_PPN_SHIFT) | PTE_V).astype(self.mode.dtype)
+
+    def owns(self, row: int) -> bool:
+        """Whether ``row`` has been handed out by this pool (a sanity check)."""
+        return 0 <= row < self._high
 
     def close(self) -> None:
         """Give the HPA window back (also done when the pool is garbage-collected)."""
         self._finalizer()
 
-    @property
-    def capacity_pages(self) -> int:
-        return int(self.pages.shape[0])
+
+def _words(pages: npt.NDArray[np.unsignedinteger]) -> memoryview:
+    """``pages`` as one flat memoryview of its words (Q for 64-bit PTEs, I for Sv32x4)."""
+    return pages.data.cast("B").cast("Q" if pages.dtype.itemsize == 8 else "I")
 
 
 class PageCache:

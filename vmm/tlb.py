@@ -2,14 +2,17 @@
 
 Each level has its own FIFO set (as real TLBs keep separate arrays per page size), keyed by
 the virtual page number at that level (``gpa >> shift(level)``). An entry is the host memory
-the leaf maps (a ``memoryview`` of the page or block) and whether it is writable, so a hit is
-one dict look-up and a slice.
+the leaf maps (a ``memoryview`` of the page or block) and whether it is writable. Each set is
+kept as two dicts, vpn -> memoryview: every entry in ``read``, the writable ones also in
+``write``. :meth:`Tlb.views` hands those dicts out, so a vCPU's hit is one dict look-up
+and a slice, with no object in between.
 
 Invalidation comes in the three shapes KVM issues: by address and level (a level hint: only
 that level's entry goes, as with arm64's TTL hint or a RISC-V ``hfence.gvma`` with a level),
 by range (every level), and by VMID. Filling an entry while an overlapping entry of another
 size is still cached is a TLB conflict abort (:class:`~vmm.errors.TlbConflictAbort`): the
-failure break-before-make exists to prevent.
+failure break-before-make exists to prevent. The check is O(levels): each set also counts,
+per block of every larger size, how many smaller entries it holds.
 """
 
 from __future__ import annotations
@@ -23,18 +26,33 @@ from ._arrays import unique_sorted
 from .errors import TlbConflictAbort
 from .pte import Stage2Mode
 
-__all__ = ["DEFAULT_TLB_ENTRIES", "Tlb", "TlbEntry"]
+__all__ = ["DEFAULT_TLB_ENTRIES", "Tlb", "TlbEntry", "TlbViews"]
 
 DEFAULT_TLB_ENTRIES: Final = 1024  # per level, per VMID
 _SMALL_RANGE: Final = 64
 
+#: Per level, vpn -> host memory of the leaf: all entries, and the writable ones.
+TlbViews = tuple[list[dict[int, memoryview]], list[dict[int, memoryview]]]
+
 
 class TlbEntry(NamedTuple):
-    """What a hit needs: the leaf's host memory and its write permission."""
+    """A cached translation: the leaf's host memory, its write permission, its level."""
 
     mem: memoryview
     writable: bool
     level: int
+
+
+class _VmidSets:
+    """The sets of one VMID: per level, every entry, the writable ones, and per level the
+    count of smaller entries inside each of its blocks (for the conflict check)."""
+
+    __slots__ = ("inner", "read", "write")
+
+    def __init__(self, levels: int) -> None:
+        self.read: list[dict[int, memoryview]] = [{} for _ in range(levels)]
+        self.write: list[dict[int, memoryview]] = [{} for _ in range(levels)]
+        self.inner: list[dict[int, int]] = [{} for _ in range(levels)]
 
 
 class Tlb:
@@ -43,91 +61,129 @@ class Tlb:
     def __init__(self, mode: Stage2Mode, capacity: int = DEFAULT_TLB_ENTRIES) -> None:
         self.mode = mode
         self.capacity = capacity
-        self.shifts = [mode.shift(level) for level in range(mode.levels)]
-        self._vmids: dict[int, list[dict[int, TlbEntry]]] = {}
+        self.shifts = mode.shifts
+        self.levels = mode.levels
+        self.bits = mode.index_bits
+        self._vmids: dict[int, _VmidSets] = {}
         self.fills = 0
         self.flushes = 0
 
-    def sets(self, vmid: int) -> list[dict[int, TlbEntry]]:
-        """The per-level dicts of ``vmid`` (created empty on first use)."""
+    def _sets(self, vmid: int) -> _VmidSets:
         sets = self._vmids.get(vmid)
         if sets is None:
-            sets = [{} for _ in range(self.mode.levels)]
+            sets = _VmidSets(self.levels)
             self._vmids[vmid] = sets
         return sets
 
+    def views(self, vmid: int) -> TlbViews:
+        """``(read, write)``: per level, vpn -> memoryview of every entry / of the writable
+        ones. The dicts are live (fills and flushes update them in place): a vCPU keeps them
+        for its fast path."""
+        sets = self._sets(vmid)
+        return sets.read, sets.write
+
     def lookup(self, vmid: int, gpa: int) -> TlbEntry | None:
-        for level, d in enumerate(self.sets(vmid)):
-            entry = d.get(gpa >> self.shifts[level])
-            if entry is not None:
-                return entry
+        """The cached translation of ``gpa``, smallest level first (None on a miss)."""
+        sets = self._vmids.get(vmid)
+        if sets is None:
+            return None
+        for level, d in enumerate(sets.read):
+            vpn = gpa >> self.shifts[level]
+            mem = d.get(vpn)
+            if mem is not None:
+                return TlbEntry(mem, vpn in sets.write[level], level)
         return None
 
     def __len__(self) -> int:
-        return sum(len(d) for sets in self._vmids.values() for d in sets)
+        return sum(len(d) for sets in self._vmids.values() for d in sets.read)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _add(self, sets: _VmidSets, level: int, vpn: int, entry: TlbEntry) -> None:
+        read = sets.read[level]
+        if vpn in read:
+            self._drop(sets, level, vpn)
+        elif len(read) >= self.capacity:
+            self._drop(sets, level, next(iter(read)))  # FIFO: the oldest goes
+        read[vpn] = entry.mem
+        if entry.writable:
+            sets.write[level][vpn] = entry.mem
+        bits = self.bits
+        for up in range(level + 1, self.levels):
+            inner = sets.inner[up]
+            key = vpn >> ((up - level) * bits)
+            inner[key] = inner.get(key, 0) + 1
+
+    def _drop(self, sets: _VmidSets, level: int, vpn: int) -> None:
+        if sets.read[level].pop(vpn, None) is None:
+            return
+        sets.write[level].pop(vpn, None)
+        bits = self.bits
+        for up in range(level + 1, self.levels):
+            inner = sets.inner[up]
+            key = vpn >> ((up - level) * bits)
+            left = inner[key] - 1
+            if left:
+                inner[key] = left
+            else:
+                del inner[key]
+
+    def _conflict(self, vmid: int, sets: _VmidSets, level: int, vpn: int) -> None:
+        bits = self.bits
+        for up in range(level + 1, self.levels):
+            if (vpn >> ((up - level) * bits)) in sets.read[up]:
+                raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, up)
+        if vpn in sets.inner[level]:
+            for down in range(level - 1, -1, -1):
+                diff = (level - down) * bits
+                if any((k >> diff) == vpn for k in sets.read[down]):
+                    raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, down)
 
     # ------------------------------------------------------------------ fills
-    def _conflict(self, vmid: int, sets: list[dict[int, TlbEntry]], level: int, vpn: int) -> None:
-        bits = self.mode.index_bits
-        for other, d in enumerate(sets):
-            if other == level or not d:
-                continue
-            if other > level:
-                if (vpn >> ((other - level) * bits)) in d:
-                    raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, other)
-            else:
-                diff = (level - other) * bits
-                if any((k >> diff) == vpn for k in d):
-                    raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, other)
-
     def fill(self, vmid: int, gpa: int, entry: TlbEntry) -> None:
         """Cache a translation found by a page walk (conflict-checked)."""
-        sets = self.sets(vmid)
+        sets = self._sets(vmid)
         level = entry.level
         vpn = gpa >> self.shifts[level]
         self._conflict(vmid, sets, level, vpn)
-        d = sets[level]
-        if vpn not in d and len(d) >= self.capacity:
-            del d[next(iter(d))]
-        d[vpn] = entry
+        self._add(sets, level, vpn, entry)
         self.fills += 1
 
     def check_bulk(self, vmid: int, level: int, vpns: npt.NDArray[np.int64]) -> None:
         """Conflict check for many fills at ``level`` against what is cached now."""
-        sets = self.sets(vmid)
-        bits = self.mode.index_bits
-        for other, d in enumerate(sets):
-            if other == level or not d or vpns.size == 0:
+        sets = self._sets(vmid)
+        if vpns.size == 0:
+            return
+        bits = self.bits
+        for up in range(level + 1, self.levels):
+            d = sets.read[up]
+            if not d:
                 continue
             keys = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
-            if other > level:
-                probe = unique_sorted(vpns >> ((other - level) * bits))
-                hit = np.isin(probe, keys)
-                if hit.any():
-                    first = int(probe[np.flatnonzero(hit)[0]]) << ((other - level) * bits)
-                    raise TlbConflictAbort(vmid, first << self.shifts[level], level, other)
-            else:
-                up = keys >> ((level - other) * bits)
-                hit = np.isin(up, vpns)
-                if hit.any():
-                    vpn = int(up[np.flatnonzero(hit)[0]])
-                    raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, other)
+            probe = unique_sorted(vpns >> ((up - level) * bits))
+            hit = np.isin(probe, keys)
+            if hit.any():
+                first = int(probe[np.flatnonzero(hit)[0]]) << ((up - level) * bits)
+                raise TlbConflictAbort(vmid, first << self.shifts[level], level, up)
+        inner = sets.inner[level]
+        if inner:
+            keys = np.fromiter(inner.keys(), dtype=np.int64, count=len(inner))
+            hit = np.isin(vpns, keys)
+            if hit.any():
+                self._conflict(vmid, sets, level, int(vpns[np.flatnonzero(hit)[0]]))
 
     def insert_many(self, vmid: int, level: int, items: list[tuple[int, TlbEntry]]) -> None:
         """Insert already conflict-checked entries (the newest ``capacity`` stay)."""
-        d = self.sets(vmid)[level]
+        sets = self._sets(vmid)
         for vpn, entry in items[-self.capacity :]:
-            if vpn not in d and len(d) >= self.capacity:
-                del d[next(iter(d))]
-            d[vpn] = entry
+            self._add(sets, level, vpn, entry)
         self.fills += len(items)
 
     # ------------------------------------------------------------------ invalidation
     def flush_addr(self, vmid: int, gpa: int, level: int) -> None:
         """Invalidate the level-``level`` entry for ``gpa`` only (a level-hinted flush)."""
         sets = self._vmids.get(vmid)
-        if sets is not None and level < len(sets):
-            sets[level].pop(gpa >> self.shifts[level], None)
+        if sets is not None and level < self.levels:
+            self._drop(sets, level, gpa >> self.shifts[level])
         self.flushes += 1
 
     def flush_range(self, vmid: int, gpa: int, size: int) -> None:
@@ -136,27 +192,23 @@ class Tlb:
         self.flushes += 1
         if sets is None or size <= 0:
             return
-        for level, d in enumerate(sets):
+        for level, d in enumerate(sets.read):
             if not d:
                 continue
             shift = self.shifts[level]
             lo, hi = gpa >> shift, (gpa + size - 1) >> shift
             if hi - lo < _SMALL_RANGE:
-                for vpn in range(lo, hi + 1):
-                    d.pop(vpn, None)
-            elif lo <= min(d) and max(d) <= hi:
-                d.clear()
+                victims = [vpn for vpn in range(lo, hi + 1) if vpn in d]
             else:
-                for vpn in [k for k in d if lo <= k <= hi]:
-                    del d[vpn]
+                victims = [vpn for vpn in d if lo <= vpn <= hi]
+            for vpn in victims:
+                self._drop(sets, level, vpn)
 
     def flush_vmid(self, vmid: int) -> None:
+        """Invalidate every entry of ``vmid``."""
         sets = self._vmids.get(vmid)
         if sets is not None:
-            for d in sets:
-                d.clear()
+            for group in (sets.read, sets.write, sets.inner):
+                for d in group:
+                    d.clear()
         self.flushes += 1
-
-    def flush_all(self) -> None:
-        for vmid in list(self._vmids):
-            self.flush_vmid(vmid)

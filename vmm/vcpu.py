@@ -1,20 +1,26 @@
 """A vCPU: guest accesses through TLB -> stage-2 walk -> fault handler -> retry.
 
-:meth:`Vcpu.read` / :meth:`Vcpu.write` are the per-access path: a TLB hit is one dict
-look-up and a ``memoryview`` slice. A miss walks the stage-2 table like the hart's page
-walker, fills the TLB (conflict-checked) or faults to the VM's handler and retries. MMIO
-regions dispatch to their device; a write to a READONLY slot raises
-:class:`~vmm.errors.MmioExit` as KVM exits to userspace.
+:meth:`Vcpu.read` / :meth:`Vcpu.write` and the fixed-width :meth:`Vcpu.read64` /
+:meth:`Vcpu.write64` (and 32-bit forms) are the per-access path. A TLB hit is one dict
+look-up in the TLB's own per-level dicts (:meth:`vmm.tlb.Tlb.views`: 4K pages first, then
+the next level's blocks) and one slice or ``struct`` store into the leaf's host memory. A
+miss walks the stage-2 table like the hart's page walker, fills the TLB (conflict-checked) or
+faults to the VM's handler and retries. MMIO regions dispatch to their device; a write to a
+READONLY slot raises :class:`~vmm.errors.MmioExit` as KVM exits to userspace.
 
 :meth:`Vcpu.touch` / :meth:`Vcpu.access_many` are the bulk path the page-table benchmark
 needs (every page of a 1 GiB region): the same semantics done with vector operations, the
 translation of all addresses at once, the faults handled in one batch, the retry walked
 again, the TLB filled with the newest translations and the data moved with numpy.
+
+The vCPU sees its VM through :class:`VcpuHost` (what it uses of :class:`vmm.vm.Vm`), so this
+module does not import the VM.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import struct
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,55 +29,74 @@ from ._arrays import unique_first, unique_sorted
 from .dirty import DirtyRing
 from .errors import DirtyRingFull, GuestMemoryFault, MmioExit, ModelBug, VmmError
 from .memory import HOST_PHYS, Backing
-from .mmio import MmioRegion
-from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W
+from .memslot import MemslotTable
+from .mmio import MmioBus, MmioRegion
+from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W, Stage2Mode
+from .stage2 import Stage2PageTable
 from .tlb import Tlb, TlbEntry
 
-if TYPE_CHECKING:
-    from .vm import Vm
-
-__all__ = ["TOUCH_PATTERN", "Vcpu"]
+__all__ = ["TOUCH_PATTERN", "Vcpu", "VcpuHost"]
 
 TOUCH_PATTERN: Final = 0x0123456789ABCDEF
 _MAX_RETRIES: Final = 8
+_PAGE_MASK: Final = PAGE_SIZE - 1
+_U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+_U32: Final = 0xFFFF_FFFF
+_Q: Final = struct.Struct("<Q")
+_I: Final = struct.Struct("<I")
 U64 = npt.NDArray[np.uint64]
+
+
+class VcpuHost(Protocol):
+    """What a vCPU uses of its VM."""
+
+    mode: Stage2Mode
+    vmid: int
+    tlb_entries: int
+    mmio: MmioBus
+    memslots: MemslotTable
+
+    @property
+    def pt(self) -> Stage2PageTable: ...
+
+    def handle_faults(self, pages: U64, write: bool, vcpu: Vcpu | None = None) -> int: ...
 
 
 class Vcpu:
     """One vCPU of a :class:`~vmm.vm.Vm`."""
 
-    def __init__(self, vm: Vm, vcpu_id: int) -> None:
+    def __init__(self, vm: VcpuHost, vcpu_id: int, dirty_ring: DirtyRing | None = None) -> None:
         self.vm = vm
         self.id = vcpu_id
         self.tlb = Tlb(vm.mode, vm.tlb_entries)
-        self._tlb0 = self.tlb.sets(vm.vmid)[0]
-        # the second level's blocks (2M, or 4M on Sv32x4): hits there are fast too
-        self._tlb1 = self.tlb.sets(vm.vmid)[1]
+        read, write = self.tlb.views(vm.vmid)
+        # level 0 (4K pages) and level 1 (2M, or 4M on Sv32x4): the hits the fast paths see
+        self._r0, self._w0 = read[0], write[0]
+        self._r1, self._w1 = read[1], write[1]
         self._shift1 = vm.mode.shift(1)
-        self._size1 = 1 << self._shift1
-        self._mask1 = self._size1 - 1
-        self.dirty_ring: DirtyRing | None = (
-            DirtyRing(vm.dirty_ring_entries) if vm.dirty_ring_entries else None
-        )
+        self._mask1 = (1 << self._shift1) - 1
+        self.dirty_ring = dirty_ring
         self.mmio_reads = 0
         self.mmio_writes = 0
         #: guest page -> the MMIO region seen there last (read32/write32's fast dispatch)
         self._mmio_pages: dict[int, MmioRegion] = {}
+        self._pack_q = _Q.pack_into
+        self._unpack_q = _Q.unpack_from
 
     # ------------------------------------------------------------------ per access
     def read(self, gpa: int, n: int) -> bytes:
         """``n`` bytes at ``gpa`` as the guest sees them."""
-        entry = self._tlb0.get(gpa >> PAGE_SHIFT)
-        if entry is not None:
-            off = gpa & (PAGE_SIZE - 1)
-            if off + n <= PAGE_SIZE:
-                return entry.mem[off : off + n].tobytes()
+        mem = self._r0.get(gpa >> PAGE_SHIFT)
+        if mem is not None:
+            off = gpa & _PAGE_MASK
+            if 0 <= n <= PAGE_SIZE - off:
+                return mem[off : off + n].tobytes()
         else:
-            entry = self._tlb1.get(gpa >> self._shift1)
-            if entry is not None:
+            mem = self._r1.get(gpa >> self._shift1)
+            if mem is not None:
                 off = gpa & self._mask1
-                if off + n <= self._size1:
-                    return entry.mem[off : off + n].tobytes()
+                if 0 <= n <= len(mem) - off:
+                    return mem[off : off + n].tobytes()
         return self._access(gpa, n, None)
 
     def read_into(self, gpa: int, buffer: bytearray | memoryview) -> None:
@@ -79,62 +104,73 @@ class Vcpu:
         :meth:`read` without a new ``bytes`` object per access, for a driver that copies
         into a buffer it reuses. Same translation, faults and MMIO dispatch as :meth:`read`."""
         n = len(buffer)
-        entry = self._tlb0.get(gpa >> PAGE_SHIFT)
-        if entry is not None:
-            off = gpa & (PAGE_SIZE - 1)
-            if off + n <= PAGE_SIZE:
-                buffer[:] = entry.mem[off : off + n]
+        mem = self._r0.get(gpa >> PAGE_SHIFT)
+        if mem is not None:
+            off = gpa & _PAGE_MASK
+            if n <= PAGE_SIZE - off:
+                buffer[:] = mem[off : off + n]
                 return
         else:
-            entry = self._tlb1.get(gpa >> self._shift1)
-            if entry is not None:
+            mem = self._r1.get(gpa >> self._shift1)
+            if mem is not None:
                 off = gpa & self._mask1
-                if off + n <= self._size1:
-                    buffer[:] = entry.mem[off : off + n]
+                if n <= len(mem) - off:
+                    buffer[:] = mem[off : off + n]
                     return
         self._read_leaves_into(gpa, memoryview(buffer).cast("B"))
 
-    def _read_leaves_into(self, gpa: int, out: memoryview) -> None:
-        """:meth:`read_into`'s slow path: MMIO dispatch, or memory leaf by leaf."""
-        n = len(out)
-        if n == 0 or gpa < 0 or self.vm.mmio.find(gpa) is not None:
-            out[:] = self._access(gpa, n, None)
-            return
-        pos = 0
-        while pos < n:
-            addr = gpa + pos
-            mem = self._resolve(addr, None).mem
-            off = addr & (len(mem) - 1)
-            chunk = min(n - pos, len(mem) - off)
-            out[pos : pos + chunk] = mem[off : off + chunk]
-            pos += chunk
-
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``gpa``."""
-        entry = self._tlb0.get(gpa >> PAGE_SHIFT)
-        if entry is not None:
-            if entry.writable:
-                off = gpa & (PAGE_SIZE - 1)
-                n = len(data)
-                if off + n <= PAGE_SIZE:
-                    entry.mem[off : off + n] = data
-                    return
+        mem = self._w0.get(gpa >> PAGE_SHIFT)
+        if mem is not None:
+            off = gpa & _PAGE_MASK
+            n = len(data)
+            if n <= PAGE_SIZE - off:
+                mem[off : off + n] = data
+                return
         else:
-            entry = self._tlb1.get(gpa >> self._shift1)
-            if entry is not None and entry.writable:
+            mem = self._w1.get(gpa >> self._shift1)
+            if mem is not None:
                 off = gpa & self._mask1
                 n = len(data)
-                if off + n <= self._size1:
-                    entry.mem[off : off + n] = data
+                if n <= len(mem) - off:
+                    mem[off : off + n] = data
                     return
         self._access(gpa, len(data), data)
+
+    def read64(self, gpa: int) -> int:
+        """A 64-bit little-endian load."""
+        mem = self._r0.get(gpa >> PAGE_SHIFT)
+        if mem is not None:
+            try:
+                return int(self._unpack_q(mem, gpa & _PAGE_MASK)[0])
+            except struct.error:
+                pass  # crosses the page: the slow path
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write64(self, gpa: int, value: int) -> None:
+        """A 64-bit little-endian store."""
+        mem = self._w0.get(gpa >> PAGE_SHIFT)
+        if mem is not None:
+            try:
+                self._pack_q(mem, gpa & _PAGE_MASK, value & _U64)
+                return
+            except struct.error:
+                pass  # crosses the page: the slow path
+        self.write(gpa, (value & _U64).to_bytes(8, "little"))
 
     def read32(self, gpa: int) -> int:
         """A 32-bit load (a device register through MMIO dispatch, or memory)."""
         region = self._mmio_pages.get(gpa >> PAGE_SHIFT)
         if region is not None and region.gpa <= gpa and gpa + 4 <= region.end:
             self.mmio_reads += 1
-            return int(region.handler.mmio_read(gpa - region.gpa, 4)) & 0xFFFF_FFFF
+            return int(region.handler.mmio_read(gpa - region.gpa, 4)) & _U32
+        mem = self._r0.get(gpa >> PAGE_SHIFT)
+        if mem is not None:
+            try:
+                return int(_I.unpack_from(mem, gpa & _PAGE_MASK)[0])
+            except struct.error:
+                pass
         return int.from_bytes(self.read(gpa, 4), "little")
 
     def write32(self, gpa: int, value: int) -> None:
@@ -142,88 +178,102 @@ class Vcpu:
         region = self._mmio_pages.get(gpa >> PAGE_SHIFT)
         if region is not None and region.gpa <= gpa and gpa + 4 <= region.end:
             self.mmio_writes += 1
-            region.handler.mmio_write(gpa - region.gpa, 4, value & 0xFFFF_FFFF)
+            region.handler.mmio_write(gpa - region.gpa, 4, value & _U32)
             return
-        self.write(gpa, (value & 0xFFFF_FFFF).to_bytes(4, "little"))
-
-    def read64(self, gpa: int) -> int:
-        return int.from_bytes(self.read(gpa, 8), "little")
-
-    def write64(self, gpa: int, value: int) -> None:
-        self.write(gpa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        self.write(gpa, (value & _U32).to_bytes(4, "little"))
 
     def forget_mmio(self) -> None:
         """Drop the MMIO dispatch cache (the VM calls this when a region goes away)."""
         self._mmio_pages.clear()
 
+    # ------------------------------------------------------------------ slow path
     def _access(self, gpa: int, n: int, data: bytes | bytearray | memoryview | None) -> bytes:
-        """The slow path: MMIO dispatch, or memory leaf by leaf (a 2M block is one slice)."""
+        """MMIO dispatch, or memory leaf by leaf (a 2M block is one slice)."""
         if n < 0 or gpa < 0:
             raise VmmError(f"bad guest access: {n} bytes at {gpa:#x}")
         if n == 0:
             return b""
-        vm = self.vm
-        region = vm.mmio.find(gpa)
+        mmio = self.vm.mmio
+        region = mmio.find(gpa)
         if region is not None:
             self._mmio_pages[gpa >> PAGE_SHIFT] = region
             if data is None:
                 self.mmio_reads += 1
-                return vm.mmio.read(region, gpa, n).to_bytes(n, "little")
+                return mmio.read(region, gpa, n).to_bytes(n, "little")
             self.mmio_writes += 1
-            vm.mmio.write(region, gpa, n, int.from_bytes(data, "little"))
+            mmio.write(region, gpa, n, int.from_bytes(data, "little"))
             return b""
-        source = None if data is None else memoryview(data).cast("B")
-        out = bytearray() if data is None else None
+        if data is None:
+            out = bytearray(n)
+            self._read_leaves_into(gpa, memoryview(out))
+            return bytes(out)
+        source = memoryview(data).cast("B")
         pos = 0
         while pos < n:
             addr = gpa + pos
-            in_page = min(n - pos, PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-            mem = self._resolve(addr, None if source is None else source[pos : pos + in_page]).mem
+            mem = self._resolve(addr, source[pos:])
             off = addr & (len(mem) - 1)
             chunk = min(n - pos, len(mem) - off)
-            if source is None:
-                assert out is not None
-                out += mem[off : off + chunk]
-            else:
-                mem[off : off + chunk] = source[pos : pos + chunk]
+            mem[off : off + chunk] = source[pos : pos + chunk]
             pos += chunk
-        return bytes(out) if out is not None else b""
+        return b""
 
-    def _resolve(self, gpa: int, data: memoryview | None) -> TlbEntry:
-        """The TLB entry that maps ``gpa`` for this access (a read if ``data`` is None),
-        after walking and faulting as needed; ``data`` is the write, for an MMIO exit."""
+    def _read_leaves_into(self, gpa: int, out: memoryview) -> None:
+        """Reads that miss the fast path: MMIO dispatch, or memory leaf by leaf."""
+        n = len(out)
+        if n == 0:
+            return
+        if gpa < 0 or self.vm.mmio.find(gpa) is not None:
+            out[:] = self._access(gpa, n, None)
+            return
+        pos = 0
+        while pos < n:
+            addr = gpa + pos
+            mem = self._resolve(addr, None)
+            off = addr & (len(mem) - 1)
+            chunk = min(n - pos, len(mem) - off)
+            out[pos : pos + chunk] = mem[off : off + chunk]
+            pos += chunk
+
+    def _resolve(self, gpa: int, data: memoryview | None) -> memoryview:
+        """The host memory of the leaf that maps ``gpa`` for this access (a read if
+        ``data`` is None), after walking and faulting as needed; ``data`` is the rest of
+        the write, for an MMIO exit."""
         vm = self.vm
+        vmid = vm.vmid
+        tlb = self.tlb
         write = data is not None
         for _ in range(_MAX_RETRIES):
-            entry = self.tlb.lookup(vm.vmid, gpa)
+            entry = tlb.lookup(vmid, gpa)
             if entry is not None:
-                if write and not entry.writable:
-                    # A cached read-only entry: permission fault, drop it and re-walk.
-                    self.tlb.flush_addr(vm.vmid, gpa, entry.level)
-                else:
-                    return entry
+                if not write or entry.writable:
+                    return entry.mem
+                # A cached read-only entry: permission fault, drop it and re-walk.
+                tlb.flush_addr(vmid, gpa, entry.level)
             pte, level = vm.pt.translate(gpa)
             if pte and (not write or pte & PTE_W):
-                self.tlb.fill(vm.vmid, gpa, self._entry(pte, level))
-                continue
-            if vm.mmio.find(gpa) is None and vm.memslots.find(gpa) is None:
-                raise GuestMemoryFault(gpa)
-            slot = vm.memslots.find(gpa)
-            if write and slot is not None and slot.readonly:
-                raise MmioExit(gpa, bytes(data or b""), True)
-            page = np.array([gpa & ~(PAGE_SIZE - 1)], dtype=np.uint64)
-            if vm.handle_faults(page, write, self) == 0:
+                mem = self._leaf_memory(pte, level)
+                tlb.fill(vmid, gpa, TlbEntry(mem, bool(pte & PTE_W), level))
+                return mem
+            page = np.array([gpa & ~_PAGE_MASK], dtype=np.uint64)
+            try:
+                handled = vm.handle_faults(page, write, self)
+            except MmioExit:
+                assert data is not None
+                raise MmioExit(gpa, bytes(data), True) from None
+            if handled == 0:
                 raise DirtyRingFull(self.id)
         raise ModelBug(f"no forward progress on the access at GPA {gpa:#x}")
 
-    def _entry(self, pte: int, level: int) -> TlbEntry:
-        size = self.vm.mode.level_size(level)
+    def _leaf_memory(self, pte: int, level: int) -> memoryview:
+        """The host memory a leaf maps (what a TLB entry holds)."""
+        size = 1 << self.vm.mode.shifts[level]
         hpa = (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT
         backing = HOST_PHYS.owner(hpa)
         if backing is None or hpa + size > backing.hpa_end:
             raise ModelBug(f"leaf PTE {pte:#x} points at HPA {hpa:#x} that no backing holds")
         off = hpa - backing.hpa
-        return TlbEntry(backing.mem[off : off + size], bool(pte & PTE_W), level)
+        return backing.mem[off : off + size]
 
     # ------------------------------------------------------------------ bulk
     def touch(
@@ -252,9 +302,10 @@ class Vcpu:
             raise VmmError("bulk accesses must be 8-byte aligned")
         idx = vm.memslots.find_many(gpas)
         if (idx < 0).any():
+            first = int(gpas[int(np.argmax(idx < 0))])
             raise GuestMemoryFault(
-                int(gpas[int(np.argmax(idx < 0))]),
-                f"bulk access at GPA {int(gpas[int(np.argmax(idx < 0))]):#x} hits no memslot "
+                first,
+                f"bulk access at GPA {first:#x} hits no memslot "
                 "(bulk accesses are for RAM; use read/write for MMIO)",
             )
         if write:
@@ -262,8 +313,8 @@ class Vcpu:
             ro = np.array([s.readonly for s in slots], dtype=np.bool_)[idx]
             if ro.any():
                 first = int(gpas[int(np.argmax(ro))])
-                raise MmioExit(first, value.to_bytes(8, "little"), True)
-        page_mask = np.uint64(~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF)
+                raise MmioExit(first, (value & _U64).to_bytes(8, "little"), True)
+        page_mask = np.uint64(~_PAGE_MASK & _U64)
         for _ in range(_MAX_RETRIES):
             ptes, levels = vm.pt.translate_bulk(gpas)
             need = ptes == 0
@@ -284,9 +335,7 @@ class Vcpu:
         else:
             raise ModelBug("bulk access made no forward progress")
         self._fill_bulk(gpas, ptes, levels)
-        offset_mask = np.array(
-            [vm.mode.level_size(lv) - 1 for lv in range(vm.mode.levels)], dtype=np.uint64
-        )[levels]
+        offset_mask = np.array([(1 << s) - 1 for s in vm.mode.shifts], dtype=np.uint64)[levels]
         hpas = ((ptes >> np.uint64(PTE_PPN_SHIFT)) << np.uint64(PAGE_SHIFT)) + (gpas & offset_mask)
         return _move_data(hpas, write, value)
 
@@ -296,14 +345,14 @@ class Vcpu:
         cap = tlb.capacity
         for level in unique_sorted(levels).tolist():
             sel = levels == level
-            shift = vm.mode.shift(level)
+            shift = vm.mode.shifts[level]
             vpns_all = (gpas[sel] >> np.uint64(shift)).astype(np.int64)
             vpns, first = unique_first(vpns_all)
             tlb.check_bulk(vm.vmid, level, vpns)
             keep = first[-cap:]
             lvl_ptes = ptes[sel][keep]
             items = [
-                (vpn, self._entry(pte, level))
+                (vpn, TlbEntry(self._leaf_memory(pte, level), bool(pte & PTE_W), level))
                 for vpn, pte in zip(vpns_all[keep].tolist(), lvl_ptes.tolist(), strict=True)
             ]
             tlb.insert_many(vm.vmid, level, items)
@@ -321,7 +370,7 @@ def _move_data(hpas: U64, write: bool, value: int) -> U64 | None:
         mine = (h >= np.uint64(backing.hpa)) & (h < np.uint64(backing.hpa_end))
         words = ((h[mine] - np.uint64(backing.hpa)) >> np.uint64(3)).astype(np.int64)
         if write:
-            backing.u64[words] = np.uint64(value)
+            backing.u64[words] = np.uint64(value & _U64)
         else:
             assert out is not None
             out[remaining[mine]] = backing.u64[words]

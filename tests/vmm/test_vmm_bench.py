@@ -14,8 +14,10 @@ def test_parse_size() -> None:
     assert parse_size("1G") == 1 << 30
     assert parse_size("512M") == 512 << 20
     assert parse_size("64KiB") == 64 << 10
-    with pytest.raises(ValueError, match="bad size"):
+    with pytest.raises(ValueError, match="invalid size 'lots'"):
         parse_size("lots")
+    with pytest.raises(ValueError, match="positive"):
+        parse_size("0")
 
 
 def test_pagetable_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -50,7 +52,7 @@ def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["pagetable", "-b", "huge"])
     assert info.value.code == 2
-    assert "bad size" in capsys.readouterr().err
+    assert "invalid size 'huge'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["pagetable", "-s", "floppy"])
     with pytest.raises(SystemExit):

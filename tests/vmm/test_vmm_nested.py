@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import vmm
-from vmm.nested import (
+from vmm.rmap import (
     RMAP_NESTED_IS_SINGLE_ENTRY,
     insert_nest_rmap,
     rmap_decode,

@@ -20,12 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import TlbConflictAbort
 from ..memory import Backing
 from ..memslot import KVM_MEM_LOG_DIRTY_PAGES
-from ..pte import get_mode
+from ..pte import PAGE_SHIFT, Stage2Mode, get_mode
 from ..vm import Vm
 
-__all__ = ["BACKINGS", "STAGES", "PageTableTestResult", "make_backing", "run_page_table_test"]
+__all__ = [
+    "BACKINGS",
+    "STAGES",
+    "PageTableTestResult",
+    "make_backing",
+    "run_page_table_test",
+    "selftest_gpa",
+]
 
 STAGES = ("KVM_CREATE_MAPPINGS", "KVM_UPDATE_MAPPINGS", "KVM_ADJUST_MAPPINGS")
 BACKINGS = ("anonymous", "thp", "hugetlb", "hugetlb1g")
@@ -81,16 +89,13 @@ def run_page_table_test(
     populate: bool = True,
 ) -> PageTableTestResult:
     """Run the three stages; a TLB conflict ends the run and is recorded, not raised."""
-    from ..errors import TlbConflictAbort
-
     stage2_mode = get_mode(mode)
     host = make_backing(
         backing, _PAGE if size < _PAGE else _align_up(size, _lpage(backing)), populate
     )
     lpage = host.page_size
     size = host.size
-    # As the selftest does: put the slot at the top of the guest-physical space.
-    gpa = (stage2_mode.gpa_limit - size) & ~(max(lpage, 2 << 20) - 1)
+    gpa = selftest_gpa(stage2_mode, size, lpage)
     vm = Vm(stage2_mode)
     vm.debug_skip_coalesce_tlbi = debug_skip_coalesce_tlbi
     vm.set_user_memory_region(TEST_MEM_SLOT_INDEX, 0, gpa, size, host)
@@ -139,6 +144,16 @@ def run_page_table_test(
         result.table_pages = vm.pt.pool.in_use
         vm.close()
         host.close()
+
+
+def selftest_gpa(mode: Stage2Mode, size: int, large_page: int) -> int:
+    """Where the selftest puts its memslot: ``(max_gfn - pages) * page``, aligned down to
+    the large page, so it ends below the GPA space's last frame (KVM RISC-V refuses a slot
+    that reaches it)."""
+    max_gfn = (mode.gpa_limit >> PAGE_SHIFT) - 1
+    alignment = max(large_page, _PAGE)
+    gpa = (max_gfn - size // _PAGE) * _PAGE
+    return gpa - gpa % alignment
 
 
 def _lpage(kind: str) -> int:
