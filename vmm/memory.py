@@ -166,6 +166,9 @@ class Backing:
         self.u64: npt.NDArray[np.uint64] = self.array.view(np.uint64)
         self._owner = owner  # keeps the mmap alive as long as the backing
         self.hpa = space.allocate(size, max(page_size, SIZE_4K))
+        self.hpa_end = self.hpa + size
+        #: False once closed: its HPA range may then belong to another backing
+        self.live = True
         space.register(self)
         self._finalizer = weakref.finalize(self, space.release_later, self.hpa, size)
 
@@ -240,9 +243,6 @@ class Backing:
         return cls(mm, size, page_size, "fd", owner=mm)
 
     # ------------------------------------------------------------------ access
-    @property
-    def hpa_end(self) -> int:
-        return self.hpa + self.size
 
     def view(self, offset: int, length: int) -> memoryview:
         """A writable view of ``length`` bytes at ``offset`` (no copy)."""
@@ -252,6 +252,7 @@ class Backing:
 
     def close(self) -> None:
         """Release the views and the HPA range (the mmap closes when nothing else uses it)."""
+        self.live = False
         self._finalizer()
 
     def __repr__(self) -> str:

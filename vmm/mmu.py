@@ -34,9 +34,9 @@ import numpy.typing as npt
 from ._arrays import unique_sorted
 from .dirtylog import DirtyLog, DirtyWriter
 from .errors import GuestMemoryFault, MmioExit
-from .memslot import Memslot, MemslotTable
+from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, MemslotTable
 from .nested import NestedGuest, protect_shadows, unmap_shadows
-from .pte import PAGE_SHIFT, Stage2Mode, leaf_perms
+from .pte import PAGE_SHIFT, PAGE_SIZE, Stage2Mode, leaf_perms
 from .stage2 import Stage2PageTable
 from .tlb import Tlb
 
@@ -44,6 +44,8 @@ __all__ = ["Mmu"]
 
 _SPARSE_RUNS: Final = 8  # more fault runs than this: one sparse walk instead of one per run
 _U64_ALL: Final = 0xFFFF_FFFF_FFFF_FFFF
+_WRITABLE: Final = leaf_perms(True)
+_READ_ONLY: Final = leaf_perms(False)
 U64 = npt.NDArray[np.uint64]
 
 
@@ -76,6 +78,7 @@ class Mmu:
         self.dirty = DirtyLog(self)
         self.faults = 0
         self._shifts = mode.shifts
+        self._root_level = mode.root_level
 
     # ------------------------------------------------------------------ TLB flusher
     def flush_range(self, vmid: int, gpa: int, size: int) -> None:
@@ -170,31 +173,32 @@ class Mmu:
         slot = self.memslots.find(gpa)
         if slot is None:
             raise GuestMemoryFault(gpa)
-        logging = slot.logging
+        flags = slot.flags
+        logging = flags & KVM_MEM_LOG_DIRTY_PAGES
         if write:
-            if slot.readonly:
+            if flags & KVM_MEM_READONLY:
                 raise MmioExit(gpa, b"", True)
             if logging:
                 if self.dirty.room(vcpu) == 0:
                     return 0
                 self.dirty.mark(slot, (gpa - slot.gpa) >> PAGE_SHIFT, vcpu)
-        level = self._level_for_one(slot, gpa)
+        level = (
+            0 if logging or slot.backing.page_size == PAGE_SIZE else self._level_for_one(slot, gpa)
+        )
         shift = self._shifts[level]
         start = gpa >> shift << shift
-        size = 1 << shift
         pt = self.pt
-        pt.cache.topup(pt.tables_needed(start, size, level))
+        pt.cache.topup(self._root_level - level)  # at most one new table per level below
         with pt.mmu_lock():
-            flush = pt.map_range(
+            flush = pt.set_leaf(
                 start,
-                size,
-                slot.hpa_of(start),
-                leaf_perms(not slot.readonly and (write or not logging)),
+                slot.hpa + (start - slot.gpa),
+                _WRITABLE if write or not (logging or flags & KVM_MEM_READONLY) else _READ_ONLY,
                 level,
                 split="drop" if logging else "preserve",
             )
         if flush:
-            self.flush_range(self.vmid, start, size)
+            self.flush_range(self.vmid, start, 1 << shift)
         return 1
 
     def _levels_for(self, slot: Memslot, pages: U64) -> npt.NDArray[np.int8]:

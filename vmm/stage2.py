@@ -23,8 +23,6 @@ The vCPU's hardware walker, :meth:`Stage2PageTable.translate` and the vectorised
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -61,6 +59,24 @@ class TlbFlusher(Protocol):
     def flush_addr(self, vmid: int, gpa: int, level: int) -> None: ...
 
     def flush_vmid(self, vmid: int) -> None: ...
+
+
+class _MmuLock:
+    """The MMU lock of one table: marks its page cache locked (no top-up) while held."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: PageCache) -> None:
+        self.cache = cache
+
+    def __enter__(self) -> None:
+        if self.cache.locked:
+            raise ModelBug("MMU lock taken twice")
+        self.cache.locked = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.cache.locked = False
+        self.cache.trim()
 
 
 class _NoFlush:
@@ -112,6 +128,7 @@ class Stage2PageTable:
         self.root = self.pool.alloc_root()
         self.walker = Walker(self.pool, self.mode, self.root)
         self.debug_skip_coalesce_tlbi = False
+        self._lock = _MmuLock(self.cache)
         self._freed = False
         self._ppn_limit = 1 << self.mode.ppn_bits
         # the hardware walk's constants
@@ -119,6 +136,7 @@ class Stage2PageTable:
         self._per = self.mode.entries_per_table
         self._root_flat = self.root * self._per
         self._root_mask = self.mode.root_entries - 1
+        self._root_level = self.mode.root_level
 
     # ------------------------------------------------------------------ basics
     @property
@@ -144,17 +162,10 @@ class Stage2PageTable:
         if (hpa + size) >> PAGE_SHIFT > self._ppn_limit:
             raise PageTableError(f"HPA {hpa + size - 1:#x} does not fit {self.mode.name}'s PPN")
 
-    @contextmanager
-    def mmu_lock(self) -> Iterator[None]:
-        """The MMU lock: no cache top-up inside; freed pages return to the pool after it."""
-        if self.cache.locked:
-            raise ModelBug("MMU lock taken twice")
-        self.cache.locked = True
-        try:
-            yield
-        finally:
-            self.cache.locked = False
-            self.cache.trim()
+    def mmu_lock(self) -> _MmuLock:
+        """The MMU lock (a context manager): no cache top-up inside; freed pages return to
+        the pool after it."""
+        return self._lock
 
     def tables_needed(self, gpa: int, size: int, level: int) -> int:
         """Upper bound of the table pages a map of ``[gpa, gpa+size)`` at ``level`` needs."""
@@ -195,15 +206,17 @@ class Stage2PageTable:
         """
         pool = self.pool
         words = pool.words
+        base_ppn = pool.base_ppn
         shifts = self._shifts
-        level = len(shifts) - 1
+        per = self._per
+        mask = per - 1
+        level = self._root_level
         pte = words[self._root_flat + ((gpa >> shifts[level]) & self._root_mask)]
-        mask = self._per - 1
         while pte & TABLE_MASK == PTE_V:
-            if level == 0:
+            if not level:
                 raise ModelBug(f"table PTE {pte:#x} at level 0 (GPA {gpa:#x})")
             level -= 1
-            pte = words[pool.follow(pte) * self._per + ((gpa >> shifts[level]) & mask)]
+            pte = words[((pte >> PTE_PPN_SHIFT) - base_ppn) * per + ((gpa >> shifts[level]) & mask)]
         return (pte if pte & PTE_V else 0), level
 
     def translate_bulk(
@@ -270,6 +283,48 @@ class Stage2PageTable:
         visitor = _MapVisitor(self, level, perms, split, hpa - gpa, None)
         self._locked_walk(gpa, gpa + size, visitor)
         return visitor.flush
+
+    def set_leaf(
+        self, gpa: int, hpa: int, perms: int, level: int = 0, *, split: str = "preserve"
+    ) -> bool:
+        """:meth:`map_range` for one leaf, the fault path: a scalar descent that installs
+        missing tables from the cache on the way (the seed's ``gstage_set_pte``). When a
+        block lies on the way (a split) or a table sits where the leaf goes (a coalesce),
+        it takes the visitor walk instead, which does those with break-before-make.
+        ``gpa`` and ``hpa`` must be aligned to the leaf; call under :meth:`mmu_lock`."""
+        pool = self.pool
+        words = pool.words
+        base_ppn = pool.base_ppn
+        shifts = self._shifts
+        per = self._per
+        lvl = self._root_level
+        flat = self._root_flat
+        i = (gpa >> shifts[lvl]) & self._root_mask
+        while lvl > level:
+            pte = words[flat + i]
+            if pte & TABLE_MASK == PTE_V:
+                flat = ((pte >> PTE_PPN_SHIFT) - base_ppn) * per
+            elif pte & PTE_V:  # a block on the way: split it with break-before-make
+                return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
+            else:  # nothing there: a new table (make; there is nothing to break)
+                row = self.cache.take_one()
+                words[flat + i] = pool.table_pte(row)
+                flat = row * per
+            lvl -= 1
+            i = (gpa >> shifts[lvl]) & (per - 1)
+        old = words[flat + i]
+        if old & TABLE_MASK == PTE_V:  # a table where the block goes: coalesce
+            return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
+        new = ((hpa >> PAGE_SHIFT) << PTE_PPN_SHIFT) | (perms & _PERM_MASK) | PTE_V
+        flush = False
+        if old & PTE_V:
+            if (old ^ new) >> PTE_PPN_SHIFT:  # another output address: break first
+                words[flat + i] = 0
+                self.flusher.flush_addr(self.vmid, gpa, level)
+            elif old & ~new & PTE_RWX:
+                flush = True
+        words[flat + i] = new
+        return flush
 
     def map_pages(
         self,
@@ -495,8 +550,9 @@ class _MapVisitor(Visitor):
         index = np.arange(ctx.i0, ctx.i1) if idx is None else idx
         gpas = ctx.base + (index << ctx.shift)
         new = (((gpas + self.delta) >> PAGE_SHIFT) << PTE_PPN_SHIFT) | self.perms
-        new = new.astype(ctx.tbl.dtype)
-        olds = ctx.tbl[sel]
+        tbl = ctx.tbl
+        new = new.astype(tbl.dtype)
+        olds = tbl[sel]
         valid = (olds & PTE_V) != 0
         if valid.any():
             moved = valid & ((olds >> PTE_PPN_SHIFT) != (new >> PTE_PPN_SHIFT))
@@ -504,7 +560,7 @@ class _MapVisitor(Visitor):
                 self.pt.break_pte(ctx, int(index[k]))
             if (valid & ~moved & ((olds & ~new & PTE_RWX) != 0)).any():
                 self.flush = True
-        ctx.tbl[sel] = new  # make
+        tbl[sel] = new  # make
 
     def table_pre(self, ctx: VisitCtx) -> None:
         if ctx.level != self.level:

@@ -4,10 +4,11 @@
 one numpy array (4 KiB each: 512 ``uint64`` PTEs, or 1024 ``uint32`` for Sv32x4) and sit in a
 host-physical window reserved from :data:`vmm.memory.HOST_PHYS`, so a table PTE holds a real
 PPN: :meth:`TablePagePool.follow` turns it into the row of the table it points to, and
-:meth:`TablePagePool.table_pte` makes one. The same words are also :attr:`TablePagePool.words`,
-a flat ``memoryview`` (row ``r``'s entry ``i`` is word ``r * entries + i``): a scalar read
-or write there is a fraction of a numpy element access, which the per-access paths (the
-hart's walk, a one-page fault) use. The array grows in chunks; rows never move in HPA.
+:meth:`TablePagePool.table_pte` makes one. Row ``r``'s entry ``i`` is word ``r * entries + i``
+of :attr:`TablePagePool.flat` (a numpy view, for vector work) and of
+:attr:`TablePagePool.words` (a ``memoryview`` of the same memory: a scalar read or write
+there is a fraction of a numpy element access, which the per-access paths use: the hart's
+walk, a one-page fault). The array grows in chunks; rows never move in HPA.
 
 :class:`PageCache` is ``kvm_mmu_memory_cache``: it is topped up *before* the MMU lock is
 taken (the seed's ``stage2_cache_topup``), and a map under the lock only takes pages from it.
@@ -64,6 +65,7 @@ class TablePagePool:
         self.pages: npt.NDArray[np.unsignedinteger] = np.zeros(
             (_GROW_CHUNK, mode.entries_per_table), dtype=mode.dtype
         )
+        self.flat: npt.NDArray[np.unsignedinteger] = self.pages.reshape(-1)
         self.words: memoryview = _words(self.pages)
         self._high = 0  # rows [0, _high) have been handed out at least once
         self._free: list[int] = []
@@ -82,6 +84,7 @@ class TablePagePool:
         grown = np.zeros((new_cap, self.mode.entries_per_table), dtype=self.mode.dtype)
         grown[:cap] = self.pages
         self.pages = grown
+        self.flat = grown.reshape(-1)
         self.words = _words(grown)
 
     def alloc(self, n: int) -> IndexArray:
@@ -191,6 +194,15 @@ class PageCache:
         rows = self._rows[len(self._rows) - n :]
         del self._rows[len(self._rows) - n :]
         return np.array(rows, dtype=np.int64)
+
+    def take_one(self) -> int:
+        """One page for a map under the lock (:meth:`take` for a scalar fault)."""
+        if not self._rows:
+            raise PageCacheEmpty(
+                "page cache is empty but the map needs a page: the caller did not top it "
+                "up before taking the MMU lock"
+            )
+        return self._rows.pop()
 
     def give_back(self, rows: IndexArray | list[int]) -> None:
         """Pages freed under the lock go back to the cache, zeroed (KVM frees them after it)."""

@@ -11,8 +11,8 @@ Invalidation comes in the three shapes KVM issues: by address and level (a level
 that level's entry goes, as with arm64's TTL hint or a RISC-V ``hfence.gvma`` with a level),
 by range (every level), and by VMID. Filling an entry while an overlapping entry of another
 size is still cached is a TLB conflict abort (:class:`~vmm.errors.TlbConflictAbort`): the
-failure break-before-make exists to prevent. The check is O(levels): each set also counts,
-per block of every larger size, how many smaller entries it holds.
+failure break-before-make exists to prevent. A page fill checks the larger levels with one
+look-up each; a block fill also scans the smaller levels' entries (block fills are rare).
 """
 
 from __future__ import annotations
@@ -44,15 +44,13 @@ class TlbEntry(NamedTuple):
 
 
 class _VmidSets:
-    """The sets of one VMID: per level, every entry, the writable ones, and per level the
-    count of smaller entries inside each of its blocks (for the conflict check)."""
+    """The sets of one VMID: per level, every entry and the writable ones."""
 
-    __slots__ = ("inner", "read", "write")
+    __slots__ = ("read", "write")
 
     def __init__(self, levels: int) -> None:
         self.read: list[dict[int, memoryview]] = [{} for _ in range(levels)]
         self.write: list[dict[int, memoryview]] = [{} for _ in range(levels)]
-        self.inner: list[dict[int, int]] = [{} for _ in range(levels)]
 
 
 class Tlb:
@@ -97,56 +95,40 @@ class Tlb:
     def __len__(self) -> int:
         return sum(len(d) for sets in self._vmids.values() for d in sets.read)
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _add(self, sets: _VmidSets, level: int, vpn: int, entry: TlbEntry) -> None:
-        read = sets.read[level]
-        if vpn in read:
-            self._drop(sets, level, vpn)
-        elif len(read) >= self.capacity:
-            self._drop(sets, level, next(iter(read)))  # FIFO: the oldest goes
-        read[vpn] = entry.mem
-        if entry.writable:
-            sets.write[level][vpn] = entry.mem
-        bits = self.bits
-        for up in range(level + 1, self.levels):
-            inner = sets.inner[up]
-            key = vpn >> ((up - level) * bits)
-            inner[key] = inner.get(key, 0) + 1
-
-    def _drop(self, sets: _VmidSets, level: int, vpn: int) -> None:
-        if sets.read[level].pop(vpn, None) is None:
-            return
-        sets.write[level].pop(vpn, None)
-        bits = self.bits
-        for up in range(level + 1, self.levels):
-            inner = sets.inner[up]
-            key = vpn >> ((up - level) * bits)
-            left = inner[key] - 1
-            if left:
-                inner[key] = left
-            else:
-                del inner[key]
-
+    # ------------------------------------------------------------------ fills
     def _conflict(self, vmid: int, sets: _VmidSets, level: int, vpn: int) -> None:
         bits = self.bits
+        read = sets.read
         for up in range(level + 1, self.levels):
-            if (vpn >> ((up - level) * bits)) in sets.read[up]:
+            if (vpn >> ((up - level) * bits)) in read[up]:
                 raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, up)
-        if vpn in sets.inner[level]:
-            for down in range(level - 1, -1, -1):
-                diff = (level - down) * bits
-                if any((k >> diff) == vpn for k in sets.read[down]):
-                    raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, down)
+        for down in range(level - 1, -1, -1):
+            diff = (level - down) * bits
+            if read[down] and any((k >> diff) == vpn for k in read[down]):
+                raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, down)
 
-    # ------------------------------------------------------------------ fills
-    def fill(self, vmid: int, gpa: int, entry: TlbEntry) -> None:
-        """Cache a translation found by a page walk (conflict-checked)."""
-        sets = self._sets(vmid)
-        level = entry.level
+    def fill_leaf(self, vmid: int, gpa: int, mem: memoryview, writable: bool, level: int) -> None:
+        """Cache the translation of a leaf found by a page walk (conflict-checked): its host
+        memory ``mem``, its write permission and its level."""
+        sets = self._vmids.get(vmid) or self._sets(vmid)
         vpn = gpa >> self.shifts[level]
         self._conflict(vmid, sets, level, vpn)
-        self._add(sets, level, vpn, entry)
+        read = sets.read[level]
+        write = sets.write[level]
+        if vpn not in read and len(read) >= self.capacity:
+            oldest = next(iter(read))  # FIFO: the oldest entry goes
+            del read[oldest]
+            write.pop(oldest, None)
+        read[vpn] = mem
+        if writable:
+            write[vpn] = mem
+        else:
+            write.pop(vpn, None)
         self.fills += 1
+
+    def fill(self, vmid: int, gpa: int, entry: TlbEntry) -> None:
+        """Cache a translation found by a page walk (conflict-checked)."""
+        self.fill_leaf(vmid, gpa, entry.mem, entry.writable, entry.level)
 
     def check_bulk(self, vmid: int, level: int, vpns: npt.NDArray[np.int64]) -> None:
         """Conflict check for many fills at ``level`` against what is cached now."""
@@ -164,18 +146,35 @@ class Tlb:
             if hit.any():
                 first = int(probe[np.flatnonzero(hit)[0]]) << ((up - level) * bits)
                 raise TlbConflictAbort(vmid, first << self.shifts[level], level, up)
-        inner = sets.inner[level]
-        if inner:
-            keys = np.fromiter(inner.keys(), dtype=np.int64, count=len(inner))
-            hit = np.isin(vpns, keys)
+        keys_vpns = unique_sorted(vpns)
+        for down in range(level - 1, -1, -1):
+            d = sets.read[down]
+            if not d:
+                continue
+            keys = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
+            parents = keys >> ((level - down) * bits)
+            hit = np.isin(parents, keys_vpns)
             if hit.any():
-                self._conflict(vmid, sets, level, int(vpns[np.flatnonzero(hit)[0]]))
+                vpn = int(parents[np.flatnonzero(hit)[0]])
+                raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, down)
 
     def insert_many(self, vmid: int, level: int, items: list[tuple[int, TlbEntry]]) -> None:
         """Insert already conflict-checked entries (the newest ``capacity`` stay)."""
         sets = self._sets(vmid)
+        read = sets.read[level]
+        write = sets.write[level]
         for vpn, entry in items[-self.capacity :]:
-            self._add(sets, level, vpn, entry)
+            if vpn in read:
+                del read[vpn]  # re-inserted: it becomes the newest
+            elif len(read) >= self.capacity:
+                oldest = next(iter(read))
+                del read[oldest]
+                write.pop(oldest, None)
+            read[vpn] = entry.mem
+            if entry.writable:
+                write[vpn] = entry.mem
+            else:
+                write.pop(vpn, None)
         self.fills += len(items)
 
     # ------------------------------------------------------------------ invalidation
@@ -183,7 +182,9 @@ class Tlb:
         """Invalidate the level-``level`` entry for ``gpa`` only (a level-hinted flush)."""
         sets = self._vmids.get(vmid)
         if sets is not None and level < self.levels:
-            self._drop(sets, level, gpa >> self.shifts[level])
+            vpn = gpa >> self.shifts[level]
+            sets.read[level].pop(vpn, None)
+            sets.write[level].pop(vpn, None)
         self.flushes += 1
 
     def flush_range(self, vmid: int, gpa: int, size: int) -> None:
@@ -192,23 +193,29 @@ class Tlb:
         self.flushes += 1
         if sets is None or size <= 0:
             return
-        for level, d in enumerate(sets.read):
-            if not d:
+        for level, read in enumerate(sets.read):
+            if not read:
                 continue
+            write = sets.write[level]
             shift = self.shifts[level]
             lo, hi = gpa >> shift, (gpa + size - 1) >> shift
             if hi - lo < _SMALL_RANGE:
-                victims = [vpn for vpn in range(lo, hi + 1) if vpn in d]
+                for vpn in range(lo, hi + 1):
+                    read.pop(vpn, None)
+                    write.pop(vpn, None)
+            elif lo <= min(read) and max(read) <= hi:
+                read.clear()
+                write.clear()
             else:
-                victims = [vpn for vpn in d if lo <= vpn <= hi]
-            for vpn in victims:
-                self._drop(sets, level, vpn)
+                for vpn in [k for k in read if lo <= k <= hi]:
+                    del read[vpn]
+                    write.pop(vpn, None)
 
     def flush_vmid(self, vmid: int) -> None:
         """Invalidate every entry of ``vmid``."""
         sets = self._vmids.get(vmid)
         if sets is not None:
-            for group in (sets.read, sets.write, sets.inner):
+            for group in (sets.read, sets.write):
                 for d in group:
                     d.clear()
         self.flushes += 1

@@ -45,6 +45,7 @@ _U32: Final = 0xFFFF_FFFF
 _Q: Final = struct.Struct("<Q")
 _I: Final = struct.Struct("<I")
 U64 = npt.NDArray[np.uint64]
+_NO_BACKING: Final = Backing(bytearray(PAGE_SIZE), PAGE_SIZE, PAGE_SIZE, "none")
 
 
 class VcpuHost(Protocol):
@@ -60,6 +61,8 @@ class VcpuHost(Protocol):
     def pt(self) -> Stage2PageTable: ...
 
     def handle_faults(self, pages: U64, write: bool, vcpu: Vcpu | None = None) -> int: ...
+
+    def handle_fault(self, gpa: int, write: bool, vcpu: Vcpu | None = None) -> int: ...
 
 
 class Vcpu:
@@ -82,6 +85,13 @@ class Vcpu:
         self._mmio_pages: dict[int, MmioRegion] = {}
         self._pack_q = _Q.pack_into
         self._unpack_q = _Q.unpack_from
+        self._shifts = vm.mode.shifts
+        self._read_sets, self._write_sets = read, write
+        self._sets_by_level = [
+            (level, read[level], write[level], shift) for level, shift in enumerate(self._shifts)
+        ]
+        #: the backing the last TLB fill came from (most fills hit the same one)
+        self._backing: Backing = _NO_BACKING
 
     # ------------------------------------------------------------------ per access
     def read(self, gpa: int, n: int) -> bytes:
@@ -138,26 +148,44 @@ class Vcpu:
                     return
         self._access(gpa, len(data), data)
 
+    # The fixed-width accesses spell PAGE_SHIFT (12) and the page mask (4095) as literals:
+    # constants cost less than global look-ups on the hottest path. struct refuses a value
+    # out of range or a store that crosses the leaf; both go to the slow path.
     def read64(self, gpa: int) -> int:
         """A 64-bit little-endian load."""
-        mem = self._r0.get(gpa >> PAGE_SHIFT)
+        mem = self._r0.get(gpa >> 12)
         if mem is not None:
             try:
-                return int(self._unpack_q(mem, gpa & _PAGE_MASK)[0])
+                return self._unpack_q(mem, gpa & 4095)[0]  # type: ignore[no-any-return]
             except struct.error:
                 pass  # crosses the page: the slow path
-        return int.from_bytes(self.read(gpa, 8), "little")
+        else:
+            mem = self._r1.get(gpa >> self._shift1)
+            if mem is not None:
+                try:
+                    return self._unpack_q(mem, gpa & self._mask1)[0]  # type: ignore[no-any-return]
+                except struct.error:
+                    pass
+        return int.from_bytes(self._access(gpa, 8, None), "little")
 
     def write64(self, gpa: int, value: int) -> None:
-        """A 64-bit little-endian store."""
-        mem = self._w0.get(gpa >> PAGE_SHIFT)
+        """A 64-bit little-endian store (``value`` taken modulo 2**64)."""
+        mem = self._w0.get(gpa >> 12)
         if mem is not None:
             try:
-                self._pack_q(mem, gpa & _PAGE_MASK, value & _U64)
+                self._pack_q(mem, gpa & 4095, value)
                 return
             except struct.error:
-                pass  # crosses the page: the slow path
-        self.write(gpa, (value & _U64).to_bytes(8, "little"))
+                pass  # crosses the page, or a value to wrap: the slow path
+        else:
+            mem = self._w1.get(gpa >> self._shift1)
+            if mem is not None:
+                try:
+                    self._pack_q(mem, gpa & self._mask1, value)
+                    return
+                except struct.error:
+                    pass
+        self._access(gpa, 8, (value & _U64).to_bytes(8, "little"))
 
     def read32(self, gpa: int) -> int:
         """A 32-bit load (a device register through MMIO dispatch, or memory)."""
@@ -207,11 +235,16 @@ class Vcpu:
             out = bytearray(n)
             self._read_leaves_into(gpa, memoryview(out))
             return bytes(out)
+        mem = self._resolve(gpa, data)
+        off = gpa & (len(mem) - 1)
+        if n <= len(mem) - off:  # one leaf: the usual case
+            mem[off : off + n] = data
+            return b""
         source = memoryview(data).cast("B")
         pos = 0
         while pos < n:
             addr = gpa + pos
-            mem = self._resolve(addr, source[pos:])
+            mem = self._resolve(addr, source[pos:]) if pos else mem
             off = addr & (len(mem) - 1)
             chunk = min(n - pos, len(mem) - off)
             mem[off : off + chunk] = source[pos : pos + chunk]
@@ -235,29 +268,33 @@ class Vcpu:
             out[pos : pos + chunk] = mem[off : off + chunk]
             pos += chunk
 
-    def _resolve(self, gpa: int, data: memoryview | None) -> memoryview:
+    def _resolve(self, gpa: int, data: bytes | bytearray | memoryview | None) -> memoryview:
         """The host memory of the leaf that maps ``gpa`` for this access (a read if
-        ``data`` is None), after walking and faulting as needed; ``data`` is the rest of
-        the write, for an MMIO exit."""
+        ``data`` is None): a TLB hit at any level, or a walk of the stage-2 table that
+        fills the TLB, faulting to the VM and walking again as needed. ``data`` is the rest
+        of the write, for an MMIO exit."""
         vm = self.vm
         vmid = vm.vmid
         tlb = self.tlb
         write = data is not None
+        for level, read_set, write_set, shift in self._sets_by_level:
+            vpn = gpa >> shift
+            mem = read_set.get(vpn)
+            if mem is not None:
+                if not write or vpn in write_set:
+                    return mem
+                # A cached read-only entry: a permission fault. Drop it and walk.
+                tlb.flush_addr(vmid, gpa, level)
+                break
+        pt = vm.pt
         for _ in range(_MAX_RETRIES):
-            entry = tlb.lookup(vmid, gpa)
-            if entry is not None:
-                if not write or entry.writable:
-                    return entry.mem
-                # A cached read-only entry: permission fault, drop it and re-walk.
-                tlb.flush_addr(vmid, gpa, entry.level)
-            pte, level = vm.pt.translate(gpa)
+            pte, level = pt.translate(gpa)
             if pte and (not write or pte & PTE_W):
                 mem = self._leaf_memory(pte, level)
-                tlb.fill(vmid, gpa, TlbEntry(mem, bool(pte & PTE_W), level))
+                tlb.fill_leaf(vmid, gpa, mem, bool(pte & PTE_W), level)
                 return mem
-            page = np.array([gpa & ~_PAGE_MASK], dtype=np.uint64)
             try:
-                handled = vm.handle_faults(page, write, self)
+                handled = vm.handle_fault(gpa, write, self)
             except MmioExit:
                 assert data is not None
                 raise MmioExit(gpa, bytes(data), True) from None
@@ -267,11 +304,14 @@ class Vcpu:
 
     def _leaf_memory(self, pte: int, level: int) -> memoryview:
         """The host memory a leaf maps (what a TLB entry holds)."""
-        size = 1 << self.vm.mode.shifts[level]
+        size = 1 << self._shifts[level]
         hpa = (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT
-        backing = HOST_PHYS.owner(hpa)
-        if backing is None or hpa + size > backing.hpa_end:
-            raise ModelBug(f"leaf PTE {pte:#x} points at HPA {hpa:#x} that no backing holds")
+        backing = self._backing
+        if not (backing.hpa <= hpa and hpa + size <= backing.hpa_end and backing.live):
+            found = HOST_PHYS.owner(hpa)
+            if found is None or hpa + size > found.hpa_end:
+                raise ModelBug(f"leaf PTE {pte:#x} points at HPA {hpa:#x} that no backing holds")
+            self._backing = backing = found
         off = hpa - backing.hpa
         return backing.mem[off : off + size]
 

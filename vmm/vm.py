@@ -121,6 +121,10 @@ class Vm:
         """Resolve faults on 4K pages (see :meth:`vmm.mmu.Mmu.handle_faults`)."""
         return self.mmu.handle_faults(pages, write, vcpu)
 
+    def handle_fault(self, gpa: int, write: bool, vcpu: DirtyWriter | None = None) -> int:
+        """Resolve a fault on the page holding ``gpa`` (see :meth:`vmm.mmu.Mmu.fault_one`)."""
+        return self.mmu.fault_one(gpa, write, vcpu)
+
     # The VM is the TLB flusher of the tables it owns (the MMU broadcasts to the vCPUs).
     def flush_range(self, vmid: int, gpa: int, size: int) -> None:
         self.mmu.flush_range(vmid, gpa, size)

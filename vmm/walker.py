@@ -29,7 +29,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ModelBug, PageTableError
+from .errors import PageTableError
 from .pte import PTE_RWX, PTE_V, Stage2Mode
 from .tablepool import TablePagePool
 
@@ -48,35 +48,39 @@ def is_table(pte: int) -> bool:
 class VisitCtx:
     """Where a callback is: entries ``tbl[i0:i1]`` at ``level`` of the walk of ``[start, end)``.
 
-    ``tbl`` is the table (a numpy view; the x4 root is its four pages as one table), ``flat``
-    the index of ``tbl[0]`` in ``pool.words``, ``base`` the GPA ``tbl[0]`` maps and ``shift``
-    log2 of the bytes an entry at ``level`` maps, so entry ``i`` maps ``gpa(i)``.
+    The table is ``nent`` words from word ``flat`` of the pool (the x4 root is its four
+    pages as one table); :attr:`tbl` is it as a numpy view, :meth:`word`/:meth:`set_word`
+    read and write one entry as an int. ``base`` is the GPA entry 0 maps and ``shift``
+    log2 of the bytes an entry at ``level`` maps, so entry ``i`` maps :meth:`gpa`.
     """
 
-    __slots__ = ("base", "end", "flat", "i0", "i1", "level", "pool", "shift", "start", "tbl")
+    __slots__ = ("base", "end", "flat", "i0", "i1", "level", "nent", "pool", "shift", "start")
 
     def __init__(self, pool: TablePagePool, start: int, end: int) -> None:
         self.pool = pool
         self.start = start
         self.end = end
-        self.tbl: PteArray = pool.pages[:0]
         self.flat = 0
+        self.nent = 0
         self.level = 0
         self.i0 = 0
         self.i1 = 0
         self.base = 0
         self.shift = 0
 
-    def at(
-        self, tbl: PteArray, flat: int, level: int, i0: int, i1: int, base: int, shift: int
-    ) -> None:
-        self.tbl = tbl
+    def at(self, flat: int, nent: int, level: int, i0: int, i1: int, base: int, shift: int) -> None:
         self.flat = flat
+        self.nent = nent
         self.level = level
         self.i0 = i0
         self.i1 = i1
         self.base = base
         self.shift = shift
+
+    @property
+    def tbl(self) -> PteArray:
+        """The table as a numpy view of its entries."""
+        return self.pool.flat[self.flat : self.flat + self.nent]
 
     def gpa(self, i: int) -> int:
         """The GPA entry ``i`` of the table maps."""
@@ -159,32 +163,21 @@ class Walker:
 
     def walk(self, start: int, end: int, visitor: Visitor) -> None:
         """Visit ``[start, end)``; the range must lie inside the mode's GPA space."""
-        self.check_range(start, end - start)
+        if start < 0 or end > self.limit or end < start:
+            self.check_range(start, end - start)
         if end <= start:
             return
-        pool = self.pool
-        root = pool.pages[self.root : self.root + 4].reshape(-1)
-        ctx = VisitCtx(pool, start, end)
-        self._walk(ctx, root, self.root * self.per, self.mode.root_level, start, end, 0, visitor)
-
-    def _descend(
-        self, ctx: VisitCtx, pte: int, level: int, start: int, end: int, gpa: int, v: Visitor
-    ) -> None:
-        pool = self.pool
-        row = pool.follow(pte)
-        if not pool.owns(row):
-            raise ModelBug(f"table PTE {pte:#x} at level {level} points outside the table pool")
-        size = 1 << self.shifts[level]
+        ctx = VisitCtx(self.pool, start, end)
         self._walk(
-            ctx, pool.table(row), row * self.per, level - 1, max(start, gpa), min(end, gpa + size),
-            gpa, v,
+            ctx, self.root * self.per, self.mode.root_entries, self.mode.root_level,
+            start, end, 0, visitor,
         )  # fmt: skip
 
     def _walk_one(
         self,
         ctx: VisitCtx,
-        tbl: PteArray,
         flat: int,
+        nent: int,
         level: int,
         i: int,
         start: int,
@@ -192,38 +185,44 @@ class Walker:
         base: int,
         v: Visitor,
     ) -> None:
-        """One entry at ``level`` > 0: scalar checks, no vector set-up (the fault path)."""
+        """One entry at ``level`` > 0: scalar reads, no numpy view (the fault path)."""
         words = self.pool.words
         shift = self.shifts[level]
         pte = words[flat + i]
         if v.wants_leaf and pte & TABLE_MASK != PTE_V:
-            ctx.at(tbl, flat, level, i, i + 1, base, shift)
+            ctx.at(flat, nent, level, i, i + 1, base, shift)
             v.leaf(ctx)
+            words = self.pool.words
             pte = words[flat + i]
         if pte & TABLE_MASK != PTE_V:
             return
         gpa = base + (i << shift)
         if v.wants_table_pre:
-            ctx.at(tbl, flat, level, i, i + 1, base, shift)
+            ctx.at(flat, nent, level, i, i + 1, base, shift)
             v.table_pre(ctx)
-            pte = words[flat + i]
+            pte = self.pool.words[flat + i]
             if pte & TABLE_MASK != PTE_V:
                 return
-        if level == 1 and v.batch_leaf and gpa >= start and gpa + (1 << shift) <= end:
-            ctx.at(tbl, flat, level, i, i + 1, base, shift)
-            rows = np.array([self.pool.follow(pte)], dtype=np.int64)
+        size = 1 << shift
+        row = self.pool.follow(pte)
+        if level == 1 and v.batch_leaf and gpa >= start and gpa + size <= end:
+            ctx.at(flat, nent, level, i, i + 1, base, shift)
+            rows = np.array([row], dtype=np.int64)
             v.leaf_batch(ctx, np.array([i], dtype=np.int64), rows, np.array([gpa], dtype=np.int64))
             return
-        self._descend(ctx, pte, level, start, end, gpa, v)
+        self._walk(
+            ctx, row * self.per, self.per, level - 1, max(start, gpa), min(end, gpa + size),
+            gpa, v,
+        )  # fmt: skip
         if v.wants_table_post:
-            ctx.at(tbl, flat, level, i, i + 1, base, shift)
+            ctx.at(flat, nent, level, i, i + 1, base, shift)
             v.table_post(ctx)
 
     def _walk(
         self,
         ctx: VisitCtx,
-        tbl: PteArray,
         flat: int,
+        nent: int,
         level: int,
         start: int,
         end: int,
@@ -235,23 +234,26 @@ class Walker:
         i1 = ((end - 1 - base) >> shift) + 1
         if level == 0:
             if v.wants_leaf:
-                ctx.at(tbl, flat, 0, i0, i1, base, shift)
+                ctx.at(flat, nent, 0, i0, i1, base, shift)
                 v.leaf(ctx)
             return
         if i1 - i0 == 1:
-            self._walk_one(ctx, tbl, flat, level, i0, start, end, base, v)
+            self._walk_one(ctx, flat, nent, level, i0, start, end, base, v)
             return
-        ents = tbl[i0:i1]
-        tmask = (ents & TABLE_MASK) == PTE_V
+        pool = self.pool
+        tbl = pool.flat[flat : flat + nent]
+        tmask = (tbl[i0:i1] & TABLE_MASK) == PTE_V
         if v.wants_leaf:
             if not tmask.any():
-                ctx.at(tbl, flat, level, i0, i1, base, shift)
+                ctx.at(flat, nent, level, i0, i1, base, shift)
                 v.leaf(ctx)
+                tbl = pool.flat[flat : flat + nent]
                 tmask = (tbl[i0:i1] & TABLE_MASK) == PTE_V
             elif not tmask.all():
                 for a, b in runs_of(~tmask):
-                    ctx.at(tbl, flat, level, i0 + a, i0 + b, base, shift)
+                    ctx.at(flat, nent, level, i0 + a, i0 + b, base, shift)
                     v.leaf(ctx)
+                tbl = pool.flat[flat : flat + nent]
                 tmask = (tbl[i0:i1] & TABLE_MASK) == PTE_V
         tidx = np.flatnonzero(tmask)
         if tidx.size == 0:
@@ -263,19 +265,22 @@ class Walker:
             full = (gpas >= start) & (gpas + size <= end)
             if full.any():
                 fidx = tidx[full]
-                ctx.at(tbl, flat, level, int(fidx[0]), int(fidx[-1]) + 1, base, shift)
-                v.leaf_batch(ctx, fidx, self.pool.follow_many(tbl[fidx]), gpas[full])
+                ctx.at(flat, nent, level, int(fidx[0]), int(fidx[-1]) + 1, base, shift)
+                v.leaf_batch(ctx, fidx, pool.follow_many(tbl[fidx]), gpas[full])
                 tidx = tidx[~full]
-        words = self.pool.words
+        per = self.per
         for i in tidx.tolist():
             gpa = base + (i << shift)
             if v.wants_table_pre:
-                ctx.at(tbl, flat, level, i, i + 1, base, shift)
+                ctx.at(flat, nent, level, i, i + 1, base, shift)
                 v.table_pre(ctx)
-            pte = words[flat + i]
+            pte = pool.words[flat + i]
             if pte & TABLE_MASK != PTE_V:
                 continue
-            self._descend(ctx, pte, level, start, end, gpa, v)
+            self._walk(
+                ctx, pool.follow(pte) * per, per, level - 1, max(start, gpa),
+                min(end, gpa + size), gpa, v,
+            )  # fmt: skip
             if v.wants_table_post:
-                ctx.at(tbl, flat, level, i, i + 1, base, shift)
+                ctx.at(flat, nent, level, i, i + 1, base, shift)
                 v.table_post(ctx)

@@ -1,4 +1,4 @@
-"""``python -m vmm.bench {pagetable,dirty-log} ...``: see :mod:`vmm.bench`."""
+"""``python -m vmm.bench {pagetable,dirty-log,access} ...``: see :mod:`vmm.bench`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from ..errors import VmmError
 from ..pte import MODES
 from . import check_host_memory, parse_size
+from .access import ACCESS_ROWS, ROW_TITLES, run_access_bench
 from .dirtylog import compare_with_per_page, run_dirty_log_perf
 from .pagetable import BACKINGS, STAGES, run_page_table_test
 
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("-m", dest="mode", choices=sorted(MODES), default="sv39x4")
     dl.add_argument("--no-compare", action="store_true", help="skip the per-page comparison")
     dl.add_argument("--json", action="store_true", help="print one JSON object")
+    ac = sub.add_parser("access", help="the per-access path against struct.pack_into")
+    ac.add_argument("-b", dest="size", type=_size, default=256 << 20, help="memslot size (256M)")
+    ac.add_argument("-n", dest="count", type=_positive, default=20_000, help="accesses per batch")
+    ac.add_argument("-r", dest="repeats", type=_positive, default=5, help="batches (median)")
+    ac.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -130,24 +136,28 @@ def _dirty_log(args: argparse.Namespace) -> int:
             }
         print(json.dumps(out))
         return 0
-    print(f"Populate memory time: {res.populate:.6f}s")
-    print(f"Enabling dirty logging time: {res.enable:.6f}s")
+    # The lines of tools/testing/selftests/kvm/dirty_log_perf_test.c, same wording.
+    print(f"Test iterations: {res.iterations}")
+    print(f"Populate memory time: {res.populate:.9f}s")
+    print(f"Enabling dirty logging time: {res.enable:.9f}s")
+    print()
     for i, dirty in enumerate(res.dirty, 1):
-        print(f"Iteration {i} dirty memory time: {dirty:.6f}s ({res.dirty_pages[i - 1]} pages)")
-        print(f"Iteration {i} get dirty log time: {res.get[i - 1]:.6f}s")
+        print(f"Iteration {i} dirty memory time: {dirty:.9f}s")
+        print(f"Iteration {i} get dirty log time: {res.get[i - 1]:.9f}s")
         if res.clear:
-            print(f"Iteration {i} clear dirty log time: {res.clear[i - 1]:.6f}s")
-    print(f"Disabling dirty logging time: {res.disable:.6f}s")
+            print(f"Iteration {i} clear dirty log time: {res.clear[i - 1]:.9f}s")
+    print(f"Disabling dirty logging time: {res.disable:.9f}s")
     n = len(res.get)
     print(
-        f"Get dirty log over {n} iterations took {sum(res.get):.6f}s. "
-        f"(Avg {sum(res.get) / n:.6f}s/iteration)"
+        f"Get dirty log over {n} iterations took {sum(res.get):.9f}s. "
+        f"(Avg {sum(res.get) / n:.9f}s/iteration)"
     )
     if res.clear:
         print(
-            f"Clear dirty log over {n} iterations took {sum(res.clear):.6f}s. "
-            f"(Avg {sum(res.clear) / n:.6f}s/iteration)"
+            f"Clear dirty log over {n} iterations took {sum(res.clear):.9f}s. "
+            f"(Avg {sum(res.clear) / n:.9f}s/iteration)"
         )
+    print(f"Dirty pages per iteration: {', '.join(str(p) for p in res.dirty_pages)}")
     if comparison is not None:
         print(f"Bulk walker vs per-page walker on {comparison.size:#x} bytes of 4K pages:")
         for op in comparison.bulk:
@@ -164,12 +174,36 @@ def _dirty_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def _access(args: argparse.Namespace) -> int:
+    res = run_access_bench(args.size, args.count, args.repeats)
+    if args.json:
+        rows = {
+            row: {"ours_ns": res.ours_ns[row], "raw_ns": res.raw_ns[row], "ratio": res.ratio(row)}
+            for row in ACCESS_ROWS
+        }
+        print(json.dumps({"bench": "access", "size": res.span, "count": res.count, "rows": rows}))
+        return 0
+    print(
+        f"per-access figures over a {res.span >> 20} MiB memslot (median of {res.repeats} "
+        f"batches of {res.count}; raw = struct.pack_into on a bytearray, same offsets):"
+    )
+    for row in ACCESS_ROWS:
+        print(
+            f"  {ROW_TITLES[row]:40s} {res.ours_ns[row] / 1000:8.3f} us   raw "
+            f"{res.raw_ns[row] / 1000:6.3f} us   {res.ratio(row):6.1f}x raw"
+        )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        check_host_memory(args.size * (args.vcpus if args.bench == "dirty-log" else 1))
+        vcpus = args.vcpus if args.bench == "dirty-log" else 1
+        check_host_memory(args.size * vcpus * (2 if args.bench == "access" else 1))
         if args.bench == "pagetable":
             return _pagetable(args)
+        if args.bench == "access":
+            return _access(args)
         return _dirty_log(args)
     except (VmmError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
