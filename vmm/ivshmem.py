@@ -239,6 +239,7 @@ class IvshmemDevice:
         )
         self.config.add_memory_bar(REGISTERS_BAR, BAR0_SIZE)
         self.msix = Msix(self.config, vectors, MSIX_BAR, self._deliver_msix)
+        self._msix_notify = self.msix.notify
         self.config.add_memory_bar(MSIX_BAR, self.msix.bar_size)
         self.config.add_memory_bar(SHM_BAR, shm_size, mem64=True, prefetchable=True)
         self.config.seal()
@@ -252,6 +253,7 @@ class IvshmemDevice:
         self._intr_status = 0
         self._intx_level = False
         self._decode = False
+        self._master = False
 
     # ------------------------------------------------------------------ identity
     @property
@@ -326,6 +328,7 @@ class IvshmemDevice:
 
     def _config_written(self, offset: int, size: int) -> None:
         self._decode = self.config.memory_enabled
+        self._master = bool(self.config.data[COMMAND] & COMMAND_MASTER)
         self._update_intx()
 
     def reset(self) -> None:
@@ -340,6 +343,7 @@ class IvshmemDevice:
         self._intr_status = 0
         self._intx_level = False
         self._decode = False
+        self._master = False
         self.config.set_interrupt_status(False)
 
     # ------------------------------------------------------------------ BAR0
@@ -359,13 +363,13 @@ class IvshmemDevice:
         return value
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
-        """Guest write of BAR0; the Doorbell path (an aligned 4-byte write) is kept short."""
-        if size == 4 and offset == REG_DOORBELL:
+        """Guest write of BAR0; the Doorbell path (an aligned 4-byte write at 12) is kept
+        short: a few integer operations, one dict look-up and the notifier call."""
+        if offset == 12 and size == 4:  # REG_DOORBELL, spelled as a constant on this path
             if self._decode:
-                dest = (value >> 16) & 0xFFFF
-                connected = self._peer_vectors.get(dest)
-                if connected is not None and (value & 0xFF) < connected:
-                    self.notify(dest, value & 0xFF)
+                connected = self._peer_vectors.get(value >> 16 & 0xFFFF)
+                if connected is not None and value & 0xFF < connected:
+                    self.notify(value >> 16 & 0xFFFF, value & 0xFF)
             return
         self._check_access(offset, size)
         if not self._decode:
@@ -415,7 +419,7 @@ class IvshmemDevice:
         """One of this peer's own vector eventfds fired: signal ``vector`` to the guest."""
         if not 0 <= vector < self.vectors:
             raise ValueError(f"vector {vector} is outside the device's {self.vectors} vectors")
-        if self.msix.notify(vector):
+        if self._msix_notify(vector):
             return
         if self.intx_fallback:
             self._intr_status = 1
@@ -424,7 +428,7 @@ class IvshmemDevice:
 
     def _deliver_msix(self, vector: int) -> None:
         # An MSI-X message is a DMA write: it goes nowhere without bus mastering.
-        if self.config.data[COMMAND] & COMMAND_MASTER:
+        if self._master:
             self.on_interrupt(vector)
 
     @property

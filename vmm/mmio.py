@@ -8,7 +8,7 @@ to handlers and finds the one an access falls in (a sorted list and ``bisect``).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from .errors import MmioError
@@ -29,13 +29,15 @@ class MmioHandler(Protocol):
 
 @dataclass(frozen=True)
 class MmioRegion:
+    """A device's range of the guest-physical space."""
+
     gpa: int
     size: int
     handler: MmioHandler
+    end: int = field(init=False)
 
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", self.gpa + self.size)
 
 
 class MmioBus:

@@ -357,17 +357,24 @@ class Msix:
         self._pending = 0
         self.enabled = False
         self.function_masked = False
+        #: bit v set: vector v's own mask bit is clear (the table's vector-control bit 0)
+        self._unmasked = 0
+        #: bit v set: vector v is delivered now (enabled, no function mask, unmasked)
+        self._open = 0
 
     def _control(self) -> int:
         return self._config.field(self._control_offset, 2)
 
+    def _update_open(self) -> None:
+        self._open = self._unmasked if self.enabled and not self.function_masked else 0
+
     def vector_masked(self, vector: int) -> bool:
         """The vector's own mask bit (vector control bit 0)."""
-        return bool(self._table[4 * vector + 3] & MSIX_VECTOR_MASKED)
+        return not (self._unmasked >> vector) & 1
 
     def is_masked(self, vector: int) -> bool:
         """Masked by its own bit, by the function mask, or because MSI-X is disabled."""
-        return not self.enabled or self.function_masked or self.vector_masked(vector)
+        return not (self._open >> vector) & 1
 
     def is_pending(self, vector: int) -> bool:
         """The vector's bit in the PBA."""
@@ -401,14 +408,12 @@ class Msix:
 
     def _deliver_unmasked_pending(self) -> None:
         """Deliver (and clear) every pending vector that is no longer masked."""
-        if not self.enabled or self.function_masked:
-            return
         pending = self._pending
         while pending:
             low = pending & -pending
             vector = low.bit_length() - 1
             pending ^= low
-            if not self.vector_masked(vector):
+            if not self.is_masked(vector):
                 self._pending &= ~low
                 self.deliver(vector)
 
@@ -418,6 +423,7 @@ class Msix:
         control = self._control()
         self.enabled = bool(control & MSIX_CONTROL_ENABLE)
         self.function_masked = bool(control & MSIX_CONTROL_FUNCTION_MASK)
+        self._update_open()
         self._deliver_unmasked_pending()
 
     # ------------------------------------------------------------------ BAR access
@@ -445,8 +451,15 @@ class Msix:
             return  # PBA is read-only; holes ignore writes
         index = offset >> 2
         self._table[index] = value & 0xFFFFFFFF
-        if index & 3 == 3 and not value & MSIX_VECTOR_MASKED:
-            self._deliver_unmasked_pending()
+        if index & 3 == 3:  # vector control: keep the mask bits in step with the table
+            bit = 1 << (index >> 2)
+            if value & MSIX_VECTOR_MASKED:
+                self._unmasked &= ~bit
+            else:
+                self._unmasked |= bit
+            self._update_open()
+            if not value & MSIX_VECTOR_MASKED:
+                self._deliver_unmasked_pending()
 
     def mmio_read(self, offset: int, size: int) -> int:
         """Guest read of the table or the PBA."""

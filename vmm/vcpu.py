@@ -30,7 +30,7 @@ from .dirty import DirtyRing
 from .errors import DirtyRingFull, GuestMemoryFault, MmioExit, ModelBug, VmmError
 from .memory import HOST_PHYS, Backing
 from .memslot import MemslotTable
-from .mmio import MmioBus, MmioRegion
+from .mmio import MmioBus, MmioHandler
 from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_PPN_SHIFT, PTE_W, Stage2Mode
 from .stage2 import Stage2PageTable
 from .tlb import Tlb, TlbEntry
@@ -81,8 +81,9 @@ class Vcpu:
         self.dirty_ring = dirty_ring
         self.mmio_reads = 0
         self.mmio_writes = 0
-        #: guest page -> the MMIO region seen there last (read32/write32's fast dispatch)
-        self._mmio_pages: dict[int, MmioRegion] = {}
+        #: guest page -> (start, end, handler) of the MMIO region seen there last: the
+        #: fast dispatch of read32/write32
+        self._mmio_pages: dict[int, tuple[int, int, MmioHandler]] = {}
         self._pack_q = _Q.pack_into
         self._unpack_q = _Q.unpack_from
         self._shifts = vm.mode.shifts
@@ -189,25 +190,29 @@ class Vcpu:
 
     def read32(self, gpa: int) -> int:
         """A 32-bit load (a device register through MMIO dispatch, or memory)."""
-        region = self._mmio_pages.get(gpa >> PAGE_SHIFT)
-        if region is not None and region.gpa <= gpa and gpa + 4 <= region.end:
-            self.mmio_reads += 1
-            return int(region.handler.mmio_read(gpa - region.gpa, 4)) & _U32
-        mem = self._r0.get(gpa >> PAGE_SHIFT)
+        hit = self._mmio_pages.get(gpa >> 12)
+        if hit is not None:
+            base, end, handler = hit
+            if base <= gpa <= end - 4:
+                self.mmio_reads += 1
+                return handler.mmio_read(gpa - base, 4) & 0xFFFF_FFFF
+        mem = self._r0.get(gpa >> 12)
         if mem is not None:
             try:
-                return int(_I.unpack_from(mem, gpa & _PAGE_MASK)[0])
+                return _I.unpack_from(mem, gpa & 4095)[0]  # type: ignore[no-any-return]
             except struct.error:
                 pass
         return int.from_bytes(self.read(gpa, 4), "little")
 
     def write32(self, gpa: int, value: int) -> None:
-        """A 32-bit store; a device register write is one look-up and one call."""
-        region = self._mmio_pages.get(gpa >> PAGE_SHIFT)
-        if region is not None and region.gpa <= gpa and gpa + 4 <= region.end:
-            self.mmio_writes += 1
-            region.handler.mmio_write(gpa - region.gpa, 4, value & _U32)
-            return
+        """A 32-bit store; a device register (a doorbell) is one look-up and one call."""
+        hit = self._mmio_pages.get(gpa >> 12)
+        if hit is not None:
+            base, end, handler = hit
+            if base <= gpa <= end - 4:
+                self.mmio_writes += 1
+                handler.mmio_write(gpa - base, 4, value & 0xFFFF_FFFF)
+                return
         self.write(gpa, (value & _U32).to_bytes(4, "little"))
 
     def forget_mmio(self) -> None:
@@ -224,7 +229,7 @@ class Vcpu:
         mmio = self.vm.mmio
         region = mmio.find(gpa)
         if region is not None:
-            self._mmio_pages[gpa >> PAGE_SHIFT] = region
+            self._mmio_pages[gpa >> PAGE_SHIFT] = (region.gpa, region.end, region.handler)
             if data is None:
                 self.mmio_reads += 1
                 return mmio.read(region, gpa, n).to_bytes(n, "little")

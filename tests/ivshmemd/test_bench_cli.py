@@ -16,7 +16,7 @@ import pytest
         ("ivshmemd.bench_control", ["--requests", "-1"], "must be positive"),
         ("peers.bench_ping", ["--count", "0"], "must be positive"),
         ("peers.bench", ["ring", "--bytes", "xx"], "invalid size"),
-        ("vmm.bench", ["pagetable", "-b", "garbage"], "bad size"),
+        ("vmm.bench", ["pagetable", "-b", "garbage"], "invalid size"),
         ("vmm.bench", ["dirty-log", "-v", "0"], "positive integer"),
     ],
 )
