@@ -127,7 +127,8 @@ class HostPhysSpace:
         start, end, ref = self._owners[j]
         if not start <= hpa < end:
             return None
-        return ref()
+        backing = ref()
+        return backing if backing is not None and backing.live else None
 
 
 HOST_PHYS: Final = HostPhysSpace()

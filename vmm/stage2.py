@@ -206,7 +206,7 @@ class Stage2PageTable:
         """
         pool = self.pool
         words = pool.words
-        base_ppn = pool.base_ppn
+        follow = pool.follow
         shifts = self._shifts
         per = self._per
         mask = per - 1
@@ -216,7 +216,7 @@ class Stage2PageTable:
             if not level:
                 raise ModelBug(f"table PTE {pte:#x} at level 0 (GPA {gpa:#x})")
             level -= 1
-            pte = words[((pte >> PTE_PPN_SHIFT) - base_ppn) * per + ((gpa >> shifts[level]) & mask)]
+            pte = words[follow(pte) * per + ((gpa >> shifts[level]) & mask)]
         return (pte if pte & PTE_V else 0), level
 
     def translate_bulk(
@@ -294,7 +294,7 @@ class Stage2PageTable:
         ``gpa`` and ``hpa`` must be aligned to the leaf; call under :meth:`mmu_lock`."""
         pool = self.pool
         words = pool.words
-        base_ppn = pool.base_ppn
+        follow = pool.follow
         shifts = self._shifts
         per = self._per
         lvl = self._root_level
@@ -303,7 +303,7 @@ class Stage2PageTable:
         while lvl > level:
             pte = words[flat + i]
             if pte & TABLE_MASK == PTE_V:
-                flat = ((pte >> PTE_PPN_SHIFT) - base_ppn) * per
+                flat = follow(pte) * per
             elif pte & PTE_V:  # a block on the way: split it with break-before-make
                 return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
             else:  # nothing there: a new table (make; there is nothing to break)

@@ -150,10 +150,6 @@ class TablePagePool:
         """:meth:`table_pte` for many rows, in the table's word type."""
         return (((rows + self.base_ppn) << PTE_PPN_SHIFT) | PTE_V).astype(self.mode.dtype)
 
-    def owns(self, row: int) -> bool:
-        """Whether ``row`` has been handed out by this pool (a sanity check)."""
-        return 0 <= row < self._high
-
     def close(self) -> None:
         """Give the HPA window back (also done when the pool is garbage-collected)."""
         self._finalizer()
