@@ -21,7 +21,7 @@ alone, as in book3s_hv_nested.c):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final, Protocol
 
 import numpy as np
@@ -149,27 +149,39 @@ class NestedGuest:
         """Write to L2 guest memory (within one page)."""
         self._host_view(self.translate(l2_gpa, True, vcpu), len(data))[:] = data
 
-    def _points_to(self, l2_gpa: int, hpa: int) -> bool:
+    def _if_points_to(self, l2_gpa: int, hpa: int, operation: Callable[[int, int], bool]) -> bool:
+        """Apply a range ``operation`` of the shadow table to the page of ``l2_gpa`` (and
+        flush) if its shadow PTE maps host page ``hpa``; whether it did."""
         pte, level = self.pt.translate(l2_gpa)
-        return bool(pte) and level == 0 and (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT == hpa
+        if not pte or level != 0 or (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT != hpa:
+            return False
+        page = l2_gpa & ~(PAGE_SIZE - 1)
+        if operation(page, PAGE_SIZE):
+            self.host.flush_range(self.pt.vmid, page, PAGE_SIZE)
+        return True
 
     def unmap_if_points_to(self, l2_gpa: int, hpa: int) -> bool:
         """Clear the shadow PTE of ``l2_gpa`` if it maps host page ``hpa``."""
-        if not self._points_to(l2_gpa, hpa):
-            return False
-        page = l2_gpa & ~(PAGE_SIZE - 1)
-        if self.pt.unmap_range(page, PAGE_SIZE):
-            self.host.flush_range(self.pt.vmid, page, PAGE_SIZE)
-        return True
+        return self._if_points_to(l2_gpa, hpa, self.pt.unmap_range)
 
     def protect_if_points_to(self, l2_gpa: int, hpa: int) -> bool:
         """Write-protect the shadow PTE of ``l2_gpa`` if it maps host page ``hpa``."""
-        if not self._points_to(l2_gpa, hpa):
-            return False
-        page = l2_gpa & ~(PAGE_SIZE - 1)
-        if self.pt.wp_range(page, PAGE_SIZE):
-            self.host.flush_range(self.pt.vmid, page, PAGE_SIZE)
-        return True
+        return self._if_points_to(l2_gpa, hpa, self.pt.wp_range)
+
+
+def _shadows(
+    guests: Mapping[int, NestedGuest], slot: Memslot, first: int, last: int
+) -> Iterator[tuple[int, list[tuple[NestedGuest, int]], int]]:
+    """Per page ``[first, last]`` of ``slot`` holding rmap entries: its offset, the
+    ``(guest, L2 GPA)`` its entries name (guests that still exist), and its host page."""
+    for off in pages_with_rmaps(slot, first, last):
+        named = []
+        for rmap in rmap_entries(slot, off):
+            lpid, l2_gpa = rmap_decode(rmap)
+            guest = guests.get(lpid)
+            if guest is not None:
+                named.append((guest, l2_gpa))
+        yield off, named, slot.hpa + (off << PAGE_SHIFT)
 
 
 def unmap_shadows(guests: Mapping[int, NestedGuest], slot: Memslot, gpa: int, size: int) -> int:
@@ -178,13 +190,8 @@ def unmap_shadows(guests: Mapping[int, NestedGuest], slot: Memslot, gpa: int, si
     first = (gpa - slot.gpa) >> PAGE_SHIFT
     last = (gpa + size - 1 - slot.gpa) >> PAGE_SHIFT
     cleared = 0
-    for off in pages_with_rmaps(slot, first, last):
-        hpa = slot.hpa + (off << PAGE_SHIFT)
-        for rmap in rmap_entries(slot, off):
-            lpid, l2_gpa = rmap_decode(rmap)
-            guest = guests.get(lpid)
-            if guest is not None and guest.unmap_if_points_to(l2_gpa, hpa):
-                cleared += 1
+    for off, named, hpa in list(_shadows(guests, slot, first, last)):
+        cleared += sum(guest.unmap_if_points_to(l2_gpa, hpa) for guest, l2_gpa in named)
         drop_rmaps(slot, off)
     return cleared
 
@@ -200,13 +207,7 @@ def protect_shadows(
     ``slot`` (those set in ``pages``, when given) that still map the same host page
     (kvmhv_update_nest_rmap_rc_list). Returns PTEs write-protected."""
     protected = 0
-    for off in pages_with_rmaps(slot, first, first + count - 1):
-        if pages is not None and not pages[off - first]:
-            continue
-        hpa = slot.hpa + (off << PAGE_SHIFT)
-        for rmap in rmap_entries(slot, off):
-            lpid, l2_gpa = rmap_decode(rmap)
-            guest = guests.get(lpid)
-            if guest is not None and guest.protect_if_points_to(l2_gpa, hpa):
-                protected += 1
+    for off, named, hpa in _shadows(guests, slot, first, first + count - 1):
+        if pages is None or pages[off - first]:
+            protected += sum(guest.protect_if_points_to(l2_gpa, hpa) for guest, l2_gpa in named)
     return protected
