@@ -44,13 +44,23 @@ class TlbEntry(NamedTuple):
 
 
 class _VmidSets:
-    """The sets of one VMID: per level, every entry and the writable ones."""
+    """The sets of one VMID: per level, every entry (in fill order: the first is the
+    oldest) and the writable ones; and, per level, the sets a fill there must be checked
+    against: ``(set, level, vpn shift)`` of the larger and of the smaller levels."""
 
-    __slots__ = ("read", "write")
+    __slots__ = ("downs", "read", "ups", "write")
 
-    def __init__(self, levels: int) -> None:
+    def __init__(self, levels: int, bits: int) -> None:
         self.read: list[dict[int, memoryview]] = [{} for _ in range(levels)]
         self.write: list[dict[int, memoryview]] = [{} for _ in range(levels)]
+        self.ups = [
+            [(self.read[up], up, (up - lv) * bits) for up in range(lv + 1, levels)]
+            for lv in range(levels)
+        ]
+        self.downs = [
+            [(self.read[down], down, (lv - down) * bits) for down in range(lv - 1, -1, -1)]
+            for lv in range(levels)
+        ]
 
 
 class Tlb:
@@ -69,7 +79,7 @@ class Tlb:
     def _sets(self, vmid: int) -> _VmidSets:
         sets = self._vmids.get(vmid)
         if sets is None:
-            sets = _VmidSets(self.levels)
+            sets = _VmidSets(self.levels, self.bits)
             self._vmids[vmid] = sets
         return sets
 
@@ -97,14 +107,11 @@ class Tlb:
 
     # ------------------------------------------------------------------ fills
     def _conflict(self, vmid: int, sets: _VmidSets, level: int, vpn: int) -> None:
-        bits = self.bits
-        read = sets.read
-        for up in range(level + 1, self.levels):
-            if (vpn >> ((up - level) * bits)) in read[up]:
+        for cached, up, diff in sets.ups[level]:
+            if vpn >> diff in cached:
                 raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, up)
-        for down in range(level - 1, -1, -1):
-            diff = (level - down) * bits
-            if read[down] and any((k >> diff) == vpn for k in read[down]):
+        for cached, down, diff in sets.downs[level]:
+            if cached and any((k >> diff) == vpn for k in cached):
                 raise TlbConflictAbort(vmid, vpn << self.shifts[level], level, down)
 
     def fill_leaf(self, vmid: int, gpa: int, mem: memoryview, writable: bool, level: int) -> None:
