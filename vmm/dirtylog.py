@@ -107,7 +107,10 @@ class DirtyLog:
         self.initially_set = bool(args & KVM_DIRTY_LOG_INITIALLY_SET)
 
     def enable_ring(self, size: int, *, vcpus: int, logging: bool) -> None:
-        """KVM_CAP_DIRTY_LOG_RING with ``size`` in bytes (before any vCPU exists, once)."""
+        """KVM_CAP_DIRTY_LOG_RING with ``size`` in bytes (before any vCPU exists, once).
+
+        The model also wants it before any slot logs (KVM would leave those slots' bitmaps
+        half used: vCPU writes to the rings, others to the bitmaps)."""
         ring_entries(size)
         if self.ring_size:
             raise DirtyLogError("the dirty ring is already enabled (KVM allows it once)")
