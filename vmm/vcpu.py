@@ -93,6 +93,9 @@ class Vcpu:
         ]
         #: the backing the last TLB fill came from (most fills hit the same one)
         self._backing: Backing = _NO_BACKING
+        # the hart's walk of its VM's stage-2 table, and the VM's fault handler
+        self._translate = vm.pt.translate
+        self._fault = vm.handle_fault
 
     # ------------------------------------------------------------------ per access
     def read(self, gpa: int, n: int) -> bytes:
@@ -291,15 +294,14 @@ class Vcpu:
                 # A cached read-only entry: a permission fault. Drop it and walk.
                 tlb.flush_addr(vmid, gpa, level)
                 break
-        pt = vm.pt
         for _ in range(_MAX_RETRIES):
-            pte, level = pt.translate(gpa)
+            pte, level = self._translate(gpa)
             if pte and (not write or pte & PTE_W):
                 mem = self._leaf_memory(pte, level)
                 tlb.fill_leaf(vmid, gpa, mem, bool(pte & PTE_W), level)
                 return mem
             try:
-                handled = vm.handle_fault(gpa, write, self)
+                handled = self._fault(gpa, write, self)
             except MmioExit:
                 assert data is not None
                 raise MmioExit(gpa, bytes(data), True) from None

@@ -62,3 +62,27 @@ def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 def test_too_much_memory_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pagetable", "-b", "64T"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_access_rows_beside_the_raw_store(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["access", "-b", "4M", "-n", "200", "-r", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["rows"]) == {"tlb_hit", "tlb_miss", "first_touch"}
+    for row in out["rows"].values():
+        assert row["ours_ns"] > 0 and row["raw_ns"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_ns"] / row["raw_ns"])
+    assert main(["access", "-b", "4M", "-n", "100", "-r", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "vcpu.write64, TLB hit" in text and "x raw" in text
+
+
+def test_dirty_log_prints_the_selftests_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dirty-log", "-b", "4M", "-i", "3", "--no-compare"]) == 0
+    text = capsys.readouterr().out
+    for line in (
+        "Iteration 1 dirty memory time: ",
+        "Iteration 3 clear dirty log time: ",
+        "Get dirty log over 3 iterations took ",
+        "Clear dirty log over 3 iterations took ",
+    ):
+        assert line in text
