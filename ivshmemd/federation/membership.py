@@ -190,7 +190,7 @@ class MemberState(enum.StrEnum):
     RESTARTING = "restarting"
     #: silent past the timeout; its peers were announced as left; knocked on until it answers
     DEAD = "dead"
-    #: it said bye (shut down); it rejoins when a new incarnation says hello
+    #: it said bye (shut down); knocked on like a dead member, it rejoins when it is back
     LEFT = "left"
     #: incompatible (ranges, size, vectors): no session in either direction
     REFUSED = "refused"
@@ -371,7 +371,7 @@ class Membership:
                     member.next_ping = now + self.heartbeat
                 if member.resync_pending and now - member.out_started >= self.heartbeat:
                     self._start_session(member, now)
-            elif state is MemberState.DEAD and now >= member.next_knock:
+            elif state in (MemberState.DEAD, MemberState.LEFT) and now >= member.next_knock:
                 self._knock(member, now)
             elif state is MemberState.CONNECTING:
                 # no session from it yet: our hello (or its) may have been lost on the way
@@ -741,6 +741,7 @@ class Membership:
                     frame.reason or "no reason given",
                 )
                 self._end_member(member, MemberState.LEFT, frame.reason or "it said bye")
+                member.next_knock = now + self.timeout  # it may come back
         else:  # Hello and Refuse are handled before dispatch
             raise AssertionError(f"unexpected frame {frame!r}")
 

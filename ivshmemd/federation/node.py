@@ -43,7 +43,7 @@ from .membership import (
 )
 from .relay import DoorbellRelay
 from .transport import Transport
-from .zap import serve_zap
+from .zap import ZapAuthenticator
 
 __all__ = ["Federation", "FederationHost"]
 
@@ -149,41 +149,45 @@ class Federation:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, contact the configured members and serve until cancelled. Start it with
-        ``await nursery.start(federation.run)``, which returns the bound endpoint (or raises
-        :class:`~ivshmemd.federation.transport.TransportError`)."""
+        ``await nursery.start(federation.run)``, which returns the bound endpoint, or raises
+        :class:`~ivshmemd.federation.transport.TransportError` (not wrapped in an exception
+        group) if it cannot listen."""
         config = self.config
         context: zmq.Context[Any] = zmq.Context()
         transport = Transport(
             context, keys=self.keys, timeout=config.timeout, max_backlog=config.max_backlog
         )
+        zap: ZapAuthenticator | None = None
         try:
+            if self.keys is not None:
+                zap = ZapAuthenticator(context, self.allowed)  # before the CURVE server binds
+            bound = transport.bind(config.listen)
+            advertise = config.advertise or bound
+            local = LocalMember(
+                config.identity or advertise,
+                self.incarnation,
+                advertise,
+                config.id_range,
+                config.shm_size,
+                config.vectors,
+            )
+            machine = Membership(
+                local,
+                seeds=config.peers,
+                timeout=config.timeout,
+                own_key=self.keys.public if self.keys else "",
+                probe_keys=tuple(self.allowed),
+                endpoint_policy=functools.partial(
+                    endpoint_refusal, secure=self.keys is not None, insecure=config.insecure
+                ),
+                max_members=config.max_members,
+            )
+            for peer_id, vectors in self.relay.local_peers().items():
+                machine.local_peer_joined(peer_id, vectors)
             async with trio.open_nursery() as nursery:
-                if self.keys is not None:
-                    await nursery.start(serve_zap, context, self.allowed)
+                if zap is not None:
+                    nursery.start_soon(zap.serve)
                 await nursery.start(transport.run)
-                bound = transport.bind(config.listen)
-                advertise = config.advertise or bound
-                local = LocalMember(
-                    config.identity or advertise,
-                    self.incarnation,
-                    advertise,
-                    config.id_range,
-                    config.shm_size,
-                    config.vectors,
-                )
-                machine = Membership(
-                    local,
-                    seeds=config.peers,
-                    timeout=config.timeout,
-                    own_key=self.keys.public if self.keys else "",
-                    probe_keys=tuple(self.allowed),
-                    endpoint_policy=functools.partial(
-                        endpoint_refusal, secure=self.keys is not None, insecure=config.insecure
-                    ),
-                    max_members=config.max_members,
-                )
-                for peer_id, vectors in self.relay.local_peers().items():
-                    machine.local_peer_joined(peer_id, vectors)
                 self.membership, self._transport, self.endpoint = machine, transport, bound
                 log.info(
                     "federation: %s listening on %s%s",
@@ -205,6 +209,8 @@ class Federation:
         finally:
             self._transport = None
             transport.close()
+            if zap is not None:
+                zap.close()
             context.term()
             self._forget_remote_peers()
             self.relay.close()

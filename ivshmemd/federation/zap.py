@@ -7,8 +7,8 @@ from the allow directory's public keys: a known key is admitted with its z85 tex
 daemon learns a member's key to dial it back); an unknown key is refused and logged (once
 per key per :data:`LOG_EVERY` seconds, since a refused daemon keeps retrying).
 
-Without a ZAP handler libzmq would admit every client, so :func:`serve_zap` must be started
-(``await nursery.start(...)``) before the CURVE server socket binds.
+Without a ZAP handler libzmq would admit every client, so the :class:`ZapAuthenticator` is
+made (which binds its socket) before the CURVE server socket binds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-import trio
 import zmq
 import zmq.utils.z85
 
@@ -26,7 +25,7 @@ from ivshmemd.zmqtrio import TrioSocket
 
 from .throttle import Throttle
 
-__all__ = ["ZAP_DOMAIN", "ZAP_ENDPOINT", "serve_zap", "zap_answer"]
+__all__ = ["ZAP_DOMAIN", "ZAP_ENDPOINT", "ZapAuthenticator", "zap_answer"]
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +65,34 @@ def zap_answer(
     return _reply(request_id, b"200", b"OK", key.encode("ascii")), None
 
 
-async def serve_zap(
-    context: zmq.Context[Any],
-    allowed: Mapping[str, str],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Answer ``context``'s ZAP requests from ``allowed`` (``{z85 public key: name}``)
-    until cancelled."""
-    sock = TrioSocket(context.socket(zmq.REP))
-    throttle = Throttle(LOG_EVERY)
-    try:
-        sock.socket.setsockopt(zmq.LINGER, 0)
-        sock.socket.bind(ZAP_ENDPOINT)
-        task_status.started()
+class ZapAuthenticator:
+    """The ZAP handler of one zmq context. Construction binds its socket (synchronously, so
+    that a CURVE server bound afterwards is never without it: libzmq queues the requests
+    until :meth:`serve` answers them); :meth:`close` when done."""
+
+    def __init__(self, context: zmq.Context[Any], allowed: Mapping[str, str]) -> None:
+        self.allowed = allowed
+        self._sock = TrioSocket(context.socket(zmq.REP))
+        try:
+            self._sock.socket.setsockopt(zmq.LINGER, 0)
+            self._sock.socket.bind(ZAP_ENDPOINT)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    async def serve(self) -> None:
+        """Answer ZAP requests from ``allowed`` (``{z85 public key: name}``) until
+        cancelled."""
+        throttle = Throttle(LOG_EVERY)
+        sock = self._sock
         while True:
             frames = await sock.recv_multipart()
-            reply, refusal = zap_answer(frames, allowed)
+            reply, refusal = zap_answer(frames, self.allowed)
             if refusal is not None:
                 what, message = refusal
                 if throttle.allow(what, time.monotonic()):
                     log.warning("federation: refused a connection from %s", message)
             await sock.send_multipart(reply)
-    finally:
-        sock.close()
+
+    def close(self) -> None:
+        self._sock.close()

@@ -10,6 +10,7 @@ the rings that arrive on a local peer's own eventfds. Tests wait on it for condi
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,10 +23,56 @@ import trio
 from ivshmemd.federation import Federation, FederationConfig
 from ivshmemd.registry import IdAllocator, Peer, Registry, SharedFd
 
-__all__ = ["WAIT", "RecordingHost", "member_set"]
+__all__ = [
+    "WAIT",
+    "LogWaiter",
+    "Node",
+    "RecordingHost",
+    "all_see",
+    "all_up",
+    "federation_chain",
+    "make_config",
+    "start_node",
+]
 
 #: How long a test waits for a federation to do something (generous: 2 loaded cores).
 WAIT = 20.0
+
+
+class LogWaiter(logging.Handler):
+    """Collects the federation's log lines; ``await waiter.wait_for(text)`` returns once a
+    line containing ``text`` was logged (logging runs in the trio thread, so a handler can
+    wake a waiting task directly)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self._lot.unpark_all()
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    async def wait_for(self, text: str, count: int = 1) -> str:
+        with trio.fail_after(WAIT):
+            while self.count(text) < count:
+                await self._lot.park()
+        return next(line for line in self.lines if text in line)
+
+    def __enter__(self) -> LogWaiter:
+        logger = logging.getLogger("ivshmemd.federation")
+        logger.addHandler(self)
+        self._level = logger.level
+        logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("ivshmemd.federation")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 @dataclass(eq=False)
@@ -41,6 +88,8 @@ class RecordingHost:
     peer_log: list[tuple[str, str, int]] = field(default_factory=list)
     #: (kind, info) of member events
     member_log: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: called with ("joined" | "left", member, peer id) before the registry changes
+    observers: list[Callable[[str, str, int], None]] = field(default_factory=list)
     _lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
     def __post_init__(self) -> None:
@@ -50,6 +99,8 @@ class RecordingHost:
 
     def remote_peer_joined(self, member: str, peer_id: int, vectors: int) -> Sequence[SharedFd]:
         assert vectors == self.vectors
+        for observe in self.observers:
+            observe("joined", member, peer_id)
         made = self.registry.create_vectors()
         self.registry.add(Peer(peer_id, made, info={"member": member}))
         self.remote[peer_id] = member
@@ -58,6 +109,8 @@ class RecordingHost:
         return made
 
     def remote_peer_left(self, member: str, peer_id: int) -> None:
+        for observe in self.observers:
+            observe("left", member, peer_id)
         assert self.remote.pop(peer_id) == member
         self.registry.remove(peer_id)
         self.peer_log.append(("left", member, peer_id))
@@ -119,14 +172,13 @@ class RecordingHost:
         if scope.cancelled_caught:
             raise AssertionError(f"timed out waiting for {what}")
 
+    def local_ids(self) -> list[int]:
+        """Ids of the local peers."""
+        return [p.peer_id for p in self.registry if p.peer_id not in self.remote]
+
     def close(self) -> None:
         for peer in list(self.registry):
             self.registry.remove(peer.peer_id)
-
-
-def member_set(host: RecordingHost) -> set[str]:
-    """Members whose peers this host currently holds."""
-    return set(host.remote.values())
 
 
 @dataclass
@@ -137,6 +189,8 @@ class Node:
     federation: Federation
     endpoint: str
     scope: trio.CancelScope
+    #: set once its run() has returned (sockets closed, fds released)
+    done: trio.Event
 
     @property
     def identity(self) -> str:
@@ -167,6 +221,7 @@ async def start_node(nursery: trio.Nursery, config: FederationConfig) -> Node:
     federation = Federation(config, host)
     host.federation = federation
     scope = trio.CancelScope()
+    done = trio.Event()
 
     async def run(task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         with scope:
@@ -174,22 +229,51 @@ async def start_node(nursery: trio.Nursery, config: FederationConfig) -> Node:
                 await federation.run(task_status=task_status)
             finally:
                 host.close()
+                done.set()
 
     endpoint = await nursery.start(run)
-    return Node(host, federation, endpoint, scope)
+    return Node(host, federation, endpoint, scope, done)
 
 
 @asynccontextmanager
-async def federation_of(
-    configs: Sequence[FederationConfig],
+async def federation_chain(
+    listens: Sequence[str], **overrides: Any
 ) -> AsyncIterator[tuple[trio.Nursery, list[Node]]]:
-    """Start one node per config; cancel them all on exit."""
+    """Start one node per listening endpoint, each told only of the one before it (naming
+    one member is enough); wait until every node is up with every other; cancel them all
+    on exit. ``overrides`` go into every config (a callable is called with the index)."""
     async with trio.open_nursery() as nursery:
-        nodes = [await start_node(nursery, config) for config in configs]
+        nodes: list[Node] = []
+        for index, listen in enumerate(listens):
+            settings = {k: v(index) if callable(v) else v for k, v in overrides.items()}
+            peers = (nodes[-1].endpoint,) if nodes else ()
+            config = make_config(listen, index, peers=peers, **settings)
+            nodes.append(await start_node(nursery, config))
         try:
+            await all_up(nodes)
             yield nursery, nodes
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def all_up(nodes: Sequence[Node]) -> None:
+    """Wait until every node has every other node up."""
+    for node in nodes:
+        others = {other.identity for other in nodes if other is not node}
+        await node.host.wait_for(lambda n=node, o=others: n.members_up() == o, "members up")
+
+
+async def all_see(nodes: Sequence[Node]) -> None:
+    """Wait until every node holds every other node's local peers as remote peers."""
+    for node in nodes:
+        expected = {
+            peer.peer_id: other.identity
+            for other in nodes
+            if other is not node
+            for peer in other.host.registry
+            if peer.peer_id not in other.host.remote
+        }
+        await node.host.wait_for(lambda n=node, e=expected: n.host.remote == e, "remote peers")
 
 
 def ipc(tmp_path: Path, name: str) -> str:
