@@ -56,6 +56,23 @@ Integration seam (what the daemon's server does; nothing else in ``ivshmemd`` ch
    ring counters); ``federation.remote_peers()`` (or ``Peer.info["member"]``) marks remote
    peers in ``ivshmemctl peers``.
 6. **Keys.** ``ivshmemctl keygen DIR NAME`` calls :func:`keygen`.
+
+What the next issues build on
+-----------------------------
+
+- **Part 2 (memory).** Frame kinds 32..63 are reserved for replication. A member's session
+  is one ordered, loss-detecting stream, and every frame has its sequence number, so a
+  diff sent before a ring on the same session is applied before that ring is delivered:
+  release consistency at doorbells needs no extra ordering machinery, only a new frame
+  kind and larger frame limits (:data:`schema.MAX_FRAME_BYTES`).
+- **Zero-loss restart (issue 14).** A member is keyed by ``identity`` (configurable, stable)
+  and its peer set by ``incarnation`` (configurable: a restart that keeps its peers passes
+  the old one). ``Membership.shutdown(restarting=True)`` says bye without making the
+  others drop our peers for up to the timeout, and a new session whose hello names the
+  previous session and its last seq (as the receiver holds them) is reconciled without
+  churn. What a handover must still carry: the per-member session counters and seqs
+  (``Member.out_session``/``out_seq``, ``in_session``/``in_expected``) and the remote peer
+  table, since zmq sockets cannot be handed to a new process.
 """
 
 from __future__ import annotations

@@ -108,6 +108,9 @@ class Federation:
         """A local peer was registered. Call it in the same synchronous step as the
         registration (before the peer can ring anyone), for every local peer, including
         those registered before :meth:`run`."""
+        lo, hi = self.config.id_range
+        if not lo <= peer.peer_id <= hi:  # members would drop us for it
+            raise ValueError(f"local peer {peer.peer_id} is outside our id range {lo}-{hi}")
         self.relay.add_local(peer.peer_id, peer.vectors)
         if self.membership is not None:
             self._apply(self.membership.local_peer_joined(peer.peer_id, len(peer.vectors)))

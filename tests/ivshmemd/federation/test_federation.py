@@ -40,6 +40,7 @@ from .hosts import (
     make_config,
     start_node,
 )
+from .proxy import TcpProxy
 
 TRANSPORTS: dict[str, Callable[[Path, str], str]] = {
     "ipc": ipc,
@@ -391,3 +392,77 @@ async def test_a_live_daemons_socket_is_not_taken_over(tmp_path: Path) -> None:
             with pytest.raises(TransportError, match="in use by another process"):
                 await nursery.start(second.run)
         assert os.path.exists(a.endpoint[len("ipc://") :])
+
+
+async def _proxied_pair(
+    nursery: trio.Nursery, tmp_path: Path, secure: bool
+) -> tuple[list[Node], list[TcpProxy]]:
+    """Two daemons whose every link passes through a proxy (each advertises its proxy)."""
+    extra: dict[str, object] = {}
+    if secure:
+        allowed = tmp_path / "allowed"
+        allowed.mkdir()
+        for name in "ab":
+            public, _secret = keygen(tmp_path / "keys", name)
+            (allowed / public.name).write_bytes(public.read_bytes())
+        extra = {"allow_dir": allowed}
+    nodes: list[Node] = []
+    proxies: list[TcpProxy] = []
+    for index, name in enumerate("ab"):
+        proxy = TcpProxy()
+        proxy_endpoint = await nursery.start(proxy.run)
+        if secure:
+            extra["key_file"] = tmp_path / "keys" / f"{name}.key_secret"
+        peers = (proxies[0].endpoint,) if proxies else ()
+        config = make_config(
+            "tcp://127.0.0.1:0",
+            index,
+            peers=peers,
+            advertise=proxy_endpoint,
+            identity=f"secret-member-{name}",
+            **extra,
+        )
+        node = await start_node(nursery, config)
+        proxy.target = int(node.endpoint.rsplit(":", 1)[1])
+        nodes.append(node)
+        proxies.append(proxy)
+    await all_up(nodes)
+    return nodes, proxies
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["curve", "plain"])
+async def test_with_curve_a_capture_of_the_link_shows_no_plaintext_frame(
+    tmp_path: Path, secure: bool
+) -> None:
+    async with trio.open_nursery() as nursery:
+        (a, b), proxies = await _proxied_pair(nursery, tmp_path, secure)
+        b.host.add_local()
+        await all_see([a, b])
+        await ring_and_check(a, b, b.host.local_ids()[0], 0, 1)
+        captured = b"".join(bytes(p.captured) for p in proxies)
+        assert captured and all(p.connections for p in proxies)
+        plain = [b"secret-member-a", b"secret-member-b", a.endpoint.encode()]
+        assert any(text in captured for text in plain) is not secure
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_link_cut_and_healed_announces_leaves_then_rejoins(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        (a, b), proxies = await _proxied_pair(nursery, tmp_path, secure=False)
+        a.host.add_local()
+        b.host.add_local()
+        await all_see([a, b])
+        with LogWaiter() as logged:
+            for proxy in proxies:
+                proxy.cut()
+            for node in (a, b):
+                await node.host.wait_for(lambda n=node: not n.host.remote, "leaves")
+            await logged.wait_for("is dead", count=2)
+        assert a.members_up() == set() and b.members_up() == set()
+        a.host.add_local()  # a change while cut
+        for proxy in proxies:
+            proxy.heal()
+        await all_up([a, b])
+        await all_see([a, b])
+        await ring_and_check(b, a, a.host.local_ids()[1], 1, 2)
+        nursery.cancel_scope.cancel()
