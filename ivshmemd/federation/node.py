@@ -199,8 +199,7 @@ class Federation:
                     " (CURVE)" if self.keys else "",
                 )
                 self._apply(machine.start(trio.current_time()))
-                nursery.start_soon(self._receive_loop, machine, transport)
-                nursery.start_soon(self._ring_loop)
+                nursery.start_soon(self._pump, machine, transport)
                 nursery.start_soon(self._tick_loop, machine)
                 task_status.started(bound)
                 try:
@@ -218,7 +217,11 @@ class Federation:
             self._forget_remote_peers()
             self.relay.close()
 
-    async def _receive_loop(self, machine: Membership, transport: Transport) -> None:
+    async def _pump(self, machine: Membership, transport: Transport) -> None:
+        """The data path, in one task waiting on one fd: frames from members and rings on
+        the watched eventfds, each handled as soon as it is there, without a task switch
+        between receiving a frame and writing the eventfd it rings."""
+
         def handle(origin: bytes, raw: bytes | None, key: str) -> None:
             now = trio.current_time()
             try:
@@ -232,13 +235,19 @@ class Federation:
                 return
             self._apply(actions)
 
-        await transport.serve_incoming(handle)
-
-    async def _ring_loop(self) -> None:
-        fd = self.relay.fileno()
-        while True:
-            await trio.lowlevel.wait_readable(fd)
-            self._relay_rings()
+        relay = self.relay
+        incoming = transport.incoming_fd()
+        relay.add_wakeup_fd(incoming)
+        try:
+            while True:
+                more = transport.receive_ready(handle)
+                self._relay_rings()
+                if more:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(relay.fileno())
+        finally:
+            relay.remove_wakeup_fd(incoming)
 
     async def _tick_loop(self, machine: Membership) -> None:
         while True:

@@ -22,6 +22,7 @@ would otherwise stay in the set after our close). Nothing here does network I/O.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 from collections.abc import Sequence
@@ -70,6 +71,16 @@ class DoorbellRelay:
     def fileno(self) -> int:
         """The epoll fd: readable when a watched eventfd was rung."""
         return self._epoll.fileno()
+
+    def add_wakeup_fd(self, fd: int) -> None:
+        """Make :meth:`fileno` readable when ``fd`` is too (the listening socket's
+        ``ZMQ_FD``), so that one task waits for rings and frames alike. :meth:`drain`
+        does not read it."""
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def remove_wakeup_fd(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(fd)
 
     # -- remote peers ----------------------------------------------------------------------
 

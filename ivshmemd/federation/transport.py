@@ -162,38 +162,37 @@ class Transport:
         self.endpoint = bound
         return bound
 
-    async def serve_incoming(self, handle: Handler) -> None:
-        """Hand every message to ``handle(origin, frame bytes, sender's public key)`` until
-        cancelled; frame bytes are None when the message was not exactly one frame.
-
-        Messages already queued are taken in a batch without a task switch (the doorbell
-        path); a long batch yields once in a while so that the daemon keeps serving."""
+    def incoming_fd(self) -> int:
+        """The ROUTER's ``ZMQ_FD``: readable when messages *may* be waiting (the driver
+        waits on it, then calls :meth:`receive_ready`, which re-arms it)."""
         assert self._router is not None
-        router = self._router
-        sock = router.socket
+        return int(self._router.socket.getsockopt(zmq.FD))
+
+    def receive_ready(self, handle: Handler) -> bool:
+        """Hand the messages queued now to ``handle(origin, frame bytes, sender's public
+        key)`` (frame bytes are None when a message is not exactly one frame), at most
+        :data:`RECEIVE_BATCH` of them. Never waits. True if more are queued; when False,
+        ``ZMQ_EVENTS`` has been read after the last message, so :meth:`incoming_fd` will
+        signal the next one (the rule :mod:`ivshmemd.zmqtrio` explains)."""
+        assert self._router is not None
+        sock = self._router.socket
         events = sock.getsockopt
         receive = sock.recv_multipart
         secure = self.keys is not None
-        while True:
-            for _ in range(RECEIVE_BATCH):
-                # asking ZMQ_EVENTS first (as TrioSocket does before it waits) costs less
-                # than a receive that fails at the end of every batch
-                if not int(events(_EVENTS)) & _POLLIN:
-                    break
-                if secure:
-                    frames = receive(zmq.NOBLOCK, copy=False)
-                    parts = [frame.bytes for frame in frames]
-                else:
-                    parts = receive(zmq.NOBLOCK)
-                key = ""
-                if secure and len(parts) == 2:
-                    with contextlib.suppress(zmq.ZMQError):
-                        key = str(frames[1].get("User-Id"))
-                handle(parts[0], parts[1] if len(parts) == 2 else None, key)
+        for _ in range(RECEIVE_BATCH):
+            if not int(events(_EVENTS)) & _POLLIN:
+                return False
+            if secure:
+                frames = receive(zmq.NOBLOCK, copy=False)
+                parts = [frame.bytes for frame in frames]
             else:
-                await trio.lowlevel.checkpoint()
-                continue
-            await router.wait_readable()
+                parts = receive(zmq.NOBLOCK)
+            key = ""
+            if secure and len(parts) == 2:
+                with contextlib.suppress(zmq.ZMQError):
+                    key = str(frames[1].get("User-Id"))
+            handle(parts[0], parts[1] if len(parts) == 2 else None, key)
+        return bool(int(events(_EVENTS)) & _POLLIN)
 
     # -- links -----------------------------------------------------------------------------
 
