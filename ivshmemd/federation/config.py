@@ -68,6 +68,15 @@ def check_endpoint(endpoint: str, *, bind: bool = False) -> None:
         raise FederationConfigError(f"endpoint {endpoint!r} needs a host to connect to")
 
 
+def _is_wildcard(endpoint: str) -> bool:
+    """True for a tcp endpoint bound to every address (or an ephemeral ``*`` port)."""
+    match = _TCP_RE.fullmatch(endpoint)
+    if match is None:
+        return False
+    host, port = match.groups()
+    return host.strip("[]") in ("*", "0.0.0.0", "::") or port == "*"
+
+
 def is_local_endpoint(endpoint: str) -> bool:
     """True for ``ipc://`` and TCP on a loopback address (or ``localhost``)."""
     if endpoint.startswith("ipc://"):
@@ -146,6 +155,11 @@ class FederationConfig:
         check_endpoint(self.listen, bind=True)
         if self.advertise is not None:
             check_endpoint(self.advertise)
+        elif _is_wildcard(self.listen):
+            raise FederationConfigError(
+                f"federation endpoint {self.listen} listens on every address, which other "
+                "daemons cannot dial: listen on the address they reach this host at"
+            )
         for endpoint in self.peers:
             check_endpoint(endpoint)
         if not (self.secure or self.insecure):

@@ -99,6 +99,8 @@ PINGS_PER_TIMEOUT: Final = 5
 #: A probe found by gossip is given up after this many timeouts unanswered (seeds never are).
 PROBE_GIVE_UP_TIMEOUTS: Final = 20
 
+#: Probes found by gossip are bounded (a member cannot make us dial without end).
+MAX_PROBES_PER_MEMBER: Final = 2
 PROBE_PREFIX: Final = b"P"
 MEMBER_PREFIX: Final = b"M"
 
@@ -986,6 +988,10 @@ class Membership:
     # -- probes ----------------------------------------------------------------------------
 
     def _probe(self, endpoint: str, key: str, now: float, *, seed: bool) -> None:
+        if not seed and len(self._probes) >= MAX_PROBES_PER_MEMBER * self.max_members:
+            if self._throttle.allow(("probes", endpoint), now):
+                log.warning("federation: too many daemons to probe; not dialling %s", endpoint)
+            return
         if key:
             keys: Sequence[str] = (key,)
         elif self.own_key:

@@ -86,7 +86,9 @@ def test_a_plain_loopback_config_is_fine() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"listen": "tcp://0.0.0.0:7300"}, "is not ipc:// or loopback: give --federation-key"),
+        ({"listen": "tcp://0.0.0.0:7300"}, "listens on every address"),
+        ({"listen": "tcp://10.0.0.1:7300"}, "is not ipc:// or loopback: give --federation-key"),
+        ({"listen": "tcp://*:7300", "insecure": True}, "other daemons cannot dial"),
         ({"peers": ("tcp://10.0.0.2:7300",)}, "10.0.0.2"),
         ({"advertise": "tcp://10.0.0.2:7300"}, "10.0.0.2"),
         ({"key_file": Path("k")}, "both a secret key file"),
@@ -107,8 +109,10 @@ def test_configs_that_cannot_work_say_why(overrides: dict[str, object], message:
 
 
 def test_insecure_or_keys_allow_remote_endpoints() -> None:
-    config(listen="tcp://0.0.0.0:7300", peers=("tcp://10.0.0.2:7300",), insecure=True).check()
-    config(listen="tcp://0.0.0.0:7300", key_file=Path("k"), allow_dir=Path("d")).check()
+    config(listen="tcp://10.0.0.1:7300", peers=("tcp://10.0.0.2:7300",), insecure=True).check()
+    config(listen="tcp://10.0.0.1:7300", key_file=Path("k"), allow_dir=Path("d")).check()
+    # every address, but other daemons are told which one to dial
+    config(listen="tcp://0.0.0.0:7300", advertise="tcp://10.0.0.1:7300", insecure=True).check()
 
 
 def test_incarnation_is_fresh_unless_given() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ivshmemd.federation.membership import (
     Deliver,
+    Dial,
     LocalMember,
     Membership,
     MemberState,
@@ -17,6 +18,8 @@ from ivshmemd.federation.membership import (
     incompatibility,
 )
 from ivshmemd.federation.schema import (
+    Gossip,
+    GossipEntry,
     Hello,
     PeerJoined,
     Ring,
@@ -502,3 +505,14 @@ def test_random_schedules_converge_and_never_double_announce(
     # every ring delivered went to a peer in the receiver's own range
     for index, node in enumerate(nodes):
         assert all(index * 100 <= peer < index * 100 + 100 for peer, _, _ in node.rings)
+
+
+def test_gossip_cannot_make_a_daemon_dial_without_end() -> None:
+    net, (a, b) = mesh(2, max_members=4)
+    origin = _origin(net, b, a)
+    member = a.machine.members["m1"]
+    entries = tuple(GossipEntry(f"fake{i}", f"ipc://sim/fake{i}") for i in range(100))
+    actions = a.machine.receive(net.now, origin, encode_frame(Gossip(entries), member.in_expected))
+    dials = [x for x in actions if isinstance(x, Dial)]
+    assert len(dials) == 2 * 4  # MAX_PROBES_PER_MEMBER x max_members
+    assert member.state is MemberState.UP
