@@ -203,13 +203,14 @@ class Node:
 
 
 def make_config(listen: str, index: int, **overrides: Any) -> FederationConfig:
-    """Config for member ``index`` (its own 1000-id range), 1 MiB shm, 2 vectors."""
+    """Config for member ``index`` (its own 1000-id range), 1 MiB shm, 2 vectors, the
+    default 3 s timeout (tests of failures pass a shorter one)."""
     settings: dict[str, Any] = {
         "listen": listen,
         "id_range": (index * 1000, index * 1000 + 999),
         "shm_size": 1 << 20,
         "vectors": 2,
-        "timeout": 1.0,
+        "timeout": 3.0,
     }
     settings.update(overrides)
     return FederationConfig(**settings)

@@ -203,7 +203,7 @@ async def test_a_member_killed_with_sigkill_is_announced_left_and_rejoins(
     listen_b = ipc(tmp_path, "b")
     command = [sys.executable, "-m", "tests.ivshmemd.federation.member_proc"]
     async with (
-        federation_chain([ipc(tmp_path, n) for n in "ac"]) as (_nursery, (a, c)),
+        federation_chain([ipc(tmp_path, n) for n in "ac"], timeout=1.0) as (_nursery, (a, c)),
         json_processes(command) as spawn,
     ):
         b = await spawn([listen_b, "2", "--peer", a.endpoint, "--locals", "2"])
@@ -421,6 +421,7 @@ async def _proxied_pair(
             advertise=proxy_endpoint,
             identity=f"secret-member-{name}",
             **extra,
+            timeout=1.0,
         )
         node = await start_node(nursery, config)
         proxy.target = int(node.endpoint.rsplit(":", 1)[1])
