@@ -240,6 +240,10 @@ class Member:
     out_seq: int = 0
     out_started: float = -1e18
     resync_pending: bool = False
+    #: its session to us has been up in this incarnation (a later lack of one is a break)
+    has_been_up: bool = False
+    #: after a break, a second resync request went out (the next step is a knock)
+    asked_again: bool = False
     # liveness
     last_heard: float | None = None
     last_pong: float = 0.0
@@ -375,12 +379,25 @@ class Membership:
                     self._start_session(member, now)
             elif state in (MemberState.DEAD, MemberState.LEFT) and now >= member.next_knock:
                 self._knock(member, now)
-            elif state is MemberState.CONNECTING:
-                # no session from it yet: our hello (or its) may have been lost on the way
-                if now - member.out_started >= self.timeout:
+            elif state is MemberState.CONNECTING and now >= member.next_knock:
+                if member.has_been_up and not member.asked_again:
+                    # its stream to us broke and our resync went unanswered: ask once more,
+                    # without resetting our own stream (if that broke too, the seq of this
+                    # request tells it so)
+                    member.next_knock = now + self.timeout
+                    member.asked_again = True
+                    member.resync_asked = now
+                    self._send(member, Resync("still waiting for your new session"))
+                else:
+                    # no session from it: our hello (or its) was lost, or it restarted
+                    member.asked_again = False
                     self._knock(member, now)
-                elif member.resync_pending and now - member.out_started >= self.heartbeat:
-                    self._start_session(member, now)
+            elif (
+                state is MemberState.CONNECTING
+                and member.resync_pending
+                and now - member.out_started >= self.heartbeat
+            ):
+                self._start_session(member, now)
         for probe in list(self._probes.values()):
             if not probe.seed and now - probe.started > PROBE_GIVE_UP_TIMEOUTS * self.timeout:
                 log.info("federation: no daemon answered at %s; giving up", probe.endpoint)
@@ -660,6 +677,8 @@ class Membership:
         member.resync_asked = -1e18
         was = member.state
         member.state = MemberState.UP
+        member.has_been_up = True
+        member.asked_again = False
         member.reason = None
         member.last_pong = now
         member.next_ping = now
@@ -825,6 +844,7 @@ class Membership:
         member.out_seq = 0
         member.out_open = True
         member.out_started = now
+        member.next_knock = now + self.timeout
         member.resync_pending = False
         local = self.local
         self._send(
@@ -872,6 +892,7 @@ class Membership:
         self._forget_peers(member)
         member.in_session = 0
         member.state = MemberState.CONNECTING
+        member.next_knock = now + self.timeout  # its new session should come well before
         if was_up:
             self._actions.append(
                 MemberEvent("member-left", {**member.info(), "reason": "stream broken"})
@@ -953,6 +974,7 @@ class Membership:
                 self._actions.append(Reset(member.link))
             member.state = MemberState.CONNECTING
         member.incarnation = hello.incarnation
+        member.has_been_up = False
         member.out_session = 0
         member.rtt = None
 

@@ -14,6 +14,7 @@ from ivshmemd.federation.membership import (
     LocalMember,
     Membership,
     MemberState,
+    Reset,
     Send,
     incompatibility,
 )
@@ -22,6 +23,7 @@ from ivshmemd.federation.schema import (
     GossipEntry,
     Hello,
     PeerJoined,
+    PeerLeft,
     Ring,
     decode_frame,
     encode_frame,
@@ -255,6 +257,7 @@ def test_lost_frames_break_the_stream_and_a_new_session_repairs_it(
 ) -> None:
     net, (a, b) = mesh(2)
     join(net, a, 1, 2)
+    join(net, b, 150)
     lost = []
 
     def drop_a_join(source: SimNode, target: SimNode, data: bytes) -> bool:
@@ -272,6 +275,27 @@ def test_lost_frames_break_the_stream_and_a_new_session_repairs_it(
     net.settle()
     assert b.remote == {1: "m0", 2: "m0", 3: "m0", 4: "m0"}
     assert net.consistent()
+
+
+def test_after_a_break_we_ask_again_for_its_session_and_never_reset_ours() -> None:
+    net, (a, b) = mesh(2)
+    join(net, a, 1)
+    join(net, b, 150)
+    member = b.machine.members["m0"]
+    assert member.origin is not None
+    # a frame from a went missing: b sees the gap on the next one and asks for a resync
+    gap = encode_frame(PeerLeft(1), member.in_expected + 1)
+    first = b.machine.receive(net.now, member.origin, gap)
+    assert member.state is MemberState.CONNECTING
+    assert [kinds(x.data) for x in first if isinstance(x, Send)] == ["Resync"]
+    # no answer (a is slow): after the timeout b asks again; its own stream to a, which
+    # is fine, is not reset (that would make a drop b's peers for nothing)
+    later = b.machine.tick(net.now + net.timeout * 1.1)
+    assert not any(isinstance(x, Reset) for x in later)
+    assert [kinds(x.data) for x in later if isinstance(x, Send)] == ["Resync"]
+    net.apply(b, first + later)
+    net.settle()
+    assert net.consistent() and a.leaves == 0
 
 
 def test_a_new_session_that_lost_nothing_reconciles_without_churn() -> None:
