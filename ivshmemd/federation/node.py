@@ -151,7 +151,8 @@ class Federation:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, contact the configured members and serve until cancelled. Start it with
+        """Listen, contact the configured members and serve until cancelled (once: a
+        Federation is not restarted, a new one is made). Start it with
         ``await nursery.start(federation.run)``, which returns the bound endpoint, or raises
         :class:`~ivshmemd.federation.transport.TransportError` (not wrapped in an exception
         group) if it cannot listen."""
@@ -210,6 +211,7 @@ class Federation:
                         await transport.flush(BYE_GRACE)
         finally:
             self._transport = None
+            self.membership = None
             transport.close()
             if zap is not None:
                 zap.close()
