@@ -1,0 +1,350 @@
+"""The :class:`Federation` object: what a daemon owns to join a federation (the seam).
+
+It ties the pieces together: the membership state machine decides, the transport carries
+frames, the doorbell relay reads and writes eventfds, and the *host* (the daemon's server,
+behind :class:`FederationHost`) registers remote peers and announces them to local peers.
+See the package docstring for the integration contract.
+
+Resources and errors: :meth:`Federation.run` owns a zmq context, the sockets, the ZAP
+handler and the relay's epoll set, and releases them all when cancelled, after a best-effort
+bye to every member (so they announce our peers as left at once rather than after their
+timeout) and after telling the host that every remote peer left. A host callback that
+raises is logged and never stops the federation; so is an internal error while handling one
+member's frame (that member's frames are the only thing affected).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Protocol
+
+import trio
+import zmq
+
+from ivshmemd.registry import Peer, SharedFd
+
+from .config import FederationConfig, endpoint_refusal
+from .keys import CurveKeyPair, load_allowed_keys, load_secret_key
+from .membership import (
+    Action,
+    Close,
+    Deliver,
+    Dial,
+    LocalMember,
+    MemberEvent,
+    Membership,
+    RemoteJoined,
+    RemoteLeft,
+    Reset,
+    Send,
+)
+from .relay import DoorbellRelay
+from .transport import Transport
+from .zap import ZapAuthenticator
+
+__all__ = ["Federation", "FederationHost"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds given to the byes to leave on the way out.
+BYE_GRACE: Final = 0.5
+
+
+class FederationHost(Protocol):
+    """What the daemon's server does for the federation. Every method is called from the
+    trio thread between two awaits and must not block.
+
+    - ``remote_peer_joined(member, peer_id, vectors)``: register ``member``'s peer
+      ``peer_id`` as a peer whose eventfds nobody local owns: create its ``vectors``
+      eventfds with the registry (:meth:`ivshmemd.registry.Registry.create_vectors`), add
+      it to the registry (``Peer.info["member"] = member`` for ``ivshmemctl peers``), queue
+      its join notices to local peers exactly as for a local newcomer, and return the
+      eventfds (the federation takes its own reference on each and watches them). Raise
+      (OSError when out of fds) to refuse: the remote peer then stays invisible here.
+    - ``remote_peer_left(member, peer_id)``: unregister it and queue its leave notices.
+    - ``member_event(kind, info)``: ``member-joined``, ``member-left`` or ``member-refused``
+      for the event stream (``info`` has ``member``, ``endpoint``, ``id_range``, ...).
+    """
+
+    def remote_peer_joined(self, member: str, peer_id: int, vectors: int) -> Sequence[SharedFd]: ...
+
+    def remote_peer_left(self, member: str, peer_id: int) -> None: ...
+
+    def member_event(self, kind: str, info: Mapping[str, Any]) -> None: ...
+
+
+class Federation:
+    """One daemon's membership in a federation (see the package docstring).
+
+    Construction checks the configuration and loads the keys (raising
+    :class:`~ivshmemd.federation.config.FederationConfigError` or
+    :class:`~ivshmemd.federation.keys.KeyFileError`), so a bad setting stops the daemon at
+    start with one clear line. Nothing touches the network before :meth:`run`.
+    """
+
+    def __init__(self, config: FederationConfig, host: FederationHost) -> None:
+        config.check()
+        self.config = config
+        self.host = host
+        self.keys: CurveKeyPair | None = None
+        self.allowed: dict[str, str] = {}
+        if config.key_file is not None and config.allow_dir is not None:
+            self.keys = load_secret_key(config.key_file)
+            self.allowed = load_allowed_keys(config.allow_dir)
+        self.incarnation = config.make_incarnation()
+        self.relay = DoorbellRelay()
+        self.membership: Membership | None = None
+        #: the listening endpoint as bound (set once :meth:`run` has started)
+        self.endpoint: str | None = None
+        self._transport: Transport | None = None
+        self._overflowed: list[int] = []
+
+    # -- the server's calls ----------------------------------------------------------------
+
+    def local_peer_joined(self, peer: Peer) -> None:
+        """A local peer was registered. Call it in the same synchronous step as the
+        registration (before the peer can ring anyone), for every local peer, including
+        those registered before :meth:`run`."""
+        lo, hi = self.config.id_range
+        if not lo <= peer.peer_id <= hi:  # members would drop us for it
+            raise ValueError(f"local peer {peer.peer_id} is outside our id range {lo}-{hi}")
+        self.relay.add_local(peer.peer_id, peer.vectors)
+        if self.membership is not None:
+            self._apply(self.membership.local_peer_joined(peer.peer_id, len(peer.vectors)))
+
+    def local_peer_left(self, peer_id: int) -> None:
+        """A local peer left (call it after its connection is gone, so that every ring it
+        sent is in the eventfds): its rings to remote peers are relayed first, then its
+        leave is announced to every member."""
+        if self.membership is not None and self._transport is not None:
+            self._relay_rings()
+            self._apply(self.membership.local_peer_left(peer_id))
+        self.relay.remove_local(peer_id)
+
+    def remote_peers(self) -> dict[int, str]:
+        """Remote peers registered here, and their members (for ``ivshmemctl peers``)."""
+        return self.relay.remote_peers()
+
+    def status(self) -> dict[str, Any]:
+        """The federation for ``ivshmemctl status``: us, our members (endpoint, id range,
+        state, last heard as unix time, round-trip time), probes, counters."""
+        secure = self.keys is not None
+        if self.membership is None:
+            return {"running": False, "listen": self.config.listen, "secure": secure}
+        now = trio.current_time()
+        wall = time.time()
+        status = self.membership.status(now)
+        for member in status["members"]:
+            ago = member.pop("last_heard")
+            member["last_heard"] = None if ago is None else wall - ago
+        status.update(
+            running=True,
+            secure=secure,
+            remote_peers=len(self.relay.remote_peers()),
+            rings=self.relay.stats.as_dict(),
+        )
+        return status
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, contact the configured members and serve until cancelled (once: a
+        Federation is not restarted, a new one is made). Start it with
+        ``await nursery.start(federation.run)``, which returns the bound endpoint, or raises
+        :class:`~ivshmemd.federation.transport.TransportError` (not wrapped in an exception
+        group) if it cannot listen."""
+        config = self.config
+        context: zmq.Context[Any] = zmq.Context()
+        transport = Transport(
+            context, keys=self.keys, timeout=config.timeout, max_backlog=config.max_backlog
+        )
+        zap: ZapAuthenticator | None = None
+        try:
+            if self.keys is not None:
+                zap = ZapAuthenticator(context, self.allowed)  # before the CURVE server binds
+            bound = transport.bind(config.listen)
+            advertise = config.advertise or bound
+            local = LocalMember(
+                config.identity or advertise,
+                self.incarnation,
+                advertise,
+                config.id_range,
+                config.shm_size,
+                config.vectors,
+            )
+            machine = Membership(
+                local,
+                seeds=config.peers,
+                timeout=config.timeout,
+                own_key=self.keys.public if self.keys else "",
+                probe_keys=tuple(self.allowed),
+                endpoint_policy=functools.partial(
+                    endpoint_refusal, secure=self.keys is not None, insecure=config.insecure
+                ),
+                max_members=config.max_members,
+            )
+            for peer_id, vectors in self.relay.local_peers().items():
+                machine.local_peer_joined(peer_id, vectors)
+            async with trio.open_nursery() as nursery:
+                if zap is not None:
+                    nursery.start_soon(zap.serve)
+                await nursery.start(transport.run)
+                self.membership, self._transport, self.endpoint = machine, transport, bound
+                log.info(
+                    "federation: %s listening on %s%s",
+                    local.identity,
+                    bound,
+                    " (CURVE)" if self.keys else "",
+                )
+                self._apply(machine.start(trio.current_time()))
+                nursery.start_soon(self._pump, machine, transport)
+                nursery.start_soon(self._tick_loop, machine)
+                task_status.started(bound)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        self._apply(machine.shutdown())
+                        await transport.flush(BYE_GRACE)
+        finally:
+            self._transport = None
+            self.membership = None
+            transport.close()
+            if zap is not None:
+                zap.close()
+            context.term()
+            self._forget_remote_peers()
+            self.relay.close()
+
+    async def _pump(self, machine: Membership, transport: Transport) -> None:
+        """The data path, in one task waiting on one fd: frames from members and rings on
+        the watched eventfds, each handled as soon as it is there, without a task switch
+        between receiving a frame and writing the eventfd it rings."""
+
+        def handle(origin: bytes, raw: bytes | None, key: str) -> None:
+            now = trio.current_time()
+            try:
+                if raw is None:
+                    problem = "a federation message must be exactly one frame"
+                    actions = machine.receive_malformed(now, origin, problem)
+                else:
+                    actions = machine.receive(now, origin, raw, key)
+            except Exception:
+                log.exception("federation: internal error on a frame from %s", origin.hex())
+                return
+            self._apply(actions)
+
+        relay = self.relay
+        incoming = transport.incoming_fd()
+        relay.add_wakeup_fd(incoming)
+        try:
+            while True:
+                more = transport.receive_ready(handle)
+                self._relay_rings()
+                if more:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(relay.fileno())
+        finally:
+            relay.remove_wakeup_fd(incoming)
+
+    async def _tick_loop(self, machine: Membership) -> None:
+        while True:
+            await trio.sleep(machine.heartbeat / 2)
+            self._apply(machine.tick(trio.current_time()))
+
+    # -- carrying out actions --------------------------------------------------------------
+
+    def _relay_rings(self) -> None:
+        """Send every ring the watched eventfds hold now to the members that own them."""
+        machine, transport = self.membership, self._transport
+        if machine is None or transport is None:
+            return
+        for member, peer_id, vector, count in self.relay.drain():
+            frame = machine.ring(member, peer_id, vector, count)
+            if frame is not None and not transport.send(frame.link, frame.data):
+                self._overflowed.append(frame.link)
+        if self._overflowed:
+            self._apply([])
+
+    def _apply(self, actions: list[Action]) -> None:
+        transport, machine = self._transport, self.membership
+        if transport is None or machine is None:
+            return
+        relay = self.relay
+        while True:
+            for action in actions:
+                kind = type(action)
+                if kind is Send:
+                    assert isinstance(action, Send)
+                    if not transport.send(action.link, action.data):
+                        self._overflowed.append(action.link)
+                elif kind is Deliver:
+                    assert isinstance(action, Deliver)
+                    relay.deliver(action.peer_id, action.vector, action.count)
+                elif isinstance(action, RemoteJoined):
+                    self._remote_joined(action)
+                elif isinstance(action, RemoteLeft):
+                    self._remote_left(action.member, action.peer_id)
+                elif isinstance(action, Dial):
+                    transport.dial(
+                        action.link, action.endpoint, action.server_key, action.routing_id
+                    )
+                elif isinstance(action, Close):
+                    transport.close_link(action.link)
+                elif isinstance(action, Reset):
+                    transport.reset(action.link)
+                elif isinstance(action, MemberEvent):
+                    self._member_event(action)
+            if not self._overflowed:
+                return
+            link = self._overflowed.pop(0)
+            self._overflowed = [other for other in self._overflowed if other != link]
+            log.warning(
+                "federation: link to %s: more than %d frames queued",
+                transport.link_endpoint(link),
+                self.config.max_backlog,
+            )
+            actions = machine.link_overflow(trio.current_time(), link)
+
+    def _remote_joined(self, action: RemoteJoined) -> None:
+        try:
+            vectors = self.host.remote_peer_joined(action.member, action.peer_id, action.vectors)
+        except Exception as exc:
+            log.error(
+                "federation: could not register %s's peer %d: %s",
+                action.member,
+                action.peer_id,
+                exc,
+            )
+            return
+        try:
+            self.relay.watch(action.member, action.peer_id, vectors)
+        except (OSError, ValueError) as exc:
+            log.error(
+                "federation: cannot watch %s's peer %d: %s", action.member, action.peer_id, exc
+            )
+            self._call_host_left(action.member, action.peer_id)
+
+    def _remote_left(self, member: str, peer_id: int) -> None:
+        if self.relay.unwatch(peer_id) is not None:
+            self._call_host_left(member, peer_id)
+
+    def _call_host_left(self, member: str, peer_id: int) -> None:
+        try:
+            self.host.remote_peer_left(member, peer_id)
+        except Exception:
+            log.exception("federation: the host failed to unregister %s's peer %d", member, peer_id)
+
+    def _member_event(self, event: MemberEvent) -> None:
+        try:
+            self.host.member_event(event.kind, event.info)
+        except Exception:
+            log.exception("federation: the host failed on event %s", event.kind)
+
+    def _forget_remote_peers(self) -> None:
+        for peer_id, member in self.relay.remote_peers().items():
+            self._remote_left(member, peer_id)

@@ -1,0 +1,319 @@
+"""The federation's zmq sockets, driven from trio: one ROUTER in, one DEALER per link out.
+
+Every daemon binds one ROUTER (its ``--federation-listen`` endpoint) on which it receives
+from all members, and dials one DEALER per link (see
+:mod:`ivshmemd.federation.membership`): a frame from A to B always travels on A's DEALER to
+B's ROUTER, so each direction between two members is one ordered channel. Sockets are
+driven through :class:`ivshmemd.zmqtrio.TrioSocket`: no thread, no polling loop.
+
+Sending never blocks the daemon: :meth:`Transport.send` hands the frame to zmq at once when
+the link is idle (no task switch on the per-doorbell path), else appends it to the link's
+own outbox, which the link's sender task drains as zmq takes them. An outbox is bounded
+(``max_backlog`` frames): past the bound :meth:`Transport.send` returns False and the
+caller declares that member too slow. DEALERs use ``ZMQ_IMMEDIATE`` (frames wait in our
+outbox, not in zmq, while a member is unreachable, so a reset can discard them),
+reconnect by themselves (100 ms, backing off to 1 s), and use ZMTP heartbeats so that a
+dead TCP connection is noticed and replaced.
+
+Receiving: libzmq drops a connection that sends a message over
+:data:`~ivshmemd.federation.schema.HARD_MAX_FRAME_BYTES` before we see it; anything smaller
+is handed up for strict decoding. With CURVE, the ROUTER is a CURVE server authenticated
+by the ZAP handler (:mod:`ivshmemd.federation.zap`), and each message's ``User-Id`` (the
+sender's public key) comes along so that the member can be dialled back with it.
+
+ipc endpoints: the socket file is created 0600 (with a umask, so there is no window) and
+removed on close; an existing path is only replaced if it is a socket nobody listens on
+(a leftover of a crash), never another kind of file or a live daemon's socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+import zmq
+
+# The control plane owns these ipc helpers (to be made public there at integration).
+from ivshmemd.control import MAX_IPC_PATH, _umask
+from ivshmemd.control import _ipc_path as ipc_path
+from ivshmemd.zmqtrio import TrioSocket
+
+from .keys import CurveKeyPair
+from .schema import HARD_MAX_FRAME_BYTES
+from .zap import ZAP_DOMAIN
+
+__all__ = ["Transport", "TransportError"]
+
+log = logging.getLogger(__name__)
+
+#: Messages handled between two checkpoints when they arrive faster than we take them.
+RECEIVE_BATCH: Final = 64
+RECONNECT_IVL_MS: Final = 100
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
+RECONNECT_IVL_MAX_MS: Final = 1000
+
+
+Handler = Callable[[bytes, bytes | None, str], None]
+
+
+class TransportError(Exception):
+    """The listening endpoint cannot be used (the message says why)."""
+
+
+@dataclass(eq=False)
+class _Link:
+    sock: TrioSocket
+    endpoint: str
+    outbox: deque[bytes] = field(default_factory=deque)
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    sending: bool = False
+    sent: int = 0
+
+
+def _check_ipc_path(path: str) -> None:
+    """Refuse a path that is too long, is not a socket, or is a live daemon's socket."""
+    if len(os.fsencode(path)) > MAX_IPC_PATH:
+        raise TransportError(
+            f"ipc path {path!r} is longer than {MAX_IPC_PATH} bytes (a unix socket limit)"
+        )
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise TransportError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return  # a leftover socket file: libzmq replaces it
+        raise TransportError(f"cannot check {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise TransportError(f"{path} is in use by another process")
+
+
+class Transport:
+    """The ROUTER and the links of one daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        *,
+        keys: CurveKeyPair | None,
+        timeout: float,
+        max_backlog: int,
+    ) -> None:
+        self.context = context
+        self.keys = keys
+        self.timeout = timeout
+        self.max_backlog = max_backlog
+        self.endpoint: str | None = None
+        self._router: TrioSocket | None = None
+        self._ipc_file: str | None = None
+        self._links: dict[int, _Link] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def _use_keys(self, sock: zmq.Socket[Any]) -> None:
+        assert self.keys is not None
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret.encode("ascii"))
+
+    # -- listening -------------------------------------------------------------------------
+
+    def bind(self, endpoint: str) -> str:
+        """Bind the ROUTER; returns the endpoint as bound (a tcp port 0 resolved)."""
+        sock = self.context.socket(zmq.ROUTER)
+        router = TrioSocket(sock)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_FRAME_BYTES)
+            if self.keys is not None:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode("ascii"))
+                self._use_keys(sock)
+            path = ipc_path(endpoint)
+            if path is not None:
+                _check_ipc_path(path)
+            try:
+                with _umask(0o177):  # the socket file is 0600 from the start
+                    sock.bind(endpoint)
+            except zmq.ZMQError as exc:
+                raise TransportError(f"cannot listen on {endpoint}: {exc}") from None
+            self._ipc_file = path
+            bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            router.close()
+            raise
+        self._router = router
+        self.endpoint = bound
+        return bound
+
+    def incoming_fd(self) -> int:
+        """The ROUTER's ``ZMQ_FD``: readable when messages *may* be waiting (the driver
+        waits on it, then calls :meth:`receive_ready`, which re-arms it)."""
+        assert self._router is not None
+        return int(self._router.socket.getsockopt(zmq.FD))
+
+    def receive_ready(self, handle: Handler) -> bool:
+        """Hand the messages queued now to ``handle(origin, frame bytes, sender's public
+        key)`` (frame bytes are None when a message is not exactly one frame), at most
+        :data:`RECEIVE_BATCH` of them. Never waits. True if more are queued; when False,
+        ``ZMQ_EVENTS`` has been read after the last message, so :meth:`incoming_fd` will
+        signal the next one (the rule :mod:`ivshmemd.zmqtrio` explains)."""
+        assert self._router is not None
+        sock = self._router.socket
+        events = sock.getsockopt
+        receive = sock.recv_multipart
+        secure = self.keys is not None
+        for _ in range(RECEIVE_BATCH):
+            if not int(events(_EVENTS)) & _POLLIN:
+                return False
+            if secure:
+                frames = receive(zmq.NOBLOCK, copy=False)
+                parts = [frame.bytes for frame in frames]
+            else:
+                parts = receive(zmq.NOBLOCK)
+            key = ""
+            if secure and len(parts) == 2:
+                with contextlib.suppress(zmq.ZMQError):
+                    key = str(frames[1].get("User-Id"))
+            handle(parts[0], parts[1] if len(parts) == 2 else None, key)
+        return bool(int(events(_EVENTS)) & _POLLIN)
+
+    # -- links -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the links' sender tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def dial(self, link: int, endpoint: str, server_key: str, routing_id: bytes) -> None:
+        """Open a link (it connects, and reconnects, by itself)."""
+        sock = self.context.socket(zmq.DEALER)
+        wrapped = TrioSocket(sock)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            heartbeat_ms = max(100, int(self.timeout * 1000 / 3))
+            sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.timeout * 1000))
+            if self.keys is not None:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
+                self._use_keys(sock)
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            wrapped.close()
+            log.warning("federation: cannot dial %s: %s", endpoint, exc)
+            return
+        entry = _Link(wrapped, endpoint)
+        self._links[link] = entry
+        assert self._nursery is not None, "Transport.run is not running"
+        self._nursery.start_soon(self._sender, entry)
+
+    def send(self, link: int, data: bytes) -> bool:
+        """Queue ``data`` on ``link`` (sent now if zmq takes it); False if the link's outbox
+        is full. Frames for a closed or unknown link are dropped (True)."""
+        entry = self._links.get(link)
+        if entry is None:
+            return True
+        outbox = entry.outbox
+        if not outbox and not entry.sending and entry.sock.try_send_multipart((data,)):
+            entry.sent += 1
+            return True
+        if len(outbox) >= self.max_backlog:
+            return False
+        outbox.append(data)
+        entry.lot.unpark_all()
+        return True
+
+    def reset(self, link: int) -> None:
+        """Discard the frames ``link`` has not handed to zmq yet."""
+        entry = self._links.get(link)
+        if entry is not None:
+            entry.outbox.clear()
+
+    def close_link(self, link: int) -> None:
+        """Close a link; unsent frames are dropped."""
+        entry = self._links.pop(link, None)
+        if entry is not None:
+            entry.scope.cancel()
+            entry.outbox.clear()
+            entry.sock.close()
+
+    def link_endpoint(self, link: int) -> str:
+        """Where ``link`` goes ('?' if it is closed)."""
+        entry = self._links.get(link)
+        return "?" if entry is None else entry.endpoint
+
+    def backlog(self, link: int) -> int:
+        """Frames waiting in ``link``'s outbox."""
+        entry = self._links.get(link)
+        return 0 if entry is None else len(entry.outbox)
+
+    async def _sender(self, entry: _Link) -> None:
+        """Hand the outbox to zmq, waiting (without blocking trio) while zmq is full."""
+        outbox = entry.outbox
+        with entry.scope, contextlib.suppress(trio.ClosedResourceError):
+            while True:
+                if not outbox:
+                    await entry.lot.park()
+                    continue
+                data = outbox.popleft()
+                entry.sending = True
+                try:
+                    await entry.sock.send_multipart((data,))
+                finally:
+                    entry.sending = False
+                entry.sent += 1
+                while outbox and entry.sock.try_send_multipart((outbox[0],)):
+                    outbox.popleft()
+                    entry.sent += 1
+
+    async def flush(self, grace: float) -> None:
+        """Hand every outbox to zmq, for up to ``grace`` seconds, then give zmq's I/O thread
+        a moment to write (on the way out; the sender tasks may be cancelled already)."""
+        with trio.move_on_after(grace):
+            while True:
+                pending = False
+                for entry in self._links.values():
+                    outbox = entry.outbox
+                    while outbox and not entry.sending:
+                        if not entry.sock.try_send_multipart((outbox[0],)):
+                            break
+                        outbox.popleft()
+                    pending = pending or bool(outbox)
+                if not pending:
+                    break
+                await trio.sleep(0.01)
+            await trio.sleep(min(0.05, grace))
+
+    def close(self) -> None:
+        """Close every socket and remove the ipc socket file we made. Idempotent."""
+        for link in list(self._links):
+            self.close_link(link)
+        if self._router is not None:
+            self._router.close()
+            self._router = None
+        if self._ipc_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._ipc_file)
+            self._ipc_file = None

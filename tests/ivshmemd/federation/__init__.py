@@ -1,0 +1,1 @@
+"""Tests of the federation of daemons (ivshmemd.federation)."""
