@@ -21,6 +21,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,7 +32,6 @@ import zmq
 from ivshmemd.argtypes import positive_float, positive_int
 from ivshmemd.control import (
     EVENTS_WELCOME,
-    MAX_PEER_ID,
     ControlError,
     Event,
     ProtocolError,
@@ -43,6 +43,8 @@ from ivshmemd.control import (
     encode_request,
     events_endpoint_for,
 )
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
+from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID
 
 __all__ = [
     "SUBCOMMAND_PROVIDERS",
@@ -54,14 +56,7 @@ __all__ = [
     "resolve_endpoints",
 ]
 
-#: The daemon's default -S (QEMU ivshmem-server's default, as in ivshmemd.cli).
-DEFAULT_SOCKET: Final = "/tmp/ivshmem_socket"
 DEFAULT_TIMEOUT: Final = 2.0
-
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_NO_DAEMON: Final = 3
 
 #: ``"module:function"``: each function is called as ``function(subparsers, common)`` and
 #: adds its subcommands; a subcommand sets ``run=callable(args) -> int`` with set_defaults.
@@ -513,12 +508,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NO_DAEMON
     except ControlError as exc:
         print(f"ivshmemctl: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     except ProtocolError as exc:
         print(f"ivshmemctl: unexpected answer from the daemon: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return signal_exit(signal.SIGINT)
     except BrokenPipeError:
         # `ivshmemctl watch | head`: the reader went away; leave quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)

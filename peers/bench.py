@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from ivshmemd.argtypes import positive_size
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, signal_exit
 from ivshmemd.shm import unlink_posix_shm
-from ivshmemd.sizes import SizeError, parse_size
 
 from .plugins.ring import HEADER_SIZE, record_size
 from .testing import daemon_command, unique_name
@@ -45,16 +46,6 @@ PEER_TIMEOUT = 600.0
 
 class BenchError(Exception):
     """The benchmark could not run (a process failed, a figure is missing)."""
-
-
-def _size(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
-    return value
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -303,28 +294,28 @@ def build_parser() -> argparse.ArgumentParser:
     ring = sub.add_parser("ring", help="ring plugin throughput against a raw memcpy")
     ring.add_argument(
         "--bytes",
-        type=_size,
+        type=positive_size,
         default=100 << 20,
         metavar="SIZE",
         help="payload to move (default 100M)",
     )
     ring.add_argument(
         "--message-size",
-        type=_size,
+        type=positive_size,
         default=64 << 10,
         metavar="SIZE",
         help="payload bytes per message (default 64K)",
     )
     ring.add_argument(
         "--shm-size",
-        type=_size,
+        type=positive_size,
         default=4 << 20,
         metavar="SIZE",
         help="the daemon's shared memory (default 4M)",
     )
     ring.add_argument(
         "--ring-size",
-        type=_size,
+        type=positive_size,
         default=None,
         metavar="SIZE",
         help="the ring's data area (default: the shm minus the header)",
@@ -348,14 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run(args)
     except BenchError as exc:
         print(f"peers.bench {args.bench}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return signal_exit(signal.SIGINT)
     if args.json:
         print(json.dumps(result))
     else:
         show(result)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

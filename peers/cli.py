@@ -22,26 +22,19 @@ from typing import Any
 
 import trio
 
+from ivshmemd.argtypes import size
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ivshmemd.protocol import DEFAULT_SOCKET
+
 from .client import ClientError, ServerGone, connect_with_retry
 from .plugin import Plugin, PluginError, available_plugins, load_plugin
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: {message}\nTry '{self.prog} --help'.\n")
-
-
-def _size(text: str) -> int:
-    from ivshmemd.sizes import SizeError, parse_size
-
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
@@ -57,8 +50,8 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         "-S",
         "--socket",
         metavar="PATH",
-        default="/tmp/ivshmem_socket",
-        help="the daemon's unix socket (default /tmp/ivshmem_socket)",
+        default=DEFAULT_SOCKET,
+        help=f"the daemon's unix socket (default {DEFAULT_SOCKET})",
     )
     p.add_argument("--plugin", metavar="NAME", help="the guest software to run")
     p.add_argument("--list-plugins", action="store_true", help="list the plugins and exit")
@@ -70,7 +63,7 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         help="the device's MSI-X vectors (default: as many as the daemon hands out)",
     )
     p.add_argument(
-        "--ram", type=_size, metavar="SIZE", default=16 << 20, help="guest RAM (default 16M)"
+        "--ram", type=size, metavar="SIZE", default=16 << 20, help="guest RAM (default 16M)"
     )
     p.add_argument(
         "--wait",

@@ -58,10 +58,10 @@ from typing import Any, Final, Self, TextIO
 
 import trio
 
-from ivshmemd.argtypes import int_in
+from ivshmemd.argtypes import int_in, size
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, signal_exit
 from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.shm import unlink_posix_shm
-from ivshmemd.sizes import SizeError, parse_size
 
 from .forkserver import ForkServer, ForkServerError
 from .plugin import Plugin, PluginError, load_plugin
@@ -78,10 +78,6 @@ __all__ = [
     "run_up",
 ]
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-
 #: How long the daemon may take to print its "listening on" line.
 DAEMON_READY_TIMEOUT: Final = 30.0
 #: How long a child may take to exit after SIGTERM before it gets SIGKILL.
@@ -92,7 +88,6 @@ MAX_PEERS: Final = 4096
 PROG: Final = "ivshmemctl up"
 
 _READY_MARK: Final = "listening on "
-_SIGNAL_EXIT: Final[dict[int, int]] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _process_started() -> float:
@@ -123,14 +118,6 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _size(text: str) -> str:
-    try:
-        parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """The launcher's own options. With ``suppress`` no defaults are set, so a second parse
     (of what follows ``--plugin NAME``) only overrides what was given again."""
@@ -154,7 +141,7 @@ def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) ->
     )
     parser.add_argument(
         "--size",
-        type=_size,
+        type=size,
         metavar="S",
         default=default(None),
         help="shared memory size, the daemon's -l (default: the daemon's, 4M)",
@@ -238,7 +225,7 @@ class UpConfig:
     plugin: str
     plugin_args: tuple[str, ...]
     vectors: int = 1
-    size: str | None = None
+    size: int | None = None
     socket: str | None = None
     shm_name: str | None = None
     keep: bool = False
@@ -561,7 +548,7 @@ class Launcher:
         argv = [sys.executable, "-m", "ivshmemd", "-F", "-S", self.socket_path,
                 "-M", self.shm_name, "-n", str(self.config.vectors)]  # fmt: skip
         if self.config.size is not None:
-            argv += ["-l", self.config.size]
+            argv += ["-l", str(self.config.size)]
         return argv
 
     async def _run_daemon(self, daemon: Child) -> None:
@@ -763,7 +750,7 @@ class Launcher:
             self.daemon_failed = f"not listening after {DAEMON_READY_TIMEOUT:g} s"
         if not self.daemon_ready.is_set():
             return
-        size = f", {config.size}" if config.size else ""
+        size = f", {config.size} bytes" if config.size else ""
         self.display.line(
             f"daemon (pid {self.daemon.pid}) listening on {self.socket_path} "
             f"(shm {self.shm_name}{size}, {config.vectors} vectors) after {self._ms():.0f} ms; "
@@ -823,7 +810,7 @@ class Launcher:
             status = EXIT_FAILED
             self.display.line(f"stopped after {elapsed:.2f} s with failures")
         elif self.stop_signal is not None and not self.kept:
-            status = _SIGNAL_EXIT.get(self.stop_signal, EXIT_FAILED)
+            status = signal_exit(self.stop_signal)
             self.display.line(
                 f"stopped by {signal.Signals(self.stop_signal).name} after {elapsed:.2f} s"
             )
@@ -871,7 +858,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         return trio.run(launcher.run)
     except KeyboardInterrupt:  # a SIGINT before the signal receiver was installed
-        return _SIGNAL_EXIT[signal.SIGINT]
+        return signal_exit(signal.SIGINT)
     except (OSError, BaseExceptionGroup) as exc:  # the children are stopped by now
         problem = _os_error(exc)
         if problem is None:

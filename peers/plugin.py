@@ -54,13 +54,9 @@ class Guest:
 
     Guest-physical layout: RAM at :attr:`ram_gpa`; the device's BAR0 registers at
     :attr:`bar0_gpa`, BAR1 (MSI-X) at :attr:`bar1_gpa`, BAR2 (the shared memory) at
-    :attr:`shm_gpa`. Everything here goes through the vCPU, as a guest driver would.
+    :attr:`shm_gpa`. Everything here goes through the vCPU, as a guest driver would. The
+    register offsets are the device model's (:mod:`vmm.ivshmem`).
     """
-
-    REG_INTRMASK = 0x0
-    REG_INTRSTATUS = 0x4
-    REG_IVPOSITION = 0x8
-    REG_DOORBELL = 0xC
 
     def __init__(
         self,
@@ -77,6 +73,8 @@ class Guest:
         report: Callable[..., None],
         log: Callable[[str], None],
     ) -> None:
+        from vmm.ivshmem import REG_DOORBELL, REG_IVPOSITION  # loaded with the VM already
+
         self.vm = vm
         self.vcpu = vcpu
         self.device = device
@@ -87,7 +85,8 @@ class Guest:
         self.shm_gpa = shm_gpa
         self.shm_size = device.shm_size
         self.vectors = device.vectors
-        self._doorbell_gpa = bar0_gpa + self.REG_DOORBELL
+        self._doorbell_gpa = bar0_gpa + REG_DOORBELL
+        self._ivposition_gpa = bar0_gpa + REG_IVPOSITION
         self._finish = finish
         self.report = report
         self.log = log
@@ -97,7 +96,7 @@ class Guest:
     @property
     def peer_id(self) -> int:
         """Our own id, read from the IVPosition register."""
-        return self.vcpu.read32(self.bar0_gpa + self.REG_IVPOSITION)
+        return self.vcpu.read32(self._ivposition_gpa)
 
     def peers(self) -> dict[int, int]:
         """The device's peer table: peer id -> connected vectors (ourselves included)."""

@@ -86,6 +86,9 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from ivshmemd.argtypes import size
+from ivshmemd.protocol import MAX_PEER_ID
+
 from ..plugin import Guest, Plugin
 
 __all__ = [
@@ -224,15 +227,6 @@ def batch_bytes(ring: int, largest: int) -> int:
     return min(ring // WAKE_FRACTION, ring - largest)
 
 
-def _size(text: str) -> int:
-    from ivshmemd.sizes import SizeError, parse_size
-
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 class RingPlugin(Plugin):
     """An SPSC ring buffer between two peers, through the vCPU; reports MB/s, messages/s."""
 
@@ -245,21 +239,21 @@ class RingPlugin(Plugin):
         group.add_argument(
             "--bytes",
             dest="ring_bytes",
-            type=_size,
+            type=size,
             default=DEFAULT_BYTES,
             metavar="SIZE",
             help="total payload to move (default 100M)",
         )
         group.add_argument(
             "--message-size",
-            type=_size,
+            type=size,
             default=DEFAULT_MESSAGE,
             metavar="SIZE",
             help="payload bytes per message (default 64K)",
         )
         group.add_argument(
             "--ring-size",
-            type=_size,
+            type=size,
             default=None,
             metavar="SIZE",
             help="data area bytes, a multiple of 4K (default: the shared "
@@ -305,8 +299,8 @@ class RingPlugin(Plugin):
                     f"--ring-size {ring} cannot hold one {options.message_size}-byte message "
                     f"(a record takes {need} bytes)"
                 )
-        if options.ring_partner is not None and not 0 <= options.ring_partner <= 0xFFFF:
-            return f"--partner must be a peer id 0..65535, got {options.ring_partner}"
+        if options.ring_partner is not None and not 0 <= options.ring_partner <= MAX_PEER_ID:
+            return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.ring_partner}"
         if options.corrupt_every < 0:
             return f"--corrupt-every must not be negative, got {options.corrupt_every}"
         return None

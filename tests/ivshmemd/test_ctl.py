@@ -20,7 +20,7 @@ import pytest
 import trio
 import zmq
 
-from ivshmemd import ctl
+from ivshmemd import ctl, exitcodes
 from ivshmemd.control import (
     EVENTS_WELCOME,
     ControlEndpoints,
@@ -154,7 +154,7 @@ def test_kick_and_stats(server: ServerThread, capsys: pytest.CaptureFixture[str]
     assert (code, out) == (0, f"peer {peer} kicked\n")
     assert server.call(lambda: dict(server.daemon.table)) == {}
     code, out, err = run_ctl(capsys, "--control", server.endpoints.control, "kick", "9")
-    assert code == ctl.EXIT_ERROR
+    assert code == exitcodes.EXIT_FAILED
     assert out == ""
     assert "no peer with id 9 (no-such-peer)" in err
     code, out, _ = run_ctl(capsys, "--control", server.endpoints.control, "stats", "--json")
@@ -171,7 +171,7 @@ def test_no_daemon_is_a_clear_message(tmp_path: Path) -> None:
         text=True,
         timeout=TIMEOUT,
     )
-    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert result.returncode == exitcodes.EXIT_NO_DAEMON
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     # something at the path that never answers: the timeout
@@ -184,7 +184,7 @@ def test_no_daemon_is_a_clear_message(tmp_path: Path) -> None:
             text=True,
             timeout=TIMEOUT,
         )
-    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert result.returncode == exitcodes.EXIT_NO_DAEMON
     assert "no daemon answered" in result.stderr and "within 0.3 s" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -204,7 +204,7 @@ def test_permission_denied_for_another_uid() -> None:
     finally:
         thread.stop()
         shutil.rmtree(base, ignore_errors=True)
-    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert result.returncode == exitcodes.EXIT_NO_DAEMON
     assert "permission denied" in result.stderr and "mode 0600" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -278,7 +278,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["kick", "70000"], ["kick", "x"], [], ["frobnicate"], ["--timeout", "0", "stats"]):
         with pytest.raises(SystemExit) as info:
             ctl.main(argv)
-        assert info.value.code == ctl.EXIT_USAGE
+        assert info.value.code == exitcodes.EXIT_USAGE
     capsys.readouterr()
 
 
@@ -290,7 +290,9 @@ def register_demo(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def test_subcommands_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        ctl, "SUBCOMMAND_PROVIDERS", [*ctl.SUBCOMMAND_PROVIDERS, "tests.ivshmemd.test_ctl:register_demo"]
+        ctl,
+        "SUBCOMMAND_PROVIDERS",
+        [*ctl.SUBCOMMAND_PROVIDERS, "tests.ivshmemd.test_ctl:register_demo"],
     )
     args = ctl.build_parser().parse_args(["demo", "-S", "/run/x.sock"])
     assert ctl.resolve_endpoints(args) == ("ipc:///run/x.sock.ctl", "ipc:///run/x.sock.events")
@@ -310,7 +312,13 @@ def test_up_is_a_subcommand_and_a_broken_provider_spares_the_rest(
     assert "commands of no.such.module:register unavailable" in capsys.readouterr().err
 
 
-def test_default_socket_is_the_daemons() -> None:
+def test_every_command_defaults_to_the_daemons_socket() -> None:
     from ivshmemd import cli
+    from ivshmemd.protocol import DEFAULT_SOCKET
+    from peers import cli as peer_cli
 
-    assert ctl.DEFAULT_SOCKET == cli.DEFAULT_SOCKET
+    assert cli.parse_args(["-F"]).socket == DEFAULT_SOCKET
+    assert peer_cli.build_parser().parse_args([]).socket == DEFAULT_SOCKET
+    assert ctl.resolve_endpoints(ctl.build_parser().parse_args(["status"]))[0] == (
+        f"ipc://{DEFAULT_SOCKET}.ctl"
+    )

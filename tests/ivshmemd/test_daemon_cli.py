@@ -15,7 +15,6 @@ import pytest
 
 from ivshmemd.shm import attach_posix_shm, unlink_posix_shm
 from peers.testing import unique_name
-
 from tests.rawclient import RawClient
 
 TIMEOUT = 20
