@@ -201,7 +201,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register_up_command(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """``ivshmemctl`` subcommand provider (see ``ivshmemd.ctl.SUBCOMMAND_PROVIDERS``)."""
+    """``ivshmemctl`` subcommand provider, registered in the entry-point group
+    ``ivshmemctl.commands`` (see ``ivshmemd.ctl.COMMANDS_GROUP``)."""
     del common  # -S means the socket to create here, not one to talk to
     parser = subparsers.add_parser(
         "up",

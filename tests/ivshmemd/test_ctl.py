@@ -3,7 +3,6 @@ thread with its own trio loop, real zmq sockets on ipc endpoints under a tempora
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -282,34 +281,60 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
 
 
-def register_demo(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """A subcommand provider of the kind `up` will be."""
+DEMO_PROVIDER = """
+def register(subparsers, common):
+    from ivshmemd import ctl
+
     p = subparsers.add_parser("demo", parents=[common])
     p.set_defaults(run=lambda args: 40 + len(ctl.resolve_endpoints(args)))
+"""
 
 
-def test_subcommands_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        ctl,
-        "SUBCOMMAND_PROVIDERS",
-        [*ctl.SUBCOMMAND_PROVIDERS, "tests.ivshmemd.test_ctl:register_demo"],
-    )
+@pytest.fixture
+def installed_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Install (on sys.path, as a distribution) an ``ivshmemctl.commands`` entry point, as
+    a third-party package would ship one."""
+
+    def install(target: str) -> None:
+        site = tmp_path / "site"
+        (site / "ctl_demo_provider").mkdir(parents=True)
+        (site / "ctl_demo_provider" / "__init__.py").write_text(DEMO_PROVIDER)
+        info = site / "ctl_demo_provider-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ctl-demo-provider\n"
+                                       "Version: 1.0\n")  # fmt: skip
+        (info / "entry_points.txt").write_text(f"[{ctl.COMMANDS_GROUP}]\ndemo = {target}\n")
+        monkeypatch.syspath_prepend(str(site))
+
+    return install
+
+
+def test_subcommands_are_pluggable(installed_provider: Callable[[str], None]) -> None:
+    installed_provider("ctl_demo_provider:register")
     args = ctl.build_parser().parse_args(["demo", "-S", "/run/x.sock"])
     assert ctl.resolve_endpoints(args) == ("ipc:///run/x.sock.ctl", "ipc:///run/x.sock.events")
     assert ctl.main(["demo"]) == 42
 
 
 def test_up_is_a_subcommand_and_a_broken_provider_spares_the_rest(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    installed_provider: Callable[[str], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = ctl.build_parser()
     assert parser.parse_args(["up", "--peers", "2", "--plugin", "ping"]).command == "up"
-    monkeypatch.setattr(
-        ctl, "SUBCOMMAND_PROVIDERS", ["no.such.module:register", *ctl.SUBCOMMAND_PROVIDERS]
-    )
+    installed_provider("no.such.module:register")
     args = ctl.build_parser().parse_args(["-S", "/run/x.sock", "status"])
     assert args.command == "status"
+    assert ctl.build_parser().parse_args(["up", "--peers", "1"]).command == "up"
     assert "commands of no.such.module:register unavailable" in capsys.readouterr().err
+
+
+def test_help_lists_up_and_ctl_never_names_peers() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ivshmemd.ctl", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert any(line.split()[:1] == ["up"] for line in result.stdout.splitlines()), result.stdout
+    assert "peers." not in Path(ctl.__file__).read_text()
 
 
 def test_every_command_defaults_to_the_daemons_socket() -> None:
