@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ivshmemd.argtypes import positive_int
+from ivshmemd.supervise import sync_daemon_process, sync_supervisor
+
+from .harness import SyncPeerProcess, peer_command
 
 __all__ = ["bench_ping", "main", "reference_source"]
 
@@ -42,36 +45,16 @@ def _run_reference(binary: str, count: int) -> tuple[float, float]:
 
 
 def _run_ping(directory: str, count: int, loop: str, spin_us: float) -> tuple[float, float]:
-    sock = os.path.join(directory, "ping.sock")
-    name = f"ivshmem-bench-ping-{os.getpid()}"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "ivshmemd", "-F", "-S", sock, "-M", name, "-l", "1M", "-n", "1"],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    peers: list[subprocess.Popen[str]] = []
-    try:
-        assert daemon.stderr is not None
-        if "listening on" not in daemon.stderr.readline():
-            raise SystemExit("the daemon did not start")
-        for _ in range(2):
-            peers.append(subprocess.Popen(
-                [sys.executable, "-m", "peers", "-S", sock, "--plugin", "ping",
-                 "--count", str(count), f"--{loop}", "--spin-us", str(spin_us)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            ))  # fmt: skip
-        outputs = [p.communicate(timeout=600)[0] for p in peers]
-    finally:
-        for p in peers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        daemon.terminate()
-        daemon.wait(30)
-    for text in outputs:
+    args = ["--count", str(count), f"--{loop}", "--spin-us", str(spin_us)]
+    with sync_daemon_process(directory, vectors=1) as daemon, sync_supervisor() as supervisor:
+        argv = peer_command(daemon.socket_path, "ping", args)
+        peers = [supervisor.start(SyncPeerProcess(argv), events=True) for _ in range(2)]
+        summaries = [str(p.wait_event(event="finished", timeout=600).get("summary")) for p in peers]
+    for text in summaries:
         match = _PING.search(text)
         if match:
             return float(match[2]), float(match[3])
-    raise SystemExit(f"no ping result; peers printed {outputs!r}")
+    raise SystemExit(f"no ping result; peers said {summaries!r}")
 
 
 def bench_ping(
