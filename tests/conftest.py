@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from ivshmemd.supervise import DaemonProcess, open_supervisor
+from ivshmemd.supervise import DaemonProcess, SyncSupervisor, open_supervisor, sync_supervisor
 from peers.pytest_plugin import DaemonFactory
 from tests.peer_probe import ProbeProcess, StartProbe
 
@@ -41,3 +41,11 @@ async def probe() -> AsyncIterator[StartProbe]:
             return client
 
         yield start
+
+
+@pytest.fixture
+def supervisor() -> Iterator[SyncSupervisor]:
+    """Child processes in a plain test: ``child = supervisor.start(SyncChild(argv), ...)``;
+    every one is stopped and reaped when the test ends, pass or fail."""
+    with sync_supervisor() as started:
+        yield started

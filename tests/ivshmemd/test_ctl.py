@@ -29,6 +29,7 @@ from ivshmemd.control import (
     default_events_endpoint,
     serve_control,
 )
+from ivshmemd.supervise import SyncChild, SyncSupervisor
 from tests.controlview import FakeDaemon
 
 T = TypeVar("T")
@@ -100,18 +101,6 @@ def server(tmp_path: Path) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(TIMEOUT)
 
 
 def run_ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -209,46 +198,45 @@ def test_permission_denied_for_another_uid() -> None:
 
 
 def start_watch(
-    procs: list[subprocess.Popen[str]], *argv: str, pub: zmq.Socket[bytes] | None = None
-) -> subprocess.Popen[str]:
+    supervisor: SyncSupervisor, *argv: str, pub: zmq.Socket[bytes] | None = None
+) -> SyncChild:
     """Start `ivshmemctl watch` and wait until it says its subscription is live. With a
     hand-made XPUB ``pub``, receive the subscription on it (that also sends the welcome)."""
-    proc = subprocess.Popen(
-        [*CTL, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    procs.append(proc)
+    watch = supervisor.start(SyncChild([*CTL, *argv]), events=True)
     if pub is not None:
         assert pub.recv_multipart() == [b"\x01"]
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert line.startswith("watching events on"), line
-    return proc
+    watch.wait_log("^watching events on")
+    return watch
 
 
-def test_watch_prints_events_live(server: ServerThread, procs: list[subprocess.Popen[str]]) -> None:
-    human = start_watch(procs, "-S", str(server.sock_path), "watch", "--count", "2")
-    machine = start_watch(procs, "-S", str(server.sock_path), "watch", "--json", "--count", "4")
+def printed(watch: SyncChild) -> list[str]:
+    """What a human-format watch printed on stdout, line by line."""
+    return [e["text"] for e in watch.matching(event="stdout")]
+
+
+def test_watch_prints_events_live(server: ServerThread, supervisor: SyncSupervisor) -> None:
+    human = start_watch(supervisor, "-S", str(server.sock_path), "watch", "--count", "2")
+    machine = start_watch(
+        supervisor, "-S", str(server.sock_path), "watch", "--json", "--count", "4"
+    )
     peer = server.call(server.daemon.join)
     # the human watcher prints the join before anything else happens
-    assert human.stdout is not None
-    first = human.stdout.readline()
+    first = human.wait_event(event="stdout")["text"]
     assert f"#1      peer-joined peer {peer} (2 vectors)" in first
     server.call(server.daemon.kick, peer)
     server.call(server.daemon.join, 1)
     server.call(server.daemon.leave, peer + 1)
-    out, err = human.communicate(timeout=TIMEOUT)
-    assert human.returncode == 0, err
-    assert "#2      peer-left   peer 0 (2 vectors), kicked" in out
-    out, err = machine.communicate(timeout=TIMEOUT)
-    assert machine.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
+    assert human.wait_exit(TIMEOUT) == 0, human.describe()
+    assert "#2      peer-left   peer 0 (2 vectors), kicked" in printed(human)[1]
+    assert machine.wait_exit(TIMEOUT) == 0, machine.describe()
+    events = list(machine.events)
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
     assert [e["event"] for e in events] == ["peer-joined", "peer-left"] * 2
     assert events[1]["reason"] == "kicked"
-    assert "gap" not in err
+    assert not machine.log_matching("gap")
 
 
-def test_watch_notes_a_sequence_gap(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+def test_watch_notes_a_sequence_gap(tmp_path: Path, supervisor: SyncSupervisor) -> None:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = context.socket(zmq.XPUB)
     pub.setsockopt(zmq.XPUB_WELCOME_MSG, EVENTS_WELCOME)
@@ -258,16 +246,16 @@ def test_watch_notes_a_sequence_gap(tmp_path: Path, procs: list[subprocess.Popen
     pub.bind(endpoint)
     try:
         args = ["--control", "tcp://127.0.0.1:9", "watch", "--events", endpoint]
-        watch = start_watch(procs, *args, pub=pub)
-        watch_json = start_watch(procs, "--json", *args, "--count", "3", pub=pub)
+        watch = start_watch(supervisor, *args, pub=pub)
+        watch_json = start_watch(supervisor, "--json", *args, "--count", "3", pub=pub)
         for seq in (1, 2, 5):
             pub.send_multipart(list(Event(seq, "peer-joined", seq, 1, 1.0e9).to_frames()))
-        out, err = watch_json.communicate(timeout=TIMEOUT)
-        assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 5]
-        assert "gap in the event sequence: 2 events missed (seq 3..4)" in err
-        watch.kill()
-        out, err = watch.communicate(timeout=TIMEOUT)
-        assert "gap in the event sequence: 2 events missed (seq 3..4)" in err
+        assert watch_json.wait_exit(TIMEOUT) == 0
+        assert [e["seq"] for e in watch_json.events] == [1, 2, 5]
+        gap = "gap in the event sequence: 2 events missed \\(seq 3..4\\)"
+        assert watch_json.log_matching(gap)
+        watch.wait_events(3, event="stdout")
+        watch.wait_log(gap)
     finally:
         pub.close(linger=0)
         context.term()
