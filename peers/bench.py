@@ -38,6 +38,7 @@ from ivshmemd.supervise import (
     sync_supervisor,
 )
 
+from . import report
 from .harness import SyncPeerProcess, peer_command
 from .plugins.ring import HEADER_SIZE, record_size
 
@@ -79,8 +80,11 @@ def run_pair(
 
 
 def _last_words(peer: SyncPeerProcess) -> str:
-    said = [str(e.get("summary") or e.get("message")) for e in peer.events
-            if e.get("event") in ("finished", "error", "log")]  # fmt: skip
+    said: list[str] = []
+    for line in peer.events:
+        match report.decode(line):
+            case report.Finished(summary=str(text)) | report.Error(text) | report.Log(text):
+                said.append(text)
     return " / ".join([*said[-2:], *list(peer.log)[-2:]])
 
 
@@ -118,7 +122,7 @@ def memcpy_ring(
 
 
 def _finished(peer: SyncPeerProcess) -> tuple[dict[str, Any], dict[str, Any]]:
-    ring, done = peer.matching(event="ring"), peer.matching(event="finished")
+    ring, done = peer.matching(event="ring"), peer.matching(event=report.Finished.KIND)
     if not ring or not done:
         raise BenchError(f"a ring peer ended without its figures: {peer.describe()}")
     return ring[-1], done[-1]

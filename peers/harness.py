@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from ivshmemd.supervise import WAIT_TIMEOUT, Child, ChildError, SyncChild
 
+from . import report
+
 __all__ = [
     "PeerError",
     "PeerProcess",
@@ -75,8 +77,8 @@ class PeerRecord:
     @property
     def peer_id(self) -> int | None:
         """The id the daemon gave it (from its ``running`` event), None before."""
-        peer_id = self.first_of.get("running", {}).get("peer_id")
-        return int(peer_id) if peer_id is not None else None
+        running = self.first_of.get(report.Running.KIND)
+        return report.decode_as(running, report.Running).peer_id if running else None
 
     @property
     def stderr(self) -> list[str]:
@@ -89,10 +91,10 @@ class PeerRecord:
 
     def finished_summary(self, event: Mapping[str, Any]) -> str | None:
         """The summary of a ``finished`` event; :class:`PeerError` if the plugin failed."""
-        if not event.get("ok"):
-            raise PeerError(f"the plugin failed: {event.get('summary')}: {self.describe()}")
-        summary = event.get("summary")
-        return str(summary) if summary is not None else None
+        finished = report.decode_as(event, report.Finished)
+        if not finished.ok:
+            raise PeerError(f"the plugin failed: {finished.summary}: {self.describe()}")
+        return finished.summary
 
 
 class PeerProcess(PeerRecord, Child):
@@ -100,12 +102,15 @@ class PeerProcess(PeerRecord, Child):
 
     async def wait_running(self, timeout: float = WAIT_TIMEOUT) -> int:
         """Wait for the ``running`` event; return the peer id."""
-        return int((await self.wait_event(event="running", timeout=timeout))["peer_id"])
+        event = await self.wait_event(event=report.Running.KIND, timeout=timeout)
+        return report.decode_as(event, report.Running).peer_id
 
     async def wait_finished(self, timeout: float = WAIT_TIMEOUT) -> str | None:
         """Wait until the plugin finishes; return its summary. Raises :class:`PeerError` if
         the plugin failed, or the peer stopped or died first."""
-        return self.finished_summary(await self.wait_event(event="finished", timeout=timeout))
+        return self.finished_summary(
+            await self.wait_event(event=report.Finished.KIND, timeout=timeout)
+        )
 
 
 class SyncPeerProcess(PeerRecord, SyncChild):
@@ -114,8 +119,9 @@ class SyncPeerProcess(PeerRecord, SyncChild):
 
     def wait_running(self, timeout: float = WAIT_TIMEOUT) -> int:
         """Block until the ``running`` event; return the peer id."""
-        return int(self.wait_event(event="running", timeout=timeout)["peer_id"])
+        event = self.wait_event(event=report.Running.KIND, timeout=timeout)
+        return report.decode_as(event, report.Running).peer_id
 
     def wait_finished(self, timeout: float = WAIT_TIMEOUT) -> str | None:
         """Block until the plugin finishes; return its summary (raises if it failed)."""
-        return self.finished_summary(self.wait_event(event="finished", timeout=timeout))
+        return self.finished_summary(self.wait_event(event=report.Finished.KIND, timeout=timeout))

@@ -42,6 +42,7 @@ wait is on a child's output, its exit, or a signal.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -71,6 +72,7 @@ from ivshmemd.supervise import (
     unique_name,
 )
 
+from . import report
 from .display import Display
 from .forkserver import ForkServer, ForkServerError
 from .harness import PEER_MODULE, peer_command
@@ -429,26 +431,34 @@ class Launcher:
         nursery.start_soon(self._watch_peer, peer)
         self._notify()
 
-    def _on_peer_event(self, peer: Peer, event: dict[str, Any]) -> None:
+    def _on_peer_event(self, peer: Peer, line: dict[str, Any]) -> None:
+        try:
+            event = report.decode(line)
+        except report.ReportError:  # not the schema: keep it as something it said
+            event = report.PluginEvent("stdout", {"text": json.dumps(line)})
         peer.reported(event)
-        kind = event.get("event")
-        if kind == "running":
-            if not self.display.live or self.config.verbose:  # the progress line says it
-                self.display.line(f"{peer.name} running (pid {peer.pid})")
-            running = sum(1 for p in self.peers if p.peer_id is not None)
-            if running == self.config.peers and self.all_running_ms is None:
-                self.all_running_ms = self._ms()
-                self.display.result(
-                    f"all {self.config.peers} peers running after {self.all_running_ms:.0f} ms"
-                )
-        elif kind == "finished":
-            text = f": {peer.summary}" if peer.summary else ""
-            self.display.line(f"{peer.name} {'finished' if peer.ok else 'failed'}{text}")
-        elif kind == "log" and self.config.verbose:
-            self.display.line(f"{peer.name}: {peer.last_log}")
-        elif kind in ("peer-joined", "peer-left") and self.config.verbose:
-            self.display.line(f"{peer.name}: {kind} {event.get('peer_id')}")
+        verbose = self.config.verbose
+        match event:
+            case report.Running():
+                if not self.display.live or verbose:  # the progress line says it
+                    self.display.line(f"{peer.name} running (pid {peer.pid})")
+                self._count_running()
+            case report.Finished():
+                text = f": {peer.summary}" if peer.summary else ""
+                self.display.line(f"{peer.name} {'finished' if peer.ok else 'failed'}{text}")
+            case report.Log(message=message) if verbose:
+                self.display.line(f"{peer.name}: {message}")
+            case report.PeerJoined(peer_id=other) | report.PeerLeft(peer_id=other) if verbose:
+                self.display.line(f"{peer.name}: {type(event).KIND} {other}")
         self._notify()
+
+    def _count_running(self) -> None:
+        running = sum(1 for p in self.peers if p.peer_id is not None)
+        if running == self.config.peers and self.all_running_ms is None:
+            self.all_running_ms = self._ms()
+            self.display.result(
+                f"all {self.config.peers} peers running after {self.all_running_ms:.0f} ms"
+            )
 
     async def _watch_peer(self, peer: Peer) -> None:
         await peer.wait_exit(math.inf)

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
+from . import report
 from .harness import PeerProcess
 
 __all__ = ["Peer", "PeerState", "TransitionError"]
@@ -106,26 +107,25 @@ class Peer(PeerProcess):
 
     # -- what happens to it -------------------------------------------------------------------
 
-    def reported(self, event: dict[str, Any]) -> None:
+    def reported(self, event: report.Event | report.PluginEvent) -> None:
         """It printed ``event``."""
-        kind = event.get("event")
-        if kind == "running" and self.state is PeerState.STARTING:
-            self._move(PeerState.RUNNING)
-        elif kind == "finished":
-            self.summary = event.get("summary")
-            if event.get("ok"):
+        match event:
+            case report.Running() if self.state is PeerState.STARTING:
+                self._move(PeerState.RUNNING)
+            case report.Finished(ok=True, summary=summary):
+                self.summary = summary
                 if self.state in _ALIVE:
                     self._move(PeerState.FINISHING)
-            else:
-                self.problem = self.summary
+            case report.Finished(summary=summary):
+                self.summary = self.problem = summary
                 if self.state in _ALIVE:
                     self._move(PeerState.FAILING)
-        elif kind in ("error", "server-gone"):
-            self.problem = str(event.get("message") or kind)
-        elif kind == "log":
-            self.last_log = str(event.get("message"))
-        elif kind == "stdout":  # a plugin printing on stdout: keep it as a log line
-            self.last_log = str(event.get("text"))
+            case report.Error(message=message) | report.ServerGone(message=message):
+                self.problem = message or type(event).__name__
+            case report.Log(message=message):
+                self.last_log = message
+            case report.PluginEvent(kind="stdout", fields=fields):  # a plugin's print()
+                self.last_log = str(fields.get("text"))
 
     def stopping(self) -> None:
         """The launcher stops every peer from now on: what this one does next is a
