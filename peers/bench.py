@@ -40,7 +40,7 @@ from ivshmemd.supervise import (
 
 from . import report
 from .harness import SyncPeerProcess, peer_command
-from .plugins.ring import HEADER_SIZE, record_size
+from .plugins.ringformat import HEADER_SIZE, record_size, spans
 
 __all__ = ["BenchError", "bench_ring", "build_parser", "main", "memcpy_ring", "run_pair"]
 
@@ -107,13 +107,9 @@ def memcpy_ring(
         t0 = time.perf_counter()
         while moved < total:
             length = min(message_size, total - moved)
-            pos = head % ring_size
-            first = min(length, ring_size - pos)
-            area[pos : pos + first] = source[:first]  # copy in
-            dest[:first] = area[pos : pos + first]  # copy out
-            if first < length:  # the record wraps, as in the ring
-                area[: length - first] = source[first:length]
-                dest[first:length] = area[: length - first]
+            for ring_offset, start, n in spans(head, length, ring_size):  # wraps as the ring
+                area[ring_offset : ring_offset + n] = source[start : start + n]  # copy in
+                dest[start : start + n] = area[ring_offset : ring_offset + n]  # copy out
             head += record_size(length)
             moved += length
             messages += 1

@@ -6,24 +6,14 @@ options are refused with a clear message and exit status 2.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from ivshmemd.supervise import DaemonProcess
 from peers.harness import PeerProcess
-from peers.plugins.ring import (
-    CHECKSUMS,
-    batch_bytes,
-    checksum_at,
-    checksum_crc32,
-    checksum_sum64,
-    record_size,
-)
 from peers.pytest_plugin import DaemonFactory, PeerSpawner
 
 PEER_TIMEOUT = 60.0
@@ -54,55 +44,6 @@ def by_role(peers: list[PeerProcess]) -> dict[str, PeerProcess]:
 
 def stderr(peer: PeerProcess) -> str:
     return "\n".join(peer.stderr)
-
-
-# -- the record format, in process ---------------------------------------------------------
-
-
-def test_checksums_catch_a_flipped_byte_and_count_every_byte() -> None:
-    payload = bytearray(os.urandom(4099))  # not a whole number of words: the tail counts
-    for checksum in (checksum_sum64, checksum_crc32):
-        good = checksum(bytes(payload))
-        for where in (0, 8, 4096, 4098):
-            payload[where] ^= 1
-            assert checksum(bytes(payload)) != good, (checksum.__name__, where)
-            payload[where] ^= 1
-        assert checksum(bytes(payload)) == good
-    assert checksum_sum64(b"") != checksum_sum64(b"\0")  # the length is part of it
-
-
-def test_checksums_in_place_match_the_plain_checksums() -> None:
-    buf = memoryview(bytearray(os.urandom(8192)))
-    words = np.frombuffer(buf, np.uint64)
-    for kind, plain in CHECKSUMS.items():
-        for start, n in [(0, 0), (0, 8192), (32, 4096), (8, 4099), (4096, 1), (64, 7)]:
-            assert checksum_at(kind, buf, words, start, n) == plain(bytes(buf[start : start + n]))
-    with pytest.raises(ValueError, match="8-byte aligned"):
-        checksum_at("sum64", buf, words, 4, 16)
-
-
-@pytest.mark.parametrize(
-    ("ring", "largest"),
-    [(8192, 1088), (1 << 20, 65600), (69632, 65600), (65600, 65600), (4096, 64)],
-)
-def test_the_sleep_thresholds_never_let_both_sides_sleep(ring: int, largest: int) -> None:
-    batch = batch_bytes(ring, largest)
-    assert 0 <= batch <= ring // 4 and batch <= ring - largest
-    tail = 0  # indices are free-running: only differences matter
-    for rec in range(64, largest + 1, 64):
-        for head in range(tail + ring - rec + 64, tail + ring + 1, 64):  # no room for rec
-            want = head - ring + max(batch, rec)  # the tail the blocked producer waits for
-            assert tail < want <= head  # reachable, and it frees room for rec
-            # the consumer sleeps only with head <= its tail + batch, i.e. past ``want``:
-            # its release reaching ``want`` rang the producer, so both never sleep
-            assert head > tail + batch and head - batch >= want
-
-
-def test_records_are_cache_line_aligned_and_hold_header_and_payload() -> None:
-    assert record_size(1) == 64
-    assert record_size(32) == 64
-    assert record_size(33) == 128
-    assert record_size(65536) == 65536 + 64
 
 
 # -- real processes ------------------------------------------------------------------------
