@@ -27,6 +27,8 @@ from .harness import SyncPeerProcess, peer_command
 
 __all__ = ["bench_ping", "main", "reference_source"]
 
+#: Seconds a ping run may take.
+PEER_TIMEOUT = 600.0
 _LINE = re.compile(r"p50 ([0-9.]+) us\s+p99 ([0-9.]+) us")
 _PING = re.compile(r"ping: (\d+) round trips, p50 ([0-9.]+) us, p99 ([0-9.]+) us")
 
@@ -49,7 +51,8 @@ def _run_ping(directory: str, count: int, loop: str, spin_us: float) -> tuple[fl
     with sync_daemon_process(directory, vectors=1) as daemon, sync_supervisor() as supervisor:
         argv = peer_command(daemon.socket_path, "ping", args)
         peers = [supervisor.start(SyncPeerProcess(argv), events=True) for _ in range(2)]
-        summaries = [str(p.wait_event(event="finished", timeout=600).get("summary")) for p in peers]
+        finished = [p.wait_event(event="finished", timeout=PEER_TIMEOUT) for p in peers]
+        summaries = [str(event.get("summary")) for event in finished]
     for text in summaries:
         match = _PING.search(text)
         if match:

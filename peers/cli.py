@@ -31,6 +31,12 @@ from .plugin import Plugin, PluginError, available_plugins, load_plugin
 
 __all__ = ["main"]
 
+#: Seconds a peer keeps retrying its first connection while the daemon is not up.
+DEFAULT_WAIT = 10.0
+#: Seconds between losing the daemon and reconnecting (``--reconnect``): a daemon being
+#: restarted gets a moment to go away before the retries begin.
+RECONNECT_PAUSE = 0.05
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -69,8 +75,9 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         "--wait",
         type=float,
         metavar="SECONDS",
-        default=10.0,
-        help="keep retrying the connection this long while the daemon is not up (default 10)",
+        default=DEFAULT_WAIT,
+        help="keep retrying the connection this long while the daemon is not up "
+        f"(default {DEFAULT_WAIT:g})",
     )
     p.add_argument(
         "--reconnect",
@@ -235,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_FAILED
             reporter.log(f"the daemon went away ({exc}); reconnecting")
             reporter.emit(report.Reconnecting())
-            time.sleep(0.05)
+            time.sleep(RECONNECT_PAUSE)
         except ClientError as exc:
             reporter.log(str(exc))
             reporter.emit(report.Error(str(exc)))

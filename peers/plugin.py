@@ -43,6 +43,12 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "ivshmem.peers"
+#: The Doorbell register holds the destination peer id in bits 31..16, the vector below.
+DOORBELL_PEER_SHIFT = 16
+#: MSI-X: the message control register's offset in the capability, and the vector control
+#: word's in a table entry (PCI spec); what a driver writes to enable and unmask.
+MSIX_MESSAGE_CONTROL = 2
+MSIX_VECTOR_CONTROL = 12
 
 
 class PluginError(Exception):
@@ -104,18 +110,18 @@ class Guest:
 
     def ring(self, peer_id: int, vector: int = 0) -> None:
         """Ring ``peer_id``'s ``vector``: a write to the Doorbell register."""
-        self.vcpu.write32(self._doorbell_gpa, (peer_id << 16) | vector)
+        self.vcpu.write32(self._doorbell_gpa, (peer_id << DOORBELL_PEER_SHIFT) | vector)
 
     def enable_msix(self, unmask: bool = True) -> None:
         """What a guest driver does at probe time: enable MSI-X, unmask every vector."""
         from vmm.pci import MSIX_CONTROL_ENABLE, MSIX_ENTRY_SIZE
 
-        msix = self.device.msix
-        control = self.device.config_read(msix.cap_offset + 2, 2)
-        self.device.config_write(msix.cap_offset + 2, 2, control | MSIX_CONTROL_ENABLE)
+        control_offset = self.device.msix.cap_offset + MSIX_MESSAGE_CONTROL
+        control = self.device.config_read(control_offset, 2)
+        self.device.config_write(control_offset, 2, control | MSIX_CONTROL_ENABLE)
         if unmask:
             for vector in range(self.vectors):
-                self.vcpu.write32(self.bar1_gpa + vector * MSIX_ENTRY_SIZE + 12, 0)
+                self.vcpu.write32(self.bar1_gpa + vector * MSIX_ENTRY_SIZE + MSIX_VECTOR_CONTROL, 0)
 
     def read_shm(self, offset: int, size: int) -> bytes:
         """Read the shared memory (BAR2) through the vCPU."""
