@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from ivshmemd.supervise import DaemonProcess, SyncSupervisor, open_supervisor, sync_supervisor
 from peers.pytest_plugin import DaemonFactory
 from tests.peer_probe import ProbeProcess, StartProbe
+from tests.wakeups import TaskSteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +51,14 @@ def supervisor() -> Iterator[SyncSupervisor]:
     every one is stopped and reaped when the test ends, pass or fail."""
     with sync_supervisor() as started:
         yield started
+
+
+@pytest.fixture
+async def task_steps() -> AsyncIterator[TaskSteps]:
+    """Counts the wake-ups of every task of the test's trio run (a trio instrument)."""
+    counter = TaskSteps()
+    trio.lowlevel.add_instrument(counter)
+    try:
+        yield counter
+    finally:
+        trio.lowlevel.remove_instrument(counter)
