@@ -10,9 +10,10 @@ What it does, in order:
    as ``ivshmem-peer`` would parse them); a mistake exits 2 before anything is started;
 2. starts ``ivshmemd`` in the foreground as a child, on a unique socket in a private
    temporary directory and a unique POSIX shm name (unless ``--socket``/``--shm-name``),
-   and waits for its "listening on" line;
-3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's JSON
-   event lines: running, finished (with the plugin's summary), failed, and the last thing it
+   and waits for its ``READY=1`` (a supervised child, :mod:`ivshmemd.supervise`);
+3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's
+   events (:mod:`peers.report`) through its state machine (:mod:`peers.peerstate`):
+   running, finished (with the plugin's summary), failed, and the last thing it
    said; prints ``all N peers running after X ms`` (counted from the command's start) once
    every peer is up. Peers are forked from a fork server (:mod:`peers.forkserver`) that has
    imported the runtime once, started alongside the daemon, so N peers do not pay N
