@@ -40,7 +40,7 @@ from ivshmemd.supervise import (
 
 from . import report
 from .harness import SyncPeerProcess, peer_command
-from .plugins.ringformat import HEADER_SIZE, record_size, spans
+from .plugins.ringformat import CHECKSUMS, HEADER_SIZE, record_size, spans
 
 __all__ = ["BenchError", "bench_ring", "build_parser", "main", "memcpy_ring", "run_pair"]
 
@@ -196,6 +196,15 @@ BENCHES: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
 }  # fmt: skip
 
 
+#: The ring benchmark's size options: flag, default, help.
+RING_SIZES: tuple[tuple[str, int | None, str], ...] = (
+    ("--bytes", 100 << 20, "payload to move (default 100M)"),
+    ("--message-size", 64 << 10, "payload bytes per message (default 64K)"),
+    ("--shm-size", 4 << 20, "the daemon's shared memory (default 4M)"),
+    ("--ring-size", None, "the ring's data area (default: the shm minus the header)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per benchmark."""
     parser = argparse.ArgumentParser(
@@ -203,37 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     ring = sub.add_parser("ring", help="ring plugin throughput against a raw memcpy")
-    ring.add_argument(
-        "--bytes",
-        type=positive_size,
-        default=100 << 20,
-        metavar="SIZE",
-        help="payload to move (default 100M)",
-    )
-    ring.add_argument(
-        "--message-size",
-        type=positive_size,
-        default=64 << 10,
-        metavar="SIZE",
-        help="payload bytes per message (default 64K)",
-    )
-    ring.add_argument(
-        "--shm-size",
-        type=positive_size,
-        default=4 << 20,
-        metavar="SIZE",
-        help="the daemon's shared memory (default 4M)",
-    )
-    ring.add_argument(
-        "--ring-size",
-        type=positive_size,
-        default=None,
-        metavar="SIZE",
-        help="the ring's data area (default: the shm minus the header)",
-    )
+    for flag, default, what in RING_SIZES:
+        ring.add_argument(flag, type=positive_size, default=default, metavar="SIZE", help=what)
     ring.add_argument(
         "--checksum",
-        choices=("sum64", "crc32"),
+        choices=tuple(CHECKSUMS),
         default="sum64",
         help="the ring's payload checksum (default sum64)",
     )

@@ -57,7 +57,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypedDict, Unpack
 
 import pytest
 
@@ -88,6 +88,7 @@ __all__ = [
     "STOP_GRACE",
     "DaemonFactory",
     "PeerError",
+    "PeerOptions",
     "PeerProcess",
     "PeerRecord",
     "PeerSpawner",
@@ -111,12 +112,23 @@ Daemon = DaemonProcess | SyncDaemon | str
 DaemonFactory = Callable[..., AbstractAsyncContextManager[DaemonProcess]]
 
 
+class PeerOptions(TypedDict, total=False):
+    """Keyword options of the peer spawners: ``env`` adds environment variables,
+    ``pythonpath`` directories (where a test-only plugin lives); ``wait_running=False``
+    returns at once instead of when the peer runs; ``timeout`` bounds that wait."""
+
+    env: dict[str, str] | None
+    pythonpath: Sequence[str | os.PathLike[str]]
+    wait_running: bool
+    timeout: float
+
+
 def peer_launch(
     daemon: Daemon,
     plugin: str,
     args: Sequence[str],
-    env: dict[str, str] | None,
-    pythonpath: Sequence[str | os.PathLike[str]],
+    env: dict[str, str] | None = None,
+    pythonpath: Sequence[str | os.PathLike[str]] = (),
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment of a peer of ``daemon`` (a daemon or a socket path): its
     device gets the daemon's vector count, ``pythonpath`` goes first on PYTHONPATH."""
@@ -138,24 +150,19 @@ class PeerSpawner:
         self.peers: list[PeerProcess] = []
 
     async def __call__(
-        self,
-        daemon: DaemonProcess | str,
-        plugin: str,
-        args: Sequence[str] = (),
-        *,
-        env: dict[str, str] | None = None,
-        pythonpath: Sequence[str | os.PathLike[str]] = (),
-        wait_running: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> PeerProcess:
+        self, daemon: DaemonProcess | str, plugin: str, args: Sequence[str] = (),
+        **options: Unpack[PeerOptions],
+    ) -> PeerProcess:  # fmt: skip
         """Start a peer running ``plugin`` (with its ``args``) against ``daemon`` (or a
         socket path). Returns once it is running (its ``peer_id`` known), unless
         ``wait_running=False``; raises :class:`PeerError` if it exits before that."""
-        argv, child_env = peer_launch(daemon, plugin, args, env, pythonpath)
-        peer = await self._supervisor.start(PeerProcess(argv), env=child_env, events=True)
+        argv, env = peer_launch(
+            daemon, plugin, args, options.get("env"), options.get("pythonpath", ())
+        )
+        peer = await self._supervisor.start(PeerProcess(argv), env=env, events=True)
         self.peers.append(peer)
-        if wait_running:
-            await peer.wait_running(timeout=timeout)
+        if options.get("wait_running", True):
+            await peer.wait_running(options.get("timeout", DEFAULT_TIMEOUT))
         return peer
 
 
@@ -167,22 +174,16 @@ class SyncPeerSpawner:
         self.peers: list[SyncPeerProcess] = []
 
     def __call__(
-        self,
-        daemon: Daemon,
-        plugin: str,
-        args: Sequence[str] = (),
-        *,
-        env: dict[str, str] | None = None,
-        pythonpath: Sequence[str | os.PathLike[str]] = (),
-        wait_running: bool = True,
-        timeout: float = DEFAULT_TIMEOUT,
+        self, daemon: Daemon, plugin: str, args: Sequence[str] = (), **options: Unpack[PeerOptions]
     ) -> SyncPeerProcess:
         """Start a peer, as :meth:`PeerSpawner.__call__` does."""
-        argv, child_env = peer_launch(daemon, plugin, args, env, pythonpath)
-        peer = self._supervisor.start(SyncPeerProcess(argv), env=child_env, events=True)
+        argv, env = peer_launch(
+            daemon, plugin, args, options.get("env"), options.get("pythonpath", ())
+        )
+        peer = self._supervisor.start(SyncPeerProcess(argv), env=env, events=True)
         self.peers.append(peer)
-        if wait_running:
-            peer.wait_running(timeout=timeout)
+        if options.get("wait_running", True):
+            peer.wait_running(options.get("timeout", DEFAULT_TIMEOUT))
         return peer
 
 

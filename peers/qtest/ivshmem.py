@@ -9,8 +9,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self, TypedDict, Unpack
+from typing import TypedDict, Unpack
 
 from vmm.ivshmem import (
     BAR0_SIZE,
@@ -49,6 +48,7 @@ from .transport import (
     DEFAULT_TIMEOUT,
     QEMU_BINARY,
     U32,
+    Closing,
     QtestConnection,
     QtestError,
     check_unsigned,
@@ -95,7 +95,7 @@ class VmOptions(TypedDict, total=False):
     timeout: float
 
 
-class QemuIvshmemVm:
+class QemuIvshmemVm(Closing):
     """A real QEMU VM with one ivshmem device, driven as its guest driver would.
 
     Build one with :meth:`doorbell` (``ivshmem-doorbell`` on an ivshmem server's socket) or
@@ -254,17 +254,6 @@ class QemuIvshmemVm:
     def close(self) -> None:
         """Kill QEMU and reap it (idempotent)."""
         self.qtest.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- BAR0 registers ------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "QEMU_BINARY",
     "U32",
+    "Closing",
     "QtestConnection",
     "QtestError",
     "check_unsigned",
@@ -114,7 +115,25 @@ def check_unsigned(name: str, value: int, bits: int) -> None:
         raise ValueError(f"{name} must be an integer in 0..{(1 << bits) - 1}, got {value!r}")
 
 
-class QtestConnection:
+class Closing:
+    """Closed when its ``with`` block ends (however it ends): QEMU is never left behind."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class QtestConnection(Closing):
     """One QEMU process under ``-qtest stdio``, spoken to line by line, synchronously.
 
     Each request gets exactly one reply line (``OK ...``, ``FAIL ...`` or ``ERR ...``); QEMU may
@@ -225,17 +244,6 @@ class QtestConnection:
                 pass
         self._stderr.close()
         logger.debug("QEMU %d exited with %s", process.pid, process.returncode)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- the line protocol ---------------------------------------------------------------------
 
