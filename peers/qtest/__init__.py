@@ -39,7 +39,14 @@ from vmm.ivshmem import IVSHMEM_DEVICE_ID, IVSHMEM_VENDOR_ID
 
 from .ivshmem import BarLayout, QemuIvshmemVm, VmOptions, ring_until_pending
 from .pci import PciFunction, find_pci_function
-from .transport import DEFAULT_TIMEOUT, QEMU_BINARY, QtestConnection, QtestError, qemu_available
+from .transport import (
+    DEFAULT_TIMEOUT,
+    QEMU_BINARY,
+    QemuOptions,
+    QtestConnection,
+    QtestError,
+    qemu_available,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -49,6 +56,7 @@ __all__ = [
     "BarLayout",
     "PciFunction",
     "QemuIvshmemVm",
+    "QemuOptions",
     "QtestConnection",
     "QtestError",
     "VmOptions",

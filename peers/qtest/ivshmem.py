@@ -9,8 +9,9 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import Unpack
 
+from ivshmemd.closing import Closing
 from vmm.ivshmem import (
     BAR0_SIZE,
     IVSHMEM_DEVICE_ID,
@@ -45,10 +46,8 @@ from .pci import (
     find_pci_function,
 )
 from .transport import (
-    DEFAULT_TIMEOUT,
-    QEMU_BINARY,
     U32,
-    Closing,
+    QemuOptions,
     QtestConnection,
     QtestError,
     check_unsigned,
@@ -83,16 +82,11 @@ class BarLayout:
     bar2: int | None = None
 
 
-class VmOptions(TypedDict, total=False):
+class VmOptions(QemuOptions, total=False):
     """Keyword options of :class:`QemuIvshmemVm` and its :meth:`~QemuIvshmemVm.doorbell` and
-    :meth:`~QemuIvshmemVm.plain` constructors."""
+    :meth:`~QemuIvshmemVm.plain` constructors: QEMU's, and where the BARs go."""
 
-    binary: str
-    machine: str
-    memory: str
-    accel: str | None
     layout: BarLayout | None
-    timeout: float
 
 
 class QemuIvshmemVm(Closing):
@@ -108,23 +102,13 @@ class QemuIvshmemVm(Closing):
         self,
         device_args: Sequence[str],
         *,
-        binary: str = QEMU_BINARY,
-        machine: str = "pc",
-        memory: str = "16M",
-        accel: str | None = None,
         layout: BarLayout | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        **qemu: Unpack[QemuOptions],
     ) -> None:
-        """Start QEMU with ``device_args`` (which must create one ivshmem device) and probe it."""
+        """Start QEMU with ``device_args`` (which must create one ivshmem device) and probe it;
+        ``qemu``: :class:`~peers.qtest.transport.QemuOptions`."""
         layout = layout or BarLayout()
-        self.qtest = QtestConnection(
-            device_args,
-            binary=binary,
-            machine=machine,
-            memory=memory,
-            accel=accel,
-            timeout=timeout,
-        )
+        self.qtest = QtestConnection(device_args, **qemu)
         try:
             self._probe(layout)
         except BaseException:

@@ -20,14 +20,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO, TypedDict
+
+from ivshmemd.closing import Closing
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "QEMU_BINARY",
     "U32",
-    "Closing",
+    "QemuOptions",
     "QtestConnection",
     "QtestError",
     "check_unsigned",
@@ -115,22 +116,16 @@ def check_unsigned(name: str, value: int, bits: int) -> None:
         raise ValueError(f"{name} must be an integer in 0..{(1 << bits) - 1}, got {value!r}")
 
 
-class Closing:
-    """Closed when its ``with`` block ends (however it ends): QEMU is never left behind."""
+class QemuOptions(TypedDict, total=False):
+    """How :class:`QtestConnection` starts QEMU: the binary (default
+    :data:`QEMU_BINARY`), the machine (``pc``), the guest RAM (``16M``), the accelerator
+    (None: ``qtest`` when QEMU has it, else stopped TCG) and the reply timeout."""
 
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    binary: str
+    machine: str
+    memory: str
+    accel: str | None
+    timeout: float
 
 
 class QtestConnection(Closing):
