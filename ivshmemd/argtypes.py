@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["int_in", "positive_float", "positive_int"]
+from .sizes import SizeError, parse_size
+
+__all__ = ["int_in", "positive_float", "positive_int", "positive_size", "size"]
 
 
 def positive_int(text: str) -> int:
@@ -43,4 +45,21 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def size(text: str) -> int:
+    """A byte count in the project's one size grammar (``64K``, ``1.5M``, ...); the
+    grammar's own message is the usage error."""
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_size(text: str) -> int:
+    """A :func:`size` of at least one byte."""
+    value = size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
     return value

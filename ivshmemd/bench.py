@@ -17,16 +17,25 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Final
 
 import trio
 
 from . import wire
 from .argtypes import int_in, positive_int
+from .exitcodes import EXIT_FAILED, EXIT_OK
+from .supervise import (
+    ChildError,
+    SyncChild,
+    cpu_seconds,
+    fd_count,
+    rss_bytes,
+    sync_daemon_process,
+    sync_supervisor,
+)
 
 
 def _connect(path: str) -> socket.socket:
@@ -54,9 +63,14 @@ async def _read_values(sock: socket.socket, count: int) -> list[int]:
     return values
 
 
-async def _worker(path: str, count: int, vectors: int, total: int) -> None:
-    sys.stdout.write("ready\n")
+def _report(event: str) -> None:
+    """A worker's event line for the supervisor."""
+    sys.stdout.write(json.dumps({"event": event}) + "\n")
     sys.stdout.flush()
+
+
+async def _worker(path: str, count: int, vectors: int, total: int) -> None:
+    _report("ready")
     await trio.lowlevel.FdStream(os.dup(0)).receive_some(16)  # "go"
 
     done = trio.Event()
@@ -79,94 +93,60 @@ async def _worker(path: str, count: int, vectors: int, total: int) -> None:
             nursery.start_soon(tracked)
             await trio.sleep(0)
         await done.wait()
-        sys.stdout.write("done\n")
-        sys.stdout.flush()
-        await trio.lowlevel.FdStream(os.dup(0)).receive_some(16)  # "stop"
+        _report("done")
+        await trio.lowlevel.FdStream(os.dup(0)).receive_some(16)  # "stop", or EOF
         nursery.cancel_scope.cancel()
 
 
-def _start_daemon(
-    directory: str, vectors: int, extra: list[str]
-) -> tuple[subprocess.Popen[str], str, str]:
-    path = os.path.join(directory, "bench.sock")
-    name = f"ivshmem-bench-{os.getpid()}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ivshmemd", "-F", "-S", path, "-M", name, "-l", "1M",
-         "-n", str(vectors), "--send-timeout", "300", "--max-peers", "65536", *extra],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if "listening on" not in line:
-        proc.kill()
-        raise SystemExit(f"daemon failed to start: {line}")
-    # keep draining its log so it never blocks on a full pipe
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stderr or ()], daemon=True).start()
-    return proc, path, name
+#: Options of the benchmarked daemon: nobody is slow on purpose, and no peer cap.
+DAEMON_ARGS: Final = ("--send-timeout", "300", "--max-peers", "65536")
+#: Seconds the workers may take to connect and see every peer.
+WORKER_TIMEOUT: Final = 600.0
 
 
-def _stop_daemon(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _worker_argv(path: str, share: int, vectors: int, peers: int) -> list[str]:
+    return [sys.executable, "-m", "ivshmemd.bench", "_worker", path, str(share), str(vectors),
+            str(peers)]  # fmt: skip
 
 
 def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
     """Time until ``peers`` clients have all seen each other."""
-    with tempfile.TemporaryDirectory() as directory:
-        daemon, path, _name = _start_daemon(directory, vectors, [])
-        procs: list[subprocess.Popen[str]] = []
-        try:
-            shares = [peers // workers + (1 if i < peers % workers else 0) for i in range(workers)]
-            for share in shares:
-                if share:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "ivshmemd.bench", "_worker", path, str(share),
-                         str(vectors), str(peers)],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                    ))  # fmt: skip
-            for proc in procs:
-                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-            fds_before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-            cpu_before = _cpu_seconds(daemon.pid)
-            start = time.perf_counter()
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-            for proc in procs:
-                assert proc.stdout is not None
-                status = proc.stdout.readline().strip()
-                if status != "done":
-                    raise SystemExit(f"a worker failed: {status!r}")
-            elapsed = time.perf_counter() - start
-            daemon_cpu = _cpu_seconds(daemon.pid) - cpu_before
-            fds_during = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-        finally:
-            for proc in procs:
-                try:
-                    if proc.stdin:
-                        proc.stdin.write("stop\n")
-                        proc.stdin.close()
-                except OSError:
-                    pass
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            _stop_daemon(daemon)
+    shares = [peers // workers + (1 if i < peers % workers else 0) for i in range(workers)]
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        sync_daemon_process(directory, vectors=vectors, args=DAEMON_ARGS) as daemon,
+        sync_supervisor() as supervisor,
+    ):
+        started = [
+            supervisor.start(
+                SyncChild(_worker_argv(daemon.socket_path, share, vectors, peers)),
+                events=True,
+                stdin=True,
+            )
+            for share in shares
+            if share
+        ]
+        for worker in started:
+            worker.wait_event(event="ready")
+        fds_before = fd_count(daemon.pid)
+        cpu_before = cpu_seconds(daemon.pid)
+        start = time.perf_counter()
+        for worker in started:
+            worker.send_line("go")
+        for worker in started:
+            worker.wait_event(event="done", timeout=WORKER_TIMEOUT)
+        elapsed = time.perf_counter() - start
+        daemon_cpu = cpu_seconds(daemon.pid) - cpu_before
+        fds_during = fd_count(daemon.pid)
+        for worker in started:
+            worker.send_line("stop")
     messages = 3 * peers + vectors * peers * peers
     fd_messages = 1 * peers + vectors * peers * peers
     return {
         "bench": "join",
         "peers": peers,
         "vectors": vectors,
-        "workers": len(procs),
+        "workers": len(started),
         "seconds": elapsed,
         "messages": messages,
         "fd_messages": fd_messages,
@@ -185,8 +165,8 @@ async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
         for other in observers:
             await _read_values(other, 1)
         observers.append(sock)
-    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
-    rss_before = _rss(pid)
+    fds_before = fd_count(pid)
+    rss_before = rss_bytes(pid)
     seen: list[list[int]] = [[], []]
     start = time.perf_counter()
     for _ in range(cycles):
@@ -200,8 +180,8 @@ async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     expected = [peer for peer in range(2, 2 + cycles) for _ in range(2)]
     complete = all(s == expected for s in seen)
-    fds_after = len(os.listdir(f"/proc/{pid}/fd"))
-    rss_after = _rss(pid)
+    fds_after = fd_count(pid)
+    rss_after = rss_bytes(pid)
     for obs in observers:
         obs.close()
     return {
@@ -217,29 +197,13 @@ async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
     }
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (from /proc), to show who is the bottleneck."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def bench_churn(cycles: int) -> dict[str, Any]:
     """Join/leave ``cycles`` times; compare the daemon's fds and RSS before and after."""
-    with tempfile.TemporaryDirectory() as directory:
-        daemon, path, _name = _start_daemon(directory, 1, [])
-        try:
-            return trio.run(_churn, path, cycles, daemon.pid)
-        finally:
-            _stop_daemon(daemon)
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        sync_daemon_process(directory, vectors=1, args=DAEMON_ARGS) as daemon,
+    ):
+        return trio.run(_churn, daemon.socket_path, cycles, daemon.pid)
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
@@ -287,12 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     churn.add_argument("--cycles", type=positive_int, default=1000)
     churn.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.bench == "join":
-        result = bench_join(args.peers, args.vectors, args.workers)
-    else:
-        result = bench_churn(args.cycles)
+    try:
+        if args.bench == "join":
+            result = bench_join(args.peers, args.vectors, args.workers)
+        else:
+            result = bench_churn(args.cycles)
+    except ChildError as exc:  # the daemon or a worker failed: say so in one line
+        print(f"ivshmemd.bench {args.bench}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     _print(result, args.json)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,8 @@ from ivshmemd.control import (
     serve_control,
 )
 from ivshmemd.ctl import ControlClient
+from ivshmemd.sdnotify import notify
+from ivshmemd.supervise import SyncChild, sync_supervisor
 
 
 class BenchView:
@@ -100,7 +101,7 @@ async def _serve(sock_path: str) -> None:
             default_events_endpoint(sock_path),
             publisher,
         )
-        print("ready", flush=True)
+        notify({"READY": 1})  # to the supervising benchmark
         while True:
             line = await trio.to_thread.run_sync(sys.stdin.readline)
             if not line:
@@ -146,7 +147,7 @@ def _fresh_client_round_trips(endpoint: str, count: int) -> list[float]:
     return sorted(times)
 
 
-def _events(events_endpoint: str, child: subprocess.Popen[str], cycles: int) -> dict[str, Any]:
+def _events(events_endpoint: str, child: SyncChild, cycles: int) -> dict[str, Any]:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -157,10 +158,8 @@ def _events(events_endpoint: str, child: subprocess.Popen[str], cycles: int) -> 
     try:
         if sub.recv_multipart() != [EVENTS_WELCOME]:
             raise RuntimeError("no welcome on the events socket")
-        assert child.stdin is not None
         t0 = time.perf_counter()
-        child.stdin.write(f"{cycles}\n")
-        child.stdin.flush()
+        child.send_line(str(cycles))
         tracker = SequenceTracker()
         received = 0
         in_order = True
@@ -189,29 +188,14 @@ def _events(events_endpoint: str, child: subprocess.Popen[str], cycles: int) -> 
 
 
 def run(requests: int, cycles: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ivbench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ivbench-") as tmp, sync_supervisor() as supervisor:
         sock_path = os.path.join(tmp, "b.sock")
-        child = subprocess.Popen(
-            [sys.executable, "-m", "ivshmemd.bench_control", "--serve", sock_path],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert child.stdout is not None
-            if child.stdout.readline().strip() != "ready":
-                raise RuntimeError("the control server child did not start")
-            rtt = _round_trips(default_control_endpoint(sock_path), requests)
-            fresh = _fresh_client_round_trips(default_control_endpoint(sock_path), 200)
-            events = _events(default_events_endpoint(sock_path), child, cycles)
-        finally:
-            if child.stdin is not None:
-                child.stdin.close()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        argv = [sys.executable, "-m", "ivshmemd.bench_control", "--serve", sock_path]
+        child = supervisor.start(SyncChild(argv), notify=True, stdin=True)
+        child.wait_ready()
+        rtt = _round_trips(default_control_endpoint(sock_path), requests)
+        fresh = _fresh_client_round_trips(default_control_endpoint(sock_path), 200)
+        events = _events(default_events_endpoint(sock_path), child, cycles)
     return {
         "status_round_trip_us": {
             "requests": len(rtt),

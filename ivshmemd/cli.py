@@ -24,7 +24,7 @@ import trio
 
 from . import __version__
 from .activation import ActivationError, adopt_unix_listener
-from .argtypes import positive_float, positive_int
+from .argtypes import positive_float, positive_int, size
 from .control import (
     ControlSetupError,
     Credentials,
@@ -37,7 +37,7 @@ from .control import (
 from .controlview import DaemonControlView
 from .daemon import daemonize, write_pidfile
 from .listener import Listener, ListenerError, bind_listener, parse_group
-from .protocol import MAX_PEER_ID, MAX_VECTORS
+from .protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
 from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig
 from .shm import (
@@ -48,13 +48,12 @@ from .shm import (
     open_shm_in_dir,
     unlink_posix_shm,
 )
-from .sizes import SizeError, parse_size, round_shm_size
+from .sizes import round_shm_size
 
 __all__ = ["main", "parse_args"]
 
 log = logging.getLogger("ivshmemd")
 
-DEFAULT_SOCKET = "/tmp/ivshmem_socket"
 DEFAULT_SHM_NAME = "ivshmem"
 DEFAULT_SIZE = 4 << 20
 DEFAULT_VECTORS = 1
@@ -128,16 +127,6 @@ def _vectors(text: str) -> int:
     if value > MAX_VECTORS:
         raise argparse.ArgumentTypeError(f"too many requested vectors (max is {MAX_VECTORS})")
     return value
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(
-            f"{exc}; expected a non-negative number below 2^64 with an optional suffix "
-            "K, M, G, T, P or E"
-        ) from None
 
 
 def _mode(text: str) -> int:
@@ -238,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-l",
         "--size",
         metavar="SIZE",
-        type=_size,
+        type=size,
         default=DEFAULT_SIZE,
         help="size of the shared memory (default 4M); see 'sizes' below",
     )

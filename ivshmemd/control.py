@@ -45,6 +45,7 @@ import msgpack
 import trio
 import zmq
 
+from ivshmemd.protocol import MAX_PEER_ID
 from ivshmemd.zmqtrio import TrioSocket
 
 __all__ = [
@@ -91,7 +92,6 @@ MAX_IPC_PATH: Final = 107
 
 COMMANDS: Final = ("status", "peers", "kick", "stats")
 EVENT_KINDS: Final = ("peer-joined", "peer-left")
-MAX_PEER_ID: Final = 65535
 
 
 class ErrorCode:

@@ -10,20 +10,22 @@ takes ``--json`` for machine-readable output; the default is a table for people.
 Exit status: 0 success, 1 the daemon answered with an error (e.g. no such peer, permission
 denied), 2 bad usage, 3 no daemon answered in time. No traceback for any of them.
 
-The command set is open: :data:`SUBCOMMAND_PROVIDERS` lists ``"module:function"`` names of
-functions that add subcommands to the parser (see :func:`register_control_commands`); a new
-command (e.g. ``up``) is one more entry there.
+The command set is open: besides its own commands (:func:`register_control_commands`),
+``ivshmemctl`` calls every function registered in the entry-point group
+:data:`COMMANDS_GROUP` (``ivshmemctl.commands``) to add more; ``up`` comes from the
+``peers`` package that way, so this module never names the packages built on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
 import zmq
@@ -31,7 +33,6 @@ import zmq
 from ivshmemd.argtypes import positive_float, positive_int
 from ivshmemd.control import (
     EVENTS_WELCOME,
-    MAX_PEER_ID,
     ControlError,
     Event,
     ProtocolError,
@@ -43,9 +44,11 @@ from ivshmemd.control import (
     encode_request,
     events_endpoint_for,
 )
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
+from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID
 
 __all__ = [
-    "SUBCOMMAND_PROVIDERS",
+    "COMMANDS_GROUP",
     "ControlClient",
     "NoDaemonError",
     "build_parser",
@@ -54,21 +57,12 @@ __all__ = [
     "resolve_endpoints",
 ]
 
-#: The daemon's default -S (QEMU ivshmem-server's default, as in ivshmemd.cli).
-DEFAULT_SOCKET: Final = "/tmp/ivshmem_socket"
 DEFAULT_TIMEOUT: Final = 2.0
 
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_NO_DAEMON: Final = 3
-
-#: ``"module:function"``: each function is called as ``function(subparsers, common)`` and
-#: adds its subcommands; a subcommand sets ``run=callable(args) -> int`` with set_defaults.
-SUBCOMMAND_PROVIDERS: list[str] = [
-    "ivshmemd.ctl:register_control_commands",
-    "peers.launcher:register_up_command",
-]
+#: Entry-point group of subcommand providers: each names a function called as
+#: ``function(subparsers, common)`` that adds its subcommands; a subcommand sets
+#: ``run=callable(args) -> int`` with set_defaults.
+COMMANDS_GROUP: Final = "ivshmemctl.commands"
 
 if TYPE_CHECKING:  # not subscriptable at run time on 3.11
     SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -479,7 +473,7 @@ def _add_target_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ivshmemctl`` parser with every subcommand of :data:`SUBCOMMAND_PROVIDERS`."""
+    """The ``ivshmemctl`` parser: its own subcommands, then those of :data:`COMMANDS_GROUP`."""
     parser = argparse.ArgumentParser(
         prog="ivshmemctl",
         description="Control and observe a running ivshmemd.",
@@ -490,13 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _add_target_options(common, suppress=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for provider in SUBCOMMAND_PROVIDERS:
-        module_name, _, function_name = provider.partition(":")
+    register_control_commands(subparsers, common)
+    for provider in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name):
         try:
-            register = getattr(importlib.import_module(module_name), function_name)
+            register = provider.load()
         except (ImportError, AttributeError) as exc:
             # One broken provider must not take the other commands down with it.
-            print(f"ivshmemctl: commands of {provider} unavailable: {exc}", file=sys.stderr)
+            print(f"ivshmemctl: commands of {provider.value} unavailable: {exc}", file=sys.stderr)
             continue
         register(subparsers, common)
     return parser
@@ -513,12 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NO_DAEMON
     except ControlError as exc:
         print(f"ivshmemctl: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     except ProtocolError as exc:
         print(f"ivshmemctl: unexpected answer from the daemon: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return signal_exit(signal.SIGINT)
     except BrokenPipeError:
         # `ivshmemctl watch | head`: the reader went away; leave quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -527,8 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not __main__: subcommand providers import ivshmemd.ctl, and
-    # its exception classes must be the ones main() catches.
+    # Run the imported module, not __main__: subcommand providers may import ivshmemd.ctl,
+    # and its exception classes must be the ones main() catches.
     from ivshmemd.ctl import main as _main
 
     sys.exit(_main())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 __all__ = [
+    "DEFAULT_SOCKET",
     "MAX_PEER_ID",
     "MAX_VECTORS",
     "PROTOCOL_VERSION",
@@ -33,6 +34,8 @@ __all__ = [
     "leave_messages",
 ]
 
+#: Where a server listens unless told otherwise (QEMU's ivshmem-server default).
+DEFAULT_SOCKET = "/tmp/ivshmem_socket"
 PROTOCOL_VERSION = 0
 SHM_MESSAGE_VALUE = -1
 MAX_PEER_ID = 0xFFFF

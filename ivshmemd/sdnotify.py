@@ -17,8 +17,9 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Final
+
+from .closing import Closing
 
 __all__ = ["NOTIFY_SOCKET_ENV", "SystemdNotifier", "notify"]
 
@@ -49,7 +50,7 @@ def _format(fields: Mapping[str, str | int]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-class SystemdNotifier:
+class SystemdNotifier(Closing):
     """A client of ``$NOTIFY_SOCKET`` (or of an explicit address). Cheap; reusable."""
 
     def __init__(self, address: str | None = None) -> None:
@@ -108,17 +109,6 @@ class SystemdNotifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    def __enter__(self) -> SystemdNotifier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def notify(fields: Mapping[str, str | int]) -> bool:

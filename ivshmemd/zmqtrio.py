@@ -30,18 +30,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import trio
 import zmq
+
+from .closing import Closing
 
 __all__ = ["TrioSocket"]
 
 log = logging.getLogger(__name__)
 
 
-class TrioSocket:
+class TrioSocket(Closing):
     """A pyzmq socket driven from trio: async multipart send/receive, one task at a time.
 
     The wrapped socket must not be used directly while the wrapper is in use. Options
@@ -177,14 +178,3 @@ class TrioSocket:
         with contextlib.suppress(RuntimeError):
             trio.lowlevel.notify_closing(self._fd)
         self._sock.close(linger=0)
-
-    def __enter__(self) -> TrioSocket:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

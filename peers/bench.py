@@ -19,27 +19,32 @@ import argparse
 import json
 import mmap
 import os
-import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ivshmemd.shm import unlink_posix_shm
-from ivshmemd.sizes import SizeError, parse_size
+from ivshmemd.argtypes import positive_size
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, signal_exit
+from ivshmemd.supervise import (
+    ChildError,
+    SyncSupervisor,
+    exit_text,
+    sync_daemon_process,
+    sync_supervisor,
+)
 
-from .plugins.ring import HEADER_SIZE, record_size
-from .testing import daemon_command, unique_name
+from . import report
+from .harness import SyncPeerProcess, peer_command
+from .plugins.ringformat import CHECKSUMS, HEADER_SIZE, record_size, spans
 
 __all__ = ["BenchError", "bench_ring", "build_parser", "main", "memcpy_ring", "run_pair"]
 
-READY_TIMEOUT = 20.0
+#: Seconds the two peers may take to move the data.
 PEER_TIMEOUT = 600.0
 
 
@@ -47,137 +52,40 @@ class BenchError(Exception):
     """The benchmark could not run (a process failed, a figure is missing)."""
 
 
-def _size(text: str) -> int:
-    try:
-        value = parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
-    return value
-
-
 # -- processes -----------------------------------------------------------------------------
 
 
-class Daemon:
-    """A foreground ``ivshmemd`` under a temporary directory, stopped (and its shm and socket
-    removed) on exit."""
+def run_pair(
+    supervisor: SyncSupervisor, socket_path: str, plugin: str, options: Sequence[str]
+) -> list[SyncPeerProcess]:
+    """Run two peers of ``plugin`` to completion; return them (with their events).
 
-    def __init__(self, directory: str, size: int, vectors: int) -> None:
-        self.socket_path = str(Path(directory) / "ivshmem.sock")
-        self.shm_name = unique_name("ivshmem-bench")
-        argv = daemon_command(self.socket_path, self.shm_name, vectors, str(size), ())
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-
-    def wait_ready(self) -> None:
-        """Read the daemon's log until it listens (a clear error if it exits instead)."""
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        seen: list[str] = []
-        for line in self.process.stderr:
-            seen.append(line.rstrip())
-            if "listening on " in line:
-                return
-            if time.monotonic() > deadline:
-                break
-        raise BenchError("ivshmemd did not start: " + " / ".join(seen[-5:]))
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(READY_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        try:
-            os.unlink(self.socket_path)
-        except FileNotFoundError:
-            pass
-        unlink_posix_shm(self.shm_name)
-
-
-def peer_command(socket_path: str, plugin: str, options: Sequence[str]) -> list[str]:
-    """The argv of one ``ivshmem-peer`` reporting JSON lines."""
-    return [sys.executable, "-m", "peers", "-S", socket_path, "--plugin", plugin,
-            "--report", "json", *options]  # fmt: skip
-
-
-def run_pair(socket_path: str, plugin: str, options: Sequence[str]) -> list[list[dict[str, Any]]]:
-    """Run two peers of ``plugin`` to completion; return each one's JSON lines.
-
-    If a peer exits non-zero, the other is killed (its partner is gone, it would wait) and
-    :class:`BenchError` says why. The peers are killed on the way out whatever happens.
+    A peer whose partner fails fails in turn (its partner left), so both always end;
+    :class:`BenchError` says what every failed peer said.
     """
-    with tempfile.TemporaryFile() as out0, tempfile.TemporaryFile() as out1:
-        outs = [out0, out1]
-        procs: list[subprocess.Popen[bytes]] = []
-        try:
-            for out in outs:
-                procs.append(
-                    subprocess.Popen(
-                        peer_command(socket_path, plugin, options),
-                        stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            first_failed = _wait_all_or_first_failure(procs)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-        texts = []
-        for out in outs:
-            out.seek(0)
-            texts.append(out.read().decode(errors="replace"))
-    if first_failed:  # the root cause first: the other one only lost its partner
-        procs.reverse()
-        texts.reverse()
-    results: list[list[dict[str, Any]]] = []
-    for proc, text in zip(procs, texts, strict=True):
-        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-        if proc.returncode != 0:
-            said = [
-                str(e.get("summary") or e.get("message"))
-                for e in lines
-                if e.get("event") in ("finished", "error", "log")
-            ]
-            other = [line for line in text.splitlines() if not line.startswith("{")]
-            raise BenchError(
-                f"a {plugin} peer exited with status {proc.returncode}: "
-                + " / ".join([*said[-2:], *other[-2:]])
-            )
-        results.append(lines)
-    return results
-
-
-def _wait_all_or_first_failure(procs: list[subprocess.Popen[bytes]]) -> int | None:
-    """Wait (on pidfds) until every process has exited, or one has failed (its index)."""
-    pidfds = {os.pidfd_open(proc.pid): proc for proc in procs}
-    deadline = time.monotonic() + PEER_TIMEOUT
+    argv = peer_command(socket_path, plugin, options)
+    peers = [supervisor.start(SyncPeerProcess(argv), events=True) for _ in range(2)]
     try:
-        while pidfds:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"the peers did not finish in {PEER_TIMEOUT:.0f} s")
-            ready, _, _ = select.select(list(pidfds), [], [], left)
-            for fd in ready:
-                proc = pidfds.pop(fd)
-                os.close(fd)
-                if proc.wait() != 0:
-                    return procs.index(proc)
-        return None
-    finally:
-        for fd in pidfds:
-            os.close(fd)
+        for peer in peers:
+            peer.wait_exit(PEER_TIMEOUT)
+    except ChildError as exc:
+        raise BenchError(f"the {plugin} peers did not finish in {PEER_TIMEOUT:.0f} s") from exc
+    failed = [peer for peer in peers if peer.returncode != 0]
+    if failed:
+        raise BenchError(" / ".join(
+            f"a {plugin} peer failed, {exit_text(peer.returncode)}: {_last_words(peer)}"
+            for peer in failed
+        ))  # fmt: skip
+    return peers
+
+
+def _last_words(peer: SyncPeerProcess) -> str:
+    said: list[str] = []
+    for line in peer.events:
+        match report.decode(line):
+            case report.Finished(summary=str(text)) | report.Error(text) | report.Log(text):
+                said.append(text)
+    return " / ".join([*said[-2:], *list(peer.log)[-2:]])
 
 
 # -- ring ----------------------------------------------------------------------------------
@@ -199,13 +107,9 @@ def memcpy_ring(
         t0 = time.perf_counter()
         while moved < total:
             length = min(message_size, total - moved)
-            pos = head % ring_size
-            first = min(length, ring_size - pos)
-            area[pos : pos + first] = source[:first]  # copy in
-            dest[:first] = area[pos : pos + first]  # copy out
-            if first < length:  # the record wraps, as in the ring
-                area[: length - first] = source[first:length]
-                dest[first:length] = area[: length - first]
+            for ring_offset, start, n in spans(head, length, ring_size):  # wraps as the ring
+                area[ring_offset : ring_offset + n] = source[start : start + n]  # copy in
+                dest[start : start + n] = area[ring_offset : ring_offset + n]  # copy out
             head += record_size(length)
             moved += length
             messages += 1
@@ -213,11 +117,10 @@ def memcpy_ring(
     return {"mb_per_s": total / best / 1e6, "messages_per_s": messages / best, "seconds": best}
 
 
-def _finished(lines: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    ring = [e for e in lines if e.get("event") == "ring"]
-    done = [e for e in lines if e.get("event") == "finished"]
+def _finished(peer: SyncPeerProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+    ring, done = peer.matching(event="ring"), peer.matching(event=report.Finished.KIND)
     if not ring or not done:
-        raise BenchError(f"a ring peer ended without its figures: {lines[-3:]}")
+        raise BenchError(f"a ring peer ended without its figures: {peer.describe()}")
     return ring[-1], done[-1]
 
 
@@ -227,33 +130,32 @@ def bench_ring(args: argparse.Namespace) -> dict[str, Any]:
                "--checksum", args.checksum]  # fmt: skip
     if args.ring_size is not None:
         options += ["--ring-size", str(args.ring_size)]
-    with tempfile.TemporaryDirectory(prefix="ivshmem-bench-") as directory:
-        daemon = Daemon(directory, args.shm_size, vectors=2)
+    with (
+        tempfile.TemporaryDirectory(prefix="ivshmem-bench-") as directory,
+        sync_daemon_process(directory, vectors=2, size=args.shm_size) as daemon,
+        sync_supervisor() as supervisor,
+    ):
+        peers = run_pair(supervisor, daemon.socket_path, "ring", options)
+        figures = {}
+        summaries = {}
+        for peer in peers:
+            ring, done = _finished(peer)
+            figures[ring["role"]] = ring
+            summaries[ring["role"]] = done.get("summary")
+        if set(figures) != {"producer", "consumer"}:
+            raise BenchError(f"expected a producer and a consumer, got {sorted(figures)}")
+        shm_size = int(peers[0].first_of["running"].get("shm_size", args.shm_size))
+        ring_size = args.ring_size or shm_size - HEADER_SIZE
+        fd = os.open(f"/dev/shm/{daemon.shm_name}", os.O_RDWR)
         try:
-            daemon.wait_ready()
-            peers = run_pair(daemon.socket_path, "ring", options)
-            figures = {}
-            summaries = {}
-            for lines in peers:
-                ring, done = _finished(lines)
-                figures[ring["role"]] = ring
-                summaries[ring["role"]] = done.get("summary")
-            if set(figures) != {"producer", "consumer"}:
-                raise BenchError(f"expected a producer and a consumer, got {sorted(figures)}")
-            shm_size = int(peers[0][0].get("shm_size", args.shm_size))
-            ring_size = args.ring_size or shm_size - HEADER_SIZE
-            fd = os.open(f"/dev/shm/{daemon.shm_name}", os.O_RDWR)
-            try:
-                with mmap.mmap(fd, shm_size) as mapping:
-                    view = memoryview(mapping)
-                    try:
-                        memcpy = memcpy_ring(view, args.bytes, args.message_size, ring_size)
-                    finally:
-                        view.release()
-            finally:
-                os.close(fd)
+            with mmap.mmap(fd, shm_size) as mapping:
+                view = memoryview(mapping)
+                try:
+                    memcpy = memcpy_ring(view, args.bytes, args.message_size, ring_size)
+                finally:
+                    view.release()
         finally:
-            daemon.close()
+            os.close(fd)
     consumer = figures["consumer"]
     return {
         "bench": "ring",
@@ -294,6 +196,15 @@ BENCHES: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
 }  # fmt: skip
 
 
+#: The ring benchmark's size options: flag, default, help.
+RING_SIZES: tuple[tuple[str, int | None, str], ...] = (
+    ("--bytes", 100 << 20, "payload to move (default 100M)"),
+    ("--message-size", 64 << 10, "payload bytes per message (default 64K)"),
+    ("--shm-size", 4 << 20, "the daemon's shared memory (default 4M)"),
+    ("--ring-size", None, "the ring's data area (default: the shm minus the header)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subcommand per benchmark."""
     parser = argparse.ArgumentParser(
@@ -301,37 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     ring = sub.add_parser("ring", help="ring plugin throughput against a raw memcpy")
-    ring.add_argument(
-        "--bytes",
-        type=_size,
-        default=100 << 20,
-        metavar="SIZE",
-        help="payload to move (default 100M)",
-    )
-    ring.add_argument(
-        "--message-size",
-        type=_size,
-        default=64 << 10,
-        metavar="SIZE",
-        help="payload bytes per message (default 64K)",
-    )
-    ring.add_argument(
-        "--shm-size",
-        type=_size,
-        default=4 << 20,
-        metavar="SIZE",
-        help="the daemon's shared memory (default 4M)",
-    )
-    ring.add_argument(
-        "--ring-size",
-        type=_size,
-        default=None,
-        metavar="SIZE",
-        help="the ring's data area (default: the shm minus the header)",
-    )
+    for flag, default, what in RING_SIZES:
+        ring.add_argument(flag, type=positive_size, default=default, metavar="SIZE", help=what)
     ring.add_argument(
         "--checksum",
-        choices=("sum64", "crc32"),
+        choices=tuple(CHECKSUMS),
         default="sum64",
         help="the ring's payload checksum (default sum64)",
     )
@@ -346,16 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run, show = BENCHES[args.bench]
     try:
         result = run(args)
-    except BenchError as exc:
+    except (BenchError, ChildError) as exc:
         print(f"peers.bench {args.bench}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return signal_exit(signal.SIGINT)
     if args.json:
         print(json.dumps(result))
     else:
         show(result)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

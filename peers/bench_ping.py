@@ -25,14 +25,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ivshmemd.argtypes import positive_int
+from ivshmemd.supervise import sync_daemon_process, sync_supervisor
+
+from .harness import SyncPeerProcess, peer_command
 
 __all__ = ["bench_ping", "main", "reference_source"]
 
+#: Seconds a ping run may take.
+PEER_TIMEOUT = 600.0
 _LINE = re.compile(r"p50 ([0-9.]+) us\s+p99 ([0-9.]+) us")
 _PING = re.compile(r"ping: (\d+) round trips, p50 ([0-9.]+) us, p99 ([0-9.]+) us")
 
@@ -63,40 +69,38 @@ def _run_reference(binary: str, count: int, cpu: int | None) -> tuple[float, flo
     return float(match[1]), float(match[2])
 
 
+@contextmanager
+def _pinned(cpu: int | None) -> Iterator[None]:
+    """Run this block (and every child started in it, which inherits the mask) on ``cpu``."""
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _run_ping(
     directory: str, count: int, loop: str, spin_us: float, cpu: int | None
 ) -> tuple[float, float]:
-    sock = os.path.join(directory, "ping.sock")
-    name = f"ivshmem-bench-ping-{os.getpid()}"
-    pin = _pinner(cpu)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "ivshmemd", "-F", "-S", sock, "-M", name, "-l", "1M", "-n", "1"],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, preexec_fn=pin,
-    )  # fmt: skip
-    peers: list[subprocess.Popen[str]] = []
-    try:
-        assert daemon.stderr is not None
-        if "listening on" not in daemon.stderr.readline():
-            raise SystemExit("the daemon did not start")
-        for _ in range(2):
-            peers.append(subprocess.Popen(
-                [sys.executable, "-m", "peers", "-S", sock, "--plugin", "ping",
-                 "--count", str(count), f"--{loop}", "--spin-us", str(spin_us)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=pin,
-            ))  # fmt: skip
-        outputs = [p.communicate(timeout=600)[0] for p in peers]
-    finally:
-        for p in peers:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        daemon.terminate()
-        daemon.wait(30)
-    for text in outputs:
+    args = ["--count", str(count), f"--{loop}", "--spin-us", str(spin_us)]
+    with (
+        _pinned(cpu),
+        sync_daemon_process(directory, vectors=1) as daemon,
+        sync_supervisor() as supervisor,
+    ):
+        argv = peer_command(daemon.socket_path, "ping", args)
+        peers = [supervisor.start(SyncPeerProcess(argv), events=True) for _ in range(2)]
+        finished = [p.wait_event(event="finished", timeout=PEER_TIMEOUT) for p in peers]
+        summaries = [str(event.get("summary")) for event in finished]
+    for text in summaries:
         match = _PING.search(text)
         if match:
             return float(match[2]), float(match[3])
-    raise SystemExit(f"no ping result; peers printed {outputs!r}")
+    raise SystemExit(f"no ping result; peers said {summaries!r}")
 
 
 def _default_cpu() -> int:

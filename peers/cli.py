@@ -13,7 +13,6 @@ plugin, bad plugin options) exit 2 with one clear line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,26 +21,26 @@ from typing import Any
 
 import trio
 
+from ivshmemd.argtypes import size
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ivshmemd.protocol import DEFAULT_SOCKET
+
+from . import report
 from .client import ClientError, ServerGone, connect_with_retry
 from .plugin import Plugin, PluginError, available_plugins, load_plugin
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Seconds a peer keeps retrying its first connection while the daemon is not up.
+DEFAULT_WAIT = 10.0
+#: Seconds between losing the daemon and reconnecting (``--reconnect``): a daemon being
+#: restarted gets a moment to go away before the retries begin.
+RECONNECT_PAUSE = 0.05
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: {message}\nTry '{self.prog} --help'.\n")
-
-
-def _size(text: str) -> int:
-    from ivshmemd.sizes import SizeError, parse_size
-
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
@@ -57,8 +56,8 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         "-S",
         "--socket",
         metavar="PATH",
-        default="/tmp/ivshmem_socket",
-        help="the daemon's unix socket (default /tmp/ivshmem_socket)",
+        default=DEFAULT_SOCKET,
+        help=f"the daemon's unix socket (default {DEFAULT_SOCKET})",
     )
     p.add_argument("--plugin", metavar="NAME", help="the guest software to run")
     p.add_argument("--list-plugins", action="store_true", help="list the plugins and exit")
@@ -70,14 +69,15 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         help="the device's MSI-X vectors (default: as many as the daemon hands out)",
     )
     p.add_argument(
-        "--ram", type=_size, metavar="SIZE", default=16 << 20, help="guest RAM (default 16M)"
+        "--ram", type=size, metavar="SIZE", default=16 << 20, help="guest RAM (default 16M)"
     )
     p.add_argument(
         "--wait",
         type=float,
         metavar="SECONDS",
-        default=10.0,
-        help="keep retrying the connection this long while the daemon is not up (default 10)",
+        default=DEFAULT_WAIT,
+        help="keep retrying the connection this long while the daemon is not up "
+        f"(default {DEFAULT_WAIT:g})",
     )
     p.add_argument(
         "--reconnect",
@@ -121,27 +121,32 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
 
 
 class Reporter:
-    """Status lines: human text on stderr (summary on stdout), or JSON lines on stdout."""
+    """Status lines: human text on stderr (summary on stdout), or JSON lines on stdout
+    (the events of :mod:`peers.report`)."""
 
     def __init__(self, mode: str) -> None:
         self.json = mode == "json"
         self.peer_id: int | None = None
 
     def __call__(self, **fields: Any) -> None:
+        """An event as the runtime and plugins report it (``event=KIND``, its fields)."""
+        self.emit(report.decode(fields))
+
+    def emit(self, event: report.Event | report.PluginEvent) -> None:
         if self.json:
-            sys.stdout.write(json.dumps(fields) + "\n")
+            sys.stdout.write(report.encode(event) + "\n")
             sys.stdout.flush()
 
     def log(self, message: str) -> None:
         who = f"peer {self.peer_id}" if self.peer_id is not None else "ivshmem-peer"
         if self.json:
-            self(event="log", message=message)
+            self.emit(report.Log(message))
         else:
             print(f"{who}: {message}", file=sys.stderr, flush=True)
 
     def summary(self, text: str, ok: bool) -> None:
         if self.json:
-            self(event="finished", ok=ok, summary=text)
+            self.emit(report.Finished(ok, text))
         else:
             print(text, file=sys.stdout if ok else sys.stderr, flush=True)
 
@@ -170,10 +175,12 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
     fast = plugin_cls.prefers_fast_path if args.fast_path is None else args.fast_path
 
     def ready() -> None:  # called once SIGTERM/SIGINT are handled by the loop
-        reporter(event="running", peer_id=client.peer_id, pid=os.getpid(),
-                 shm_size=client.shm_size, vectors=machine.vectors,
-                 peers=sorted(p for p in machine.peer_fds if p != client.peer_id),
-                 loop="fast-path" if fast else "trio")  # fmt: skip
+        reporter.emit(report.Running(
+            peer_id=client.peer_id, pid=os.getpid(), shm_size=client.shm_size,
+            vectors=machine.vectors,
+            peers=tuple(sorted(p for p in machine.peer_fds if p != client.peer_id)),
+            loop="fast-path" if fast else "trio",
+        ))  # fmt: skip
         reporter.log(
             f"running plugin {args.plugin} (id {client.peer_id}, shm {client.shm_size} "
             f"bytes, {machine.vectors} vectors, {'fast-path' if fast else 'trio'} loop)"
@@ -187,7 +194,7 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
             trio.run(run_trio, machine, ready)
     except Stopped as stop:
         reporter.log(f"{stop} received, stopping")
-        reporter(event="stopped", signal=stop.args[0])
+        reporter.emit(report.Stopped(signal=stop.args[0]))
         return EXIT_OK
     finally:
         machine.stop()
@@ -196,7 +203,7 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
     if outcome.summary:
         reporter.summary(outcome.summary, outcome.ok)
     elif reporter.json:
-        reporter(event="finished", ok=outcome.ok, summary=None)
+        reporter.emit(report.Finished(outcome.ok, None))
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
@@ -231,14 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ServerGone as exc:
             if not args.reconnect:
                 reporter.log(f"the daemon went away ({exc}); exiting")
-                reporter(event="server-gone", message=str(exc))
+                reporter.emit(report.ServerGone(str(exc)))
                 return EXIT_FAILED
             reporter.log(f"the daemon went away ({exc}); reconnecting")
-            reporter(event="reconnecting")
-            time.sleep(0.05)
+            reporter.emit(report.Reconnecting())
+            time.sleep(RECONNECT_PAUSE)
         except ClientError as exc:
             reporter.log(str(exc))
-            reporter(event="error", message=str(exc))
+            reporter.emit(report.Error(str(exc)))
             return EXIT_FAILED
         except KeyboardInterrupt:
             return EXIT_OK

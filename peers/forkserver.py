@@ -34,22 +34,23 @@ from __future__ import annotations
 import array
 import itertools
 import json
+import math
 import os
 import select
 import selectors
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import trio
+
+from ivshmemd.supervise import Child, Supervisor
 
 __all__ = [
     "MAX_MESSAGE",
@@ -336,12 +337,12 @@ def _kill(pid: int, signum: int) -> None:
 
 
 class ForkedChild(Protocol):
-    """What :class:`ForkServer` needs of the launcher's record of a forked peer."""
+    """What :class:`ForkServer` needs of the launcher's record of a forked peer (an adopted
+    :class:`ivshmemd.supervise.Child`)."""
 
-    @property
-    def pid(self) -> int: ...
+    pid: int
 
-    def signal(self, signum: int) -> None: ...
+    def kill(self) -> None: ...
 
     def set_exited(self, returncode: int) -> None: ...
 
@@ -360,56 +361,46 @@ class _Reply:
 class ForkServer:
     """The launcher's end: start the server, ask it for peers, follow their exits."""
 
-    def __init__(self, process: trio.Process, sock: trio.socket.SocketType) -> None:
-        self.process = process
+    def __init__(self, child: Child, sock: trio.socket.SocketType) -> None:
+        self.child = child  # the server process, supervised (its log explains a failure)
         self.sock = sock
         self.ready = trio.Event()
         self.gone = False
         self.children: dict[int, ForkedChild] = {}
-        self.stderr_tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._early_exits: dict[int, int] = {}
         self._replies: dict[int, _Reply] = {}
         self._tokens = itertools.count()
         self._send_lock = trio.Lock()
 
     @classmethod
-    async def start(cls, preload: str, env: dict[str, str]) -> ForkServer:
-        """Start the server (it imports the runtime and ``preload``, then says it is ready)."""
+    async def start(cls, supervisor: Supervisor, preload: str, env: dict[str, str]) -> ForkServer:
+        """Start the server under ``supervisor`` (it imports the runtime and ``preload``,
+        then says it is ready)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), preload]
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), preload],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env=env, process_group=0, pass_fds=(theirs.fileno(),),
+            child = await supervisor.start(
+                Child(argv, log_limit=_TAIL_LINES), env=env, process_group=True,
+                pass_fds=(theirs.fileno(),),
             )  # fmt: skip
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        return cls(process, trio.socket.from_stdlib_socket(ours))
+        return cls(child, trio.socket.from_stdlib_socket(ours))
 
     async def run(self) -> None:
         """Dispatch the server's messages until it is gone."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_stderr)
-            try:
-                while data := await self.sock.recv(MAX_MESSAGE):
-                    self._dispatch(decode(data))
-            except trio.ClosedResourceError:
-                pass  # aclose(): we hung up
-            except (OSError, ValueError) as exc:
-                self.stderr_tail.append(f"fork server connection: {exc}")
-            finally:
-                self._lost()
-
-    async def _pump_stderr(self) -> None:
-        stream = self.process.stderr
-        assert stream is not None
-        buffer = b""
-        async for chunk in stream:
-            *lines, buffer = (buffer + chunk).split(b"\n")
-            self.stderr_tail.extend(line.decode(errors="replace") for line in lines)
+        try:
+            while data := await self.sock.recv(MAX_MESSAGE):
+                self._dispatch(decode(data))
+        except trio.ClosedResourceError:
+            pass  # aclose(): we hung up
+        except (OSError, ValueError) as exc:
+            self.child.log.append(f"fork server connection: {exc}")
+        finally:
+            self._lost()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "ready" in message:
@@ -438,7 +429,7 @@ class ForkServer:
             reply.done.set()
         self._replies.clear()
         for child in self.children.values():
-            child.signal(signal.SIGKILL)
+            child.kill()
             child.set_exited(-signal.SIGKILL)
         self.children.clear()
 
@@ -447,7 +438,7 @@ class ForkServer:
         if child.pid in self._early_exits:
             child.set_exited(self._early_exits.pop(child.pid))
         elif self.gone:
-            child.signal(signal.SIGKILL)
+            child.kill()
             child.set_exited(-signal.SIGKILL)
         else:
             self.children[child.pid] = child
@@ -495,11 +486,9 @@ class ForkServer:
         if not self.gone:
             await self.send({"release": True})
         self.sock.close()
-        with trio.move_on_after(STOP_GRACE):
-            await self.process.wait()
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
+        with trio.move_on_after(STOP_GRACE):  # asked by the EOF: no signal, it is cleaning up
+            await self.child.wait_exit(math.inf)
+        await self.child.stop(grace=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ What it does, in order:
    as ``ivshmem-peer`` would parse them); a mistake exits 2 before anything is started;
 2. starts ``ivshmemd`` in the foreground as a child, on a unique socket in a private
    temporary directory and a unique POSIX shm name (unless ``--socket``/``--shm-name``),
-   and waits for its "listening on" line;
-3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's JSON
-   event lines: running, finished (with the plugin's summary), failed, and the last thing it
+   and waits for its ``READY=1`` (a supervised child, :mod:`ivshmemd.supervise`);
+3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's
+   events (:mod:`peers.report`) through its state machine (:mod:`peers.peerstate`):
+   running, finished (with the plugin's summary), failed, and the last thing it
    said; prints ``all N peers running after X ms`` (counted from the command's start) once
    every peer is up. Peers are forked from a fork server (:mod:`peers.forkserver`) that has
    imported the runtime once, started alongside the daemon, so N peers do not pay N
@@ -43,27 +44,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, Self, TextIO
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
 
 import trio
 
-from ivshmemd.argtypes import int_in
+from ivshmemd.argtypes import int_in, size
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, signal_exit
 from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.shm import unlink_posix_shm
-from ivshmemd.sizes import SizeError, parse_size
+from ivshmemd.supervise import (
+    STOP_GRACE,
+    Child,
+    ChildError,
+    DaemonProcess,
+    Supervisor,
+    daemon_command,
+    exit_text,
+    open_supervisor,
+    unique_name,
+)
 
+from . import report
+from .display import Display
 from .forkserver import ForkServer, ForkServerError
+from .harness import PEER_MODULE, peer_command
+from .peerstate import Peer, PeerState
 from .plugin import Plugin, PluginError, load_plugin
 
 __all__ = [
@@ -78,21 +92,10 @@ __all__ = [
     "run_up",
 ]
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-
-#: How long the daemon may take to print its "listening on" line.
+#: How long the daemon (and the fork server) may take to be ready.
 DAEMON_READY_TIMEOUT: Final = 30.0
-#: How long a child may take to exit after SIGTERM before it gets SIGKILL.
-STOP_GRACE: Final = 10.0
-#: Lines of a child's stderr kept to explain a failure.
-TAIL_LINES: Final = 20
 MAX_PEERS: Final = 4096
 PROG: Final = "ivshmemctl up"
-
-_READY_MARK: Final = "listening on "
-_SIGNAL_EXIT: Final[dict[int, int]] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _process_started() -> float:
@@ -123,14 +126,6 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _size(text: str) -> str:
-    try:
-        parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """The launcher's own options. With ``suppress`` no defaults are set, so a second parse
     (of what follows ``--plugin NAME``) only overrides what was given again."""
@@ -154,7 +149,7 @@ def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) ->
     )
     parser.add_argument(
         "--size",
-        type=_size,
+        type=size,
         metavar="S",
         default=default(None),
         help="shared memory size, the daemon's -l (default: the daemon's, 4M)",
@@ -214,7 +209,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register_up_command(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """``ivshmemctl`` subcommand provider (see ``ivshmemd.ctl.SUBCOMMAND_PROVIDERS``)."""
+    """``ivshmemctl`` subcommand provider, registered in the entry-point group
+    ``ivshmemctl.commands`` (see ``ivshmemd.ctl.COMMANDS_GROUP``)."""
     del common  # -S means the socket to create here, not one to talk to
     parser = subparsers.add_parser(
         "up",
@@ -238,7 +234,7 @@ class UpConfig:
     plugin: str
     plugin_args: tuple[str, ...]
     vectors: int = 1
-    size: str | None = None
+    size: int | None = None
     socket: str | None = None
     shm_name: str | None = None
     keep: bool = False
@@ -320,185 +316,8 @@ def parse_up_config(args: argparse.Namespace) -> UpConfig | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Showing progress
+# The run
 # ---------------------------------------------------------------------------------------------
-
-
-class Display:
-    """Status output on ``err``: a live progress line on a terminal, plain lines otherwise.
-    Results (the running-time line, the summaries) go to ``out``. A stream whose reader has
-    gone (``ivshmemctl up ... | head -1``) is dropped quietly: the run itself goes on and
-    ends cleanly."""
-
-    def __init__(self, out: TextIO, err: TextIO, *, live: bool | None = None) -> None:
-        self.out = out
-        self.err = err
-        self.live = err.isatty() if live is None else live
-        self._status = ""
-        self._gone: set[int] = set()
-
-    def _write(self, stream: TextIO, text: str) -> None:
-        if id(stream) in self._gone:
-            return
-        try:
-            stream.write(text)
-            stream.flush()
-        except BrokenPipeError:
-            self._gone.add(id(stream))
-            devnull = os.open(os.devnull, os.O_WRONLY)  # so that the flush at exit is quiet
-            try:
-                os.dup2(devnull, stream.fileno())
-            except (OSError, ValueError):
-                pass
-            finally:
-                os.close(devnull)
-
-    def _clear(self) -> None:
-        if self.live and self._status:
-            self._write(self.err, "\r\x1b[K")
-
-    def _draw(self) -> None:
-        if self.live and self._status:
-            width = shutil.get_terminal_size((100, 24)).columns - 1
-            self._write(self.err, self._status[:width])
-
-    def status(self, text: str) -> None:
-        """Replace the progress line (terminal only)."""
-        if not self.live or text == self._status:
-            return
-        self._clear()
-        self._status = text
-        self._draw()
-
-    def line(self, text: str) -> None:
-        """A status line on stderr (above the progress line on a terminal)."""
-        self._clear()
-        self._write(self.err, f"up: {text}\n")
-        self._draw()
-
-    def result(self, text: str) -> None:
-        """A result line on stdout."""
-        self._clear()
-        self._write(self.out, text + "\n")
-        self._draw()
-
-    def close(self) -> None:
-        self._clear()
-        self._status = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Children
-# ---------------------------------------------------------------------------------------------
-
-
-async def _lines(stream: trio.abc.ReceiveStream | None) -> AsyncIterator[str]:
-    """The stream's lines, without their newlines, until EOF."""
-    if stream is None:
-        return
-    buffer = b""
-    try:
-        async for chunk in stream:
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            for raw in complete:
-                yield raw.decode(errors="replace")
-    finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-    if buffer:
-        yield buffer.decode(errors="replace")
-
-
-def _exit_text(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
-
-
-@dataclass
-class Child:
-    """A child process (started by exec, or forked by the fork server), its output pipes,
-    how it exited, and the last lines it wrote on stderr."""
-
-    pid: int
-    stdout: trio.abc.ReceiveStream | None
-    stderr: trio.abc.ReceiveStream | None
-    process: trio.Process | None = None  # None: a fork server's child (it reports the exit)
-    returncode: int | None = None
-    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
-    exited: trio.Event = field(default_factory=trio.Event)
-
-    @classmethod
-    def of(cls, process: trio.Process, **more: Any) -> Self:
-        return cls(process.pid, process.stdout, process.stderr, process, **more)
-
-    @property
-    def alive(self) -> bool:
-        return not self.exited.is_set()
-
-    def set_exited(self, returncode: int) -> None:
-        if self.alive:
-            self.returncode = returncode
-            self.exited.set()
-
-    def signal(self, signum: int) -> None:
-        """Signal it unless it has been reaped (so its pid cannot have been reused)."""
-        if not self.alive:
-            return
-        try:
-            if self.process is not None:
-                if self.process.returncode is None:
-                    self.process.send_signal(signum)
-            else:
-                os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    async def reap(self) -> None:
-        """For an exec'ed child: wait for its exit and record it."""
-        assert self.process is not None
-        self.set_exited(await self.process.wait())
-
-    async def wait_exit(self) -> None:
-        """Wait until it has exited (reaping it ourselves if it was exec'ed)."""
-        if self.process is not None:
-            await self.reap()
-        else:
-            await self.exited.wait()
-
-
-@dataclass
-class Peer(Child):
-    """One peer process: what it reported so far."""
-
-    index: int = 0  # launch order, for peers that die before they have an id
-    peer_id: int | None = None
-    state: str = "starting"  # starting, running, finished, failed, stopped
-    ok: bool | None = None
-    summary: str | None = None
-    problem: str | None = None  # its last error (error, server-gone, failed finish)
-    last_log: str | None = None
-    failed_before_stop: bool = False  # it reported a failure before the launcher stopped
-    done: bool = False  # exited, output read, outcome decided
-
-    @property
-    def name(self) -> str:
-        if self.peer_id is not None:
-            return f"peer {self.peer_id}"
-        return f"peer #{self.index} (no id yet)"
-
-    def reason(self) -> str:
-        """The best one-line explanation of a failure."""
-        for candidate in (self.problem, *reversed(self.stderr_tail), self.last_log):
-            if candidate and candidate.strip():
-                return candidate.strip()
-        return "no message"
 
 
 class Launcher:
@@ -510,18 +329,20 @@ class Launcher:
         self.t0 = _STARTED
         self.own_dir: str | None = None
         self.socket_path = config.socket or ""
-        self.shm_name = config.shm_name or f"ivshmem-up-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.daemon: Child | None = None
+        self.shm_name = config.shm_name or unique_name("ivshmem-up")
+        self.supervisor: Supervisor | None = None
+        self.daemon: DaemonProcess | None = None
         self.forkserver: ForkServer | None = None
         self.kept = False  # --keep: the peers are done, the daemon stays up until a signal
-        self.daemon_ready = trio.Event()
         self.peers: list[Peer] = []
+        self.failed: list[Peer] = []  # in the order they failed: the first is the cause
         self.all_running_ms: float | None = None
         self.stopping = False
         self.stop_signal: int | None = None
         self.kill_now = False
         self.daemon_failed: str | None = None
         self._changed = trio.lowlevel.ParkingLot()
+        self._run_scope = trio.CancelScope()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -535,7 +356,7 @@ class Launcher:
     def _refresh(self) -> None:
         states = [p.state for p in self.peers]
         running = sum(1 for p in self.peers if p.peer_id is not None and p.alive)
-        finished, failed = states.count("finished"), states.count("failed")
+        finished, failed = states.count(PeerState.FINISHED), states.count(PeerState.FAILED)
         text = f"up: {running}/{self.config.peers} running, {finished} finished, {failed} failed"
         last = next((p.summary for p in reversed(self.peers) if p.summary and p.ok), None)
         if last:
@@ -549,126 +370,112 @@ class Launcher:
             env.setdefault(var, "1")
         return env
 
-    async def _spawn(self, argv: list[str], *, stdout: int = subprocess.PIPE) -> trio.Process:
-        return await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
-            env=self._child_env(), process_group=0,
-        )  # fmt: skip
+    def _verbose(self, who: Callable[[], str]) -> Callable[[str], None] | None:
+        """With -v, a printer of ``who()``'s log lines."""
+        if not self.config.verbose:
+            return None
+        return lambda line: self.display.line(f"{who()}: {line}")
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._changed.park()
 
     # -- the daemon -------------------------------------------------------------------------
 
-    def daemon_argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "ivshmemd", "-F", "-S", self.socket_path,
-                "-M", self.shm_name, "-n", str(self.config.vectors)]  # fmt: skip
-        if self.config.size is not None:
-            argv += ["-l", self.config.size]
-        return argv
+    async def _start_daemon(self, supervisor: Supervisor) -> DaemonProcess:
+        argv = daemon_command(self.socket_path, self.shm_name, self.config.vectors,
+                              self.config.size)  # fmt: skip
+        daemon = DaemonProcess(argv, self.socket_path, self.shm_name, self.config.vectors)
+        daemon.on_log = self._verbose(lambda: "daemon")
+        await supervisor.start(daemon, env=self._child_env(), notify=True, process_group=True)
+        return daemon
 
-    async def _run_daemon(self, daemon: Child) -> None:
-        async for line in _lines(daemon.stderr):
-            daemon.stderr_tail.append(line)
-            if self.config.verbose:
-                self.display.line(f"daemon: {line}")
-            if not self.daemon_ready.is_set() and _READY_MARK in line:
-                self.daemon_ready.set()
-                self._notify()
-        await daemon.reap()
-        if not self.stopping:
-            last = next((x for x in reversed(daemon.stderr_tail) if x.strip()), "no message")
-            self.daemon_failed = f"{_exit_text(daemon.returncode)}: {last.strip()}"
+    def _daemon_failure(self, daemon: DaemonProcess) -> str:
+        if daemon.alive:
+            return f"not listening after {DAEMON_READY_TIMEOUT:g} s"
+        last = next((x for x in reversed(daemon.log) if x.strip()), "no message")
+        return f"{exit_text(daemon.returncode)}: {last.strip()}"
+
+    async def _watch_daemon(self, daemon: DaemonProcess) -> None:
+        await daemon.wait_exit(math.inf)
+        if not self.stopping and self.daemon_failed is None:
+            self.daemon_failed = self._daemon_failure(daemon)
             self._begin_stop()
         self._notify()
 
     # -- the peers --------------------------------------------------------------------------
 
     def peer_argv(self) -> list[str]:
-        # --vectors: the device gets exactly the daemon's vectors (none with -n 0)
-        vectors = ["--vectors", str(self.config.vectors)] if self.config.vectors else []
-        return [sys.executable, "-m", "peers", "-S", self.socket_path,
-                "--plugin", self.config.plugin, "--report", "json", *vectors,
-                *self.config.plugin_args]  # fmt: skip
+        """Every peer's argv (its device gets exactly the daemon's vectors)."""
+        return peer_command(self.socket_path, self.config.plugin, self.config.plugin_args,
+                            vectors=self.config.vectors)  # fmt: skip
 
-    async def _start_peer(self, index: int, nursery: trio.Nursery) -> None:
-        argv = self.peer_argv()
-        peer: Peer | None = None
+    async def _start_peer(self, index: int, supervisor: Supervisor, nursery: trio.Nursery) -> None:
+        peer = Peer(self.peer_argv(), index)
+        peer.on_event = lambda event: self._on_peer_event(peer, event)
+        peer.on_log = self._verbose(lambda: peer.name)
+        started = False
         if self.forkserver is not None:
-            try:  # argv[3:]: what follows "python -m peers"
-                pid, stdout, stderr = await self.forkserver.spawn(argv[3:])
+            try:  # what follows "python -m peers"
+                pid, stdout, stderr = await self.forkserver.spawn(peer.argv[1 + len(PEER_MODULE) :])
             except ForkServerError as exc:
                 self.display.line(f"fork server: {exc}; starting the peer with exec")
             else:
-                peer = Peer(pid, stdout, stderr, index=index)
+                supervisor.adopt(peer, pid, stdout, stderr)
                 self.forkserver.register(peer)
-        if peer is None:
-            peer = Peer.of(await self._spawn(argv), index=index)
-            nursery.start_soon(peer.reap)
+                started = True
+        if not started:
+            await supervisor.start(peer, env=self._child_env(), events=True, process_group=True)
+        if self.stopping:
+            peer.stopping()
         self.peers.append(peer)
-        nursery.start_soon(self._pump_peer_stderr, peer)
-        nursery.start_soon(self._run_peer, peer)
+        nursery.start_soon(self._watch_peer, peer)
         self._notify()
 
-    async def _pump_peer_stderr(self, peer: Peer) -> None:
-        async for line in _lines(peer.stderr):
-            peer.stderr_tail.append(line)
-            if self.config.verbose:
-                self.display.line(f"{peer.name}: {line}")
+    def _on_peer_event(self, peer: Peer, line: dict[str, Any]) -> None:
+        try:
+            event = report.decode(line)
+        except report.ReportError:  # not the schema: keep it as something it said
+            event = report.PluginEvent("stdout", {"text": json.dumps(line)})
+        peer.reported(event)
+        verbose = self.config.verbose
+        match event:
+            case report.Running():
+                if not self.display.live or verbose:  # the progress line says it
+                    self.display.line(f"{peer.name} running (pid {peer.pid})")
+                self._count_running()
+            case report.Finished():
+                text = f": {peer.summary}" if peer.summary else ""
+                self.display.line(f"{peer.name} {'finished' if peer.ok else 'failed'}{text}")
+            case report.Log(message=message) if verbose:
+                self.display.line(f"{peer.name}: {message}")
+            case report.PeerJoined(peer_id=other) | report.PeerLeft(peer_id=other) if verbose:
+                self.display.line(f"{peer.name}: {type(event).KIND} {other}")
+        self._notify()
 
-    def _on_peer_event(self, peer: Peer, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "running":
-            peer.peer_id = event.get("peer_id")
-            peer.state = "running"
-            if not self.display.live or self.config.verbose:  # the progress line says it
-                self.display.line(f"{peer.name} running (pid {peer.pid})")
-            running = sum(1 for p in self.peers if p.peer_id is not None)
-            if running == self.config.peers and self.all_running_ms is None:
-                self.all_running_ms = self._ms()
-                self.display.result(
-                    f"all {self.config.peers} peers running after {self.all_running_ms:.0f} ms"
-                )
-        elif kind == "finished":
-            peer.ok = bool(event.get("ok"))
-            peer.summary = event.get("summary")
-            if not peer.ok:
-                peer.problem = peer.summary
-                peer.failed_before_stop = not self.stopping
-            text = f": {peer.summary}" if peer.summary else ""
-            self.display.line(f"{peer.name} {'finished' if peer.ok else 'failed'}{text}")
-        elif kind in ("error", "server-gone"):
-            peer.problem = str(event.get("message") or kind)
-        elif kind == "stopped":
-            peer.state = "stopped"
-        elif kind == "log":
-            peer.last_log = str(event.get("message"))
-            if self.config.verbose:
-                self.display.line(f"{peer.name}: {peer.last_log}")
-        elif kind in ("peer-joined", "peer-left") and self.config.verbose:
-            self.display.line(f"{peer.name}: {kind} {event.get('peer_id')}")
+    def _count_running(self) -> None:
+        running = sum(1 for p in self.peers if p.peer_id is not None)
+        if running == self.config.peers and self.all_running_ms is None:
+            self.all_running_ms = self._ms()
+            self.display.result(
+                f"all {self.config.peers} peers running after {self.all_running_ms:.0f} ms"
+            )
 
-    async def _run_peer(self, peer: Peer) -> None:
-        async for line in _lines(peer.stdout):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                peer.last_log = line  # a plugin printing on stdout: keep it as a log line
-                continue
-            if isinstance(event, dict):
-                self._on_peer_event(peer, event)
-                self._notify()
-        await peer.exited.wait()
-        returncode = peer.returncode
-        failed = returncode != 0 or peer.ok is False
-        if failed and self.stopping and not peer.failed_before_stop:
-            peer.state = "stopped"  # it went down with the rest: a consequence, not a cause
-        elif failed:
-            peer.state = "failed"
+    async def _watch_peer(self, peer: Peer) -> None:
+        await peer.wait_exit(math.inf)
+        self._settle(peer)
+
+    def _settle(self, peer: Peer) -> None:
+        """It has exited: decide its end state (once); a failure stops the run."""
+        if peer.state.ended:
+            return
+        if peer.exited() is PeerState.FAILED:
+            self.failed.append(peer)
             self.display.line(
-                f"{peer.name} (pid {peer.pid}) failed, {_exit_text(returncode)}: {peer.reason()}"
+                f"{peer.name} (pid {peer.pid}) failed, {exit_text(peer.returncode)}: "
+                f"{peer.reason()}"
             )
             self._begin_stop()
-        elif peer.state != "stopped":
-            peer.state = "finished"
-        peer.done = True
         self._notify()
 
     # -- signals ----------------------------------------------------------------------------
@@ -680,18 +487,21 @@ class Launcher:
                 if self.stop_signal is None:
                     self.stop_signal = signum
                     self._begin_stop()
+                    self._run_scope.cancel()
                     self.display.line(
                         f"{signal.Signals(signum).name} received, stopping (again to kill at once)"
                     )
                 else:
                     self.kill_now = True
                     for child in self._children():
-                        child.signal(signal.SIGKILL)
+                        child.kill()
                 self._notify()
 
     def _begin_stop(self) -> None:
         """From now on a peer that goes down is a consequence of stopping, not a failure."""
         self.stopping = True
+        for peer in self.peers:
+            peer.stopping()
 
     def _children(self) -> list[Child]:
         return [*self.peers, *([self.daemon] if self.daemon else [])]
@@ -701,71 +511,59 @@ class Launcher:
     def _should_stop(self) -> bool:
         if self.stopping:
             return True
-        return len(self.peers) == self.config.peers and all(p.done for p in self.peers)
-
-    async def _wait_until(self, condition: Any) -> None:
-        while not condition():
-            await self._changed.park()
-
-    async def _stop_child(self, child: Child) -> None:
-        child.signal(signal.SIGTERM)
-        with trio.move_on_after(0 if self.kill_now else STOP_GRACE):
-            await child.wait_exit()
-        if child.alive:
-            child.signal(signal.SIGKILL)
-            with trio.move_on_after(STOP_GRACE):
-                await child.wait_exit()
-            child.set_exited(-signal.SIGKILL)  # no news after SIGKILL: take it as dead
+        return len(self.peers) == self.config.peers and all(p.state.ended for p in self.peers)
 
     async def _stop_all(self) -> None:
         self._begin_stop()
+        grace = 0 if self.kill_now else STOP_GRACE
         async with trio.open_nursery() as nursery:
             for peer in self.peers:
-                nursery.start_soon(self._stop_child, peer)
+                nursery.start_soon(peer.stop, grace)
         if self.forkserver is not None:
             await self.forkserver.aclose()
         if self.daemon is not None:
-            await self._stop_child(self.daemon)
+            await self.daemon.stop(grace)
 
     async def run(self) -> int:
         """Run to the end; return the exit status."""
-        async with trio.open_nursery() as nursery:
+        async with open_supervisor() as supervisor, trio.open_nursery() as nursery:
             await nursery.start(self._watch_signals)
             try:
-                await self._run(nursery)
+                with self._run_scope:
+                    await self._run(supervisor, nursery)
             finally:
                 with trio.CancelScope(shield=True):
                     await self._stop_all()
                     self._cleanup_files()
+                    with trio.move_on_after(STOP_GRACE):  # their last words, then settle
+                        await self._wait_until(lambda: all(p.silent for p in self.peers))
+                    for peer in self.peers:
+                        self._settle(peer)
                 nursery.cancel_scope.cancel()
         return self._finish()
 
-    async def _run(self, nursery: trio.Nursery) -> None:
+    async def _run(self, supervisor: Supervisor, nursery: trio.Nursery) -> None:
         config = self.config
         if not self.socket_path:
             self.own_dir = tempfile.mkdtemp(prefix="ivshmem-up-")
             self.socket_path = os.path.join(self.own_dir, "ivshmem.sock")
         if config.fork_server:  # its imports overlap with the daemon's start-up
-            self.forkserver = await ForkServer.start(config.plugin, self._child_env())
+            self.forkserver = await ForkServer.start(supervisor, config.plugin, self._child_env())
             nursery.start_soon(self.forkserver.run)
-        self.daemon = Child.of(await self._spawn(self.daemon_argv(), stdout=subprocess.DEVNULL))
-        nursery.start_soon(self._run_daemon, self.daemon)
+        self.daemon = daemon = await self._start_daemon(supervisor)
+        nursery.start_soon(self._watch_daemon, daemon)
         if self.forkserver is not None:  # should we die, it stops the daemon and cleans up
             await self.forkserver.send(
-                {"guard": self.daemon.pid, "dir": self.own_dir, "shm": self.shm_name}
+                {"guard": daemon.pid, "dir": self.own_dir, "shm": self.shm_name}
             )
-        with trio.move_on_after(DAEMON_READY_TIMEOUT) as ready_scope:
-            await self._wait_until(
-                lambda: self.daemon_ready.is_set() or self.daemon_failed is not None
-                or self.stop_signal is not None
-            )  # fmt: skip
-        if ready_scope.cancelled_caught and not self.daemon_ready.is_set():
-            self.daemon_failed = f"not listening after {DAEMON_READY_TIMEOUT:g} s"
-        if not self.daemon_ready.is_set():
+        try:
+            await daemon.wait_ready(DAEMON_READY_TIMEOUT)
+        except ChildError:
+            self.daemon_failed = self.daemon_failed or self._daemon_failure(daemon)
             return
-        size = f", {config.size}" if config.size else ""
+        size = f", {config.size} bytes" if config.size else ""
         self.display.line(
-            f"daemon (pid {self.daemon.pid}) listening on {self.socket_path} "
+            f"daemon (pid {daemon.pid}) listening on {self.socket_path} "
             f"(shm {self.shm_name}{size}, {config.vectors} vectors) after {self._ms():.0f} ms; "
             f"starting {config.peers} peers running {config.plugin}"
         )
@@ -773,7 +571,7 @@ class Launcher:
             await self._wait_fork_server()
         async with trio.open_nursery() as starting:
             for index in range(config.peers):
-                starting.start_soon(self._start_peer, index, nursery)
+                starting.start_soon(self._start_peer, index, supervisor, nursery)
         await self._wait_until(self._should_stop)
         if config.keep and not self.stopping:
             self.kept = True
@@ -782,34 +580,31 @@ class Launcher:
                 f"--keep: the daemon stays up on {self.socket_path} (shm {self.shm_name}); "
                 "Ctrl-C to stop it"
             )
-            await self._wait_until(
-                lambda: self.stop_signal is not None or self.daemon_failed is not None
-            )
+            await self._wait_until(lambda: self.daemon_failed is not None)
 
     async def _wait_fork_server(self) -> None:
         assert self.forkserver is not None
         with trio.move_on_after(DAEMON_READY_TIMEOUT):
             await self.forkserver.ready.wait()
         if self.forkserver.gone or not self.forkserver.ready.is_set():
-            why = next(reversed(self.forkserver.stderr_tail), "no message")
+            why = next(reversed(self.forkserver.child.log), "no message")
             self.display.line(f"the fork server did not start ({why}); starting peers with exec")
             await self.forkserver.aclose()
             self.forkserver = None
         elif not self.display.live or self.config.verbose:
             self.display.line(
-                f"fork server (pid {self.forkserver.process.pid}) ready after {self._ms():.0f} ms"
+                f"fork server (pid {self.forkserver.child.pid}) ready after {self._ms():.0f} ms"
             )
 
     def _report_peers_done(self) -> None:
-        ok = sum(1 for p in self.peers if p.state == "finished")
+        ok = sum(1 for p in self.peers if p.state is PeerState.FINISHED)
         self.display.line(f"{ok} of {self.config.peers} peers finished ok")
 
     def _finish(self) -> int:
         self.display.close()
-        failed = [p for p in self.peers if p.state == "failed"]
-        for peer in failed:
+        for peer in self.failed:
             self.display.line(
-                f"FAILED: {peer.name} (pid {peer.pid}), {_exit_text(peer.returncode)}: "
+                f"FAILED: {peer.name} (pid {peer.pid}), {exit_text(peer.returncode)}: "
                 f"{peer.reason()}"
             )
         if self.daemon_failed is not None:
@@ -819,11 +614,11 @@ class Launcher:
             key=lambda p: (p.peer_id is None, p.peer_id or 0, p.index),
         )
         elapsed = self._ms() / 1000
-        if failed or self.daemon_failed is not None:
+        if self.failed or self.daemon_failed is not None:
             status = EXIT_FAILED
             self.display.line(f"stopped after {elapsed:.2f} s with failures")
         elif self.stop_signal is not None and not self.kept:
-            status = _SIGNAL_EXIT.get(self.stop_signal, EXIT_FAILED)
+            status = signal_exit(self.stop_signal)
             self.display.line(
                 f"stopped by {signal.Signals(self.stop_signal).name} after {elapsed:.2f} s"
             )
@@ -871,7 +666,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         return trio.run(launcher.run)
     except KeyboardInterrupt:  # a SIGINT before the signal receiver was installed
-        return _SIGNAL_EXIT[signal.SIGINT]
+        return signal_exit(signal.SIGINT)
     except (OSError, BaseExceptionGroup) as exc:  # the children are stopped by now
         problem = _os_error(exc)
         if problem is None:

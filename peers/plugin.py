@@ -43,6 +43,12 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "ivshmem.peers"
+#: The Doorbell register holds the destination peer id in bits 31..16, the vector below.
+DOORBELL_PEER_SHIFT = 16
+#: MSI-X: the message control register's offset in the capability, and the vector control
+#: word's in a table entry (PCI spec); what a driver writes to enable and unmask.
+MSIX_MESSAGE_CONTROL = 2
+MSIX_VECTOR_CONTROL = 12
 
 
 class PluginError(Exception):
@@ -54,13 +60,9 @@ class Guest:
 
     Guest-physical layout: RAM at :attr:`ram_gpa`; the device's BAR0 registers at
     :attr:`bar0_gpa`, BAR1 (MSI-X) at :attr:`bar1_gpa`, BAR2 (the shared memory) at
-    :attr:`shm_gpa`. Everything here goes through the vCPU, as a guest driver would.
+    :attr:`shm_gpa`. Everything here goes through the vCPU, as a guest driver would. The
+    register offsets are the device model's (:mod:`vmm.ivshmem`).
     """
-
-    REG_INTRMASK = 0x0
-    REG_INTRSTATUS = 0x4
-    REG_IVPOSITION = 0x8
-    REG_DOORBELL = 0xC
 
     def __init__(
         self,
@@ -77,6 +79,8 @@ class Guest:
         report: Callable[..., None],
         log: Callable[[str], None],
     ) -> None:
+        from vmm.ivshmem import REG_DOORBELL, REG_IVPOSITION  # loaded with the VM already
+
         self.vm = vm
         self.vcpu = vcpu
         self.device = device
@@ -87,7 +91,8 @@ class Guest:
         self.shm_gpa = shm_gpa
         self.shm_size = device.shm_size
         self.vectors = device.vectors
-        self._doorbell_gpa = bar0_gpa + self.REG_DOORBELL
+        self._doorbell_gpa = bar0_gpa + REG_DOORBELL
+        self._ivposition_gpa = bar0_gpa + REG_IVPOSITION
         self._finish = finish
         self.report = report
         self.log = log
@@ -97,7 +102,7 @@ class Guest:
     @property
     def peer_id(self) -> int:
         """Our own id, read from the IVPosition register."""
-        return self.vcpu.read32(self.bar0_gpa + self.REG_IVPOSITION)
+        return self.vcpu.read32(self._ivposition_gpa)
 
     def peers(self) -> dict[int, int]:
         """The device's peer table: peer id -> connected vectors (ourselves included)."""
@@ -105,18 +110,18 @@ class Guest:
 
     def ring(self, peer_id: int, vector: int = 0) -> None:
         """Ring ``peer_id``'s ``vector``: a write to the Doorbell register."""
-        self.vcpu.write32(self._doorbell_gpa, (peer_id << 16) | vector)
+        self.vcpu.write32(self._doorbell_gpa, (peer_id << DOORBELL_PEER_SHIFT) | vector)
 
     def enable_msix(self, unmask: bool = True) -> None:
         """What a guest driver does at probe time: enable MSI-X, unmask every vector."""
         from vmm.pci import MSIX_CONTROL_ENABLE, MSIX_ENTRY_SIZE
 
-        msix = self.device.msix
-        control = self.device.config_read(msix.cap_offset + 2, 2)
-        self.device.config_write(msix.cap_offset + 2, 2, control | MSIX_CONTROL_ENABLE)
+        control_offset = self.device.msix.cap_offset + MSIX_MESSAGE_CONTROL
+        control = self.device.config_read(control_offset, 2)
+        self.device.config_write(control_offset, 2, control | MSIX_CONTROL_ENABLE)
         if unmask:
             for vector in range(self.vectors):
-                self.vcpu.write32(self.bar1_gpa + vector * MSIX_ENTRY_SIZE + 12, 0)
+                self.vcpu.write32(self.bar1_gpa + vector * MSIX_ENTRY_SIZE + MSIX_VECTOR_CONTROL, 0)
 
     def read_shm(self, offset: int, size: int) -> bytes:
         """Read the shared memory (BAR2) through the vCPU."""

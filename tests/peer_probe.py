@@ -3,8 +3,10 @@
 It connects with ``peers.client``, then prints one JSON object per line on stdout:
 ``{"event": "welcome", "id": N, "peers": {...}}``, ``{"event": "joined", "peer": P}`` once all
 of a peer's vectors have arrived, ``{"event": "left", "peer": P}``, and
-``{"event": "rung", "vector": V, "count": C}`` when one of its own eventfds fires. It reads
+``{"event": "rung", "vector": V, "counter": C}`` when one of its own eventfds fires. It reads
 commands on stdin: ``ring PEER VECTOR`` (prints ``{"event": "ringed", "ok": bool}``).
+
+:class:`ProbeProcess` is such a process under supervision (the ``probe`` fixture starts them).
 """
 
 from __future__ import annotations
@@ -12,10 +14,33 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 
+from ivshmemd.supervise import Child
 from peers.client import ClientError, IvshmemClient, PeerLeft, PeerVector, connect
+
+
+class ProbeProcess(Child):
+    """A probe process: its JSON events, its id, and its ``ring`` command."""
+
+    @classmethod
+    def command(cls, socket_path: str, vectors: int) -> ProbeProcess:
+        return cls([sys.executable, "-m", "tests.peer_probe", socket_path, str(vectors)])
+
+    @property
+    def peer_id(self) -> int:
+        """The id the daemon gave it (from its welcome line)."""
+        return int(self.first_of["welcome"]["id"])
+
+    async def ring(self, peer_id: int, vector: int) -> None:
+        """Ask it to ring ``peer_id``'s ``vector`` (it reports ``ringed``)."""
+        await self.send_line(f"ring {peer_id} {vector}")
+
+
+#: The ``probe`` fixture: ``client = await probe(socket_path, vectors)``.
+StartProbe = Callable[[str, int], Awaitable[ProbeProcess]]
 
 
 def emit(**fields: object) -> None:
@@ -30,7 +55,7 @@ async def watch_vector(index: int, fd: int) -> None:
             count = os.eventfd_read(fd)
         except BlockingIOError:
             continue
-        emit(event="rung", vector=index, count=count)
+        emit(event="rung", vector=index, counter=count)
 
 
 async def watch_server(client: IvshmemClient, vectors: int) -> None:

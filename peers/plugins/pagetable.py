@@ -18,21 +18,14 @@ import argparse
 import time
 from typing import Final
 
+from ivshmemd.argtypes import size
+
 from ..plugin import Guest, Plugin
 
 __all__ = ["PagetablePlugin", "format_result"]
 
 DEFAULT_SIZE: Final = 64 << 20
 MAX_VCPUS: Final = 512
-
-
-def _size(text: str) -> int:
-    from ivshmemd.sizes import SizeError, parse_size
-
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_result(result: object) -> list[str]:
@@ -72,7 +65,7 @@ class PagetablePlugin(Plugin):
         group.add_argument(
             "--size",
             dest="pt_size",
-            type=_size,
+            type=size,
             default=DEFAULT_SIZE,
             metavar="SIZE",
             help="test memslot size (default 64M)",

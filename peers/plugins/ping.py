@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from ivshmemd.protocol import MAX_PEER_ID
+
 from ..plugin import Guest, Plugin
 
 
@@ -57,8 +59,8 @@ class PingPlugin(Plugin):
             return f"--count must be at least 1, got {options.count}"
         if options.warmup < 0:
             return f"--warmup must not be negative, got {options.warmup}"
-        if options.partner is not None and not 0 <= options.partner <= 0xFFFF:
-            return f"--partner must be a peer id 0..65535, got {options.partner}"
+        if options.partner is not None and not 0 <= options.partner <= MAX_PEER_ID:
+            return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.partner}"
         return None
 
     def start(self, guest: Guest) -> None:

@@ -5,22 +5,8 @@ overrides); the lower id of a pair produces unless ``--role`` says otherwise. Ev
 the ring, header included, is written and read through the vCPU (``vcpu.write`` /
 ``vcpu.read`` / ``vcpu.read_into`` on BAR2), as a guest driver's loads and stores would be.
 
-Layout in the shared memory (all integers little-endian, each index on its own cache line)::
-
-    0x000  magic u64 | version u32 | checksum kind u16 | producer's doorbell vector u16
-           data offset u64 | ring size u64 | session u64 | total bytes u64
-           start time u64 (CLOCK_MONOTONIC ns) | max message u64
-    0x040  head u64        bytes the producer has published (free-running)
-    0x080  tail u64        bytes the consumer has released (free-running)
-    0x0c0  head event u64  the consumer asks for a doorbell once ``head`` passes this value
-    0x100  tail event u64  the producer asks for a doorbell once ``tail`` reaches this value
-    0x1000 data area, ``ring size`` bytes (a multiple of the page size)
-
-A message is a record at a 64-byte aligned ring offset: a 32-byte header (tag, sequence
-number, payload length, checksum of the payload) and the payload; a record may wrap around
-the end of the data area. The checksum is a 64-bit sum of the payload's little-endian
-words (C speed through numpy) or, with ``--checksum crc32``, zlib's CRC-32; the producer
-records which one in the ring header.
+The format (layout, ring header, records, checksums, index arithmetic) is
+:mod:`peers.plugins.ringformat`; this module moves the bytes and rings the doorbells.
 
 Memory ordering, as a real shared-memory ring does it: the producer writes the record, then
 publishes ``head``; the consumer reads ``head``, then the records before it, then publishes
@@ -76,65 +62,65 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Callable
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
+
+from ivshmemd.argtypes import size
+from ivshmemd.protocol import MAX_PEER_ID
 
 from ..plugin import Guest, Plugin
+from .ringformat import (
+    CHECKSUM_NAMES,
+    CHECKSUMS,
+    HEADER_READ,
+    HEADER_SIZE,
+    INDEX_OFFSETS,
+    MAGIC,
+    MAX_MESSAGE,
+    OFF_CONFIG,
+    OFF_HEAD,
+    OFF_HEAD_EVENT,
+    OFF_MAGIC,
+    OFF_TAIL,
+    OFF_TAIL_EVENT,
+    PAGE_SIZE,
+    RECORD_HEADER_SIZE,
+    VERSION,
+    RingHeader,
+    Window,
+    Words,
+    bad_records,
+    batch_bytes,
+    build_records,
+    head_event_passed,
+    parse_records,
+    producer_wake_tail,
+    record_size,
+    records_per_window,
+    spans,
+    tail_event_reached,
+    used,
+)
 
-__all__ = [
-    "CHECKSUMS",
-    "HEADER_SIZE",
-    "PAGE_SIZE",
-    "RECORD_HEADER",
-    "WINDOW",
-    "RingPlugin",
-    "batch_bytes",
-    "checksum_at",
-    "checksum_crc32",
-    "checksum_sum64",
-    "full_fence",
-    "record_size",
-]
+__all__ = ["RingPlugin", "full_fence"]
 
-PAGE_SIZE: Final = 4096
-#: The ring header occupies the first page of BAR2; the data area starts at the next one.
-HEADER_SIZE: Final = PAGE_SIZE
-MAGIC: Final = int.from_bytes(b"IVSHRING", "little")
-VERSION: Final = 2
-OFF_MAGIC: Final = 0x00
-OFF_CONFIG: Final = 0x08  # version .. max message, after the magic
-OFF_HEAD: Final = 0x40
-OFF_TAIL: Final = 0x80
-OFF_HEAD_EVENT: Final = 0xC0
-OFF_TAIL_EVENT: Final = 0x100
-#: version, checksum kind, producer vector, data offset, ring, session, total, start, max message
-CONFIG: Final = struct.Struct("<IHHQQQQQQ")
-RECORD_ALIGN: Final = 64
-RECORD_TAG: Final = 0x52454344  # "DCER" little-endian: a record starts here
-RECORD_HEADER: Final = struct.Struct("<IIQQQ")  # tag, seq, length, checksum, reserved
-_HDR: Final = RECORD_HEADER.size
-MAX_MESSAGE: Final = 1 << 30
 DEFAULT_BYTES: Final = 100 << 20
 DEFAULT_MESSAGE: Final = 64 << 10
-#: Each side moves about this many bytes of whole records (at least one) per guest access.
-WINDOW: Final = 512 << 10
-#: A sleeping side waits for 1/WAKE_FRACTION of the ring (see :func:`batch_bytes`).
-WAKE_FRACTION: Final = 4
-#: A payload's last word is its sequence number times this: no two messages are alike.
-STAMP: Final = 0x9E37_79B9_7F4A_7C15
 #: The producer publishes ``head`` this many times per batch (and before it sleeps).
 PUBLISHES_PER_BATCH: Final = 4
-MASK64: Final = (1 << 64) - 1
+#: What ``--corrupt-every`` XORs into a payload byte (a test aid).
+CORRUPTION: Final = 0x5A
+#: The vector each side rings its own doorbell on, to continue after yielding.
+SELF_VECTOR: Final = 0
+#: The producer rings the consumer on this vector.
+CONSUMER_VECTOR: Final = 0
+#: The consumer rings the producer on this vector when the producer's device has it (the
+#: producer names it in the ring header), else on vector 0.
+PRODUCER_VECTOR: Final = 1
 _BILLION: Final = 1_000_000_000
-
-Words = npt.NDArray[np.uint64]
 
 _FENCE_LOCK: Final = threading.Lock()
 
@@ -145,92 +131,6 @@ def full_fence() -> None:
     does not reorder with any load or store."""
     _FENCE_LOCK.acquire()
     _FENCE_LOCK.release()
-
-
-def checksum_sum64(payload: bytes | bytearray | memoryview) -> int:
-    """The payload's little-endian 64-bit words summed modulo 2**64 (a short tail counts as
-    one zero-padded word), plus its length: one numpy reduction, C speed."""
-    n = len(payload)
-    words = n >> 3
-    total = int(np.add.reduce(np.frombuffer(payload, np.uint64, words))) if words else 0
-    if n & 7:
-        total += int.from_bytes(payload[words << 3 :], "little")
-    return (total + n) & MASK64
-
-
-def checksum_crc32(payload: bytes | bytearray | memoryview) -> int:
-    """zlib's CRC-32 of the payload (slower than ``sum64``, also catches reordering)."""
-    return zlib.crc32(payload)
-
-
-#: Checksum kinds by name; the index is what the ring header records.
-CHECKSUMS: Final[dict[str, Callable[[bytes | bytearray | memoryview], int]]] = {
-    "sum64": checksum_sum64,
-    "crc32": checksum_crc32,
-}
-_CHECKSUM_NAMES: Final = list(CHECKSUMS)
-
-
-def _sum64_at(buf: memoryview, words: Words, start: int, n: int) -> int:
-    k = n >> 3
-    w = start >> 3
-    total = int(np.add.reduce(words[w : w + k]))
-    if n & 7:
-        total += int.from_bytes(buf[start + (k << 3) : start + n], "little")
-    return (total + n) & MASK64
-
-
-def _crc32_at(buf: memoryview, words: Words, start: int, n: int) -> int:
-    return zlib.crc32(buf[start : start + n])
-
-
-#: The same checksums of ``buf[start:start + n]`` (``start`` a multiple of 8), where
-#: ``words`` is ``buf`` seen as 64-bit words: no new array object per message.
-_CHECKSUMS_AT: Final[dict[str, Callable[[memoryview, Words, int, int], int]]] = {
-    "sum64": _sum64_at,
-    "crc32": _crc32_at,
-}
-
-
-def checksum_at(kind: str, buf: memoryview, words: Words, start: int, n: int) -> int:
-    """Checksum ``kind`` of ``buf[start:start + n]``; ``start`` is a multiple of 8 and
-    ``words`` is ``buf`` seen as little-endian 64-bit words (the hot path's form)."""
-    if start & 7:
-        raise ValueError(f"checksum_at needs an 8-byte aligned start, got {start}")
-    return _CHECKSUMS_AT[kind](buf, words, start, n)
-
-
-def record_size(length: int) -> int:
-    """Ring bytes a message of ``length`` payload bytes takes (header, payload, padding)."""
-    return -(-(_HDR + length) // RECORD_ALIGN) * RECORD_ALIGN
-
-
-def _records_per_window(largest: int, ring: int) -> int:
-    """How many of the largest records one guest access moves: about ``WINDOW`` bytes' worth
-    (at least one, never more than the ring holds)."""
-    return max(1, min((WINDOW + largest // 2) // largest, ring // largest))
-
-
-def batch_bytes(ring: int, largest: int) -> int:
-    """How far a sleeping side lets the other run before it wants a doorbell: a quarter of
-    the ring, but at most ``ring - largest`` (``largest``: the largest record).
-
-    The consumer sleeps until ``head`` passes its ``tail`` plus this; the producer, on a
-    full ring, sleeps until this much (at least its record) is free. The bound keeps them
-    from both sleeping: a blocked producer has more than this much published, and a
-    sleeping consumer has released everything but this much, which is past the tail the
-    producer waits for. The producer's last record always rings.
-    """
-    return min(ring // WAKE_FRACTION, ring - largest)
-
-
-def _size(text: str) -> int:
-    from ivshmemd.sizes import SizeError, parse_size
-
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class RingPlugin(Plugin):
@@ -245,21 +145,21 @@ class RingPlugin(Plugin):
         group.add_argument(
             "--bytes",
             dest="ring_bytes",
-            type=_size,
+            type=size,
             default=DEFAULT_BYTES,
             metavar="SIZE",
             help="total payload to move (default 100M)",
         )
         group.add_argument(
             "--message-size",
-            type=_size,
+            type=size,
             default=DEFAULT_MESSAGE,
             metavar="SIZE",
             help="payload bytes per message (default 64K)",
         )
         group.add_argument(
             "--ring-size",
-            type=_size,
+            type=size,
             default=None,
             metavar="SIZE",
             help="data area bytes, a multiple of 4K (default: the shared "
@@ -305,8 +205,8 @@ class RingPlugin(Plugin):
                     f"--ring-size {ring} cannot hold one {options.message_size}-byte message "
                     f"(a record takes {need} bytes)"
                 )
-        if options.ring_partner is not None and not 0 <= options.ring_partner <= 0xFFFF:
-            return f"--partner must be a peer id 0..65535, got {options.ring_partner}"
+        if options.ring_partner is not None and not 0 <= options.ring_partner <= MAX_PEER_ID:
+            return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.ring_partner}"
         if options.corrupt_every < 0:
             return f"--corrupt-every must not be negative, got {options.corrupt_every}"
         return None
@@ -382,23 +282,18 @@ class RingPlugin(Plugin):
         #: publish ``head`` every this many bytes: a few times per batch
         self.publish = max(1, self.batch // PUBLISHES_PER_BATCH)
         # The consumer rings us on vector 1 when our device has it (see the header).
-        self.doorbell_vector = 1 if guest.vectors >= 2 else 0
-        self.checksum_kind = _CHECKSUM_NAMES.index(opts.checksum)
-        self.check = _CHECKSUMS_AT[opts.checksum]
+        self.doorbell_vector = PRODUCER_VECTOR if guest.vectors > PRODUCER_VECTOR else 0
+        self.checksum_kind = CHECKSUM_NAMES.index(opts.checksum)
         self.total = opts.ring_bytes
         self.seq = 0
         # The staging area: ``slots`` records laid out as in the ring, random payloads. A
-        # batch of records is built there (each payload stamped with its sequence number in
-        # its first and last words, so no two messages are alike, then checksummed, then
-        # its header packed) and stored with one guest write.
+        # batch of records is built there (:meth:`_stage`) and stored with one guest write.
         full = record_size(self.message_size)
-        self.slots = _records_per_window(full, ring)
+        self.slots = records_per_window(full, ring)
         stage = bytearray(self.slots * full)
         stage[:] = np.random.default_rng(self.me).bytes(len(stage))
         self.stage = memoryview(stage)
         self.stage_words: Words = np.frombuffer(stage, np.uint64)
-        # one numpy reduction per batch when the payloads are whole 64-bit words
-        self.vector_sum = opts.checksum == "sum64" and self.message_size % 8 == 0
         guest.log(
             f"ring: producing {self.total} bytes for peer {self.partner} in "
             f"{self.message_size}-byte messages through a {ring}-byte ring"
@@ -410,14 +305,15 @@ class RingPlugin(Plugin):
         self.started = True
         vcpu, base = self.guest.vcpu, self.guest.shm_gpa
         vcpu.write64(base + OFF_MAGIC, 0)
-        for offset in (OFF_HEAD, OFF_TAIL, OFF_HEAD_EVENT, OFF_TAIL_EVENT):
+        for offset in INDEX_OFFSETS:
             vcpu.write64(base + offset, 0)  # head event 0: the consumer waits for record 1
         self.start_ns = time.monotonic_ns()
-        vcpu.write(base + OFF_CONFIG, CONFIG.pack(
+        header = RingHeader(
             VERSION, self.checksum_kind, self.doorbell_vector, HEADER_SIZE, self.ring_size,
             int.from_bytes(os.urandom(8), "little"), self.total, self.start_ns,
             self.message_size,
-        ))  # fmt: skip
+        )  # fmt: skip
+        vcpu.write(base + OFF_CONFIG, header.pack())
         vcpu.write64(base + OFF_MAGIC, MAGIC)  # publishes the header
         self._produce()
 
@@ -428,6 +324,21 @@ class RingPlugin(Plugin):
         wanted = self.doorbell_vector
         return wanted if wanted < self.guest.peers().get(self.partner, 0) else 0
 
+    # -- the indices, through the vCPU ----------------------------------------------------
+
+    def _read_index(self, gpa: int) -> int:
+        assert self.guest is not None
+        return int.from_bytes(self.guest.vcpu.read(gpa, 8), "little")
+
+    def _write_index(self, gpa: int, value: int) -> None:
+        assert self.guest is not None
+        self.guest.vcpu.write(gpa, value.to_bytes(8, "little"))
+
+    def _yield(self) -> None:
+        """Let the event loop run; our own doorbell brings us back here."""
+        assert self.guest is not None
+        self.guest.ring(self.me, SELF_VECTOR)
+
     # -- producer -------------------------------------------------------------------------
 
     def _produce(self) -> None:
@@ -435,109 +346,98 @@ class RingPlugin(Plugin):
         write each), publishing ``head`` every ``publish`` bytes (and before sleeping or
         yielding) and ringing the consumer when a publication crosses its head event; sleep
         (return) when the ring is full, after asking for a doorbell once a batch of it is
-        free."""
-        guest = self.guest
-        assert guest is not None
-        vcpu = guest.vcpu
-        read, write = vcpu.read, vcpu.write
-        tail_gpa, data_gpa = self.tail_gpa, self.data_gpa
-        ring, stage, stage_words = self.ring_size, self.stage, self.stage_words
-        size, total, check, slots = self.message_size, self.total, self.check, self.slots
-        batch, publish, vector_sum = self.batch, self.publish, self.vector_sum
-        corrupt = self.options.corrupt_every
-        pack_into = RECORD_HEADER.pack_into
-        add_reduce = np.add.reduce
-        fence_acquire, fence_release = _FENCE_LOCK.acquire, _FENCE_LOCK.release
-        head, tail = self.head, self.tail
-        moved, seq = self.moved, self.seq
-        budget = ring
-        while moved < total:
-            left = total - moved
-            if left >= size:
-                length, count = size, left // size
-            else:  # the last, shorter message
-                length, count = left, 1
-            rec = (_HDR + length + RECORD_ALIGN - 1) & -RECORD_ALIGN
-            free = ring - (head - tail)
-            if free < rec:
-                tail = int.from_bytes(read(tail_gpa, 8), "little")
-                free = ring - (head - tail)
-                if free < rec:
-                    # Full: publish what we wrote, ask for a doorbell once a batch (at
-                    # least this record) is free, fence, and look again before sleeping.
-                    if head != self.checked:
-                        self._publish(head, False)
-                    want = head - ring + max(batch, rec)
-                    write(self.tail_event_gpa, want.to_bytes(8, "little"))
-                    fence_acquire()
-                    fence_release()
-                    tail = int.from_bytes(read(tail_gpa, 8), "little")
-                    if tail < want:
-                        break  # the release that reaches ``want`` rings us
-                    free = ring - (head - tail)
-            if budget < rec:  # yield to the event loop, continue on our own doorbell
-                guest.ring(self.me, 0)
+        free. At most a ring's worth per call, then yield."""
+        budget = self.ring_size
+        while self.moved < self.total:
+            left = self.total - self.moved
+            length = min(self.message_size, left)  # the last message may be shorter
+            count = left // length
+            rec = record_size(length)
+            free = self._room(rec)
+            if free is None:
+                break  # the release that reaches the wake tail rings us
+            if budget < rec:
+                self._yield()
                 break
-            k = min(count, slots, free // rec, budget // rec)
-            size_k = k * rec
-            budget -= size_k
-            # Build the batch in the staging area: stamp, checksum, header.
-            words = length >> 3
-            step = rec >> 3
-            for j in range(k):
-                if words:
-                    stage_words[j * step + 4] = seq + 1 + j
-                    stage_words[j * step + 3 + words] = ((seq + 1 + j) * STAMP) & MASK64
-            if vector_sum and k > 1:
-                sums = add_reduce(
-                    stage_words[: k * step].reshape(k, step)[:, 4 : 4 + words], axis=1
-                ).tolist()
-                checksums = [(x + length) & MASK64 for x in sums]
-            else:
-                checksums = [check(stage, stage_words, j * rec + _HDR, length) for j in range(k)]
-            for j in range(k):
-                seq += 1
-                pack_into(stage, j * rec, RECORD_TAG, seq & 0xFFFFFFFF, length, checksums[j], 0)
-            flipped = []
-            if corrupt:  # test aid: damage the payload after checksumming it
-                for j in range(k):
-                    if (seq - k + 1 + j) % corrupt == 0:
-                        where = j * rec + _HDR + length // 2
-                        stage[where] ^= 0x5A
-                        flipped.append(where)
-            pos = head % ring
-            if pos + size_k <= ring:
-                write(data_gpa + pos, stage[:size_k])
-            else:  # wraps (a header never does: records are 64-byte aligned)
-                first = ring - pos
-                write(data_gpa + pos, stage[:first])
-                write(data_gpa, stage[first:size_k])
-            for where in flipped:
-                stage[where] ^= 0x5A
-            head += size_k
-            moved += k * length
-            if head - self.checked >= publish or moved >= total:
-                self._publish(head, moved >= total)
-        if head != self.checked:
-            self._publish(head, moved >= total)
-        self.messages += seq - self.seq
-        self.head, self.tail, self.moved, self.seq = head, tail, moved, seq
-        if moved >= total:
+            k = min(count, self.slots, free // rec, budget // rec)
+            budget -= k * rec
+            flipped = self._stage(k, length, rec)
+            self._store(k * rec, flipped)
+            self.moved += k * length
+            if self.head - self.checked >= self.publish or self.moved >= self.total:
+                self._publish(last=self.moved >= self.total)
+        if self.head != self.checked:
+            self._publish(last=self.moved >= self.total)
+        if self.moved >= self.total:
             self._check_released()
 
-    def _publish(self, head: int, last: bool) -> None:
+    def _room(self, rec: int) -> int | None:
+        """Free ring bytes for a record of ``rec`` bytes (reading the consumer's ``tail``
+        again if need be), or None when the ring stays full: then ``head`` is published, the
+        tail event asks for a doorbell once a batch is free, and the fence and a last look
+        make sure that release cannot have been missed."""
+        ring = self.ring_size
+        free = ring - used(self.head, self.tail)
+        if free >= rec:
+            return free
+        self.tail = self._read_index(self.tail_gpa)
+        free = ring - used(self.head, self.tail)
+        if free >= rec:
+            return free
+        if self.head != self.checked:
+            self._publish(last=False)
+        want = producer_wake_tail(self.head, ring, self.batch, rec)
+        self._write_index(self.tail_event_gpa, want)
+        full_fence()
+        self.tail = self._read_index(self.tail_gpa)
+        if self.tail < want:
+            return None
+        return ring - used(self.head, self.tail)
+
+    def _stage(self, k: int, length: int, rec: int) -> list[int]:
+        """Build the next ``k`` records in the staging area (the format's
+        :func:`~peers.plugins.ringformat.build_records`). Returns the payload bytes
+        ``--corrupt-every`` flipped."""
+        first_seq = self.seq + 1
+        build_records(self.stage, self.stage_words, k, length, first_seq, self.options.checksum)
+        self.seq += k
+        self.messages += k
+        return self._corrupt(first_seq, k, length, rec)
+
+    def _corrupt(self, first_seq: int, k: int, length: int, rec: int) -> list[int]:
+        """Test aid (``--corrupt-every N``): damage every Nth payload after its checksum."""
+        every = self.options.corrupt_every
+        flipped = []
+        if every:
+            for j in range(k):
+                if (first_seq + j) % every == 0:
+                    where = j * rec + RECORD_HEADER_SIZE + length // 2
+                    self.stage[where] ^= CORRUPTION
+                    flipped.append(where)
+        return flipped
+
+    def _store(self, size: int, flipped: list[int]) -> None:
+        """Write the staged ``size`` bytes at ``head`` (two writes where the ring wraps),
+        undo the test aid's damage in the staging area, advance ``head``."""
+        assert self.guest is not None
+        write, stage = self.guest.vcpu.write, self.stage
+        for ring_offset, start, n in spans(self.head, size, self.ring_size):
+            write(self.data_gpa + ring_offset, stage[start : start + n])
+        for where in flipped:
+            stage[where] ^= CORRUPTION
+        self.head += size
+
+    def _publish(self, *, last: bool) -> None:
         """Publish ``head`` (the records before it are complete), fence, and ring the
         consumer if this publication moved head past the value it waits on, or if it is
         the ``last`` one."""
         assert self.guest is not None
-        vcpu = self.guest.vcpu
-        vcpu.write(self.head_gpa, head.to_bytes(8, "little"))
-        _FENCE_LOCK.acquire()
-        _FENCE_LOCK.release()
-        event = int.from_bytes(vcpu.read(self.head_event_gpa, 8), "little")
-        if self.checked <= event < head or last:
-            self.guest.ring(self.partner, 0)
-        self.checked = head
+        self._write_index(self.head_gpa, self.head)
+        full_fence()
+        event = self._read_index(self.head_event_gpa)
+        if head_event_passed(self.checked, event, self.head) or last:
+            self.guest.ring(self.partner, CONSUMER_VECTOR)
+        self.checked = self.head
 
     def _producer_event(self) -> None:
         if self.moved < self.total:
@@ -545,21 +445,17 @@ class RingPlugin(Plugin):
         else:
             self._check_released()
 
-    def _read_tail(self) -> int:
-        assert self.guest is not None
-        return self.guest.vcpu.read64(self.tail_gpa)
-
     def _check_released(self) -> None:
         """Everything is written: finish once the consumer has released it all (asking for
         a doorbell when it has, and looking again after the fence, before sleeping)."""
         assert self.guest is not None
         if self.done:
             return
-        tail = self._read_tail()
+        tail = self._read_index(self.tail_gpa)
         if tail != self.head:
-            self.guest.vcpu.write64(self.tail_event_gpa, self.head)
+            self._write_index(self.tail_event_gpa, self.head)
             full_fence()
-            tail = self._read_tail()
+            tail = self._read_index(self.tail_gpa)
         if tail == self.head:
             self.done = True
             self.guest.finish(self._summary("released by the consumer"))
@@ -570,7 +466,7 @@ class RingPlugin(Plugin):
         """Read the producer's header; False (after failing) if it is not a valid ring."""
         guest = self.guest
         assert guest is not None
-        raw = guest.read_shm(0, 0x40)  # the header, through the vCPU
+        raw = guest.read_shm(0, HEADER_READ)  # the header, through the vCPU
         magic = int.from_bytes(raw[:8], "little")
         if magic != MAGIC:
             self._fail(
@@ -578,32 +474,24 @@ class RingPlugin(Plugin):
                 f"memory (magic {magic:#x}): is it running the ring plugin as the producer?"
             )
             return False
-        version, kind, vector, data_off, ring, _session, total, start_ns, max_message = (
-            CONFIG.unpack_from(raw, OFF_CONFIG)
-        )
-        room = guest.shm_size - HEADER_SIZE
-        if (version != VERSION or kind >= len(_CHECKSUM_NAMES) or data_off != HEADER_SIZE
-                or ring % PAGE_SIZE or not 0 < ring <= room or total < 1
-                or not 0 < max_message <= MAX_MESSAGE
-                or record_size(max_message) > ring):  # fmt: skip
-            self._fail(
-                f"ring: bad ring header (version {version}, checksum {kind}, data at "
-                f"{data_off:#x}, ring {ring}, total {total}, max message {max_message})"
-            )
+        header = RingHeader.unpack(raw)
+        problem = header.problem(guest.shm_size)
+        if problem is not None:
+            self._fail(f"ring: {problem}")
             return False
+        ring, max_message = header.ring_size, header.max_message
         self.ring_size = ring
-        self.check = _CHECKSUMS_AT[_CHECKSUM_NAMES[kind]]
-        self.total = total
+        self.checksum_name = CHECKSUM_NAMES[header.checksum]
+        self.total = header.total
         self.max_message = max_message
-        self.start_ns = start_ns
-        self.doorbell_vector = vector
-        self.tail = self.checked = guest.vcpu.read64(self.tail_gpa)
+        self.start_ns = header.start_ns
+        self.doorbell_vector = header.doorbell_vector
+        self.tail = self.checked = self._read_index(self.tail_gpa)
         self.head = self.tail
         # The window: as many whole maximal records as fit in WINDOW (at least one), and
         # never more than the ring; a buffer reused for every read.
         largest = record_size(max_message)
-        self.window = largest * _records_per_window(largest, ring)
-        self.vector_sum = kind == _CHECKSUM_NAMES.index("sum64") and max_message % 8 == 0
+        self.window = largest * records_per_window(largest, ring)
         self.batch = batch_bytes(ring, largest)
         self.buf = memoryview(bytearray(self.window))
         self.words: Words = np.frombuffer(self.buf, np.uint64)
@@ -614,124 +502,90 @@ class RingPlugin(Plugin):
         """Verify and release everything the producer has published: read a window of
         whole records per guest access, verify each, release the window (``tail``), and
         ring the producer if that release reached its tail event. With nothing left, ask
-        for a doorbell on the next record, fence, look again, and sleep (return)."""
-        guest = self.guest
-        assert guest is not None
-        vcpu = guest.vcpu
-        read, write, read_into = vcpu.read, vcpu.write, vcpu.read_into
-        head_gpa, tail_gpa, data_gpa = self.head_gpa, self.tail_gpa, self.data_gpa
-        head_event_gpa, tail_event_gpa = self.head_event_gpa, self.tail_event_gpa
-        ring, window, buf, words, check = (
-            self.ring_size,
-            self.window,
-            self.buf,
-            self.words,
-            self.check,
-        )
-        fence_acquire, fence_release = _FENCE_LOCK.acquire, _FENCE_LOCK.release
-        unpack_from = RECORD_HEADER.unpack_from
-        limit, total, batch = self.max_message, self.total, self.batch
-        largest, vector_sum, add_reduce = record_size(limit), self.vector_sum, np.add.reduce
-        tail, head, checked = self.tail, self.head, self.checked
-        messages, moved = self.messages, self.moved
-        budget = ring
-        while moved < total:
-            if head == tail:
-                head = int.from_bytes(read(head_gpa, 8), "little")
-                if head == tail:
-                    # Nothing published: ask for a doorbell once a batch is (head past
-                    # ``want``), fence, and look again before sleeping.
-                    want = tail + batch
-                    write(head_event_gpa, want.to_bytes(8, "little"))
-                    fence_acquire()
-                    fence_release()
-                    head = int.from_bytes(read(head_gpa, 8), "little")
-                    if head <= want:
-                        break  # the publication that passes ``want`` (or the last) rings us
-            if not 0 < head - tail <= ring:
-                self._fail(f"ring: impossible head {head} with tail {tail} in a {ring}-byte ring")
+        for a doorbell on the next batch, fence, look again, and sleep (return). At most a
+        ring's worth per call, then yield."""
+        assert self.guest is not None
+        budget = self.ring_size
+        while self.moved < self.total:
+            if not self._published():
+                break  # the publication that passes the head event (or the last) rings us
+            if not 0 < used(self.head, self.tail) <= self.ring_size:
+                self._fail(
+                    f"ring: impossible head {self.head} with tail {self.tail} in a "
+                    f"{self.ring_size}-byte ring"
+                )
                 return
             if budget <= 0:
-                guest.ring(self.me, 0)
+                self._yield()
                 break
-            # One guest access (two where the ring wraps) for a window of whole records.
-            n = min(head - tail, window)
-            pos = tail % ring
-            if pos + n <= ring:
-                read_into(data_gpa + pos, buf[:n])
-            else:
-                first = ring - pos
-                read_into(data_gpa + pos, buf[:first])
-                read_into(data_gpa, buf[first:n])
-            # Check every whole record's header, then every checksum: all in one numpy
-            # reduction when the records are uniform, else one by one.
-            off = 0
-            first_seq = messages + 1
-            found: list[tuple[int, int, int]] = []  # (offset in the window, length, checksum)
-            uniform = vector_sum
-            while off < n and moved < total:
-                tag, seq, length, expected, _ = unpack_from(buf, off)
-                messages += 1
-                if tag != RECORD_TAG or seq != messages & 0xFFFFFFFF or not 0 < length <= limit:
-                    self._fail(
-                        f"ring: corrupt record header at ring offset {(tail + off) % ring} "
-                        f"(tag {tag:#x}, sequence {seq}, expected {messages & 0xFFFFFFFF}, "
-                        f"length {length})"
-                    )
-                    return
-                rec = (_HDR + length + RECORD_ALIGN - 1) & -RECORD_ALIGN
-                if off + rec > n:
-                    messages -= 1
-                    if rec > head - tail - off:
-                        self._fail(f"ring: record {seq} ({rec} bytes) runs past head {head}")
-                        return
-                    break  # it continues past the window: read it in the next one
-                found.append((off, length, expected))
-                uniform = uniform and length == limit
-                off += rec
-                moved += length
-            if uniform and len(found) > 1:
-                step = largest >> 3
-                sums = add_reduce(
-                    words[: len(found) * step].reshape(-1, step)[:, 4 : 4 + (limit >> 3)], axis=1
-                ).tolist()
-                got = [(x + limit) & MASK64 for x in sums]
-            else:
-                got = [check(buf, words, o + _HDR, length) for o, length, _ in found]
-            for j, (o, _length, expected) in enumerate(found):
-                if got[j] != expected:
-                    self.errors += 1
-                    if not self.first_error:
-                        self.first_error = (
-                            f"first in message {first_seq + j} at ring offset "
-                            f"{(tail + o) % ring} (checksum {got[j]:#x}, header says "
-                            f"{expected:#x})"
-                        )
-            # Release the window, fence, and ring the producer if it waits for this much.
-            tail += off
-            budget -= off
-            write(tail_gpa, tail.to_bytes(8, "little"))
-            fence_acquire()
-            fence_release()
-            event = int.from_bytes(read(tail_event_gpa, 8), "little")
-            if checked < event <= tail:
-                guest.ring(self.partner, self._partner_vector())
-            checked = tail
-        self.tail, self.head, self.checked, self.messages, self.moved = (
-            tail,
-            head,
-            checked,
-            messages,
-            moved,
-        )
-        if moved >= total:
+            n = min(used(self.head, self.tail), self.window)
+            self._read_window(n)
+            window = parse_records(self.buf, n, self.messages + 1, self.max_message,
+                                   self.total - self.moved, used(self.head, self.tail))  # fmt: skip
+            self._verify(window)
+            if window.problem is not None:
+                where = (self.tail + window.problem_at) % self.ring_size
+                self._fail(f"ring: {window.problem} at ring offset {where}")
+                return
+            budget -= window.size
+            self._release(window.size)
+        if self.moved >= self.total:
             self.done = True
             summary = self._summary("verified")
             if self.errors:
-                guest.fail(f"{summary}; FAILED: {self.errors} checksum errors, "
-                           f"{self.first_error}")  # fmt: skip
+                self.guest.fail(f"{summary}; FAILED: {self.errors} checksum errors, "
+                                f"{self.first_error}")  # fmt: skip
             else:
-                guest.finish(summary)
+                self.guest.finish(summary)
+
+    def _published(self) -> bool:
+        """Whether there is something to read; with nothing, ask for a doorbell once a
+        batch is published (head past the wake value), fence, and look again."""
+        if self.head != self.tail:
+            return True
+        self.head = self._read_index(self.head_gpa)
+        if self.head != self.tail:
+            return True
+        want = self.tail + self.batch
+        self._write_index(self.head_event_gpa, want)
+        full_fence()
+        self.head = self._read_index(self.head_gpa)
+        return self.head > want
+
+    def _read_window(self, n: int) -> None:
+        """``n`` ring bytes from ``tail`` into the window buffer (two reads where it wraps)."""
+        assert self.guest is not None
+        read_into, buf = self.guest.vcpu.read_into, self.buf
+        for ring_offset, start, length in spans(self.tail, n, self.ring_size):
+            read_into(self.data_gpa + ring_offset, buf[start : start + length])
+
+    def _verify(self, window: Window) -> None:
+        """Count the window's records, and those whose checksum is wrong (remembering the
+        first)."""
+        bad = bad_records(self.buf, self.words, window, self.checksum_name, self.max_message)
+        if bad:
+            self.errors += len(bad)
+            if not self.first_error:
+                j, got = bad[0]
+                self.first_error = (
+                    f"first in message {self.messages + 1 + j} at ring offset "
+                    f"{(self.tail + window.offsets[j]) % self.ring_size} (checksum {got:#x}, "
+                    f"header says {window.checksums[j]:#x})"
+                )
+        self.messages += window.count
+        self.moved += window.payload
+
+    def _release(self, size: int) -> None:
+        """Release ``size`` bytes (publish ``tail``), fence, and ring the producer if it
+        waits for this much."""
+        assert self.guest is not None
+        self.tail += size
+        self._write_index(self.tail_gpa, self.tail)
+        full_fence()
+        event = self._read_index(self.tail_event_gpa)
+        if tail_event_reached(self.checked, event, self.tail):
+            self.guest.ring(self.partner, self._partner_vector())
+        self.checked = self.tail
 
     def _fail(self, reason: str) -> None:
         self.done = True
@@ -759,7 +613,7 @@ class RingPlugin(Plugin):
         if not self.producing:
             self._ready()
         elif self.started:  # a doorbell may have gone out before we knew the partner
-            self.guest.ring(self.partner, 0)
+            self.guest.ring(self.partner, CONSUMER_VECTOR)
 
     def _ready(self) -> None:
         """Tell the producer we are set up (it starts the clock and the transfer)."""
@@ -776,7 +630,9 @@ class RingPlugin(Plugin):
             if self.done:
                 return
         self.done = True
-        released = self._read_tail() if self.producing and self.started else self.moved
+        released = (
+            self._read_index(self.tail_gpa) if self.producing and self.started else self.moved
+        )
         self.guest.fail(
             f"ring: partner {peer_id} left; {released} of "
             f"{self.total} bytes "

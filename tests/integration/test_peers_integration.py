@@ -326,6 +326,27 @@ async def test_launcher_reports_a_killed_peer() -> None:
     _no_leftovers(run)
 
 
+async def test_launcher_names_every_killed_peer() -> None:
+    """Issue 8, point 17: with 2 of 6 peers SIGKILLed, both are named, not only the first."""
+    async with launcher("--peers", "6", "--plugin", "monitor") as run:
+        await run.wait_line(run.out, r"^all 6 peers running")
+        victims = {}
+        for peer_id in (2, 4):
+            found = await run.wait_line(run.err, rf"peer {peer_id} running \(pid (\d+)\)")
+            victims[peer_id] = int(found.group(1))
+        for pid in victims.values():
+            os.kill(pid, signal.SIGKILL)
+        assert await run.wait() == 1, run.err
+    failed = [line for line in run.err if line.startswith("up: FAILED:")]
+    for peer_id, pid in victims.items():
+        assert any(
+            re.fullmatch(rf"up: FAILED: peer {peer_id} \(pid {pid}\), killed by SIGKILL: .*", x)
+            for x in failed
+        ), run.err
+    assert len(failed) == 2, run.err  # the survivors were stopped, not failed
+    _no_leftovers(run)
+
+
 async def test_launcher_stops_everything_on_sigint() -> None:
     async with launcher("--peers", "3", "--plugin", "monitor") as run:
         await run.wait_line(run.out, r"^all 3 peers running after \d+ ms$")
@@ -486,44 +507,25 @@ def test_the_progress_line_is_redrawn_under_the_status_lines() -> None:
 
 
 async def test_fork_server_forks_peers_and_reports_their_exits(tmp_path: Path) -> None:
+    from ivshmemd.supervise import Child, open_supervisor
     from peers.forkserver import ForkServer
 
-    server = await ForkServer.start("monitor", dict(os.environ))
-    async with trio.open_nursery() as nursery:
+    async with open_supervisor() as supervisor, trio.open_nursery() as nursery:
+        server = await ForkServer.start(supervisor, "monitor", dict(os.environ))
         nursery.start_soon(server.run)
         with trio.fail_after(TIMEOUT):
             await server.ready.wait()
         assert not server.gone
-
-        class Record:
-            def __init__(self, pid: int) -> None:
-                self.pid = pid
-                self.status: int | None = None
-                self.exited = trio.Event()
-
-            def signal(self, signum: int) -> None:
-                os.kill(self.pid, signum)
-
-            def set_exited(self, returncode: int) -> None:
-                self.status = returncode
-                self.exited.set()
-
         # A peer with no daemon to talk to: it says so on stderr and exits 1.
         socket_path = str(tmp_path / "nobody.sock")
-        pid, stdout, stderr = await server.spawn(
-            ["-S", socket_path, "--plugin", "monitor", "--wait", "0.2"]
-        )
-        record = Record(pid)
-        server.register(record)
-        with trio.fail_after(TIMEOUT):
-            await record.exited.wait()
-            err = b"".join([chunk async for chunk in stderr]).decode()
-            assert b"".join([chunk async for chunk in stdout]) == b""
-        assert record.status == 1
-        assert f"no ivshmem server answered on {socket_path}" in err
-        assert "Traceback" not in err
-        await stdout.aclose()
-        await stderr.aclose()
+        argv = ["-S", socket_path, "--plugin", "monitor", "--wait", "0.2"]
+        pid, stdout, stderr = await server.spawn(argv)
+        peer = supervisor.adopt(Child(argv), pid, stdout, stderr)
+        server.register(peer)
+        assert await peer.wait_exit(TIMEOUT) == 1
+        assert list(peer.events) == []
+        assert any(f"no ivshmem server answered on {socket_path}" in x for x in peer.log)
+        assert not any("Traceback" in line for line in peer.log), peer.log
         await server.aclose()
-        assert server.process.returncode == 0
+        assert server.child.returncode == 0
         nursery.cancel_scope.cancel()

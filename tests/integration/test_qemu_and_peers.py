@@ -9,17 +9,14 @@ plugin's interrupt handler reads the reply. The host sees both notes in the shm.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from ivshmemd.shm import attach_posix_shm
+from peers.pytest_plugin import DaemonFactory, PeerSpawner
 from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
-
-from tests.peerprocs import peer_processes
 
 pytestmark = pytest.mark.skipif(
     not qemu_available(), reason=f"{QEMU_BINARY} is not on PATH (install qemu-system-x86)"
@@ -31,23 +28,19 @@ QEMU_NOTE = b"hello from QEMU"
 
 
 async def test_qemu_vm_and_our_peer_ring_each_other_and_share_memory(
-    start_daemon: Any, monkeypatch: pytest.MonkeyPatch
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [
-        str(PLUGIN_DIR), os.environ.get("PYTHONPATH")])))  # fmt: skip
-    async with start_daemon(vectors=2, size="1M") as daemon, peer_processes() as spawn:
+    async with start_daemon(vectors=2, size="1M") as daemon:
         vm = await trio.to_thread.run_sync(
             lambda: QemuIvshmemVm.doorbell(daemon.socket_path, vectors=2)
         )
         try:
             assert await trio.to_thread.run_sync(vm.iv_position) == 0
-            peer = await spawn([
-                "-S", daemon.socket_path, "--plugin", "mailbox", "--to", "0", "--vector", "1",
-                "--text", PEER_NOTE.decode(), "--offset", "0x1000",
-                "--reply-offset", "0x2000", "--reply-len", str(len(QEMU_NOTE)),
-            ])  # fmt: skip
-            running = await peer.wait_event(event="running")
-            assert running["peer_id"] == 1
+            peer = await ivshmem_peers(daemon, "mailbox", [
+                "--to", "0", "--vector", "1", "--text", PEER_NOTE.decode(), "--offset",
+                "0x1000", "--reply-offset", "0x2000", "--reply-len", str(len(QEMU_NOTE)),
+            ], pythonpath=[PLUGIN_DIR])  # fmt: skip
+            assert peer.peer_id == 1
             await peer.wait_event(event="mailbox-rang", to=0, vector=1)
             # our doorbell reached QEMU's vector 1 (and only it); QEMU reads our note
             await trio.to_thread.run_sync(vm.wait_msix_pending, 1)

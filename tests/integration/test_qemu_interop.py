@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import mmap
 import os
-import selectors
 import signal
 import socket
-import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import pytest
 import trio
 
+from ivshmemd.supervise import DaemonProcess, SyncDaemon, unique_name
 from peers.client import IvshmemClient, PeerVector, connect
 from peers.qtest import (
     QEMU_BINARY,
@@ -33,7 +30,6 @@ from peers.qtest import (
     qemu_available,
     ring_until_pending,
 )
-from peers.testing import READY_PATTERN, DaemonProcess, daemon_command, unique_name
 
 pytestmark = pytest.mark.skipif(
     not qemu_available(), reason=f"{QEMU_BINARY} is not on PATH (install qemu-system-x86)"
@@ -41,8 +37,6 @@ pytestmark = pytest.mark.skipif(
 
 SHM_SIZE = 1 << 20
 VECTORS = 2
-DAEMON_START_TIMEOUT = 20.0
-DAEMON_STOP_TIMEOUT = 10.0
 #: Guest RAM where routed MSI-X messages land (the VMs have 16 MiB of RAM).
 MSI_GPA = 0x10000
 
@@ -84,78 +78,6 @@ def _attach_shm(name: str) -> shared_memory.SharedMemory:
     return shm
 
 
-class Daemon:
-    """``python -m ivshmemd -F`` as a child process; ready once it logs ``listening on``.
-
-    The synchronous twin of :func:`peers.testing.daemon_process`, for the synchronous QEMU
-    driver. Its stderr is read line by line (by a thread once it is up), so the log is at hand
-    for failure messages and the pipe can never fill up.
-    """
-
-    def __init__(self, socket_path: Path, shm_name: str, vectors: int, size: str) -> None:
-        self.socket_path = socket_path
-        self.shm_name = shm_name
-        self.log: list[str] = []
-        self.process = subprocess.Popen(
-            daemon_command(str(socket_path), shm_name, vectors, size, ()),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        assert self.process.stderr is not None
-        self._stderr = self.process.stderr
-        self._drainer: threading.Thread | None = None
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._stderr, selectors.EVENT_READ)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"ivshmemd did not start: {self.log}")
-                if not selector.select(remaining):
-                    continue
-                chunk = os.read(self._stderr.fileno(), 4096)
-                if not chunk:
-                    raise AssertionError(
-                        f"ivshmemd exited ({self.process.wait()}) during start-up: {self.log}"
-                    )
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                self.log += [line.decode(errors="replace") for line in lines]
-                if any(READY_PATTERN.search(line) for line in self.log):
-                    break
-        if buffer:
-            self.log.append(buffer.decode(errors="replace"))
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
-
-    def _drain(self) -> None:
-        for line in self._stderr:
-            self.log.append(line.decode(errors="replace").rstrip("\n"))
-
-    def stop(self) -> int:
-        """SIGTERM, wait (SIGKILL if it hangs); returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(DAEMON_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._drainer is not None:
-            self._drainer.join(DAEMON_STOP_TIMEOUT)
-        self._stderr.close()
-        return self.process.returncode
-
-
 @pytest.fixture
 def shm_name() -> Iterator[str]:
     name = unique_name("ivshmem-qemu-test")
@@ -166,13 +88,12 @@ def shm_name() -> Iterator[str]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, shm_name: str) -> Iterator[Daemon]:
+def daemon(
+    ivshmem_daemon_sync: Callable[..., AbstractContextManager[SyncDaemon]],
+) -> Iterator[SyncDaemon]:
     """Overrides conftest's async ``daemon``: these tests are synchronous, as the driver is."""
-    server = Daemon(tmp_path / "ivshmem.sock", shm_name, VECTORS, "1M")
-    try:
+    with ivshmem_daemon_sync(vectors=VECTORS, size="1M") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -187,7 +108,7 @@ def vms() -> Iterator[list[QemuIvshmemVm]]:
     assert _qemu_children() == [], "a QEMU process outlived its VM object"
 
 
-def _doorbell_vm(daemon: Daemon, vms: list[QemuIvshmemVm]) -> QemuIvshmemVm:
+def _doorbell_vm(daemon: SyncDaemon, vms: list[QemuIvshmemVm]) -> QemuIvshmemVm:
     vm = QemuIvshmemVm.doorbell(daemon.socket_path, vectors=VECTORS)
     vms.append(vm)
     return vm
@@ -286,7 +207,7 @@ def test_qemu_that_never_answers_is_killed_and_reaped(tmp_path: Path) -> None:
 # -- ivshmem-doorbell on our daemon ---------------------------------------------------------------
 
 
-def test_doorbells_between_two_vms(daemon: Daemon, vms: list[QemuIvshmemVm]) -> None:
+def test_doorbells_between_two_vms(daemon: SyncDaemon, vms: list[QemuIvshmemVm]) -> None:
     vm1 = _doorbell_vm(daemon, vms)
     vm2 = _doorbell_vm(daemon, vms)
     id1, id2 = vm1.iv_position(), vm2.iv_position()
@@ -308,7 +229,9 @@ def test_doorbells_between_two_vms(daemon: Daemon, vms: list[QemuIvshmemVm]) -> 
     assert _pending(vm1) == [True, False]
 
 
-def test_msix_message_is_delivered_to_guest_ram(daemon: Daemon, vms: list[QemuIvshmemVm]) -> None:
+def test_msix_message_is_delivered_to_guest_ram(
+    daemon: SyncDaemon, vms: list[QemuIvshmemVm]
+) -> None:
     vm1 = _doorbell_vm(daemon, vms)
     vm2 = _doorbell_vm(daemon, vms)
     vm1.qtest.writel(MSI_GPA, 0)
@@ -331,7 +254,7 @@ def test_msix_message_is_delivered_to_guest_ram(daemon: Daemon, vms: list[QemuIv
 
 
 def test_doorbells_to_unknown_peers_and_vectors_are_ignored(
-    daemon: Daemon, vms: list[QemuIvshmemVm]
+    daemon: SyncDaemon, vms: list[QemuIvshmemVm]
 ) -> None:
     vm1 = _doorbell_vm(daemon, vms)
     vm2 = _doorbell_vm(daemon, vms)
@@ -354,7 +277,7 @@ def test_doorbells_to_unknown_peers_and_vectors_are_ignored(
     assert daemon.process.poll() is None
 
 
-def test_shared_memory_between_vms_and_host(daemon: Daemon, vms: list[QemuIvshmemVm]) -> None:
+def test_shared_memory_between_vms_and_host(daemon: SyncDaemon, vms: list[QemuIvshmemVm]) -> None:
     vm1 = _doorbell_vm(daemon, vms)
     vm2 = _doorbell_vm(daemon, vms)
     host = _attach_shm(daemon.shm_name)
@@ -377,7 +300,7 @@ def test_shared_memory_between_vms_and_host(daemon: Daemon, vms: list[QemuIvshme
 
 
 def test_daemon_keeps_serving_after_a_vm_is_killed(
-    daemon: Daemon, vms: list[QemuIvshmemVm]
+    daemon: SyncDaemon, vms: list[QemuIvshmemVm]
 ) -> None:
     vm1 = _doorbell_vm(daemon, vms)
     vm2 = _doorbell_vm(daemon, vms)
@@ -401,12 +324,14 @@ def test_daemon_keeps_serving_after_a_vm_is_killed(
     assert vm1.read_bar2(0, 15) == b"after the crash"
 
 
-def test_daemon_shutdown_leaves_running_vms_alone(daemon: Daemon, vms: list[QemuIvshmemVm]) -> None:
+def test_daemon_shutdown_leaves_running_vms_alone(
+    daemon: SyncDaemon, vms: list[QemuIvshmemVm]
+) -> None:
     vm1 = _doorbell_vm(daemon, vms)
     vm2 = _doorbell_vm(daemon, vms)
     vm1.write_bar2(0, b"before shutdown")
     assert daemon.stop() == 0
-    assert not daemon.socket_path.exists()
+    assert not Path(daemon.socket_path).exists()
     assert not Path(f"/dev/shm/{daemon.shm_name}").exists()
     # QEMU keeps running on its own mapping of the memory.
     assert vm2.read_bar2(0, 15) == b"before shutdown"

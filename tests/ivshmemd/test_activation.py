@@ -3,19 +3,17 @@ small Python program that adopts it with :mod:`ivshmemd.activation` and serves a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import struct
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ivshmemd.activation import ActivationError, PassedFd, listen_fds, parse_listen_env
+from ivshmemd.supervise import SyncChild, SyncSupervisor
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 pytestmark = pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate not installed")
@@ -47,37 +45,17 @@ print(json.dumps(report))
 """
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=TIMEOUT)
-
-
-def start(procs: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
-    """Start systemd-socket-activate and wait (by reading its stderr) until it listens."""
+def start(supervisor: SyncSupervisor, *args: str) -> SyncChild:
+    """Start systemd-socket-activate and wait (for its log lines) until it listens."""
     assert ACTIVATE is not None
-    proc = subprocess.Popen(
-        [ACTIVATE, *args, sys.executable, "-c", CHILD],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    procs.append(proc)
-    expected = sum(1 for a in args if a.startswith("-l"))
-    lines: list[str] = []
-    assert proc.stderr is not None
-    while len(lines) < expected:
-        line = proc.stderr.readline()
-        assert line, "systemd-socket-activate exited before listening"
-        if line.startswith("Listening on"):
-            lines.append(line)
-    return proc
+    child = SyncChild([ACTIVATE, *args, sys.executable, "-c", CHILD])
+    supervisor.start(child, events=True)
+    child.wait_log("^Listening on", count=sum(1 for a in args if a.startswith("-l")))
+    return child
+
+
+def errors(child: SyncChild) -> str:
+    return "\n".join(child.log)
 
 
 def greet(path: Path) -> tuple[int, int]:
@@ -93,13 +71,12 @@ def greet(path: Path) -> tuple[int, int]:
     return version, peer_id
 
 
-def test_adopts_the_passed_listener(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+def test_adopts_the_passed_listener(tmp_path: Path, supervisor: SyncSupervisor) -> None:
     path = tmp_path / "ivshmem.sock"
-    proc = start(procs, "-l", str(path), "--fdname=ivshmem")
+    child = start(supervisor, "-l", str(path), "--fdname=ivshmem")
     assert greet(path) == (0, 7)
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, err
-    report = json.loads(out)
+    assert child.wait_exit(TIMEOUT) == 0, errors(child)
+    (report,) = child.events
     assert report == {
         "adopted": True,
         "path": str(path),
@@ -109,53 +86,45 @@ def test_adopts_the_passed_listener(tmp_path: Path, procs: list[subprocess.Popen
     }
 
 
-def test_picks_the_named_socket_among_several(
-    tmp_path: Path, procs: list[subprocess.Popen[str]]
-) -> None:
+def test_picks_the_named_socket_among_several(tmp_path: Path, supervisor: SyncSupervisor) -> None:
     other, ours = tmp_path / "other.sock", tmp_path / "ours.sock"
-    proc = start(procs, "-l", str(other), "-l", str(ours), "--fdname=metrics:ivshmem")
+    child = start(supervisor, "-l", str(other), "-l", str(ours), "--fdname=metrics:ivshmem")
     assert greet(ours) == (0, 7)
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, err
-    assert json.loads(out)["path"] == str(ours)
+    assert child.wait_exit(TIMEOUT) == 0, errors(child)
+    assert child.events[0]["path"] == str(ours)
 
 
-def test_unnamed_sockets_are_ambiguous(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+def test_unnamed_sockets_are_ambiguous(tmp_path: Path, supervisor: SyncSupervisor) -> None:
     a, b = tmp_path / "a.sock", tmp_path / "b.sock"
-    proc = start(procs, "-l", str(a), "-l", str(b))
+    child = start(supervisor, "-l", str(a), "-l", str(b))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(str(a))
-        _out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 2
-    assert "expected exactly one named 'ivshmem'" in err
-    assert "Traceback" not in err
+        assert child.wait_exit(TIMEOUT) == 2
+    assert "expected exactly one named 'ivshmem'" in errors(child)
+    assert "Traceback" not in errors(child)
 
 
-def test_datagram_socket_is_refused_clearly(
-    tmp_path: Path, procs: list[subprocess.Popen[str]]
-) -> None:
+def test_datagram_socket_is_refused_clearly(tmp_path: Path, supervisor: SyncSupervisor) -> None:
     path = tmp_path / "dgram.sock"
-    proc = start(procs, "--datagram", "-l", str(path))
+    child = start(supervisor, "--datagram", "-l", str(path))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
         client.sendto(b"wake up", str(path))
-    _out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 2
-    assert "is AF_UNIX SOCK_DGRAM" in err
-    assert "needs an AF_UNIX SOCK_STREAM listening socket" in err
-    assert "Traceback" not in err
+    assert child.wait_exit(TIMEOUT) == 2
+    assert "is AF_UNIX SOCK_DGRAM" in errors(child)
+    assert "needs an AF_UNIX SOCK_STREAM listening socket" in errors(child)
+    assert "Traceback" not in errors(child)
 
 
-def test_inet_socket_is_refused_clearly(procs: list[subprocess.Popen[str]]) -> None:
+def test_inet_socket_is_refused_clearly(supervisor: SyncSupervisor) -> None:
     # systemd-socket-activate refuses port 0: borrow a free port from the kernel.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = start(procs, "-l", f"127.0.0.1:{port}")
+    child = start(supervisor, "-l", f"127.0.0.1:{port}")
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
-        _out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 2
-    assert "is AF_INET SOCK_STREAM" in err
-    assert "Traceback" not in err
+        assert child.wait_exit(TIMEOUT) == 2
+    assert "is AF_INET SOCK_STREAM" in errors(child)
+    assert "Traceback" not in errors(child)
 
 
 def test_parse_listen_env() -> None:

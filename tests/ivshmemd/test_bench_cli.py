@@ -1,4 +1,5 @@
-"""The benchmarks' command lines: bad numbers are one clear usage error, never a traceback."""
+"""The benchmarks' command lines (every package's): bad numbers are one clear usage error,
+never a traceback. The one place for these cases."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
         ("peers.bench_ping", ["--count", "0"], "must be positive"),
         ("peers.bench", ["ring", "--bytes", "xx"], "invalid size"),
         ("vmm.bench", ["pagetable", "-b", "garbage"], "invalid size"),
+        ("vmm.bench", ["pagetable", "-s", "floppy"], "invalid choice"),
         ("vmm.bench", ["dirty-log", "-v", "0"], "positive integer"),
     ],
 )

@@ -3,7 +3,6 @@ thread with its own trio loop, real zmq sockets on ipc endpoints under a tempora
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 import trio
 import zmq
 
-from ivshmemd import ctl
+from ivshmemd import ctl, exitcodes
 from ivshmemd.control import (
     EVENTS_WELCOME,
     ControlEndpoints,
@@ -30,6 +29,7 @@ from ivshmemd.control import (
     default_events_endpoint,
     serve_control,
 )
+from ivshmemd.supervise import SyncChild, SyncSupervisor
 from tests.controlview import FakeDaemon
 
 T = TypeVar("T")
@@ -103,18 +103,6 @@ def server(tmp_path: Path) -> Iterator[ServerThread]:
         thread.stop()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(TIMEOUT)
-
-
 def run_ctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = ctl.main(list(argv))
     out, err = capsys.readouterr()
@@ -154,7 +142,7 @@ def test_kick_and_stats(server: ServerThread, capsys: pytest.CaptureFixture[str]
     assert (code, out) == (0, f"peer {peer} kicked\n")
     assert server.call(lambda: dict(server.daemon.table)) == {}
     code, out, err = run_ctl(capsys, "--control", server.endpoints.control, "kick", "9")
-    assert code == ctl.EXIT_ERROR
+    assert code == exitcodes.EXIT_FAILED
     assert out == ""
     assert "no peer with id 9 (no-such-peer)" in err
     code, out, _ = run_ctl(capsys, "--control", server.endpoints.control, "stats", "--json")
@@ -171,7 +159,7 @@ def test_no_daemon_is_a_clear_message(tmp_path: Path) -> None:
         text=True,
         timeout=TIMEOUT,
     )
-    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert result.returncode == exitcodes.EXIT_NO_DAEMON
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     # something at the path that never answers: the timeout
@@ -184,7 +172,7 @@ def test_no_daemon_is_a_clear_message(tmp_path: Path) -> None:
             text=True,
             timeout=TIMEOUT,
         )
-    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert result.returncode == exitcodes.EXIT_NO_DAEMON
     assert "no daemon answered" in result.stderr and "within 0.3 s" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -204,52 +192,51 @@ def test_permission_denied_for_another_uid() -> None:
     finally:
         thread.stop()
         shutil.rmtree(base, ignore_errors=True)
-    assert result.returncode == ctl.EXIT_NO_DAEMON
+    assert result.returncode == exitcodes.EXIT_NO_DAEMON
     assert "permission denied" in result.stderr and "mode 0600" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def start_watch(
-    procs: list[subprocess.Popen[str]], *argv: str, pub: zmq.Socket[bytes] | None = None
-) -> subprocess.Popen[str]:
+    supervisor: SyncSupervisor, *argv: str, pub: zmq.Socket[bytes] | None = None
+) -> SyncChild:
     """Start `ivshmemctl watch` and wait until it says its subscription is live. With a
     hand-made XPUB ``pub``, receive the subscription on it (that also sends the welcome)."""
-    proc = subprocess.Popen(
-        [*CTL, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    procs.append(proc)
+    watch = supervisor.start(SyncChild([*CTL, *argv]), events=True)
     if pub is not None:
         assert pub.recv_multipart() == [b"\x01"]
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert line.startswith("watching events on"), line
-    return proc
+    watch.wait_log("^watching events on")
+    return watch
 
 
-def test_watch_prints_events_live(server: ServerThread, procs: list[subprocess.Popen[str]]) -> None:
-    human = start_watch(procs, "-S", str(server.sock_path), "watch", "--count", "2")
-    machine = start_watch(procs, "-S", str(server.sock_path), "watch", "--json", "--count", "4")
+def printed(watch: SyncChild) -> list[str]:
+    """What a human-format watch printed on stdout, line by line."""
+    return [e["text"] for e in watch.matching(event="stdout")]
+
+
+def test_watch_prints_events_live(server: ServerThread, supervisor: SyncSupervisor) -> None:
+    human = start_watch(supervisor, "-S", str(server.sock_path), "watch", "--count", "2")
+    machine = start_watch(
+        supervisor, "-S", str(server.sock_path), "watch", "--json", "--count", "4"
+    )
     peer = server.call(server.daemon.join)
     # the human watcher prints the join before anything else happens
-    assert human.stdout is not None
-    first = human.stdout.readline()
+    first = human.wait_event(event="stdout")["text"]
     assert f"#1      peer-joined peer {peer} (2 vectors)" in first
     server.call(server.daemon.kick, peer)
     server.call(server.daemon.join, 1)
     server.call(server.daemon.leave, peer + 1)
-    out, err = human.communicate(timeout=TIMEOUT)
-    assert human.returncode == 0, err
-    assert "#2      peer-left   peer 0 (2 vectors), kicked" in out
-    out, err = machine.communicate(timeout=TIMEOUT)
-    assert machine.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
+    assert human.wait_exit(TIMEOUT) == 0, human.describe()
+    assert "#2      peer-left   peer 0 (2 vectors), kicked" in printed(human)[1]
+    assert machine.wait_exit(TIMEOUT) == 0, machine.describe()
+    events = list(machine.events)
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
     assert [e["event"] for e in events] == ["peer-joined", "peer-left"] * 2
     assert events[1]["reason"] == "kicked"
-    assert "gap" not in err
+    assert not machine.log_matching("gap")
 
 
-def test_watch_notes_a_sequence_gap(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+def test_watch_notes_a_sequence_gap(tmp_path: Path, supervisor: SyncSupervisor) -> None:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = context.socket(zmq.XPUB)
     pub.setsockopt(zmq.XPUB_WELCOME_MSG, EVENTS_WELCOME)
@@ -259,16 +246,16 @@ def test_watch_notes_a_sequence_gap(tmp_path: Path, procs: list[subprocess.Popen
     pub.bind(endpoint)
     try:
         args = ["--control", "tcp://127.0.0.1:9", "watch", "--events", endpoint]
-        watch = start_watch(procs, *args, pub=pub)
-        watch_json = start_watch(procs, "--json", *args, "--count", "3", pub=pub)
+        watch = start_watch(supervisor, *args, pub=pub)
+        watch_json = start_watch(supervisor, "--json", *args, "--count", "3", pub=pub)
         for seq in (1, 2, 5):
             pub.send_multipart(list(Event(seq, "peer-joined", seq, 1, 1.0e9).to_frames()))
-        out, err = watch_json.communicate(timeout=TIMEOUT)
-        assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 5]
-        assert "gap in the event sequence: 2 events missed (seq 3..4)" in err
-        watch.kill()
-        out, err = watch.communicate(timeout=TIMEOUT)
-        assert "gap in the event sequence: 2 events missed (seq 3..4)" in err
+        assert watch_json.wait_exit(TIMEOUT) == 0
+        assert [e["seq"] for e in watch_json.events] == [1, 2, 5]
+        gap = "gap in the event sequence: 2 events missed \\(seq 3..4\\)"
+        assert watch_json.log_matching(gap)
+        watch.wait_events(3, event="stdout")
+        watch.wait_log(gap)
     finally:
         pub.close(linger=0)
         context.term()
@@ -278,39 +265,73 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["kick", "70000"], ["kick", "x"], [], ["frobnicate"], ["--timeout", "0", "stats"]):
         with pytest.raises(SystemExit) as info:
             ctl.main(argv)
-        assert info.value.code == ctl.EXIT_USAGE
+        assert info.value.code == exitcodes.EXIT_USAGE
     capsys.readouterr()
 
 
-def register_demo(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """A subcommand provider of the kind `up` will be."""
+DEMO_PROVIDER = """
+def register(subparsers, common):
+    from ivshmemd import ctl
+
     p = subparsers.add_parser("demo", parents=[common])
     p.set_defaults(run=lambda args: 40 + len(ctl.resolve_endpoints(args)))
+"""
 
 
-def test_subcommands_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        ctl, "SUBCOMMAND_PROVIDERS", [*ctl.SUBCOMMAND_PROVIDERS, "tests.ivshmemd.test_ctl:register_demo"]
-    )
+@pytest.fixture
+def installed_provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Install (on sys.path, as a distribution) an ``ivshmemctl.commands`` entry point, as
+    a third-party package would ship one."""
+
+    def install(target: str) -> None:
+        site = tmp_path / "site"
+        (site / "ctl_demo_provider").mkdir(parents=True)
+        (site / "ctl_demo_provider" / "__init__.py").write_text(DEMO_PROVIDER)
+        info = site / "ctl_demo_provider-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ctl-demo-provider\n"
+                                       "Version: 1.0\n")  # fmt: skip
+        (info / "entry_points.txt").write_text(f"[{ctl.COMMANDS_GROUP}]\ndemo = {target}\n")
+        monkeypatch.syspath_prepend(str(site))
+
+    return install
+
+
+def test_subcommands_are_pluggable(installed_provider: Callable[[str], None]) -> None:
+    installed_provider("ctl_demo_provider:register")
     args = ctl.build_parser().parse_args(["demo", "-S", "/run/x.sock"])
     assert ctl.resolve_endpoints(args) == ("ipc:///run/x.sock.ctl", "ipc:///run/x.sock.events")
     assert ctl.main(["demo"]) == 42
 
 
 def test_up_is_a_subcommand_and_a_broken_provider_spares_the_rest(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    installed_provider: Callable[[str], None], capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = ctl.build_parser()
     assert parser.parse_args(["up", "--peers", "2", "--plugin", "ping"]).command == "up"
-    monkeypatch.setattr(
-        ctl, "SUBCOMMAND_PROVIDERS", ["no.such.module:register", *ctl.SUBCOMMAND_PROVIDERS]
-    )
+    installed_provider("no.such.module:register")
     args = ctl.build_parser().parse_args(["-S", "/run/x.sock", "status"])
     assert args.command == "status"
+    assert ctl.build_parser().parse_args(["up", "--peers", "1"]).command == "up"
     assert "commands of no.such.module:register unavailable" in capsys.readouterr().err
 
 
-def test_default_socket_is_the_daemons() -> None:
-    from ivshmemd import cli
+def test_help_lists_up_and_ctl_never_names_peers() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ivshmemd.ctl", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert any(line.split()[:1] == ["up"] for line in result.stdout.splitlines()), result.stdout
+    assert "peers." not in Path(ctl.__file__).read_text()
 
-    assert ctl.DEFAULT_SOCKET == cli.DEFAULT_SOCKET
+
+def test_every_command_defaults_to_the_daemons_socket() -> None:
+    from ivshmemd import cli
+    from ivshmemd.protocol import DEFAULT_SOCKET
+    from peers import cli as peer_cli
+
+    assert cli.parse_args(["-F"]).socket == DEFAULT_SOCKET
+    assert peer_cli.build_parser().parse_args([]).socket == DEFAULT_SOCKET
+    assert ctl.resolve_endpoints(ctl.build_parser().parse_args(["status"]))[0] == (
+        f"ipc://{DEFAULT_SOCKET}.ctl"
+    )

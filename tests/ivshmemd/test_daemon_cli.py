@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from ivshmemd.shm import attach_posix_shm, unlink_posix_shm
-from peers.testing import unique_name
-
+from ivshmemd.supervise import sync_daemon_process, unique_name
 from tests.rawclient import RawClient
 
 TIMEOUT = 20
@@ -103,13 +102,13 @@ def test_live_socket_is_refused_and_stale_socket_replaced(tmp_path: Path, shm_na
     finally:
         live.close()  # now stale: the file stays, nobody listens
     assert os.path.exists(path)
-    with daemon_in_background(path, shm_name) as proc:
+    with sync_daemon_process(tmp_path, socket_path=path, shm_name=shm_name) as daemon:
         client = socket.socket(socket.AF_UNIX)
         client.connect(path)
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0
-    assert not os.path.exists(path)
+        daemon.terminate()
+        assert daemon.wait_exit(TIMEOUT) == 0
+        assert not os.path.exists(path)  # removed by the daemon itself
 
 
 def test_regular_file_at_socket_path_is_not_replaced(tmp_path: Path, shm_name: str) -> None:
@@ -119,31 +118,6 @@ def test_regular_file_at_socket_path_is_not_replaced(tmp_path: Path, shm_name: s
     assert result.returncode == 1
     assert "is not a socket" in result.stderr
     assert path.read_text() == "precious"
-
-
-class daemon_in_background:
-    """A foreground daemon started with Popen; waits for its ready line on stderr."""
-
-    def __init__(self, path: str, shm_name: str, *extra: str) -> None:
-        self.argv = [sys.executable, "-m", "ivshmemd", "-F", "-S", path, "-M", shm_name, *extra]
-
-    def __enter__(self) -> subprocess.Popen[str]:
-        self.proc = subprocess.Popen(
-            self.argv, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        if "listening on" not in line:
-            self.proc.kill()
-            raise AssertionError(f"daemon did not start: {line}{self.proc.stderr.read()}")
-        return self.proc
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 def wait_pid_exit(pid: int) -> None:
@@ -218,24 +192,25 @@ async def test_shutdown_frees_peers_and_unlinks(start_daemon: Any, signum: int) 
 
 def test_keep_shm_and_contents_survive_a_restart(tmp_path: Path, shm_name: str) -> None:
     path = str(tmp_path / "sock")
-    with daemon_in_background(path, shm_name, "-l", "64K", "--keep-shm") as proc:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0
+    keep = {"socket_path": path, "shm_name": shm_name, "size": "64K"}
+    with sync_daemon_process(tmp_path, args=["--keep-shm"], **keep) as daemon:
+        daemon.terminate()
+        assert daemon.wait_exit(TIMEOUT) == 0
     assert shm_exists(shm_name)
     segment = attach_posix_shm(shm_name)
     try:
         segment.buf[:5] = b"hello"
     finally:
         segment.close()
-    with daemon_in_background(path, shm_name, "-l", "64K") as proc:
+    with sync_daemon_process(tmp_path, **keep) as daemon:
         segment = attach_posix_shm(shm_name)
         try:
             assert bytes(segment.buf[:5]) == b"hello"
             assert segment.size == 64 * 1024
         finally:
             segment.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0
+        daemon.terminate()
+        assert daemon.wait_exit(TIMEOUT) == 0
     assert not shm_exists(shm_name)
 
 

@@ -234,5 +234,5 @@ async def test_clients_that_vanish_at_once_are_dropped_cleanly(start_daemon: Any
             sock.close()
         await daemon.wait_log(r"peer \d+ left", count=50)
         assert daemon.fd_count() == fds_before  # closed by the time "left" is logged
-        assert await daemon.terminate() == 0
+        assert await daemon.stop() == 0
         assert daemon.count("fatal") == 0

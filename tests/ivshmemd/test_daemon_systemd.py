@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -23,7 +21,8 @@ import pytest
 import trio
 
 import ivshmemd.cli
-from peers.testing import daemon_command, daemon_process, unique_name
+from ivshmemd.supervise import Child, daemon_command, daemon_process, open_supervisor, unique_name
+from peers.pytest_plugin import DaemonFactory
 from tests.rawclient import RawClient
 
 TIMEOUT = 30.0
@@ -38,47 +37,25 @@ def _wired(module: str) -> pytest.MarkDecorator:
     )
 
 
-async def _datagrams(sock: trio.socket.SocketType, pattern: str) -> list[str]:
-    """Receive notify datagrams until an assignment matches the regular expression."""
-    rx = re.compile(pattern)
-    lines: list[str] = []
-    with trio.fail_after(TIMEOUT):
-        while not any(rx.fullmatch(line) for line in lines):
-            data = await sock.recv(4096)
-            lines.extend(data.decode().splitlines())
-    return lines
-
-
 @_wired("sdnotify")
-async def test_daemon_notifies_ready_status_and_stopping(tmp_path: Path) -> None:
-    notify_path = str(tmp_path / "notify")
-    sock_path = str(tmp_path / "d.sock")
-    shm_name = unique_name()
-    with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as notify:
-        await notify.bind(notify_path)
-        process = await trio.lowlevel.open_process(
-            daemon_command(sock_path, shm_name, 1, "64K", []),
-            env={**os.environ, "NOTIFY_SOCKET": notify_path},
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+async def test_daemon_notifies_ready_status_and_stopping(start_daemon: DaemonFactory) -> None:
+    # the daemon fixture is the notify socket's owner, as systemd would be; it waits for
+    # READY=1 before the block starts
+    async with start_daemon(vectors=1, size="64K") as daemon:
+        assert daemon.notified["READY"] == "1"
+        # READY=1 means listening: a peer is served at once
+        client = await RawClient.connect(daemon.socket_path)
+        assert await client.read(3) == [(0, False), (0, False), (-1, True)]
+        # STATUS= lines give the peer count
+        one_peer = re.compile(r".*\b1 peers?\b.*")
+        await daemon.wait_for(
+            lambda: one_peer.fullmatch(daemon.notified.get("STATUS", "")), "1 peer", TIMEOUT
         )
-        try:
-            await _datagrams(notify, "READY=1")
-            # READY=1 means listening: a peer is served at once
-            client = await RawClient.connect(sock_path)
-            assert await client.read(3) == [(0, False), (0, False), (-1, True)]
-            # STATUS= lines give the peer count
-            await _datagrams(notify, r"STATUS=.*\b1 peers?\b.*")
-            client.close()
-            process.send_signal(signal.SIGTERM)
-            await _datagrams(notify, "STOPPING=1")
-            with trio.fail_after(TIMEOUT):
-                assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-    assert not Path(f"/dev/shm/{shm_name}").exists()
+        client.close()
+        daemon.terminate()
+        assert await daemon.wait_exit(TIMEOUT) == 0
+        assert daemon.notified.get("STOPPING") == "1"
+    assert not Path(f"/dev/shm/{daemon.shm_name}").exists()
 
 
 @_wired("activation")
@@ -88,25 +65,11 @@ async def test_socket_activated_daemon_serves_the_passed_socket(tmp_path: Path) 
         pytest.skip("systemd-socket-activate is not installed")
     sock_path = str(tmp_path / f"act-{uuid.uuid4().hex[:6]}.sock")
     shm_name = unique_name()
-    process = await trio.lowlevel.open_process(
-        [
-            activate,
-            "-l",
-            sock_path,
-            "--fdname=ivshmem",
-            *daemon_command(sock_path, shm_name, 2, "64K", []),
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert process.stderr is not None
-        buffered = b""
-        with trio.fail_after(TIMEOUT):
-            while b"Listening on" not in buffered:
-                chunk = await process.stderr.receive_some()
-                assert chunk, "systemd-socket-activate exited before listening"
-                buffered += chunk
+    argv = [activate, "-l", sock_path, "--fdname=ivshmem",
+            *daemon_command(sock_path, shm_name, 2, "64K")]  # fmt: skip
+    async with open_supervisor() as supervisor:
+        activator = await supervisor.start(Child(argv))
+        await activator.wait_log("Listening on", timeout=TIMEOUT)
         # the daemon starts on this first connection and completes the handshake on it
         client = await RawClient.connect(sock_path)
         assert await client.read(3 + 2) == [(0, False), (0, False), (-1, True)] + [(0, True)] * 2
@@ -114,15 +77,8 @@ async def test_socket_activated_daemon_serves_the_passed_socket(tmp_path: Path) 
         assert (await second.read(3))[:2] == [(0, False), (1, False)]
         client.close()
         second.close()
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(TIMEOUT):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        if process.stderr is not None:
-            await process.stderr.aclose()
+        activator.terminate()
+        assert await activator.wait_exit(TIMEOUT) == 0
     # the socket belongs to whoever passed it (systemd): the daemon leaves it alone
     assert Path(sock_path).exists()
     assert not Path(f"/dev/shm/{shm_name}").exists()
@@ -145,15 +101,10 @@ async def test_ivshmemctl_against_the_daemon(tmp_path: Path) -> None:
         assert code == 0, err
         status = json.loads(out)
         assert status["peers"] == 0 and status["vectors"] == 2
-        watch = await trio.lowlevel.open_process(
-            [*CTL, "-S", sock, "watch", "--json", "--count", "4"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            assert watch.stderr is not None and watch.stdout is not None
-            with trio.fail_after(TIMEOUT):
-                assert (await watch.stderr.receive_some()).startswith(b"watching events on")
+        async with open_supervisor() as supervisor:
+            watch = Child([*CTL, "-S", sock, "watch", "--json", "--count", "4"])
+            await supervisor.start(watch, events=True)
+            await watch.wait_log("^watching events on", timeout=TIMEOUT)
             first = await RawClient.connect(sock)
             await first.read(3 + 2)
             second = await RawClient.connect(sock)
@@ -167,14 +118,7 @@ async def test_ivshmemctl_against_the_daemon(tmp_path: Path) -> None:
             assert (code, out) == (0, "peer 1 kicked\n"), err
             assert await first.read(1) == [(1, False)]  # the others are told
             first.close()
-            events: list[dict[str, object]] = []
-            buffered = b""
-            with trio.fail_after(TIMEOUT):
-                while buffered.count(b"\n") < 4:
-                    chunk = await watch.stdout.receive_some()
-                    assert chunk, "watch exited early"
-                    buffered += chunk
-            events = [json.loads(line) for line in buffered.splitlines()]
+            events = await watch.wait_events(4, timeout=TIMEOUT)
             assert [e["seq"] for e in events] == [1, 2, 3, 4]
             assert [(e["event"], e["peer_id"]) for e in events] == [
                 ("peer-joined", 0),
@@ -186,7 +130,3 @@ async def test_ivshmemctl_against_the_daemon(tmp_path: Path) -> None:
             code, out, _ = await _ctl("-S", sock, "stats", "--json")
             stats = json.loads(out)
             assert stats["joins"] == 2 and stats["leaves"] == 2
-        finally:
-            if watch.returncode is None:
-                watch.kill()
-            await watch.wait()

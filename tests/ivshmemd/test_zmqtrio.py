@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,15 @@ import trio.testing
 import zmq
 
 from ivshmemd.zmqtrio import TrioSocket
+from tests.wakeups import TaskSteps
+
+#: Seconds of quiet watched for wake-ups (a window to observe, not a wait for anything).
+OBSERVATION_WINDOW = 0.3
+MESSAGES = 5
+#: A receive parks on the fd once, then takes its cancel-shielded checkpoint.
+WAKEUPS_PER_MESSAGE = 3
+#: Wake-ups libzmq's signalling fd may cause without a message (its own commands).
+SPURIOUS_WAKEUPS = 2
 
 
 @pytest.fixture
@@ -190,14 +198,31 @@ async def test_send_waits_for_a_peer_then_completes(
     pull.close()
 
 
-async def test_idle_wait_does_not_spin(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+async def test_a_waiting_task_wakes_only_for_its_messages(
+    ctx: zmq.Context[zmq.Socket[bytes]], task_steps: TaskSteps
+) -> None:
+    """Counted, not timed: while nothing arrives the waiter never runs (a poller or a spinner
+    would run all through the window); then it runs a bounded number of times per message."""
     a, b = _pair(ctx, zmq.PAIR, zmq.PAIR, "inproc://idle")
-    wall0, cpu0 = time.monotonic(), time.process_time()
-    with trio.move_on_after(0.5):
-        await b.recv_multipart()
-    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
-    assert wall >= 0.5
-    assert cpu < wall / 5, f"idle wait burned {cpu:.3f}s CPU in {wall:.3f}s"
+    received: list[list[bytes]] = []
+
+    async def receive(task_status: trio.TaskStatus[trio.lowlevel.Task]) -> None:
+        task_status.started(trio.lowlevel.current_task())
+        for _ in range(MESSAGES):
+            received.append(await b.recv_multipart())
+
+    async with trio.open_nursery() as nursery:
+        waiter = await nursery.start(receive)
+        await trio.testing.wait_all_tasks_blocked()
+        parked = task_steps.of(waiter)
+        await trio.sleep(OBSERVATION_WINDOW)  # nothing to receive: it must not run
+        idle = task_steps.of(waiter) - parked
+        for index in range(MESSAGES):
+            await a.send_multipart([b"%d" % index])
+    busy = task_steps.of(waiter) - parked - idle
+    assert received == [[b"%d" % index] for index in range(MESSAGES)]
+    assert idle <= SPURIOUS_WAKEUPS, idle
+    assert busy <= WAKEUPS_PER_MESSAGE * MESSAGES + SPURIOUS_WAKEUPS, busy
     a.close()
     b.close()
 

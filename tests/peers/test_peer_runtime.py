@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import argparse
 import re
-import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.peerprocs import peer_processes
+from peers.pytest_plugin import DaemonFactory, PeerSpawner
 
 PING_LINE = re.compile(r"^ping: 300 round trips, p50 [0-9.]+ us, p99 [0-9.]+ us$")
 
 
 @pytest.mark.parametrize("loop", ["--fast-path", "--trio", "--fast-path --spin-us 20"])
-async def test_two_peers_play_ping(start_daemon: Any, loop: str) -> None:
-    async with start_daemon(vectors=1) as daemon, peer_processes() as spawn:
-        args = ["-S", daemon.socket_path, "--plugin", "ping", "--count", "300", *loop.split()]
-        server, answerer = await spawn(args), await spawn(args)
+async def test_two_peers_play_ping(
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner, loop: str
+) -> None:
+    async with start_daemon(vectors=1) as daemon:
+        args = ["--count", "300", *loop.split()]
+        server = await ivshmem_peers(daemon, "ping", args, wait_running=False)
+        answerer = await ivshmem_peers(daemon, "ping", args, wait_running=False)
         first = await server.wait_event(event="running")
         second = await answerer.wait_event(event="running")
         assert {first["peer_id"], second["peer_id"]} == {0, 1}
@@ -31,52 +34,52 @@ async def test_two_peers_play_ping(start_daemon: Any, loop: str) -> None:
 
 
 @pytest.mark.parametrize("loop", ["--fast-path", "--trio"])
-async def test_sigterm_stops_a_peer_cleanly(start_daemon: Any, loop: str) -> None:
-    async with start_daemon(vectors=1) as daemon, peer_processes() as spawn:
-        peer = await spawn(["-S", daemon.socket_path, "--plugin", "monitor", loop])
-        await peer.wait_event(event="running")
-        peer.process.send_signal(signal.SIGTERM)
+async def test_sigterm_stops_a_peer_cleanly(
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner, loop: str
+) -> None:
+    async with start_daemon(vectors=1) as daemon:
+        peer = await ivshmem_peers(daemon, "monitor", [loop])
+        peer.terminate()
         await peer.wait_event(event="stopped")
         assert await peer.wait_exit() == 0
         await daemon.wait_log("peer 0 left")
 
 
-async def test_daemon_going_away_is_reported(start_daemon: Any) -> None:
-    async with peer_processes() as spawn:
-        async with start_daemon(vectors=1) as daemon:
-            peer = await spawn(["-S", daemon.socket_path, "--plugin", "monitor"])
-            await peer.wait_event(event="running")
-        gone = await peer.wait_event(event="server-gone")
-        assert "closed the connection" in gone["message"]
-        assert await peer.wait_exit() == 1
+async def test_daemon_going_away_is_reported(
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
+) -> None:
+    async with start_daemon(vectors=1) as daemon:
+        peer = await ivshmem_peers(daemon, "monitor")
+    gone = await peer.wait_event(event="server-gone")
+    assert "closed the connection" in gone["message"]
+    assert await peer.wait_exit() == 1
 
 
-async def test_reconnect_after_the_daemon_restarts(start_daemon: Any, tmp_path: Any) -> None:
+async def test_reconnect_after_the_daemon_restarts(
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner, tmp_path: Path
+) -> None:
     socket_path = str(tmp_path / "stable.sock")
-    async with peer_processes() as spawn:
-        async with start_daemon(vectors=1, socket_path=socket_path):
-            peer = await spawn(["-S", socket_path, "--plugin", "monitor", "--reconnect"])
-            await peer.wait_event(event="running", peer_id=0)
-        await peer.wait_event(event="reconnecting")
-        async with start_daemon(vectors=1, socket_path=socket_path) as daemon:
-            await daemon.wait_log("peer 0 joined")
-            again = await peer.wait_event(event="running", nth=2)
-            assert again["peer_id"] == 0  # a fresh daemon, a fresh id
-            peer.process.send_signal(signal.SIGTERM)
-            assert await peer.wait_exit() == 0
+    async with start_daemon(vectors=1, socket_path=socket_path):
+        peer = await ivshmem_peers(socket_path, "monitor", ["--reconnect"])
+        assert peer.peer_id == 0
+    await peer.wait_event(event="reconnecting")
+    async with start_daemon(vectors=1, socket_path=socket_path) as daemon:
+        await daemon.wait_log("peer 0 joined")
+        again = await peer.wait_event(event="running", count=2)
+        assert again["peer_id"] == 0  # a fresh daemon, a fresh id
+        peer.terminate()
+        assert await peer.wait_exit() == 0
 
 
-async def test_interrupts_reach_the_plugin_through_msix(start_daemon: Any) -> None:
+async def test_interrupts_reach_the_plugin_through_msix(
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
+) -> None:
     """A ping peer serving partner 1 rings a monitor peer, whose plugin gets vector 0."""
-    async with start_daemon(vectors=2) as daemon, peer_processes() as spawn:
-        pinger = await spawn(
-            ["-S", daemon.socket_path, "--plugin", "ping", "--partner", "1", "--count", "1"]
-        )
-        await pinger.wait_event(event="running", peer_id=0)
-        monitor = await spawn(
-            ["-S", daemon.socket_path, "--plugin", "monitor", "--exit-after", "1"]
-        )
-        await monitor.wait_event(event="running", peer_id=1)
+    async with start_daemon(vectors=2) as daemon:
+        pinger = await ivshmem_peers(daemon, "ping", ["--partner", "1", "--count", "1"])
+        assert pinger.peer_id == 0
+        monitor = await ivshmem_peers(daemon, "monitor", ["--exit-after", "1"])
+        assert monitor.peer_id == 1
         done = await monitor.wait_event(event="finished")
         assert done["summary"] == "monitor: 1 interrupts"
         await monitor.wait_event(event="monitor", text="interrupt on vector 0")

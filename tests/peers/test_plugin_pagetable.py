@@ -8,50 +8,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.peers.test_plugin_ring import StartDaemon, peer_argv, plugin_env, run_peers
+from peers.pytest_plugin import DaemonFactory, PeerSpawner
 from vmm.bench.pagetable import STAGES
+
+PEER_TIMEOUT = 60.0
 
 
 async def test_pagetable_runs_all_three_stages_in_peers(
-    start_daemon: StartDaemon, tmp_path: Path
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
 ) -> None:
-    env = plugin_env(tmp_path, ["pagetable"])
     async with start_daemon(vectors=1, size="64K") as daemon:
-        runs = await run_peers(
-            [
-                peer_argv(daemon.socket_path, "pagetable", "--size", "8M"),
-                peer_argv(
-                    daemon.socket_path,
-                    "pagetable",
-                    "--size",
-                    "8M",
-                    "--backing",
-                    "thp",
-                    "--vcpus",
-                    "2",
-                ),
-            ],
-            env,
-        )
-    for run, (backing, vcpus) in zip(runs, [("anonymous", 1), ("thp", 2)], strict=True):
-        assert run.returncode == 0, run.stderr
-        figures = run.last("pagetable")
+        peers = [
+            await ivshmem_peers(daemon, "pagetable", options, wait_running=False)
+            for options in (
+                ["--size", "8M"],
+                ["--size", "8M", "--backing", "thp", "--vcpus", "2"],
+            )
+        ]
+        for peer in peers:
+            await peer.wait_exit(PEER_TIMEOUT)
+    for peer, (backing, vcpus) in zip(peers, [("anonymous", 1), ("thp", 2)], strict=True):
+        assert peer.returncode == 0, peer.describe()
+        figures = peer.matching(event="pagetable")[-1]
         assert (figures["backing"], figures["vcpus"], figures["size"]) == (backing, vcpus, 8 << 20)
         assert list(figures["times"]) == list(STAGES)
         assert all(seconds >= 0 for seconds in figures["times"].values())
         assert figures["tlb_conflict"] is None
         assert figures["table_pages"] > 0
-        logged = [e["message"] for e in run.events if e.get("event") == "log"]
+        logged = [e["message"] for e in peer.matching(event="log")]
         for stage in STAGES:
             assert any(line.startswith(f"{stage}: total execution time: ") for line in logged)
         assert f"Testing memory backing src type: {backing}" in logged
-        finished = run.last("finished")
+        finished = peer.matching(event="finished")[-1]
         assert finished["ok"] is True
         assert finished["summary"].startswith("pagetable: 3 stages on 0x800000 bytes")
 
 
-async def test_bad_pagetable_options_exit_2_with_a_clear_message(tmp_path: Path) -> None:
-    env = plugin_env(tmp_path, ["pagetable"])
+async def test_bad_pagetable_options_exit_2_with_a_clear_message(
+    ivshmem_peers: PeerSpawner, tmp_path: Path
+) -> None:
     socket_path = str(tmp_path / "no-daemon.sock")
     bad = [
         (["--vcpus", "0"], "--vcpus must be 1..512"),
@@ -59,8 +54,8 @@ async def test_bad_pagetable_options_exit_2_with_a_clear_message(tmp_path: Path)
         (["--size", "0"], "--size must be at least 1 byte"),
         (["--size", "lots"], "invalid size"),
     ]
-    runs = await run_peers([peer_argv(socket_path, "pagetable", *opts) for opts, _ in bad], env)
-    for (options, complaint), run in zip(bad, runs, strict=True):
-        assert run.returncode == 2, (options, run.stderr)
-        assert complaint in run.stderr, (options, run.stderr)
-        assert "Traceback" not in run.stderr
+    for options, complaint in bad:
+        peer = await ivshmem_peers(socket_path, "pagetable", options, wait_running=False)
+        assert await peer.wait_exit() == 2, (options, peer.describe())
+        errors = "\n".join(peer.stderr)
+        assert complaint in errors and "Traceback" not in errors, (options, errors)

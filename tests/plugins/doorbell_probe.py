@@ -97,14 +97,16 @@ class DoorbellProbe(Plugin):
     def start(self, guest: Guest) -> None:
         super().start(guest)
         self.me = guest.peer_id
-        if self.options.fail_id == self.me:
-            guest.fail(f"probe: peer {self.me} fails on purpose")
-            return
-        guest.enable_msix()
+        # set before anything can fail: the runtime may deliver a join while it exits
         self.handled: set[tuple[int, int]] = set()
         self.schedules: dict[int, list[Edge]] = {}
         self.owed: tuple[int, int] | None = None  # (round, step) waiting for its target
         self.started_round0 = False
+        self.failed = self.options.fail_id == self.me  # then it does nothing more
+        if self.failed:
+            guest.fail(f"probe: peer {self.me} fails on purpose")
+            return
+        guest.enable_msix()
         guest.report(event="probe-ready", peer_id=self.me, vectors=guest.vectors)
         self._maybe_start_round0()
 
@@ -185,6 +187,8 @@ class DoorbellProbe(Plugin):
             guest.report(event="round-done", round=round_)
 
     def peer_joined(self, peer_id: int) -> None:
+        if self.failed:
+            return
         if self.owed is not None:
             owed, self.owed = self.owed, None
             self._send(*owed)
@@ -193,6 +197,8 @@ class DoorbellProbe(Plugin):
     def peer_left(self, peer_id: int) -> None:
         guest = self.guest
         assert guest is not None
+        if self.failed:
+            return
         present = sorted(guest.peers())
         guest.report(event="peer-table", left=peer_id, peers=present)
         if not self.options.rerun_on_leave or self.me != present[0]:

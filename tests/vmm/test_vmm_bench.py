@@ -48,17 +48,6 @@ def test_dirty_log_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "clear dirty log" not in capsys.readouterr().out
 
 
-def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["pagetable", "-b", "huge"])
-    assert info.value.code == 2
-    assert "invalid size 'huge'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["pagetable", "-s", "floppy"])
-    with pytest.raises(SystemExit):
-        main(["dirty-log", "-v", "0"])
-
-
 def test_too_much_memory_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pagetable", "-b", "64T"]) == 2
     assert "does not fit" in capsys.readouterr().err

@@ -26,8 +26,8 @@ from ivshmemd.federation.schema import (
     encode_frame,
 )
 from ivshmemd.federation.transport import TransportError
+from ivshmemd.supervise import Child, open_supervisor
 from ivshmemd.zmqtrio import TrioSocket
-from tests.peerprocs import json_processes
 
 from .hosts import (
     LogWaiter,
@@ -204,17 +204,21 @@ async def test_a_member_killed_with_sigkill_is_announced_left_and_rejoins(
     command = [sys.executable, "-m", "tests.ivshmemd.federation.member_proc"]
     async with (
         federation_chain([ipc(tmp_path, n) for n in "ac"], timeout=1.0) as (_nursery, (a, c)),
-        json_processes(command) as spawn,
+        open_supervisor() as supervisor,
     ):
+
+        async def spawn(args: list[str]) -> Child:
+            return await supervisor.start(Child([*command, *args]), events=True)
+
         b = await spawn([listen_b, "2", "--peer", a.endpoint, "--locals", "2"])
         listening = await b.wait_event(event="listening")
         b_peers = set(listening["peers"])
         for node in (a, c):
             await node.host.wait_for(lambda n=node: set(n.host.remote) == b_peers, "b's peers")
-        await b.wait_event(event="member-joined", nth=2)  # a and c, via a's gossip
+        await b.wait_event(event="member-joined", count=2)  # a and c, via a's gossip
         with LogWaiter() as logged:
-            b.process.send_signal(signal.SIGKILL)
-            await b.process.wait()
+            b.send_signal(signal.SIGKILL)
+            await b.wait_exit()
             for node in (a, c):
                 await node.host.wait_for(lambda n=node: not n.host.remote, "b's peers left")
             line = await logged.wait_for(f"member {listen_b} at {listen_b} is dead")
@@ -227,7 +231,7 @@ async def test_a_member_killed_with_sigkill_is_announced_left_and_rejoins(
         back = set((await b2.wait_event(event="listening"))["peers"])
         for node in (a, c):
             await node.host.wait_for(lambda n=node: set(n.host.remote) == back, "rejoined")
-        await b2.wait_event(event="member-joined", nth=2)
+        await b2.wait_event(event="member-joined", count=2)
 
 
 async def test_a_member_shut_down_says_bye_and_its_restart_rejoins(tmp_path: Path) -> None:
