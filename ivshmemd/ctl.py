@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
 import zmq
 
+from ivshmemd import __version__
 from ivshmemd.argtypes import positive_float, positive_int
 from ivshmemd.control import (
     EVENTS_WELCOME,
@@ -481,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         "3 no daemon answered",
     )
     _add_target_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"ivshmemctl {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     _add_target_options(common, suppress=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

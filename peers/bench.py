@@ -145,11 +145,13 @@ def bench_ring(args: argparse.Namespace) -> dict[str, Any]:
         if set(figures) != {"producer", "consumer"}:
             raise BenchError(f"expected a producer and a consumer, got {sorted(figures)}")
         shm_size = int(peers[0].first_of["running"].get("shm_size", args.shm_size))
-        ring_size = args.ring_size or shm_size - HEADER_SIZE
+        # where the pair's ring was (its region in the shared-memory directory)
+        consumer_ring = figures["consumer"]
+        ring_size, offset = int(consumer_ring["ring_size"]), int(consumer_ring["offset"])
         fd = os.open(f"/dev/shm/{daemon.shm_name}", os.O_RDWR)
         try:
             with mmap.mmap(fd, shm_size) as mapping:
-                view = memoryview(mapping)
+                view = memoryview(mapping)[offset:]
                 try:
                     memcpy = memcpy_ring(view, args.bytes, args.message_size, ring_size)
                 finally:

@@ -86,13 +86,14 @@ def _pinned(cpu: int | None) -> Iterator[None]:
 def _run_ping(
     directory: str, count: int, loop: str, spin_us: float, cpu: int | None
 ) -> tuple[float, float]:
-    args = ["--count", str(count), f"--{loop}", "--spin-us", str(spin_us)]
+    args = ["--count", str(count)]
+    peer_args = [f"--{loop}", "--spin-us", str(spin_us)]
     with (
         _pinned(cpu),
         sync_daemon_process(directory, vectors=1) as daemon,
         sync_supervisor() as supervisor,
     ):
-        argv = peer_command(daemon.socket_path, "ping", args)
+        argv = peer_command(daemon.socket_path, "ping", args, peer_args=peer_args)
         peers = [supervisor.start(SyncPeerProcess(argv), events=True) for _ in range(2)]
         finished = [p.wait_event(event="finished", timeout=PEER_TIMEOUT) for p in peers]
         summaries = [str(event.get("summary")) for event in finished]

@@ -1,13 +1,16 @@
 """``ivshmem-peer``: one peer process running a plugin as its guest software.
 
-    ivshmem-peer -S SOCK --plugin NAME [--vectors N] [--wait SECONDS] [--reconnect]
-                 [--fast-path | --trio] [--report human|json] [plugin options]
+    ivshmem-peer [-S SOCK] [--vectors N] [--wait SECONDS] [--reconnect] [-v]
+                 [--fast-path | --trio] [--report human|json] --plugin NAME [PLUGIN OPTIONS]
 
-It connects to the daemon (retrying with backoff until it is up, for ``--wait`` seconds),
-builds the VM with the ivshmem device on the shared memory, runs the plugin, and exits when
-the plugin finishes (0, or 1 if it failed), on SIGTERM/SIGINT (0), or when the daemon goes
-away (1, with a message; ``--reconnect`` reconnects instead). Usage errors (an unknown
-plugin, bad plugin options) exit 2 with one clear line.
+Everything after ``--plugin NAME`` is the plugin's (:mod:`peers.cmdline`); ``--plugin NAME
+--help`` lists the plugin's options. It connects to the daemon (retrying with backoff until
+it is up, for ``--wait`` seconds), builds the VM with the ivshmem device on the shared
+memory, runs the plugin, and exits when the plugin finishes (0, or 1 if it failed), on
+SIGTERM/SIGINT (0), or when the daemon goes away (1, with a message; ``--reconnect``
+reconnects instead). Usage errors (an unknown plugin, bad plugin options) exit 2 with one
+clear line. A plugin that raises is reported in one line (``TYPE: message`` and where), its
+traceback only with ``-v``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ from typing import Any
 
 import trio
 
+from ivshmemd import __version__
 from ivshmemd.argtypes import size
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.protocol import DEFAULT_SOCKET
 
 from . import report
 from .client import ClientError, ServerGone, connect_with_retry
-from .plugin import Plugin, PluginError, available_plugins, load_plugin
+from .cmdline import UsageError, format_help, parse_plugin_options, split_at_plugin
+from .plugin import Plugin, PluginError, ShmDirectoryError, available_plugins, load_plugin
+from .wording import exception_line, plural, traceback_lines
 
 __all__ = ["main"]
 
@@ -38,19 +44,25 @@ DEFAULT_WAIT = 10.0
 RECONNECT_PAUSE = 0.05
 
 
+PROG = "ivshmem-peer"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: {message}\nTry '{self.prog} --help'.\n")
 
 
-def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``plugin``, its options are added in their own group."""
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the peer's own options (what comes before ``--plugin NAME``)."""
     p = _Parser(
-        prog="ivshmem-peer",
+        prog=PROG,
+        usage=f"{PROG} [-S PATH] [PEER OPTIONS] --plugin NAME [PLUGIN OPTIONS]",
         description="Run one emulated ivshmem peer: a VMM model with the ivshmem-doorbell "
         "device, whose guest software is a plugin.",
-        epilog="Plugins come from the entry-point group 'ivshmem.peers'; "
-        "--list-plugins shows them. 'ivshmem-peer --plugin NAME --help' shows NAME's options.",
+        epilog="Everything after --plugin NAME is the plugin's. Plugins come from the "
+        "entry-point group 'ivshmem.peers'; --list-plugins shows them. "
+        "'ivshmem-peer --plugin NAME --help' shows NAME's options.",
+        allow_abbrev=False,
     )
     p.add_argument(
         "-S",
@@ -59,7 +71,11 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         default=DEFAULT_SOCKET,
         help=f"the daemon's unix socket (default {DEFAULT_SOCKET})",
     )
-    p.add_argument("--plugin", metavar="NAME", help="the guest software to run")
+    p.add_argument(
+        "--plugin",
+        metavar="NAME",
+        help="the guest software to run; every option after it is the plugin's",
+    )
     p.add_argument("--list-plugins", action="store_true", help="list the plugins and exit")
     p.add_argument(
         "--vectors",
@@ -114,9 +130,13 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
         default="human",
         help="json: one JSON object per line on stdout (for the launcher)",
     )
-    if plugin is not None:
-        group = p.add_argument_group(f"options of the {plugin.name or 'selected'} plugin")
-        plugin.add_arguments(group)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show a plugin's traceback when it raises (one line without)",
+    )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
 
 
@@ -156,7 +176,12 @@ async def _connect(args: argparse.Namespace) -> Any:
     return await connect_with_retry(args.socket, vectors=args.vectors, timeout=args.wait)
 
 
-def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Reporter) -> int:
+def _run_once(
+    args: argparse.Namespace,
+    plugin_cls: type[Plugin],
+    options: argparse.Namespace,
+    reporter: Reporter,
+) -> int:
     # the VMM model (numpy and friends) is imported only when a peer really runs, so that
     # argument checking (the launcher validates up front) stays quick
     from .loops import Stopped, run_blocking, run_trio
@@ -164,11 +189,12 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
 
     client = trio.run(_connect, args)
     reporter.peer_id = client.peer_id
-    plugin = plugin_cls(args)
+    plugin = plugin_cls(options)
     try:
         machine = PeerMachine(
-            client, plugin, vectors=args.vectors, report=reporter, log=reporter.log
-        )
+            client, plugin, vectors=args.vectors, report=reporter, log=reporter.log,
+            plugin_name=args.plugin,
+        )  # fmt: skip
     except BaseException:
         client.close()
         raise
@@ -183,7 +209,8 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
         ))  # fmt: skip
         reporter.log(
             f"running plugin {args.plugin} (id {client.peer_id}, shm {client.shm_size} "
-            f"bytes, {machine.vectors} vectors, {'fast-path' if fast else 'trio'} loop)"
+            f"bytes, {plural(machine.vectors, 'vector')}, {'fast-path' if fast else 'trio'} "
+            "loop)"
         )
 
     try:
@@ -207,34 +234,57 @@ def _run_once(args: argparse.Namespace, plugin_cls: type[Plugin], reporter: Repo
     return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
+def _list_plugins() -> int:
+    for name, ep in sorted(available_plugins().items()):
+        try:
+            description = ep.load().description
+        except Exception as exc:  # a broken third-party plugin must not break the list
+            description = f"(fails to load: {exc})"
+        print(f"{name:12} {description}")
+    return EXIT_OK
+
+
+def _plugin_failed(exc: BaseException, args: argparse.Namespace, reporter: Reporter) -> int:
+    """The plugin raised: one line (its type, message and where), the traceback with -v."""
+    if isinstance(exc, ShmDirectoryError):
+        text = f"{args.plugin}: {exc}"
+    else:
+        text = f"plugin {args.plugin} raised {exception_line(exc)}"
+    if args.verbose:
+        for line in traceback_lines(exc):
+            reporter.log(line)
+    reporter.log(text)
+    reporter.emit(report.Error(text))
+    return EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ivshmem-peer`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    first, _rest = build_parser().parse_known_args(argv)
-    if first.list_plugins:
-        for name, ep in sorted(available_plugins().items()):
-            try:
-                description = ep.load().description
-            except Exception as exc:  # a broken third-party plugin must not break the list
-                description = f"(fails to load: {exc})"
-            print(f"{name:12} {description}")
-        return EXIT_OK
-    if not first.plugin:
-        build_parser().error("--plugin NAME is required (see --list-plugins)")
+    parser = build_parser()
     try:
-        plugin_cls = load_plugin(first.plugin)
-    except PluginError as exc:
-        print(f"ivshmem-peer: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    parser = build_parser(plugin_cls)
-    args = parser.parse_args(argv)
-    problem = plugin_cls.check_options(args)
-    if problem:
-        parser.error(f"plugin {first.plugin}: {problem}")
+        line = split_at_plugin(argv, parser)
+        plugin_cls = load_plugin(line.plugin) if line.plugin else None
+    except (UsageError, PluginError) as exc:
+        parser.error(str(exc))
+    if line.help:
+        print(format_help(PROG, parser, line.plugin, plugin_cls), end="")
+        return EXIT_OK
+    args = parser.parse_args(line.own)
+    if args.list_plugins:
+        return _list_plugins()
+    if plugin_cls is None:
+        parser.error("--plugin NAME is required (see --list-plugins)")
+    assert plugin_cls is not None
+    args.plugin = line.plugin
+    try:
+        options = parse_plugin_options(PROG, line, plugin_cls, parser)
+    except UsageError as exc:
+        parser.error(str(exc))
     reporter = Reporter(args.report)
     while True:
         try:
-            return _run_once(args, plugin_cls, reporter)
+            return _run_once(args, plugin_cls, options, reporter)
         except ServerGone as exc:
             if not args.reconnect:
                 reporter.log(f"the daemon went away ({exc}); exiting")
@@ -249,3 +299,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         except KeyboardInterrupt:
             return EXIT_OK
+        except Exception as exc:
+            return _plugin_failed(exc, args, reporter)

@@ -18,15 +18,19 @@ per datagram, fds by ``SCM_RIGHTS``:
 * server -> launcher ``{"spawned": TOKEN, "pid": PID}`` or ``{"failed": TOKEN, "error": ...}``;
 * server -> launcher ``{"exited": PID, "status": CODE}`` when it reaps a child (``CODE`` as
   ``subprocess`` reports it: negative for a signal);
-* launcher -> server ``{"guard": PID, "dir": PATH, "shm": NAME}``: should the launcher die
-  (EOF without a ``{"release": true}`` first), stop process PID (the daemon, held by a
-  pidfd, so never a recycled pid), remove the directory PATH and unlink the shm NAME.
+* launcher -> server ``{"guard": PID, "dir": PATH, "shm": NAME}`` (one per daemon): should
+  the launcher die (EOF without a ``{"release": true}`` first), stop process PID (a daemon,
+  held by a pidfd, so never a recycled pid), remove the directory PATH and unlink the shm
+  NAME.
 
 Children are the server's, so the server reaps them; the launcher signals them by pid, which
 is safe because a pid is only reused after its ``exited`` message. When the launcher goes away
 (EOF on the socket) or sends SIGTERM, the server SIGTERMs every child, SIGKILLs those still
 there after :data:`STOP_GRACE` seconds, reaps them all and exits: no orphan outlives it. If
-the launcher died (no release), the guarded daemon and its files go the same way.
+the launcher died (no release), the guarded daemons and their files go the same way.
+
+:meth:`ForkServer.start_peer` starts one supervised peer through the server (the launcher's
+and the pytest fixtures' way).
 """
 
 from __future__ import annotations
@@ -44,13 +48,15 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import trio
 
 from ivshmemd.supervise import Child, Supervisor
+
+from .harness import PEER_MODULE
 
 __all__ = [
     "MAX_MESSAGE",
@@ -123,7 +129,7 @@ class _Server:
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stop_requested = False
         self.selector = selectors.DefaultSelector()
-        self.guard: Guard | None = None
+        self.guards: list[Guard] = []
         self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
     # -- the child ------------------------------------------------------------------------
@@ -146,8 +152,7 @@ class _Server:
             os.dup2(stdout_fd, 1)
             os.dup2(stderr_fd, 2)
             _close([devnull, stdout_fd, stderr_fd, self.wake_read, self.wake_write])
-            if self.guard is not None:
-                _close([self.guard.pidfd])
+            _close([guard.pidfd for guard in self.guards])
             self.sock.close()
             sys.argv = ["ivshmem-peer", *argv]
             from .cli import main
@@ -269,24 +274,25 @@ class _Server:
     # -- the guard: what to clean up should the launcher die ------------------------------
 
     def _set_guard(self, message: dict[str, Any]) -> None:
-        self._release_guard()
         try:
             pidfd = os.pidfd_open(int(message["guard"]))
         except (OSError, ValueError, TypeError):
             return  # already gone, or no pidfd support: nothing to guard
-        self.guard = Guard(pidfd, message.get("dir"), message.get("shm"))
+        self.guards.append(Guard(pidfd, message.get("dir"), message.get("shm")))
 
     def _release_guard(self) -> None:
-        if self.guard is not None:
-            os.close(self.guard.pidfd)
-            self.guard = None
+        _close([guard.pidfd for guard in self.guards])
+        self.guards.clear()
 
     def _clean_up_after_launcher(self) -> None:
-        """The launcher died without releasing the guard: stop its daemon (SIGTERM, SIGKILL
-        after the grace period), then remove its socket directory and unlink its shm."""
-        guard = self.guard
-        if guard is None:
-            return
+        """The launcher died without releasing the guards: stop its daemons (SIGTERM,
+        SIGKILL after the grace period), then remove their socket directories and unlink
+        their shm."""
+        guards, self.guards = self.guards, []
+        for guard in guards:
+            self._clean_up(guard)
+
+    def _clean_up(self, guard: Guard) -> None:
         for signum in (signal.SIGTERM, signal.SIGKILL):
             try:
                 signal.pidfd_send_signal(guard.pidfd, signum)
@@ -295,7 +301,7 @@ class _Server:
             ready, _, _ = select.select([guard.pidfd], [], [], STOP_GRACE)
             if ready:  # a pidfd is readable once its process has exited
                 break
-        self._release_guard()
+        _close([guard.pidfd])
         if guard.directory:
             shutil.rmtree(guard.directory, ignore_errors=True)
         if guard.shm:
@@ -373,11 +379,13 @@ class ForkServer:
         self._send_lock = trio.Lock()
 
     @classmethod
-    async def start(cls, supervisor: Supervisor, preload: str, env: dict[str, str]) -> ForkServer:
-        """Start the server under ``supervisor`` (it imports the runtime and ``preload``,
-        then says it is ready)."""
+    async def start(
+        cls, supervisor: Supervisor, preload: Sequence[str], env: Mapping[str, str]
+    ) -> ForkServer:
+        """Start the server under ``supervisor`` (it imports the runtime and the plugins
+        named in ``preload``, then says it is ready)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), preload]
+        argv = [sys.executable, "-m", "peers.forkserver", str(theirs.fileno()), *preload]
         try:
             child = await supervisor.start(
                 Child(argv, log_limit=_TAIL_LINES), env=env, process_group=True,
@@ -472,6 +480,13 @@ class ForkServer:
             os.close(err_r)
             raise ForkServerError(reply.error)
         return reply.pid, trio.lowlevel.FdStream(out_r), trio.lowlevel.FdStream(err_r)
+
+    async def start_peer(self, supervisor: Supervisor, peer: Child) -> None:
+        """Fork ``peer`` (its argv is a :func:`peers.harness.peer_command`) and supervise it
+        as if ``supervisor`` had started it. Raises :class:`ForkServerError`."""
+        pid, stdout, stderr = await self.spawn(peer.argv[1 + len(PEER_MODULE) :])
+        supervisor.adopt(peer, pid, stdout, stderr)
+        self.register(peer)
 
     async def send(self, message: dict[str, Any]) -> None:
         """A message without fds (``guard``/``release``); ignored if the server is gone."""

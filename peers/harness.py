@@ -38,14 +38,21 @@ class PeerError(ChildError, AssertionError):
 
 
 def peer_command(
-    socket_path: str, plugin: str, args: Sequence[str] = (), *, vectors: int | None = None
+    socket_path: str,
+    plugin: str,
+    args: Sequence[str] = (),
+    *,
+    vectors: int | None = None,
+    peer_args: Sequence[str] = (),
 ) -> list[str]:
-    """The argv of a peer reporting JSON events: ``ivshmem-peer -S SOCK --plugin NAME
-    --report json [--vectors V] ARGS``. ``vectors`` gives its device exactly the daemon's
-    vector count (unless ``args`` already says ``--vectors``)."""
-    count = ["--vectors", str(vectors)] if vectors and "--vectors" not in args else []
-    return [sys.executable, *PEER_MODULE, "-S", socket_path, "--plugin", plugin,
-            "--report", "json", *count, *args]  # fmt: skip
+    """The argv of a peer reporting JSON events: ``ivshmem-peer -S SOCK --report json
+    [--vectors V] PEER_ARGS --plugin NAME ARGS``: ``args`` are the plugin's options,
+    ``peer_args`` the peer's own (``--trio``, ``--wait 5``; see :mod:`peers.cmdline`).
+    ``vectors`` gives its device exactly the daemon's vector count (unless ``peer_args``
+    already says ``--vectors``)."""
+    count = ["--vectors", str(vectors)] if vectors and "--vectors" not in peer_args else []
+    return [sys.executable, *PEER_MODULE, "-S", socket_path, "--report", "json", *count,
+            *peer_args, "--plugin", plugin, *args]  # fmt: skip
 
 
 def peer_environment(
@@ -98,14 +105,43 @@ class PeerRecord:
 
 
 class PeerProcess(PeerRecord, Child):
-    """One peer process (trio): its events, its log, and the waits a test needs."""
+    """One peer process (trio): its events, its log, and the waits a test needs. Every
+    wait's default timeout is :attr:`timeout` (the pytest fixtures set it from
+    ``--ivshmem-timeout`` / ``ivshmem_timeout``)."""
 
-    async def wait_running(self, timeout: float = WAIT_TIMEOUT) -> int:
+    def __init__(self, argv: Sequence[str], *, timeout: float = WAIT_TIMEOUT,
+                 **limits: int | None) -> None:  # fmt: skip
+        super().__init__(argv, **limits)
+        self.timeout = timeout
+
+    async def wait_events(
+        self, count: int, *, timeout: float | None = None, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` events match ``fields``; return the first ``count``."""
+        return await super().wait_events(count, timeout=timeout or self.timeout, **fields)
+
+    async def wait_event(
+        self, *, count: int = 1, timeout: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """The ``count``-th event matching ``fields``, waiting for it if need be."""
+        return await super().wait_event(count=count, timeout=timeout or self.timeout, **fields)
+
+    async def wait_log(
+        self, pattern: str, count: int = 1, timeout: float | None = None
+    ) -> list[str]:
+        """Wait until ``count`` log lines match ``pattern``; return the first ``count``."""
+        return await super().wait_log(pattern, count, timeout or self.timeout)
+
+    async def wait_exit(self, timeout: float | None = None) -> int:
+        """Wait until it has exited and its output is read; return its status."""
+        return await super().wait_exit(timeout or self.timeout)
+
+    async def wait_running(self, timeout: float | None = None) -> int:
         """Wait for the ``running`` event; return the peer id."""
         event = await self.wait_event(event=report.Running.KIND, timeout=timeout)
         return report.decode_as(event, report.Running).peer_id
 
-    async def wait_finished(self, timeout: float = WAIT_TIMEOUT) -> str | None:
+    async def wait_finished(self, timeout: float | None = None) -> str | None:
         """Wait until the plugin finishes; return its summary. Raises :class:`PeerError` if
         the plugin failed, or the peer stopped or died first."""
         return self.finished_summary(
@@ -117,11 +153,36 @@ class SyncPeerProcess(PeerRecord, SyncChild):
     """One peer process in blocking code: the same as :class:`PeerProcess` without
     ``await``."""
 
-    def wait_running(self, timeout: float = WAIT_TIMEOUT) -> int:
+    def __init__(self, argv: Sequence[str], *, timeout: float = WAIT_TIMEOUT,
+                 **limits: int | None) -> None:  # fmt: skip
+        super().__init__(argv, **limits)
+        self.timeout = timeout
+
+    def wait_events(
+        self, count: int, *, timeout: float | None = None, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Block until ``count`` events match ``fields``; return the first ``count``."""
+        return super().wait_events(count, timeout=timeout or self.timeout, **fields)
+
+    def wait_event(
+        self, *, count: int = 1, timeout: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """The ``count``-th event matching ``fields``, blocking for it if need be."""
+        return super().wait_event(count=count, timeout=timeout or self.timeout, **fields)
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float | None = None) -> list[str]:
+        """Block until ``count`` log lines match ``pattern``; return the first ``count``."""
+        return super().wait_log(pattern, count, timeout or self.timeout)
+
+    def wait_exit(self, timeout: float | None = None) -> int:
+        """Block until it has exited and its output is read; return its status."""
+        return super().wait_exit(timeout or self.timeout)
+
+    def wait_running(self, timeout: float | None = None) -> int:
         """Block until the ``running`` event; return the peer id."""
         event = self.wait_event(event=report.Running.KIND, timeout=timeout)
         return report.decode_as(event, report.Running).peer_id
 
-    def wait_finished(self, timeout: float = WAIT_TIMEOUT) -> str | None:
+    def wait_finished(self, timeout: float | None = None) -> str | None:
         """Block until the plugin finishes; return its summary (raises if it failed)."""
         return self.finished_summary(self.wait_event(event=report.Finished.KIND, timeout=timeout))

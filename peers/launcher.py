@@ -1,43 +1,49 @@
-"""``ivshmemctl up``: one command that runs a daemon and N peers, and stops them all cleanly.
+"""``ivshmemctl up``: one command that runs daemons and their peers, and stops them all cleanly.
 
-    ivshmemctl up --peers N --plugin NAME [--vectors V] [--size S] [--socket PATH]
-                  [--shm-name NAME] [--keep] [--no-fork-server] [-v]
-                  [plugin options] [-- plugin options]
+    ivshmemctl up --peers N [--vectors V] [--size S] [-S PATH] [--shm-name NAME]
+                  [--keep] [--timeout S] [--no-fork-server] [-v] --plugin NAME [PLUGIN OPTIONS]
+    ivshmemctl up -f topology.toml [--keep] [--timeout S] [--no-fork-server] [-v]
+
+Everything after ``--plugin NAME`` is the plugin's (:mod:`peers.cmdline`). The command line
+describes one region (a daemon and N peers of one plugin); a topology file describes any
+number of regions, each with its groups of peers (:mod:`peers.topology`).
 
 What it does, in order:
 
-1. validates everything up front (the plugin exists and accepts the plugin options, exactly
-   as ``ivshmem-peer`` would parse them); a mistake exits 2 before anything is started;
-2. starts ``ivshmemd`` in the foreground as a child, on a unique socket in a private
-   temporary directory and a unique POSIX shm name (unless ``--socket``/``--shm-name``),
-   and waits for its ``READY=1`` (a supervised child, :mod:`ivshmemd.supervise`);
-3. starts the N peers at once (``ivshmem-peer --report json``) and follows each one's
-   events (:mod:`peers.report`) through its state machine (:mod:`peers.peerstate`):
-   running, finished (with the plugin's summary), failed, and the last thing it
-   said; prints ``all N peers running after X ms`` (counted from the command's start) once
-   every peer is up. Peers are forked from a fork server (:mod:`peers.forkserver`) that has
-   imported the runtime once, started alongside the daemon, so N peers do not pay N
-   interpreter start-ups; ``--no-fork-server`` execs each one instead;
-4. shows what is happening: a live progress line on a terminal, plain lines otherwise;
-5. ends when every peer has exited, when a peer fails (the others are stopped), when the
-   daemon dies, or on SIGINT/SIGTERM (a second one kills instead of waiting). Stopping is
-   always the same: SIGTERM to the live peers, reap them (SIGKILL after a grace period),
-   SIGTERM to the daemon, reap it, remove the private socket directory and unlink the shm.
-   With ``--keep`` the daemon stays up after the peers are done, until Ctrl-C. Should the
-   launcher itself be killed outright, the fork server notices and stops the peers and the
-   daemon, and removes the socket directory and the shm.
+1. validates everything up front (the plugins exist and accept their options, exactly as
+   ``ivshmem-peer`` would parse them; a plugin that pairs its peers gets an even number
+   of them); a mistake exits 2, one line per mistake, before anything is started;
+2. starts one ``ivshmemd`` per region in the foreground as a child, on a unique socket in a
+   private temporary directory and a unique POSIX shm name (unless given), and waits for
+   its ``READY=1`` (a supervised child, :mod:`ivshmemd.supervise`);
+3. starts the peers at once (``ivshmem-peer --report json``) and follows each one's events
+   (:mod:`peers.report`) through its state machine (:mod:`peers.peerstate`); prints ``all N
+   peers running after X ms`` (counted from the command's start) once every peer is up.
+   Peers are forked from a fork server (:mod:`peers.forkserver`) that has imported the
+   runtime and the plugins once; ``--no-fork-server`` execs each one instead;
+4. shows what is happening: a live line on a terminal (peers running, finished, failed, the
+   time so far and the work's progress as the plugins report it), plain lines otherwise;
+5. ends when every peer has exited, when a peer fails (the others are stopped), when a
+   daemon dies, after ``--timeout`` seconds, or on SIGINT/SIGTERM (a second one kills
+   instead of waiting). Stopping is always the same: SIGTERM to the live peers, reap them
+   (SIGKILL after a grace period), SIGTERM to the daemons, reap them, remove the private
+   socket directory and unlink the shm. A stop that finds peers still running names each
+   one and what it was waiting for. With ``--keep`` the daemons stay up after the peers are
+   done, until Ctrl-C. Should the launcher itself be killed outright, the fork server
+   notices and stops the peers and the daemons, and removes the socket directory and the
+   shm.
 
 Output: progress and per-peer lines on stderr; on stdout the ``all N peers running`` line
-and, at the very end, every plugin's summary line in peer-id order (so ``ivshmemctl up
---peers 2 --plugin ping`` ends with the ping latency line). Exit status: 0 when every peer
-finished ok, 1 when a peer (or the daemon) failed (each failed peer is named with its id,
-pid, exit status and last error line), 2 on bad usage, 130/143 when stopped by
-SIGINT/SIGTERM with no failure (0 with ``--keep`` once every peer had finished ok).
+and, at the very end, every plugin's summary line (once each) in peer-id order. Exit status:
+0 when every peer finished ok, 1 when a peer (or a daemon) failed or the timeout passed
+(each failed peer is named with its id, pid, exit status and last error line), 2 on bad
+usage, 130/143 when stopped by SIGINT/SIGTERM with no failure (0 with ``--keep`` once every
+peer had finished ok).
 
 Children run in their own process groups, so a Ctrl-C on the terminal reaches only the
-launcher, which then stops them in the right order (peers before the daemon, so that no
+launcher, which then stops them in the right order (peers before the daemons, so that no
 peer mistakes the shutdown for a lost daemon). Nothing here sleeps to synchronise: every
-wait is on a child's output, its exit, or a signal.
+wait is on a child's output, its exit, or a signal (the live line is redrawn on a clock).
 """
 
 from __future__ import annotations
@@ -52,12 +58,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
 
-from ivshmemd.argtypes import int_in, size
+from ivshmemd.argtypes import int_in, positive_float, size
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, signal_exit
 from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.shm import unlink_posix_shm
@@ -74,28 +80,45 @@ from ivshmemd.supervise import (
 )
 
 from . import report
+from .cmdline import UsageError, format_help, split_at_plugin
 from .display import Display
 from .forkserver import ForkServer, ForkServerError
-from .harness import PEER_MODULE, peer_command
+from .harness import peer_command
 from .peerstate import Peer, PeerState
-from .plugin import Plugin, PluginError, load_plugin
+from .plugin import PluginError, load_plugin
+from .topology import (
+    MAX_PEERS,
+    PeerGroup,
+    RegionSpec,
+    Topology,
+    TopologyError,
+    check_plugins,
+    load_topology,
+)
+from .wording import plural
 
 __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
     "UpConfig",
-    "add_up_arguments",
+    "UsageError",
+    "build_up_parser",
     "main",
-    "parse_up_config",
+    "parse_up_argv",
     "register_up_command",
     "run_up",
 ]
 
-#: How long the daemon (and the fork server) may take to be ready.
+#: How long a daemon (and the fork server) may take to be ready.
 DAEMON_READY_TIMEOUT: Final = 30.0
-MAX_PEERS: Final = 4096
 PROG: Final = "ivshmemctl up"
+#: Seconds between redraws of the live line (its clock and the work's progress).
+TICK: Final = 0.5
+#: The one region of a command-line ``up``.
+CLI_REGION: Final = "main"
+#: Options that describe the one region of the command line; a topology file says them.
+_REGION_OPTIONS: Final = ("peers", "vectors", "size", "socket", "shm_name")
 
 
 def _process_started() -> float:
@@ -117,112 +140,116 @@ def _process_started() -> float:
 _STARTED: Final = _process_started()
 
 
-class UsageError(Exception):
-    """Bad command-line input (exit 2, one clear line)."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_launcher_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """The launcher's own options. With ``suppress`` no defaults are set, so a second parse
-    (of what follows ``--plugin NAME``) only overrides what was given again."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
 
-    def default(value: Any) -> Any:
-        return argparse.SUPPRESS if suppress else value
 
+def build_up_parser() -> argparse.ArgumentParser:
+    """The parser of ``up``'s own options (what comes before ``--plugin NAME``)."""
+    parser = _Parser(
+        prog=PROG,
+        usage=f"{PROG} --peers N [LAUNCHER OPTIONS] --plugin NAME [PLUGIN OPTIONS]\n"
+        f"       {PROG} -f TOPOLOGY.toml [--keep] [--timeout S] [--no-fork-server] [-v]",
+        description="Start an ivshmemd and N peer processes running a plugin (or the daemons "
+        "and peers a topology file describes), show their progress, print each plugin's "
+        "summary, and stop everything cleanly when the plugins finish, on --timeout or on "
+        "Ctrl-C.",
+        epilog="Everything after --plugin NAME is the plugin's ('--plugin NAME --help' lists "
+        "its options); launcher options go before it. Exit status: 0 all peers ok, 1 a peer "
+        "or a daemon failed or the timeout passed, 2 bad usage, 130/143 stopped by "
+        "SIGINT/SIGTERM.",
+        add_help=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     parser.add_argument(
-        "--peers",
-        type=int_in(1, MAX_PEERS),
-        metavar="N",
-        default=default(None),
-        help="how many peer processes to run (required)",
+        "--peers", type=int_in(1, MAX_PEERS), metavar="N", help="how many peer processes to run"
     )
     parser.add_argument(
         "--vectors",
         type=int_in(0, MAX_VECTORS),
         metavar="V",
-        default=default(1),
+        default=None,
         help="interrupt vectors per peer, the daemon's -n (default 1)",
     )
     parser.add_argument(
         "--size",
         type=size,
         metavar="S",
-        default=default(None),
         help="shared memory size, the daemon's -l (default: the daemon's, 4M)",
     )
     parser.add_argument(
         "-S",
         "--socket",
         metavar="PATH",
-        default=argparse.SUPPRESS,
         help="the daemon's socket (default: a unique one in a private temporary directory)",
     )
     parser.add_argument(
-        "--shm-name",
-        metavar="NAME",
-        default=default(None),
-        help="the POSIX shm name (default: a unique one)",
+        "--shm-name", metavar="NAME", help="the POSIX shm name (default: a unique one)"
+    )
+    parser.add_argument(
+        "-f",
+        "--file",
+        metavar="TOPOLOGY",
+        help="run the regions (daemons) and peers this TOML file describes "
+        "(instead of --peers/--plugin; see docs/topology.md)",
     )
     parser.add_argument(
         "--keep",
         action="store_true",
-        default=default(False),
-        help="keep the daemon running after the peers are done, until Ctrl-C",
+        help="keep the daemons running after the peers are done, until Ctrl-C",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        metavar="S",
+        help="stop everything after S seconds, naming the peers still "
+        "running and what they wait for (exit status 1)",
     )
     parser.add_argument(
         "--no-fork-server",
         dest="fork_server",
         action="store_false",
-        default=default(True),
-        help="start every peer as a fresh interpreter instead of forking it from one that "
-        "has already imported the peer runtime (slower start-up)",
+        help="start every peer as a fresh interpreter instead of forking it "
+        "from one that has already imported the peer runtime (slower "
+        "start-up)",
     )
     parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        default=default(False),
-        help="also show the daemon's log and every peer's log lines",
+        help="also show the daemons' logs, every peer's log lines and a failing plugin's traceback",
     )
-
-
-def add_up_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``up`` options to ``parser`` (a subcommand parser of ``ivshmemctl``).
-
-    ``--plugin NAME`` takes everything after it: the launcher picks its own options out of
-    that and hands the rest to the plugin; after a ``--`` everything goes to the plugin
-    (for a plugin option that has the same name as a launcher option).
-    """
-    parser.usage = (
-        f"{parser.prog} --peers N [--vectors V] [--size S] [-S PATH] [--shm-name NAME] "
-        "[--keep] [--no-fork-server] [-v] --plugin NAME [PLUGIN OPTIONS] [-- PLUGIN OPTIONS]"
+    parser.add_argument(
+        "--plugin",
+        metavar="NAME",
+        help="the plugin every peer runs; every option after it is the plugin's",
     )
-    _add_launcher_options(parser, suppress=False)
-    parser.add_argument("--plugin", dest="plugin_argv", nargs=argparse.REMAINDER,
-                        help="NAME [PLUGIN OPTIONS]: the plugin every peer runs, then its "
-                        "options ('--plugin NAME --help' lists them)")  # fmt: skip
-    parser.add_argument("plugin_extra", nargs="*", help=argparse.SUPPRESS)
+    return parser
 
 
 def register_up_command(subparsers: Any, common: argparse.ArgumentParser) -> None:
     """``ivshmemctl`` subcommand provider, registered in the entry-point group
-    ``ivshmemctl.commands`` (see ``ivshmemd.ctl.COMMANDS_GROUP``)."""
+    ``ivshmemctl.commands`` (see ``ivshmemd.ctl.COMMANDS_GROUP``).
+
+    ``up`` reads its arguments itself (:func:`parse_up_argv`): the subparser takes them all,
+    as they are (no character starts an option for it), so that argparse never splits the
+    plugin's options from the launcher's by name."""
     del common  # -S means the socket to create here, not one to talk to
     parser = subparsers.add_parser(
         "up",
-        help="run a daemon and N peers running a plugin; stop them all on Ctrl-C",
-        description="Start an ivshmemd and N peer processes running a plugin, show their "
-        "progress, print each plugin's summary, and stop everything cleanly when the "
-        "plugins finish or on Ctrl-C.",
-        epilog="Plugin options follow --plugin NAME; after '--' every argument goes to the "
-        "plugin. Exit status: 0 all peers ok, 1 a peer or the daemon failed, 2 bad usage, "
-        "130/143 stopped by SIGINT/SIGTERM.",
+        help="run a daemon and N peers running a plugin (or a topology file); stop them all "
+        "when done or on Ctrl-C",
+        add_help=False,
+        prefix_chars="\0",
     )
-    add_up_arguments(parser)
+    parser.add_argument("up_argv", nargs=argparse.REMAINDER)
     parser.set_defaults(run=run_up)
 
 
@@ -230,88 +257,67 @@ def register_up_command(subparsers: Any, common: argparse.ArgumentParser) -> Non
 class UpConfig:
     """Everything ``up`` needs, validated."""
 
-    peers: int
-    plugin: str
-    plugin_args: tuple[str, ...]
-    vectors: int = 1
-    size: int | None = None
-    socket: str | None = None
-    shm_name: str | None = None
+    topology: Topology
     keep: bool = False
     verbose: bool = False
     fork_server: bool = True
+    timeout: float | None = None
 
 
-def _help_parser(plugin_cls: type[Plugin] | None, name: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, add_help=False, description="Run a daemon and N peers running a plugin."
-    )
-    _add_launcher_options(parser, suppress=False)
-    parser.add_argument("--plugin", metavar="NAME", help="the plugin every peer runs")
-    if plugin_cls is not None:
-        plugin_cls.add_arguments(parser.add_argument_group(f"options of the {name} plugin"))
-    return parser
-
-
-def _validate_plugin_options(name: str, plugin_cls: type[Plugin], args: Sequence[str]) -> None:
-    """Parse ``args`` exactly as every peer will (``ivshmem-peer``'s parser)."""
-    from .cli import build_parser
-
-    parser = build_parser(plugin_cls)
-    parser.prog = f"{PROG} --plugin {name}"
+def parse_up_argv(argv: Sequence[str], socket: str | None = None) -> UpConfig | None:
+    """``up``'s arguments as an :class:`UpConfig`; None when help was asked for (and
+    printed). ``socket`` is an ``ivshmemctl -S`` given before ``up``. Raises
+    :class:`UsageError` (or :class:`~peers.topology.TopologyError`, one line per
+    problem)."""
+    parser = build_up_parser()
+    line = split_at_plugin(argv, parser)
     try:
-        options = parser.parse_args(["-S", "unused", "--plugin", name, *args])
-    except SystemExit as exc:  # the parser printed its one-line error
-        raise UsageError("") from exc
-    problem = plugin_cls.check_options(options)
-    if problem:
-        raise UsageError(f"plugin {name}: {problem}")
-
-
-def parse_up_config(args: argparse.Namespace) -> UpConfig | None:
-    """Turn what :func:`add_up_arguments` parsed into an :class:`UpConfig`.
-
-    Returns None when help was asked for (and printed); raises :class:`UsageError`.
-    """
-    plugin_argv = list(getattr(args, "plugin_argv", None) or [])
-    extra = list(getattr(args, "plugin_extra", None) or [])
-    if "--" in plugin_argv:  # `python -m peers.launcher up`: argparse kept it in REMAINDER
-        cut = plugin_argv.index("--")
-        plugin_argv, extra = plugin_argv[:cut], plugin_argv[cut + 1 :] + extra
-    if not plugin_argv:
-        raise UsageError("--plugin NAME is required (ivshmem-peer --list-plugins lists them)")
-    name, rest = plugin_argv[0], plugin_argv[1:]
-    if name.startswith("-"):
-        raise UsageError(f"--plugin needs a plugin name first, not {name!r}")
-    try:
-        plugin_cls = load_plugin(name)
+        plugin_cls = load_plugin(line.plugin) if line.plugin else None
     except PluginError as exc:
         raise UsageError(str(exc)) from None
-    if "-h" in rest or "--help" in rest:
-        _help_parser(plugin_cls, name).print_help()
+    if line.help:
+        print(format_help(PROG, parser, line.plugin, plugin_cls), end="")
         return None
-    again = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
-    _add_launcher_options(again, suppress=True)
-    values = argparse.Namespace(**vars(args))
-    try:
-        values, plugin_args = again.parse_known_args(rest, values)
-    except SystemExit as exc:
-        raise UsageError("") from exc
-    plugin_args += extra
-    if values.peers is None:
-        raise UsageError("--peers N is required")
-    _validate_plugin_options(name, plugin_cls, plugin_args)
+    args = parser.parse_args(line.own)
+    args.socket = args.socket or socket
+    if args.file is not None:
+        values = {name: getattr(args, name) for name in _REGION_OPTIONS}
+        given = [name for name, value in {**values, "plugin": line.plugin}.items() if value]
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise UsageError(
+                f"{option} cannot be combined with -f: the topology file "
+                "describes the regions and their peers"
+            )
+        topology = load_topology(args.file)
+    else:
+        if line.plugin is None:
+            raise UsageError(
+                "--plugin NAME is required (ivshmem-peer --list-plugins lists them)"
+                " unless -f TOPOLOGY.toml"
+            )
+        if args.peers is None:
+            raise UsageError("--peers N is required")
+        group = PeerGroup(line.plugin, args.peers, tuple(line.plugin_args))
+        region = RegionSpec(
+            CLI_REGION,
+            (group,),
+            args.size,
+            1 if args.vectors is None else args.vectors,
+            args.shm_name,
+            args.socket,
+        )
+        topology = Topology((region,))
+        try:
+            check_plugins(topology, PROG, command=parser, count_option="--peers")
+        except TopologyError as exc:
+            raise UsageError(exc.problems[0]) from None
     return UpConfig(
-        peers=values.peers,
-        plugin=name,
-        plugin_args=tuple(plugin_args),
-        vectors=values.vectors,
-        size=values.size,
-        socket=getattr(values, "socket", None),
-        shm_name=values.shm_name,
-        keep=values.keep,
-        verbose=values.verbose,
-        fork_server=values.fork_server,
+        topology,
+        keep=args.keep,
+        verbose=args.verbose,
+        fork_server=args.fork_server,
+        timeout=args.timeout,
     )
 
 
@@ -320,25 +326,47 @@ def parse_up_config(args: argparse.Namespace) -> UpConfig | None:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RegionRun:
+    """One region of the run: its daemon, where it listens, its peers."""
+
+    spec: RegionSpec
+    socket_path: str
+    shm_name: str
+    label: str  # how its peers are named ("" for a lone region)
+    daemon: DaemonProcess | None = None
+    peers: list[Peer] = field(default_factory=list)
+
+
 class Launcher:
-    """Runs one ``up``: the daemon, the peers, the display, the shutdown."""
+    """Runs one ``up``: the daemons, the peers, the display, the shutdown."""
 
     def __init__(self, config: UpConfig, display: Display) -> None:
         self.config = config
         self.display = display
         self.t0 = _STARTED
         self.own_dir: str | None = None
-        self.socket_path = config.socket or ""
-        self.shm_name = config.shm_name or unique_name("ivshmem-up")
+        self.expected = config.topology.peers
+        several = len(config.topology.regions) > 1
+        self.regions = [
+            RegionRun(
+                spec,
+                spec.socket or "",
+                spec.shm_name or unique_name("ivshmem-up"),
+                spec.name if several else "",
+            )
+            for spec in config.topology.regions
+        ]
         self.supervisor: Supervisor | None = None
-        self.daemon: DaemonProcess | None = None
         self.forkserver: ForkServer | None = None
-        self.kept = False  # --keep: the peers are done, the daemon stays up until a signal
+        self.kept = False  # --keep: the peers are done, the daemons stay up until a signal
         self.peers: list[Peer] = []
         self.failed: list[Peer] = []  # in the order they failed: the first is the cause
+        self.interrupted: list[tuple[Peer, str]] = []  # running when the stop began: doing
         self.all_running_ms: float | None = None
         self.stopping = False
         self.stop_signal: int | None = None
+        self.timed_out = False
         self.kill_now = False
         self.daemon_failed: str | None = None
         self._changed = trio.lowlevel.ParkingLot()
@@ -357,11 +385,33 @@ class Launcher:
         states = [p.state for p in self.peers]
         running = sum(1 for p in self.peers if p.peer_id is not None and p.alive)
         finished, failed = states.count(PeerState.FINISHED), states.count(PeerState.FAILED)
-        text = f"up: {running}/{self.config.peers} running, {finished} finished, {failed} failed"
-        last = next((p.summary for p in reversed(self.peers) if p.summary and p.ok), None)
-        if last:
-            text += f" | {last}"
+        text = (
+            f"up: {running}/{self.expected} running, {finished} finished, {failed} failed, "
+            f"{self._ms() / 1000:.1f} s"
+        )
+        work = self._progress()
+        if work:
+            text += f" | {work}"
         self.display.status(text)
+
+    def _progress(self) -> str:
+        """The work's progress as the plugins report it, summed by unit."""
+        totals: dict[str, list[int]] = {}
+        for peer in self.peers:
+            if peer.progress is not None and peer.alive:
+                done_total = totals.setdefault(peer.progress.unit, [0, 0])
+                done_total[0] += peer.progress.done
+                done_total[1] += peer.progress.total
+        return ", ".join(
+            f"{100 * done // max(total, 1)}% ({done}/{total} {unit})"
+            for unit, (done, total) in totals.items()
+        )
+
+    async def _tick(self) -> None:
+        """Redraw the live line on a clock (elapsed time, progress)."""
+        while True:
+            await trio.sleep(TICK)
+            self._refresh()
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -380,13 +430,14 @@ class Launcher:
         while not condition():
             await self._changed.park()
 
-    # -- the daemon -------------------------------------------------------------------------
+    # -- the daemons ------------------------------------------------------------------------
 
-    async def _start_daemon(self, supervisor: Supervisor) -> DaemonProcess:
-        argv = daemon_command(self.socket_path, self.shm_name, self.config.vectors,
-                              self.config.size)  # fmt: skip
-        daemon = DaemonProcess(argv, self.socket_path, self.shm_name, self.config.vectors)
-        daemon.on_log = self._verbose(lambda: "daemon")
+    async def _start_daemon(self, supervisor: Supervisor, region: RegionRun) -> DaemonProcess:
+        spec = region.spec
+        argv = daemon_command(region.socket_path, region.shm_name, spec.vectors, spec.size)
+        daemon = DaemonProcess(argv, region.socket_path, region.shm_name, spec.vectors)
+        name = f"{region.label} daemon" if region.label else "daemon"
+        daemon.on_log = self._verbose(lambda: name)
         await supervisor.start(daemon, env=self._child_env(), notify=True, process_group=True)
         return daemon
 
@@ -396,39 +447,81 @@ class Launcher:
         last = next((x for x in reversed(daemon.log) if x.strip()), "no message")
         return f"{exit_text(daemon.returncode)}: {last.strip()}"
 
-    async def _watch_daemon(self, daemon: DaemonProcess) -> None:
+    async def _watch_daemon(self, region: RegionRun, daemon: DaemonProcess) -> None:
         await daemon.wait_exit(math.inf)
         if not self.stopping and self.daemon_failed is None:
-            self.daemon_failed = self._daemon_failure(daemon)
+            where = f" of region {region.spec.name}" if region.label else ""
+            self.daemon_failed = f"the daemon{where} stopped unexpectedly, " + (
+                self._daemon_failure(daemon)
+            )
             self._begin_stop()
         self._notify()
 
+    async def _open_region(
+        self, supervisor: Supervisor, nursery: trio.Nursery, region: RegionRun
+    ) -> bool:
+        """Start the region's daemon and wait until it listens; False if it failed."""
+        region.daemon = daemon = await self._start_daemon(supervisor, region)
+        nursery.start_soon(self._watch_daemon, region, daemon)
+        if self.forkserver is not None:  # should we die, it stops the daemon and cleans up
+            first = region is self.regions[0]
+            await self.forkserver.send(
+                {
+                    "guard": daemon.pid,
+                    "dir": self.own_dir if first else None,
+                    "shm": region.shm_name,
+                }
+            )
+        try:
+            await daemon.wait_ready(DAEMON_READY_TIMEOUT)
+        except ChildError:
+            where = f" of region {region.spec.name}" if region.label else ""
+            self.daemon_failed = self.daemon_failed or (
+                f"the daemon{where} did not start, {self._daemon_failure(daemon)}"
+            )
+            return False
+        spec = region.spec
+        size = f", {spec.size} bytes" if spec.size else ""
+        what = ", ".join(f"{plural(g.count, 'peer')} running {g.plugin}" for g in spec.groups)
+        where = f"region {spec.name}: " if region.label else ""
+        self.display.line(
+            f"{where}daemon (pid {daemon.pid}) listening on {region.socket_path} "
+            f"(shm {region.shm_name}{size}, {plural(spec.vectors, 'vector')}) after "
+            f"{self._ms():.0f} ms; starting {what}"
+        )
+        return True
+
     # -- the peers --------------------------------------------------------------------------
 
-    def peer_argv(self) -> list[str]:
-        """Every peer's argv (its device gets exactly the daemon's vectors)."""
-        return peer_command(self.socket_path, self.config.plugin, self.config.plugin_args,
-                            vectors=self.config.vectors)  # fmt: skip
+    def peer_argv(self, region: RegionRun, group: PeerGroup) -> list[str]:
+        """A peer's argv (its device gets exactly the daemon's vectors)."""
+        return peer_command(
+            region.socket_path,
+            group.plugin,
+            group.args,
+            vectors=region.spec.vectors,
+            peer_args=["--verbose"] if self.config.verbose else [],
+        )
 
-    async def _start_peer(self, index: int, supervisor: Supervisor, nursery: trio.Nursery) -> None:
-        peer = Peer(self.peer_argv(), index)
+    async def _start_peer(
+        self, region: RegionRun, group: PeerGroup, supervisor: Supervisor, nursery: trio.Nursery
+    ) -> None:
+        peer = Peer(self.peer_argv(region, group), len(self.peers), region.label)
+        self.peers.append(peer)
+        region.peers.append(peer)
         peer.on_event = lambda event: self._on_peer_event(peer, event)
         peer.on_log = self._verbose(lambda: peer.name)
         started = False
         if self.forkserver is not None:
-            try:  # what follows "python -m peers"
-                pid, stdout, stderr = await self.forkserver.spawn(peer.argv[1 + len(PEER_MODULE) :])
+            try:
+                await self.forkserver.start_peer(supervisor, peer)
+                started = True
             except ForkServerError as exc:
                 self.display.line(f"fork server: {exc}; starting the peer with exec")
-            else:
-                supervisor.adopt(peer, pid, stdout, stderr)
-                self.forkserver.register(peer)
-                started = True
         if not started:
             await supervisor.start(peer, env=self._child_env(), events=True, process_group=True)
         if self.stopping:
             peer.stopping()
-        self.peers.append(peer)
         nursery.start_soon(self._watch_peer, peer)
         self._notify()
 
@@ -441,24 +534,25 @@ class Launcher:
         verbose = self.config.verbose
         match event:
             case report.Running():
-                if not self.display.live or verbose:  # the progress line says it
+                if not self.display.live or verbose:  # the live line says it
                     self.display.line(f"{peer.name} running (pid {peer.pid})")
                 self._count_running()
-            case report.Finished():
-                text = f": {peer.summary}" if peer.summary else ""
-                self.display.line(f"{peer.name} {'finished' if peer.ok else 'failed'}{text}")
+            case report.Finished(ok=True):
+                self.display.line(f"{peer.name} finished")  # its summary comes at the end
             case report.Log(message=message) if verbose:
                 self.display.line(f"{peer.name}: {message}")
+            case report.Waiting(what=what) if verbose:
+                self.display.line(f"{peer.name} waits for {what}")
             case report.PeerJoined(peer_id=other) | report.PeerLeft(peer_id=other) if verbose:
                 self.display.line(f"{peer.name}: {type(event).KIND} {other}")
         self._notify()
 
     def _count_running(self) -> None:
         running = sum(1 for p in self.peers if p.peer_id is not None)
-        if running == self.config.peers and self.all_running_ms is None:
+        if running == self.expected and self.all_running_ms is None:
             self.all_running_ms = self._ms()
             self.display.result(
-                f"all {self.config.peers} peers running after {self.all_running_ms:.0f} ms"
+                f"all {plural(self.expected, 'peer')} running after {self.all_running_ms:.0f} ms"
             )
 
     async def _watch_peer(self, peer: Peer) -> None:
@@ -471,14 +565,14 @@ class Launcher:
             return
         if peer.exited() is PeerState.FAILED:
             self.failed.append(peer)
+            others = "; stopping the others" if not self.stopping else ""
             self.display.line(
-                f"{peer.name} (pid {peer.pid}) failed, {exit_text(peer.returncode)}: "
-                f"{peer.reason()}"
+                f"{peer.name} (pid {peer.pid}) failed, {exit_text(peer.returncode)}{others}"
             )
             self._begin_stop()
         self._notify()
 
-    # -- signals ----------------------------------------------------------------------------
+    # -- signals and the clock --------------------------------------------------------------
 
     async def _watch_signals(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -497,21 +591,34 @@ class Launcher:
                         child.kill()
                 self._notify()
 
+    async def _watch_clock(self, timeout: float) -> None:
+        await trio.sleep_until(self.t0 + timeout)
+        if not self.stopping or self.kept:
+            self.timed_out = True
+            self._begin_stop()
+            self._run_scope.cancel()
+            self.display.line(f"--timeout {timeout:g} s passed, stopping")
+            self._notify()
+
     def _begin_stop(self) -> None:
-        """From now on a peer that goes down is a consequence of stopping, not a failure."""
+        """From now on a peer that goes down is a consequence of stopping, not a failure.
+        Peers still running are remembered with what they were doing."""
+        if not self.stopping:
+            self.interrupted = [(p, p.doing()) for p in self.peers if p.state.working]
         self.stopping = True
         for peer in self.peers:
             peer.stopping()
 
     def _children(self) -> list[Child]:
-        return [*self.peers, *([self.daemon] if self.daemon else [])]
+        daemons: list[Child] = [r.daemon for r in self.regions if r.daemon is not None]
+        return [*self.peers, *daemons]
 
     # -- the whole run ----------------------------------------------------------------------
 
     def _should_stop(self) -> bool:
         if self.stopping:
             return True
-        return len(self.peers) == self.config.peers and all(p.state.ended for p in self.peers)
+        return len(self.peers) == self.expected and all(p.state.ended for p in self.peers)
 
     async def _stop_all(self) -> None:
         self._begin_stop()
@@ -521,13 +628,19 @@ class Launcher:
                 nursery.start_soon(peer.stop, grace)
         if self.forkserver is not None:
             await self.forkserver.aclose()
-        if self.daemon is not None:
-            await self.daemon.stop(grace)
+        async with trio.open_nursery() as nursery:
+            for region in self.regions:
+                if region.daemon is not None:
+                    nursery.start_soon(region.daemon.stop, grace)
 
     async def run(self) -> int:
         """Run to the end; return the exit status."""
         async with open_supervisor() as supervisor, trio.open_nursery() as nursery:
             await nursery.start(self._watch_signals)
+            if self.config.timeout is not None:
+                nursery.start_soon(self._watch_clock, self.config.timeout)
+            if self.display.live:
+                nursery.start_soon(self._tick)
             try:
                 with self._run_scope:
                     await self._run(supervisor, nursery)
@@ -542,43 +655,42 @@ class Launcher:
                 nursery.cancel_scope.cancel()
         return self._finish()
 
+    def _place_sockets(self) -> None:
+        """A socket path for every region that has none: in one private directory."""
+        for region in self.regions:
+            if not region.socket_path:
+                if self.own_dir is None:
+                    self.own_dir = tempfile.mkdtemp(prefix="ivshmem-up-")
+                name = f"{region.spec.name}.sock" if region.label else "ivshmem.sock"
+                region.socket_path = os.path.join(self.own_dir, name)
+
     async def _run(self, supervisor: Supervisor, nursery: trio.Nursery) -> None:
         config = self.config
-        if not self.socket_path:
-            self.own_dir = tempfile.mkdtemp(prefix="ivshmem-up-")
-            self.socket_path = os.path.join(self.own_dir, "ivshmem.sock")
-        if config.fork_server:  # its imports overlap with the daemon's start-up
-            self.forkserver = await ForkServer.start(supervisor, config.plugin, self._child_env())
-            nursery.start_soon(self.forkserver.run)
-        self.daemon = daemon = await self._start_daemon(supervisor)
-        nursery.start_soon(self._watch_daemon, daemon)
-        if self.forkserver is not None:  # should we die, it stops the daemon and cleans up
-            await self.forkserver.send(
-                {"guard": daemon.pid, "dir": self.own_dir, "shm": self.shm_name}
+        self._place_sockets()
+        if config.fork_server:  # its imports overlap with the daemons' start-up
+            self.forkserver = await ForkServer.start(
+                supervisor, config.topology.plugins, self._child_env()
             )
-        try:
-            await daemon.wait_ready(DAEMON_READY_TIMEOUT)
-        except ChildError:
-            self.daemon_failed = self.daemon_failed or self._daemon_failure(daemon)
-            return
-        size = f", {config.size} bytes" if config.size else ""
-        self.display.line(
-            f"daemon (pid {daemon.pid}) listening on {self.socket_path} "
-            f"(shm {self.shm_name}{size}, {config.vectors} vectors) after {self._ms():.0f} ms; "
-            f"starting {config.peers} peers running {config.plugin}"
-        )
+            nursery.start_soon(self.forkserver.run)
+        for region in self.regions:
+            if not await self._open_region(supervisor, nursery, region):
+                return
         if self.forkserver is not None:
             await self._wait_fork_server()
         async with trio.open_nursery() as starting:
-            for index in range(config.peers):
-                starting.start_soon(self._start_peer, index, supervisor, nursery)
+            for region in self.regions:
+                for group in region.spec.groups:
+                    for _ in range(group.count):
+                        starting.start_soon(self._start_peer, region, group, supervisor, nursery)
         await self._wait_until(self._should_stop)
         if config.keep and not self.stopping:
             self.kept = True
             self._report_peers_done()
+            sockets = ", ".join(r.socket_path for r in self.regions)
+            shms = ", ".join(r.shm_name for r in self.regions)
             self.display.line(
-                f"--keep: the daemon stays up on {self.socket_path} (shm {self.shm_name}); "
-                "Ctrl-C to stop it"
+                f"--keep: the daemon{'s stay' if len(self.regions) > 1 else ' stays'} up on "
+                f"{sockets} (shm {shms}); Ctrl-C to stop"
             )
             await self._wait_until(lambda: self.daemon_failed is not None)
 
@@ -598,7 +710,7 @@ class Launcher:
 
     def _report_peers_done(self) -> None:
         ok = sum(1 for p in self.peers if p.state is PeerState.FINISHED)
-        self.display.line(f"{ok} of {self.config.peers} peers finished ok")
+        self.display.line(f"{ok} of {plural(self.expected, 'peer')} finished ok")
 
     def _finish(self) -> int:
         self.display.close()
@@ -608,13 +720,20 @@ class Launcher:
                 f"{peer.reason()}"
             )
         if self.daemon_failed is not None:
-            self.display.line(f"FAILED: the daemon stopped unexpectedly, {self.daemon_failed}")
+            self.display.line(f"FAILED: {self.daemon_failed}")
+        elapsed = self._ms() / 1000
+        if self.timed_out and not self.kept:
+            self.display.line(f"FAILED: timed out after {self.config.timeout:g} s")
+        for peer, doing in self.interrupted:
+            if peer not in self.failed:
+                self.display.line(
+                    f"still running when stopped: {peer.name} (pid {peer.pid}), {doing}"
+                )
         summaries = sorted(
             (p for p in self.peers if p.summary and p.ok),
-            key=lambda p: (p.peer_id is None, p.peer_id or 0, p.index),
+            key=lambda p: (p.region, p.peer_id is None, p.peer_id or 0, p.index),
         )
-        elapsed = self._ms() / 1000
-        if self.failed or self.daemon_failed is not None:
+        if self.failed or self.daemon_failed is not None or (self.timed_out and not self.kept):
             status = EXIT_FAILED
             self.display.line(f"stopped after {elapsed:.2f} s with failures")
         elif self.stop_signal is not None and not self.kept:
@@ -626,24 +745,31 @@ class Launcher:
             status = EXIT_OK
             if not self.config.keep:
                 self._report_peers_done()
-            self.display.line(f"done in {elapsed:.2f} s; daemon stopped, shm unlinked")
+            daemons = "daemons" if len(self.regions) > 1 else "daemon"
+            self.display.line(f"done in {elapsed:.2f} s; {daemons} stopped, shm unlinked")
         for peer in summaries:
             assert peer.summary is not None
-            self.display.result(peer.summary)
+            where = f"{peer.region}: " if peer.region else ""
+            self.display.result(where + peer.summary)
         return status
 
     def _cleanup_files(self) -> None:
         """Remove what a killed daemon may have left: the socket (directory) and the shm."""
         if self.own_dir is not None:
             shutil.rmtree(self.own_dir, ignore_errors=True)
-        elif self.socket_path:
-            for path in (self.socket_path, self.socket_path + ".ctl", self.socket_path + ".events"):
-                try:
-                    if not os.path.isdir(path):
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
-        unlink_posix_shm(self.shm_name)
+        for region in self.regions:
+            if region.spec.socket:  # given by the user: only the files a daemon makes
+                for path in (
+                    region.socket_path,
+                    region.socket_path + ".ctl",
+                    region.socket_path + ".events",
+                ):
+                    try:
+                        if not os.path.isdir(path):
+                            os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+            unlink_posix_shm(region.shm_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,12 +778,15 @@ class Launcher:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    """Run ``up`` with the options :func:`add_up_arguments` parsed; return the exit status."""
+    """Run ``up`` with what :func:`register_up_command` parsed; return the exit status."""
     try:
-        config = parse_up_config(args)
+        config = parse_up_argv(args.up_argv, getattr(args, "socket", None))
     except UsageError as exc:
-        if str(exc):
-            print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}\nTry '{PROG} --help'.", file=sys.stderr)
+        return EXIT_USAGE
+    except TopologyError as exc:
+        for problem in exc.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if config is None:
         return EXIT_OK
@@ -668,10 +797,10 @@ def run_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a SIGINT before the signal receiver was installed
         return signal_exit(signal.SIGINT)
     except (OSError, BaseExceptionGroup) as exc:  # the children are stopped by now
-        problem = _os_error(exc)
-        if problem is None:
+        failure = _os_error(exc)
+        if failure is None:
             raise
-        display.line(f"FAILED: {problem}")
+        display.line(f"FAILED: {failure}")
         return EXIT_FAILED
     finally:
         display.close()
@@ -688,6 +817,7 @@ def _os_error(exc: BaseException) -> OSError | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m peers.launcher up ...``: the same as ``ivshmemctl up ...``."""
     parser = argparse.ArgumentParser(prog="python -m peers.launcher")
+    parser.add_argument("-S", "--socket", default=None, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register_up_command(subparsers, argparse.ArgumentParser(add_help=False))
     args = parser.parse_args(argv)

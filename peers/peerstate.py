@@ -59,6 +59,11 @@ class PeerState(enum.Enum):
         """It has exited and its outcome is decided."""
         return self in _ENDS
 
+    @property
+    def working(self) -> bool:
+        """Starting or running: it has neither finished nor been stopped."""
+        return self in _ALIVE
+
 
 _ENDS: Final = frozenset({PeerState.FINISHED, PeerState.FAILED, PeerState.STOPPED})
 _NEXT: Final[dict[PeerState, frozenset[PeerState]]] = {
@@ -81,19 +86,36 @@ class TransitionError(RuntimeError):
 class Peer(PeerProcess):
     """One peer of a launcher run: the supervised process, its state, and what it said."""
 
-    def __init__(self, argv: Sequence[str], index: int) -> None:
+    def __init__(self, argv: Sequence[str], index: int, region: str = "") -> None:
         super().__init__(argv, log_limit=TAIL_LINES, event_limit=EVENT_TAIL)
         self.index = index  # launch order, for peers that die before they have an id
+        self.region = region  # its region's name, when there are several
         self.state = PeerState.STARTING
         self.summary: str | None = None
         self.problem: str | None = None  # its last error (error, server-gone, failed finish)
         self.last_log: str | None = None
+        self.waiting: str | None = None  # what it said it waits for, last
+        self.progress: report.Progress | None = None  # how far its work is, last
 
     @property
     def name(self) -> str:
+        where = f"{self.region}/" if self.region else ""
         if self.peer_id is not None:
-            return f"peer {self.peer_id}"
-        return f"peer #{self.index} (no id yet)"
+            return f"{where}peer {self.peer_id}"
+        return f"{where}peer #{self.index} (no id yet)"
+
+    def doing(self) -> str:
+        """What it was doing, for a peer stopped while it ran: what it waited for and how
+        far its work was."""
+        parts = []
+        if self.waiting:
+            parts.append(f"waiting for {self.waiting}")
+        if self.progress is not None:
+            p = self.progress
+            parts.append(f"{p.done} of {p.total} {p.unit} done")
+        if not parts:
+            parts.append("running" if self.state is PeerState.RUNNING else "starting")
+        return ", ".join(parts)
 
     @property
     def ok(self) -> bool:
@@ -124,6 +146,10 @@ class Peer(PeerProcess):
                 self.problem = message or type(event).__name__
             case report.Log(message=message):
                 self.last_log = message
+            case report.Waiting(what=what):
+                self.waiting = what
+            case report.Progress():
+                self.progress = event
             case report.PluginEvent(kind="stdout", fields=fields):  # a plugin's print()
                 self.last_log = str(fields.get("text"))
 

@@ -9,11 +9,15 @@ synchronously from its event loop, one at a time:
 * :meth:`Plugin.interrupt` for every interrupt the device delivers (an MSI-X vector, or
   ``vmm.ivshmem.INTX_VECTOR`` in legacy INTx mode);
 * :meth:`Plugin.peer_joined` / :meth:`Plugin.peer_left` as the daemon announces peers;
+* :meth:`Plugin.paired` once a partner is found, after ``guest.find_partner()``;
 * :meth:`Plugin.stop` once, when the peer shuts down (finished, signalled, or the daemon
   went away).
 
 A plugin ends the peer with ``guest.finish(summary)`` (or ``guest.fail(reason)``). Options
 come from the command line: :meth:`Plugin.add_arguments` declares them on an argparse group.
+Shared memory is shared with other plugins: take it from the directory
+(``guest.shm.allocate``, :mod:`peers.shmdir`), never at a fixed offset. The whole API, the
+order of events and what is guaranteed: ``docs/plugins.md``.
 
 Plugins are found through the entry-point group ``ivshmem.peers``; the built-ins are
 registered the same way, so a plugin in any installed package works with no change here::
@@ -25,9 +29,12 @@ registered the same way, so a plugin in any installed package works with no chan
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from .shmdir import Pair, Region, ShmDirectory, ShmDirectoryError
 
 if TYPE_CHECKING:
     from vmm import Vcpu, Vm
@@ -36,8 +43,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Guest",
+    "Pair",
     "Plugin",
     "PluginError",
+    "Region",
+    "ShmDirectory",
+    "ShmDirectoryError",
     "available_plugins",
     "load_plugin",
 ]
@@ -49,6 +60,8 @@ DOORBELL_PEER_SHIFT = 16
 #: word's in a table entry (PCI spec); what a driver writes to enable and unmask.
 MSIX_MESSAGE_CONTROL = 2
 MSIX_VECTOR_CONTROL = 12
+#: ``guest.progress`` reports at most this often (seconds), and always the last step.
+PROGRESS_INTERVAL: Final = 0.25
 
 
 class PluginError(Exception):
@@ -78,6 +91,8 @@ class Guest:
         finish: Callable[[str | None, bool], None],
         report: Callable[..., None],
         log: Callable[[str], None],
+        directory: ShmDirectory | None = None,
+        find_partner: Callable[[str | None, int], None] | None = None,
     ) -> None:
         from vmm.ivshmem import REG_DOORBELL, REG_IVPOSITION  # loaded with the VM already
 
@@ -96,6 +111,9 @@ class Guest:
         self._finish = finish
         self.report = report
         self.log = log
+        self._directory = directory
+        self._find_partner = find_partner
+        self._progress_at = 0.0
 
     # -- the device, through guest accesses -----------------------------------------------
 
@@ -131,6 +149,46 @@ class Guest:
         """Write the shared memory (BAR2) through the vCPU."""
         self.vcpu.write(self.shm_gpa + offset, data)
 
+    # -- shared memory and partners -------------------------------------------------------
+
+    @property
+    def shm(self) -> ShmDirectory:
+        """The shared memory's directory: ``guest.shm.allocate(name, size)`` gives a
+        :class:`Region` no other live peer holds (see :mod:`peers.shmdir`)."""
+        if self._directory is None:
+            raise ShmDirectoryError("this guest has no shared-memory directory")
+        return self._directory
+
+    def find_partner(self, size: int = 0, key: str | None = None) -> None:
+        """Pair with another peer running this plugin (or seeking under ``key``), with a
+        region of ``size`` bytes for the two of them.
+
+        Returns at once. :meth:`Plugin.paired` is called once the partner is found and
+        known to the device (now, if one was waiting; else when one claims us). Until then
+        the peer reports that it waits for a partner, and the interrupts it gets go to the
+        pairing, not to :meth:`Plugin.interrupt`. The peer that waited *leads*: it speaks
+        first; the other one only answers (so no doorbell of the plugin's is ever merged
+        with the pairing's). Call :meth:`enable_msix` first. A shared memory too small for
+        ``size`` raises :class:`ShmDirectoryError` (the peer fails with its message).
+        """
+        if self._find_partner is None:
+            raise ShmDirectoryError("this guest cannot look for a partner")
+        self._find_partner(key, size)
+
+    def waiting(self, what: str) -> None:
+        """Say what the plugin waits for now (``ivshmemctl up`` names it should it stop the
+        peer while it still waits)."""
+        self.report(event="waiting", what=what)
+
+    def progress(self, done: int, total: int, unit: str) -> None:
+        """Report how far the work is (``ivshmemctl up`` shows it on its live line). Cheap
+        to call often: it reports at most every quarter of a second, and the last step."""
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_INTERVAL and done < total:
+            return
+        self._progress_at = now
+        self.report(event="progress", done=done, total=total, unit=unit)
+
     # -- ending ---------------------------------------------------------------------------
 
     def finish(self, summary: str | None = None) -> None:
@@ -153,6 +211,9 @@ class Plugin:
     prefers_fast_path: ClassVar[bool] = False
     #: On the fast path, how long to poll for the next ring before sleeping (microseconds).
     default_spin_us: ClassVar[float] = 0.0
+    #: Its peers work in pairs (it calls ``guest.find_partner``): ``ivshmemctl up`` refuses
+    #: an odd number of them, which would leave one waiting for ever.
+    pairing: ClassVar[bool] = False
 
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
@@ -167,6 +228,11 @@ class Plugin:
         """Validate the parsed options; return an error message, or None if they are fine."""
         return None
 
+    @classmethod
+    def pairs(cls, options: argparse.Namespace) -> bool:
+        """Whether peers with these options work in pairs (default: :attr:`pairing`)."""
+        return cls.pairing
+
     def start(self, guest: Guest) -> None:
         """The VM is ready: keep ``guest`` and start working."""
         self.guest = guest
@@ -179,6 +245,11 @@ class Plugin:
 
     def peer_left(self, peer_id: int) -> None:
         """``peer_id`` left; its vectors are gone."""
+
+    def paired(self, pair: Pair) -> None:
+        """The partner asked for with ``guest.find_partner`` is found: ``pair.partner`` (its
+        id, already in the device's peer table), ``pair.leader`` (we speak first) and
+        ``pair.region`` (the pair's own memory)."""
 
     def stop(self) -> None:
         """The peer is shutting down."""

@@ -4,8 +4,9 @@
 Each kind the runtime itself reports is a frozen dataclass here (as h11 does with its
 events): :class:`Running`, :class:`Log`, :class:`Finished`, :class:`Stopped`,
 :class:`ServerGone`, :class:`Reconnecting`, :class:`Error`, :class:`PeerJoined`,
-:class:`PeerLeft`. A plugin's own events (``guest.report(event="ring", ...)``) are a
-:class:`PluginEvent` (its kind and fields), and so is any line of another kind.
+:class:`PeerLeft`, :class:`Waiting`, :class:`Progress`, :class:`Paired`. A plugin's own
+events (``guest.report(event="ring", ...)``) are a :class:`PluginEvent` (its kind and
+fields), and so is any line of another kind.
 
 :func:`encode` turns an event into its line (the peer's side); :func:`decode` turns a parsed
 object back into an event (the launcher's, the fixtures' and the benchmarks' side) and
@@ -26,14 +27,17 @@ __all__ = [
     "Event",
     "Finished",
     "Log",
+    "Paired",
     "PeerJoined",
     "PeerLeft",
     "PluginEvent",
+    "Progress",
     "Reconnecting",
     "ReportError",
     "Running",
     "ServerGone",
     "Stopped",
+    "Waiting",
     "decode",
     "decode_as",
     "encode",
@@ -122,6 +126,39 @@ class PeerLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class Waiting:
+    """What the peer waits for now (``guest.waiting(...)``; the runtime says it too while
+    it seeks a partner): ``ivshmemctl up`` names it for a peer still running when it
+    stops."""
+
+    KIND: ClassVar = "waiting"
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far the plugin's work is: ``done`` of ``total`` ``unit`` (``guest.progress``)."""
+
+    KIND: ClassVar = "progress"
+    done: int
+    total: int
+    unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Paired:
+    """The peer found its partner (``guest.find_partner``): the pairing key, the partner,
+    whether we lead (speak first), and the pair's region (offset and size, 0 if none)."""
+
+    KIND: ClassVar = "paired"
+    key: str
+    partner: int
+    leader: bool
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class PluginEvent:
     """A plugin's own event (``guest.report(event=kind, **fields)``)."""
 
@@ -130,10 +167,21 @@ class PluginEvent:
 
 
 Event: TypeAlias = (
-    Running | Log | Finished | Stopped | ServerGone | Reconnecting | Error | PeerJoined | PeerLeft
+    Running
+    | Log
+    | Finished
+    | Stopped
+    | ServerGone
+    | Reconnecting
+    | Error
+    | PeerJoined
+    | PeerLeft
+    | Waiting
+    | Progress
+    | Paired
 )
 _RUNTIME: Final = (Running, Log, Finished, Stopped, ServerGone, Reconnecting, Error, PeerJoined,
-                   PeerLeft)  # fmt: skip
+                   PeerLeft, Waiting, Progress, Paired)  # fmt: skip
 #: The runtime's event kinds and their classes.
 KINDS: Final[dict[str, type[Event]]] = {cls.KIND: cls for cls in _RUNTIME}
 #: JSON types a field may have, by its annotation.

@@ -22,7 +22,9 @@ from vmm import Backing, Vm
 from vmm.ivshmem import IvshmemDevice
 
 from .client import IvshmemClient, PeerLeft, PeerVector
+from .pairing import PartnerSearch
 from .plugin import Guest, Plugin
+from .shmdir import ShmDirectory
 
 __all__ = ["Layout", "PeerMachine", "PeerOutcome"]
 
@@ -70,9 +72,12 @@ class PeerMachine:
         layout: Layout = Layout(),
         report: Callable[..., None] = lambda **fields: None,
         log: Callable[[str], None] = lambda message: None,
+        plugin_name: str | None = None,
     ) -> None:
         self.client = client
         self.plugin = plugin
+        #: what it runs: the pairing key of ``guest.find_partner()``
+        self.plugin_name = plugin_name or plugin.name or type(plugin).__name__
         self.layout = layout
         self.outcome: PeerOutcome | None = None
         self._report = report
@@ -106,12 +111,20 @@ class PeerMachine:
         for peer_id, fds in self.peer_fds.items():
             self.device.set_peer(peer_id, min(len(fds), self.vectors))
         self._own_fds = list(client.own_vectors[: self.vectors])
+        vcpu, shm_gpa = self.vcpu, layout.shm_gpa
+        directory = ShmDirectory(
+            client.shm_fd, client.shm_size, lambda offset, size: vcpu.read(shm_gpa + offset, size),
+            lambda offset, data: vcpu.write(shm_gpa + offset, data), client.peer_id,
+        )  # fmt: skip
         self.guest = Guest(
             self.vm, self.vcpu, self.device,
             ram_gpa=layout.ram_gpa, ram_size=layout.ram_size, bar0_gpa=layout.bar0_gpa,
             bar1_gpa=layout.bar1_gpa, shm_gpa=layout.shm_gpa,
-            finish=self._finish, report=report, log=log,
+            finish=self._finish, report=report, log=log, directory=directory,
+            find_partner=self._find_partner,
         )  # fmt: skip
+        #: a ``guest.find_partner()`` under way (None once paired)
+        self.partner_search: PartnerSearch | None = None
         self._started = False
         self._stopped = False
 
@@ -150,6 +163,9 @@ class PeerMachine:
                 self._report(event="peer-joined", peer_id=event.peer_id)
                 if self._started:
                     self.plugin.peer_joined(event.peer_id)
+                if self.partner_search is not None:
+                    self.partner_search.peer_joined(event.peer_id)
+                    self._forget_search()
         else:
             # A ring that peer sent before leaving may still sit in our eventfds: deliver it
             # first, so the plugin sees the peer's last doorbell before its departure. Not
@@ -163,6 +179,25 @@ class PeerMachine:
             self._report(event="peer-left", peer_id=event.peer_id)
             if self._started:
                 self.plugin.peer_left(event.peer_id)
+            if self.partner_search is not None:
+                self.partner_search.peer_left(event.peer_id)
+                self._forget_search()
+
+    # -- partners -------------------------------------------------------------------------
+
+    def _find_partner(self, key: str | None, size: int) -> None:
+        """``guest.find_partner()``: see :mod:`peers.pairing`."""
+        search = PartnerSearch(
+            self.guest.shm, key or self.plugin_name, size, self.device, self.plugin,
+            self.guest.ring, self._report, self._log,
+        )  # fmt: skip
+        self.partner_search = search
+        search.seek()
+        self._forget_search()
+
+    def _forget_search(self) -> None:
+        if self.partner_search is not None and self.partner_search.done:
+            self.partner_search = None
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Final
 from ivshmemd.argtypes import size
 
 from ..plugin import Guest, Plugin
+from ..wording import plural
 
 __all__ = ["PagetablePlugin", "format_result"]
 
@@ -129,7 +130,7 @@ class PagetablePlugin(Plugin):
             return
         guest.finish(
             f"pagetable: {len(result.times)} stages on {result.size:#x} bytes "
-            f"({result.backing}, {result.vcpus} vCPUs, {result.mode}): "
+            f"({result.backing}, {plural(result.vcpus, 'vCPU')}, {result.mode}): "
             + ", ".join(f"{stage} {seconds:.6f}s" for stage, seconds in result.times.items())
             + f"; {result.table_pages} table pages; run {elapsed:.3f}s"
         )

@@ -1,10 +1,13 @@
 """``ping``: two peers play doorbell ping-pong through the device registers.
 
-Peers pair up by id (0 with 1, 2 with 3, ...; ``--partner`` overrides). The lower id of a
-pair serves: it rings its partner's vector 0 through the Doorbell register and waits for the
-partner to ring back, ``--count`` times after ``--warmup`` unmeasured rounds, then prints
-``ping: N round trips, p50 X us, p99 Y us``. The other side rings back on every interrupt
-and finishes after the same number of rounds.
+Peers pair up through the shared-memory directory (``guest.find_partner``): any two ``ping``
+peers of a daemon, whatever their ids, and each peer in one pair only; an odd one says it
+waits for a partner. The peer that waited serves: it rings its partner's vector 0 through
+the Doorbell register and waits for the partner to ring back, ``--count`` times after
+``--warmup`` unmeasured rounds, then prints ``ping: N round trips, p50 X us, p99 Y us``. The
+other side rings back on every interrupt, finishes after the same number of rounds and
+prints ``ping: answered N rings from peer P``. ``--partner ID`` plays with that peer
+instead (no directory; the lower id serves), e.g. a peer that is not a ``ping`` peer.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import time
 
 from ivshmemd.protocol import MAX_PEER_ID
 
-from ..plugin import Guest, Plugin
+from ..plugin import Guest, Pair, Plugin
+
+#: The serving side reports its progress every this many round trips (a power of two).
+PROGRESS_EVERY = 1024
 
 
 def percentile(sorted_values: list[int], fraction: float) -> int:
@@ -28,6 +34,7 @@ class PingPlugin(Plugin):
     name = "ping"
     description = "doorbell ping-pong between pairs of peers; prints round-trip p50/p99"
     prefers_fast_path = True
+    pairing = True
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -50,7 +57,8 @@ class PingPlugin(Plugin):
             type=int,
             default=None,
             metavar="ID",
-            help="the peer to play with (default: own id XOR 1)",
+            help="the peer to play with, instead of a ping peer found through the "
+            "shared-memory directory",
         )
 
     @classmethod
@@ -63,23 +71,42 @@ class PingPlugin(Plugin):
             return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.partner}"
         return None
 
+    @classmethod
+    def pairs(cls, options: argparse.Namespace) -> bool:
+        return options.partner is None
+
     def start(self, guest: Guest) -> None:
         super().start(guest)
         guest.enable_msix()
-        me = guest.peer_id
-        self.partner: int = self.options.partner if self.options.partner is not None else me ^ 1
-        if self.partner == me:
-            guest.fail(f"ping: peer {me} cannot play with itself")
-            return
-        self.serving = me < self.partner
         self.rounds = self.options.warmup + self.options.count
         self.done_rounds = 0
         self.samples: list[int] = []
         self.t0 = 0
         self.reply_owed = False
-        guest.log(f"ping: {'serving' if self.serving else 'answering'} peer {self.partner}")
+        self.partner = -1
+        self.serving = False
+        me = guest.peer_id
+        if self.options.partner is None:
+            guest.find_partner()
+            return
+        if self.options.partner == me:
+            guest.fail(f"ping: peer {me} cannot play with itself")
+            return
+        self._play(self.options.partner, serving=me < self.options.partner)
         if self.serving and self.partner in guest.peers():
             self._serve()
+
+    def paired(self, pair: Pair) -> None:
+        self._play(pair.partner, serving=pair.leader)
+        if self.serving:
+            self._serve()
+
+    def _play(self, partner: int, *, serving: bool) -> None:
+        assert self.guest is not None
+        self.partner, self.serving = partner, serving
+        role = "serving" if serving else "answering"
+        self.guest.log(f"ping: {role} peer {partner}")
+        self.guest.waiting(f"answers from peer {partner}" if serving else f"peer {partner} to ring")
 
     def _serve(self) -> None:
         assert self.guest is not None
@@ -87,7 +114,7 @@ class PingPlugin(Plugin):
         self.guest.ring(self.partner, 0)
 
     def peer_joined(self, peer_id: int) -> None:
-        if peer_id != self.partner or self.guest is None:
+        if peer_id != self.partner or self.guest is None or self.options.partner is None:
             return
         if self.serving and self.done_rounds == 0 and not self.t0:
             self._serve()
@@ -112,6 +139,8 @@ class PingPlugin(Plugin):
             if self.done_rounds >= self.rounds:
                 guest.finish(self.summary())
                 return
+            if not self.done_rounds % PROGRESS_EVERY:
+                guest.progress(self.done_rounds, self.rounds, "round trips")
             self.t0 = time.perf_counter_ns()
             guest.ring(self.partner, 0)
         else:
@@ -120,7 +149,10 @@ class PingPlugin(Plugin):
             else:  # its join notice is not processed yet: answer once it is
                 self.reply_owed = True
             if self.done_rounds >= self.rounds:
-                guest.finish(None)
+                guest.finish(
+                    f"ping: answered {self.done_rounds} rings from peer {self.partner} "
+                    f"({self.options.count} measured, {self.options.warmup} warm-up)"
+                )
 
     def summary(self) -> str:
         """The result line."""

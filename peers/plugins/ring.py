@@ -1,9 +1,13 @@
 """``ring``: a single-producer/single-consumer ring buffer in the shared memory.
 
-Two peers pair up by id as ``ping`` does (0 with 1, 2 with 3, ...; ``--partner``
-overrides); the lower id of a pair produces unless ``--role`` says otherwise. Every byte of
-the ring, header included, is written and read through the vCPU (``vcpu.write`` /
-``vcpu.read`` / ``vcpu.read_into`` on BAR2), as a guest driver's loads and stores would be.
+Two peers pair up through the shared-memory directory (``guest.find_partner``), as ``ping``
+does, and each pair gets its own region of the shared memory for its ring (``--ring-size``
+bytes after a 4 KiB header; 1 MiB by default, or what one pair can have in a smaller
+shared memory), so any number of pairs share one daemon; a
+shared memory too small for another region is refused at once with how much there is. The
+peer that waited for a partner produces, the other consumes. Every byte of the ring,
+header included, is written and read through the vCPU (``vcpu.write`` / ``vcpu.read`` /
+``vcpu.read_into`` on BAR2), as a guest driver's loads and stores would be.
 
 The format (layout, ring header, records, checksums, index arithmetic) is
 :mod:`peers.plugins.ringformat`; this module moves the bytes and rings the doorbells.
@@ -41,12 +45,12 @@ leaves the two copies, two checksum passes and little interpreter work; what bou
 throughput then is the copy across cores (the consumer's core must fetch every line the
 producer's core wrote, and the producer must take the line back to write it again).
 
-Everything happens in the ``interrupt`` and ``peer_joined`` hooks. A handler does at most
+Everything happens in the ``paired`` and ``interrupt`` hooks. A handler does at most
 one ring's worth of work, then rings its own doorbell to continue, so signals and the
 other events are never held up for long.
 
-Start-up: the consumer rings the producer's vector 0 once both are present ("ready"); on
-that doorbell the producer initialises the header (magic last), starts the clock and
+Start-up: once paired (the consumer has set up before the pairing's doorbell reaches the
+producer), the producer initialises the header (magic last), starts the clock and
 writes ``--bytes`` in ``--message-size`` messages; it finishes once the consumer has
 released all of them. The consumer reads the header on the producer's first doorbell,
 verifies every record, and finishes with ``ring: N bytes in M messages, E checksum
@@ -69,9 +73,9 @@ from typing import Final
 import numpy as np
 
 from ivshmemd.argtypes import size
-from ivshmemd.protocol import MAX_PEER_ID
 
-from ..plugin import Guest, Plugin
+from ..plugin import Guest, Pair, Plugin
+from ..shmdir import DIRECTORY_SIZE
 from .ringformat import (
     CHECKSUM_NAMES,
     CHECKSUMS,
@@ -109,6 +113,8 @@ __all__ = ["RingPlugin", "full_fence"]
 
 DEFAULT_BYTES: Final = 100 << 20
 DEFAULT_MESSAGE: Final = 64 << 10
+#: The data area's default size (larger when one record needs more).
+DEFAULT_RING: Final = 1 << 20
 #: The producer publishes ``head`` this many times per batch (and before it sleeps).
 PUBLISHES_PER_BATCH: Final = 4
 #: What ``--corrupt-every`` XORs into a payload byte (a test aid).
@@ -139,6 +145,7 @@ class RingPlugin(Plugin):
     name = "ring"
     description = "SPSC ring buffer in the shared memory between pairs of peers; MB/s, msg/s"
     prefers_fast_path = True
+    pairing = True
 
     @classmethod
     def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
@@ -162,22 +169,9 @@ class RingPlugin(Plugin):
             type=size,
             default=None,
             metavar="SIZE",
-            help="data area bytes, a multiple of 4K (default: the shared "
-            "memory minus the 4K header)",
-        )
-        group.add_argument(
-            "--role",
-            choices=("producer", "consumer", "auto"),
-            default="auto",
-            help="auto: the lower id of the pair produces (default)",
-        )
-        group.add_argument(
-            "--partner",
-            dest="ring_partner",
-            type=int,
-            default=None,
-            metavar="ID",
-            help="the peer to pair with (default: own id XOR 1)",
+            help="data area bytes, a multiple of 4K (default 1M, less in a shared memory too "
+            "small for it, more if one record needs it); each pair takes this plus a 4K "
+            "header from the shared memory",
         )
         group.add_argument(
             "--checksum",
@@ -205,8 +199,6 @@ class RingPlugin(Plugin):
                     f"--ring-size {ring} cannot hold one {options.message_size}-byte message "
                     f"(a record takes {need} bytes)"
                 )
-        if options.ring_partner is not None and not 0 <= options.ring_partner <= MAX_PEER_ID:
-            return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.ring_partner}"
         if options.corrupt_every < 0:
             return f"--corrupt-every must not be negative, got {options.corrupt_every}"
         return None
@@ -231,44 +223,46 @@ class RingPlugin(Plugin):
         self.head = self.tail = 0
         self.checked = 0  # our own index when we last looked at the partner's event index
 
+    @staticmethod
+    def ring_size_for(options: argparse.Namespace, shm_size: int) -> int:
+        """The data area asked for: ``--ring-size``, else the default, or as much as one
+        pair can have in a smaller shared memory (never less than one record's worth)."""
+        if options.ring_size is not None:
+            return int(options.ring_size)
+        record = record_size(min(options.message_size, options.ring_bytes))
+        room = (shm_size - DIRECTORY_SIZE - HEADER_SIZE) // PAGE_SIZE * PAGE_SIZE
+        return max(min(DEFAULT_RING, room), -(-record // PAGE_SIZE) * PAGE_SIZE)
+
     def start(self, guest: Guest) -> None:
         super().start(guest)
         guest.enable_msix()
-        opts = self.options
         self.me = guest.peer_id
-        self.partner = opts.ring_partner if opts.ring_partner is not None else self.me ^ 1
-        if self.partner == self.me:
-            self._fail(f"ring: peer {self.me} cannot pair with itself")
-            return
-        if opts.role == "auto":
-            self.producing = self.me < self.partner
-        else:
-            self.producing = opts.role == "producer"
-        base = guest.shm_gpa
+        guest.find_partner(size=HEADER_SIZE + self.ring_size_for(self.options, guest.shm_size))
+
+    def paired(self, pair: Pair) -> None:
+        guest = self.guest
+        assert guest is not None and pair.region is not None
+        self.partner, self.producing, self.region = pair.partner, pair.leader, pair.region
+        base = self.base = guest.shm_gpa + pair.region.offset
         self.head_gpa, self.tail_gpa = base + OFF_HEAD, base + OFF_TAIL
         self.head_event_gpa, self.tail_event_gpa = base + OFF_HEAD_EVENT, base + OFF_TAIL_EVENT
         self.data_gpa = base + HEADER_SIZE
-        # Fault the shared memory into our stage-2 table and TLB now, in one batch, as a
+        # Fault the pair's region into our stage-2 table and TLB now, in one batch, as a
         # driver sets up its ring memory before use: the transfer then runs on TLB hits.
         # A read touch: it maps pages writable but leaves the partner's data alone.
-        guest.vcpu.touch(guest.shm_gpa, guest.shm_size, write=False)
+        guest.vcpu.touch(base, pair.region.size, write=False)
         if self.producing:
             self._setup_producer(guest)
+            if not self.done:
+                guest.waiting(f"peer {self.partner} to release the ring")
+                self._begin()
         else:
             guest.log(f"ring: consuming from peer {self.partner}")
-            if self.partner in guest.peers():
-                self._ready()
+            guest.waiting(f"peer {self.partner}'s first records")
 
     def _setup_producer(self, guest: Guest) -> None:
         opts = self.options
-        room = guest.shm_size - HEADER_SIZE
-        ring = opts.ring_size if opts.ring_size is not None else room
-        if ring > room:
-            self._fail(
-                f"ring: --ring-size {ring} does not fit in the {guest.shm_size}-byte shared "
-                f"memory (at most {room} after the {HEADER_SIZE}-byte header)"
-            )
-            return
+        ring = self.region.size - HEADER_SIZE
         self.message_size = min(opts.message_size, opts.ring_bytes)
         if record_size(self.message_size) > ring:
             self._fail(
@@ -303,7 +297,7 @@ class RingPlugin(Plugin):
         """The consumer is ready: initialise the ring header and start producing."""
         assert self.guest is not None
         self.started = True
-        vcpu, base = self.guest.vcpu, self.guest.shm_gpa
+        vcpu, base = self.guest.vcpu, self.base
         vcpu.write64(base + OFF_MAGIC, 0)
         for offset in INDEX_OFFSETS:
             vcpu.write64(base + offset, 0)  # head event 0: the consumer waits for record 1
@@ -466,7 +460,7 @@ class RingPlugin(Plugin):
         """Read the producer's header; False (after failing) if it is not a valid ring."""
         guest = self.guest
         assert guest is not None
-        raw = guest.read_shm(0, HEADER_READ)  # the header, through the vCPU
+        raw = guest.vcpu.read(self.base, HEADER_READ)  # the header, through the vCPU
         magic = int.from_bytes(raw[:8], "little")
         if magic != MAGIC:
             self._fail(
@@ -475,7 +469,7 @@ class RingPlugin(Plugin):
             )
             return False
         header = RingHeader.unpack(raw)
-        problem = header.problem(guest.shm_size)
+        problem = header.problem(self.region.size)
         if problem is not None:
             self._fail(f"ring: {problem}")
             return False
@@ -606,19 +600,7 @@ class RingPlugin(Plugin):
         if not self.started and not self._attach():
             return
         self._consume()
-
-    def peer_joined(self, peer_id: int) -> None:
-        if peer_id != self.partner or self.done or self.guest is None:
-            return
-        if not self.producing:
-            self._ready()
-        elif self.started:  # a doorbell may have gone out before we knew the partner
-            self.guest.ring(self.partner, CONSUMER_VECTOR)
-
-    def _ready(self) -> None:
-        """Tell the producer we are set up (it starts the clock and the transfer)."""
-        assert self.guest is not None
-        self.guest.ring(self.partner, self._partner_vector())
+        self.guest.progress(self.moved, self.total, "bytes")
 
     def peer_left(self, peer_id: int) -> None:
         if peer_id != self.partner or self.done or self.guest is None:
@@ -646,7 +628,8 @@ class RingPlugin(Plugin):
         assert self.guest is not None
         self.guest.report(
             event="ring", role="producer" if self.producing else "consumer",
-            bytes=self.moved, messages=self.messages, checksum_errors=self.errors,
+            offset=self.region.offset, ring_size=self.ring_size, bytes=self.moved,
+            messages=self.messages, checksum_errors=self.errors,
             seconds=elapsed, mb_per_s=self.moved / elapsed / 1e6,
             messages_per_s=self.messages / elapsed,
         )  # fmt: skip

@@ -73,7 +73,11 @@ async def test_four_peers_ring_every_pair_and_vector(
             for _ in range(4):
                 nursery.start_soon(
                     lambda: ivshmem_peers(
-                        daemon, "doorbell-probe", _probe_args(4, "--trio"), pythonpath=[PLUGIN_DIR]
+                        daemon,
+                        "doorbell-probe",
+                        _probe_args(4),
+                        peer_args=["--trio"],
+                        pythonpath=[PLUGIN_DIR],
                     )
                 )
         peers = sorted(ivshmem_peers.peers, key=lambda p: p.peer_id or 0)
@@ -96,11 +100,17 @@ async def test_sigkilled_peer_leaves_and_the_survivors_keep_ringing(
 ) -> None:
     vectors = 2
     async with ivshmem_daemon(vectors=vectors) as daemon:
-        args = _probe_args(4, "--rerun-on-leave", "--fast-path")
+        args = _probe_args(4, "--rerun-on-leave")
         async with trio.open_nursery() as nursery:
             for _ in range(4):
                 nursery.start_soon(
-                    lambda: ivshmem_peers(daemon, "doorbell-probe", args, pythonpath=[PLUGIN_DIR])
+                    lambda: ivshmem_peers(
+                        daemon,
+                        "doorbell-probe",
+                        args,
+                        peer_args=["--fast-path"],
+                        pythonpath=[PLUGIN_DIR],
+                    )
                 )
         peers = sorted(ivshmem_peers.peers, key=lambda p: p.peer_id or 0)
         assert [p.peer_id for p in peers] == [0, 1, 2, 3]
@@ -170,9 +180,24 @@ async def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[by
         (["--plugin", "ping", "--count", "many"], 2, "argument --count: invalid int value"),
         (["--plugin", "ping", "--no-such-option"], 2, "unrecognized arguments: --no-such-option"),
         (["--plugin", "ping", "--count", "0"], 2, "--count must be at least 1"),
-        (["--plugin", "monitor", "--wait", "0.5"], 1, "no ivshmem server answered"),
+        (["--wait", "0.5", "--plugin", "monitor"], 1, "no ivshmem server answered"),
+        (
+            ["--plugin", "monitor", "--wait", "0.5"],
+            2,
+            "--wait is an option of ivshmem-peer, not of the monitor plugin: put it before "
+            "--plugin monitor",
+        ),
+        (["--plugin=ping", "--count", "many"], 2, "argument --count: invalid int value"),
     ],
-    ids=["unknown-plugin", "bad-option-value", "unknown-option", "rejected-option", "no-daemon"],
+    ids=[
+        "unknown-plugin",
+        "bad-option-value",
+        "unknown-option",
+        "rejected-option",
+        "no-daemon",
+        "misplaced-option",
+        "plugin-equals",
+    ],
 )
 async def test_peer_usage_errors_are_clear(
     tmp_path: Path, extra: list[str], status: int, message: str
@@ -184,6 +209,42 @@ async def test_peer_usage_errors_are_clear(
     assert message in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2, err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "peers", "--plugin", "pagetable", "--help"],
+        ["-m", "peers", "--plugin=pagetable", "-h"],
+        ["-m", "peers", "-h", "--plugin", "pagetable"],
+        ["-m", "peers.launcher", "up", "--peers", "1", "--plugin", "pagetable", "--help"],
+        ["-m", "peers.launcher", "up", "--help", "--plugin=pagetable"],
+    ],
+    ids=["peer", "peer-equals", "peer-help-first", "up", "up-help-first"],
+)
+async def test_help_shows_the_plugins_options(command: list[str]) -> None:
+    """Issue 11, items 1 and 2: the plugin's options, wherever -h is, in both commands
+    (pagetable's --size used to crash `up --help` as a conflicting option string)."""
+    done = await _run([sys.executable, *command])
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr
+    assert "options of the pagetable plugin (after --plugin pagetable):" in out
+    assert "--size SIZE" in out and "--backing" in out  # the plugin's
+    assert "--vectors" in out  # and the command's own
+    assert done.stderr == b""
+
+
+async def test_every_command_says_its_version() -> None:
+    from ivshmemd import __version__
+
+    for command, name in (
+        (["-m", "peers"], "ivshmem-peer"),
+        (["-m", "ivshmemd.ctl"], "ivshmemctl"),
+        (["-m", "ivshmemd"], "ivshmemd"),
+    ):
+        done = await _run([sys.executable, *command, "--version"])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.decode() == f"{name} {__version__}\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +357,12 @@ async def test_launcher_two_peers_ping_ends_with_the_ping_line(spawn: tuple[str,
         assert await run.wait() == 0, run.err
     assert any("fork server (pid" in line for line in run.err) == (not spawn), run.err
     assert re.fullmatch(r"all 2 peers running after \d+ ms", run.out[0]), run.out
-    last = PING_LINE.match(run.out[-1])
-    assert last and last.group(1) == "2000", run.out
+    # issue 11, item 9: every summary once (the answering peer's too), none on stderr
+    assert len(run.out) == 3, run.out
+    served = [m for line in run.out if (m := PING_LINE.match(line))]
+    assert len(served) == 1 and served[0].group(1) == "2000", run.out
+    assert sum(line.startswith("ping: answered 2200 rings from peer ") for line in run.out) == 1
+    assert not any("ping:" in line for line in run.err), run.err
     _no_leftovers(run)
 
 
@@ -443,31 +508,87 @@ def _ctl_parser() -> Any:
             ["up", "--peers", "2", "--plugin", "ping", "--count", "5"],
             {"peers": 2, "plugin": "ping", "plugin_args": ("--count", "5"), "socket": None},
         ),
-        (  # launcher options may follow the plugin's; unknown ones go to the plugin
-            ["up", "--plugin", "ping", "--count", "5", "--peers", "3", "--vectors", "2"],
-            {"peers": 3, "vectors": 2, "plugin_args": ("--count", "5")},
+        (  # --plugin=NAME, and a plugin option of the same name as a launcher option
+            ["up", "--size", "8M", "--peers", "1", "--plugin=pagetable", "--size", "16M"],
+            {"size": 8 << 20, "plugin": "pagetable", "plugin_args": ("--size", "16M")},
         ),
-        (  # after `--`, everything is the plugin's, even a launcher option's name
-            ["up", "--peers", "2", "--plugin", "ping", "--", "--count", "7", "--vectors", "2"],
-            {"vectors": 1, "plugin_args": ("--count", "7", "--vectors", "2")},
+        (  # a `--` right after the plugin's name is accepted (all after it is the plugin's)
+            ["up", "--peers", "2", "--plugin", "ping", "--", "--count", "7"],
+            {"vectors": 1, "plugin_args": ("--count", "7")},
         ),
         (
             ["-S", "/run/x.sock", "up", "--peers", "1", "--keep", "--plugin", "monitor"],
             {"socket": "/run/x.sock", "keep": True, "fork_server": True},
         ),
         (
-            ["up", "--peers", "1", "--plugin", "monitor", "--no-fork-server", "--shm-name", "s"],
+            ["up", "--peers", "1", "--no-fork-server", "--shm-name", "s", "--plugin", "monitor"],
             {"fork_server": False, "shm_name": "s", "plugin_args": ()},
+        ),
+        (
+            ["up", "--timeout", "2.5", "--peers", "1", "-v", "--plugin", "monitor"],
+            {"timeout": 2.5, "verbose": True},
         ),
     ],
 )
 def test_up_command_line(argv: list[str], expected: dict[str, Any]) -> None:
-    from peers.launcher import parse_up_config
-
-    config = parse_up_config(_ctl_parser().parse_args(argv))
+    config = _up_config(argv)
     assert config is not None
+    (region,) = config.topology.regions
+    (group,) = region.groups
+    found = {
+        "peers": group.count,
+        "plugin": group.plugin,
+        "plugin_args": group.args,
+        "socket": region.socket,
+        "size": region.size,
+        "vectors": region.vectors,
+        "shm_name": region.shm_name,
+        "keep": config.keep,
+        "fork_server": config.fork_server,
+        "timeout": config.timeout,
+        "verbose": config.verbose,
+    }
     for key, value in expected.items():
-        assert getattr(config, key) == value, (key, config)
+        assert found[key] == value, (key, found)
+
+
+def _up_config(argv: list[str]) -> Any:
+    from peers.launcher import parse_up_argv
+
+    args = _ctl_parser().parse_args(argv)
+    return parse_up_argv(args.up_argv, args.socket)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (  # issue 11, item 2: never silently the daemon's
+            ["up", "--peers", "1", "--plugin", "pagetable", "--size", "16M", "--peers", "2"],
+            "--peers is an option of ivshmemctl up, not of the pagetable plugin: put it before "
+            "--plugin pagetable",
+        ),
+        (
+            ["up", "--peers", "2", "--plugin", "ping", "--vectors", "2"],
+            "--vectors is an option of ivshmemctl up, not of the ping plugin: put it before "
+            "--plugin ping",
+        ),
+        (
+            ["up", "--peers", "3", "--plugin", "ping"],
+            "ping pairs its peers: 3 peers of it would leave one waiting for a partner for "
+            "ever; give an even --peers",
+        ),
+        (["up", "--peers", "2", "--plugin"], "--plugin needs a plugin name"),
+        (["up", "--peers", "2", "--", "--plugin", "ping"], "'--' may only follow --plugin"),
+        (["up", "-f", "t.toml", "--peers", "2"], "--peers cannot be combined with -f"),
+        (["up", "--plug", "ping", "--peers", "2"], "unrecognized arguments: --plug ping"),
+    ],
+)
+def test_up_refuses_options_in_the_wrong_place(argv: list[str], message: str) -> None:
+    from peers.launcher import UsageError
+
+    with pytest.raises(UsageError) as refused:
+        _up_config(argv)
+    assert str(refused.value) == message or message in str(refused.value), refused.value
 
 
 def test_the_progress_line_is_redrawn_under_the_status_lines() -> None:
@@ -511,14 +632,14 @@ async def test_fork_server_forks_peers_and_reports_their_exits(tmp_path: Path) -
     from peers.forkserver import ForkServer
 
     async with open_supervisor() as supervisor, trio.open_nursery() as nursery:
-        server = await ForkServer.start(supervisor, "monitor", dict(os.environ))
+        server = await ForkServer.start(supervisor, ["monitor"], dict(os.environ))
         nursery.start_soon(server.run)
         with trio.fail_after(TIMEOUT):
             await server.ready.wait()
         assert not server.gone
         # A peer with no daemon to talk to: it says so on stderr and exits 1.
         socket_path = str(tmp_path / "nobody.sock")
-        argv = ["-S", socket_path, "--plugin", "monitor", "--wait", "0.2"]
+        argv = ["-S", socket_path, "--wait", "0.2", "--plugin", "monitor"]
         pid, stdout, stderr = await server.spawn(argv)
         peer = supervisor.adopt(Child(argv), pid, stdout, stderr)
         server.register(peer)

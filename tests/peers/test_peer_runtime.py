@@ -19,16 +19,21 @@ async def test_two_peers_play_ping(
     start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner, loop: str
 ) -> None:
     async with start_daemon(vectors=1) as daemon:
-        args = ["--count", "300", *loop.split()]
-        server = await ivshmem_peers(daemon, "ping", args, wait_running=False)
-        answerer = await ivshmem_peers(daemon, "ping", args, wait_running=False)
+        args, options = ["--count", "300"], loop.split()
+        server = await ivshmem_peers(daemon, "ping", args, peer_args=options, wait_running=False)
+        answerer = await ivshmem_peers(daemon, "ping", args, peer_args=options, wait_running=False)
         first = await server.wait_event(event="running")
         second = await answerer.wait_event(event="running")
         assert {first["peer_id"], second["peer_id"]} == {0, 1}
         assert first["loop"] == ("trio" if loop == "--trio" else "fast-path")
-        serving = server if first["peer_id"] == 0 else answerer
+        leader = await server.wait_event(event="paired")  # the one that waited serves
+        serving, answering = (server, answerer) if leader["leader"] else (answerer, server)
         done = await serving.wait_event(event="finished")
         assert done["ok"] is True and PING_LINE.match(done["summary"]), done
+        answered = await answering.wait_event(event="finished")
+        assert answered["summary"] == (
+            f"ping: answered 500 rings from peer {serving.peer_id} (300 measured, 200 warm-up)"
+        )
         assert await server.wait_exit() == 0
         assert await answerer.wait_exit() == 0
 
@@ -38,7 +43,7 @@ async def test_sigterm_stops_a_peer_cleanly(
     start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner, loop: str
 ) -> None:
     async with start_daemon(vectors=1) as daemon:
-        peer = await ivshmem_peers(daemon, "monitor", [loop])
+        peer = await ivshmem_peers(daemon, "monitor", peer_args=[loop])
         peer.terminate()
         await peer.wait_event(event="stopped")
         assert await peer.wait_exit() == 0
@@ -60,7 +65,7 @@ async def test_reconnect_after_the_daemon_restarts(
 ) -> None:
     socket_path = str(tmp_path / "stable.sock")
     async with start_daemon(vectors=1, socket_path=socket_path):
-        peer = await ivshmem_peers(socket_path, "monitor", ["--reconnect"])
+        peer = await ivshmem_peers(socket_path, "monitor", peer_args=["--reconnect"])
         assert peer.peer_id == 0
     await peer.wait_event(event="reconnecting")
     async with start_daemon(vectors=1, socket_path=socket_path) as daemon:

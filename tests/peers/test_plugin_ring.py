@@ -24,7 +24,9 @@ async def run_peers(
     spawn: PeerSpawner, daemon: DaemonProcess | str, plugin: str, *options: Sequence[str]
 ) -> list[PeerProcess]:
     """Run one peer of ``plugin`` per option list, concurrently, to their exit."""
-    peers = [await spawn(daemon, plugin, [*WAIT, *args], wait_running=False) for args in options]
+    peers = [
+        await spawn(daemon, plugin, args, peer_args=WAIT, wait_running=False) for args in options
+    ]
     for peer in peers:
         await peer.wait_exit(PEER_TIMEOUT)
     return peers
@@ -135,9 +137,9 @@ BAD_OPTIONS = [
     (["--message-size", "0"], "--message-size must be"),
     (["--bytes", "0"], "--bytes must be at least 1"),
     (["--bytes", "12Q"], "unknown suffix"),
-    (["--role", "sideways"], "invalid choice"),
+    (["--checksum", "md5"], "invalid choice"),
     (["--corrupt-every", "-1"], "--corrupt-every must not be negative"),
-    (["--partner", "70000"], "--partner must be a peer id"),
+    (["--partner", "1"], "unrecognized arguments: --partner 1"),  # pairs by the directory
 ]
 
 
@@ -155,10 +157,34 @@ async def test_bad_ring_options_exit_2_with_a_clear_message(
 async def test_a_ring_larger_than_the_shared_memory_fails_clearly(
     start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
 ) -> None:
+    """The first peer reserves its pair's region when it starts waiting: a shared memory
+    too small says so at once, without a partner."""
     async with start_daemon(vectors=1, size="64K") as daemon:
-        options = ["--role", "producer", "--ring-size", "1M"]
-        (peer,) = await run_peers(ivshmem_peers, daemon, "ring", options)
+        (peer,) = await run_peers(ivshmem_peers, daemon, "ring", ["--ring-size", "1M"])
     assert peer.returncode == 1
-    finished = last(peer, "finished")
-    assert finished["ok"] is False
-    assert "does not fit in the 65536-byte shared memory" in finished["summary"]
+    error = last(peer, "error")["message"]
+    assert error == (
+        "ring: no room for a ring pair's region (1052672 bytes) in the shared memory: 65536 "
+        "bytes, 0 held by 0 regions, 4096 for the directory; give the daemon more "
+        "(ivshmemd -l, ivshmemctl up --size) or ask for less"
+    )
+    assert "Traceback" not in stderr(peer)
+
+
+async def test_four_ring_peers_are_two_pairs_that_both_finish(
+    start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
+) -> None:
+    """Issue 11, item 3: four ring peers with 2 vectors and crc32 used to share one ring at
+    offset 0 and fail ("no ring header", "impossible head") or hang. Now they are two pairs,
+    each with its ring in its own region (tests/peers/test_pairing.py checks the regions)."""
+    async with start_daemon(vectors=2, size="4M") as daemon:
+        options = ["--bytes", "8M", "--message-size", "4K", "--checksum", "crc32"]
+        peers = await run_peers(ivshmem_peers, daemon, "ring", *[options] * 4)
+    partner = {}
+    for peer in peers:
+        assert peer.returncode == 0, peer.describe()
+        assert last(peer, "ring")["checksum_errors"] == 0
+        assert last(peer, "ring")["bytes"] == 8 << 20
+        partner[peer.peer_id] = last(peer, "paired")["partner"]
+    assert all(partner[partner[me]] == me for me in partner), partner
+    assert sorted(last(p, "ring")["role"] for p in peers) == ["consumer"] * 2 + ["producer"] * 2

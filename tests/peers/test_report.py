@@ -21,6 +21,9 @@ EXAMPLES: list[report.Event | report.PluginEvent] = [
     report.Error("no ivshmem server answered"),
     report.PeerJoined(peer_id=7),
     report.PeerLeft(peer_id=7),
+    report.Waiting("a partner running ping"),
+    report.Progress(done=5, total=20, unit="round trips"),
+    report.Paired(key="ring", partner=4, leader=True, offset=0x1000, size=0x101000),
     report.PluginEvent("ring", {"role": "consumer", "bytes": 10}),
 ]
 

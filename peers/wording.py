@@ -1,0 +1,42 @@
+"""How things are said to the user, in one place: plurals, and an exception in one line.
+
+Every command of ``peers`` reports a failure as one line (``TYPE: message``, and where it
+was raised); the traceback is for ``-v``. trio wraps what a task raised in
+``ExceptionGroup``\\ s: :func:`unwrap` finds the exception that matters inside.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+__all__ = ["exception_line", "plural", "traceback_lines", "unwrap"]
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 vector``, ``2 vectors``, ``1 vCPU``; ``many`` for an irregular plural."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def exception_line(exc: BaseException) -> str:
+    """``TYPE: message (file.py:LINE in FUNCTION)``: where it was raised, in one line."""
+    exc = unwrap(exc)
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" ({Path(last.filename).name}:{last.lineno} in {last.name})"
+    return text
+
+
+def traceback_lines(exc: BaseException) -> list[str]:
+    """The traceback of the exception that matters (see :func:`unwrap`), line by line."""
+    exc = unwrap(exc)
+    return "".join(traceback.format_exception(exc)).rstrip("\n").splitlines()
