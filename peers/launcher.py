@@ -398,7 +398,7 @@ class Launcher:
         """The work's progress as the plugins report it, summed by unit."""
         totals: dict[str, list[int]] = {}
         for peer in self.peers:
-            if peer.progress is not None and peer.alive:
+            if peer.progress is not None:
                 done_total = totals.setdefault(peer.progress.unit, [0, 0])
                 done_total[0] += peer.progress.done
                 done_total[1] += peer.progress.total
@@ -592,7 +592,7 @@ class Launcher:
                 self._notify()
 
     async def _watch_clock(self, timeout: float) -> None:
-        await trio.sleep_until(self.t0 + timeout)
+        await trio.sleep(max(0.0, timeout - self._ms() / 1000))  # from the command's start
         if not self.stopping or self.kept:
             self.timed_out = True
             self._begin_stop()

@@ -171,6 +171,10 @@ def fixture_timeout(config: pytest.Config) -> float:
     return value
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    fixture_timeout(config)  # a bad value is a usage error at once, not in every test
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """An async fixture in a test pytest-trio does not run would fail obscurely: say why."""

@@ -144,7 +144,8 @@ class _Lines:
             header = _HEADER.match(line)
             if header:
                 table = self._table(header.group(1) == "[[", _key_parts(header.group(2)), counts)
-                self.at.setdefault(table, number)
+                for depth in range(1, len(table) + 1):  # [hosts.b] also places "hosts"
+                    self.at.setdefault(table[:depth], number)
                 continue
             self._key(table, line, number)
 

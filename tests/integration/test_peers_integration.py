@@ -13,11 +13,8 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,15 @@ import trio
 
 from peers import pytest_plugin
 from peers.pytest_plugin import PeerProcess, PeerSpawner, SyncPeerSpawner
+from tests.launcher_run import (
+    PLUGIN_DIR,
+    TIMEOUT,
+    launcher,
+    launcher_argv,
+    launcher_env,
+    no_leftovers,
+    run_command,
+)
 
 # The fixtures come from the `ivshmem` pytest11 entry point once the project is installed
 # with it; naming them here as well keeps this module working before that (a module-level
@@ -35,8 +41,6 @@ ivshmem_peers = pytest_plugin.ivshmem_peers
 ivshmem_daemon_sync = pytest_plugin.ivshmem_daemon_sync
 ivshmem_peers_sync = pytest_plugin.ivshmem_peers_sync
 
-PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins"
-TIMEOUT = 60.0
 PING_LINE = re.compile(r"^ping: (\d+) round trips, p50 [0-9.]+ us, p99 [0-9.]+ us$")
 
 
@@ -166,13 +170,6 @@ def test_the_synchronous_fixtures_run_real_peers(
 # ---------------------------------------------------------------------------------------------
 
 
-async def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(TIMEOUT):
-        return await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                      check=False, stdin=subprocess.DEVNULL,
-                                      **kwargs)  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("extra", "status", "message"),
     [
@@ -203,7 +200,7 @@ async def test_peer_usage_errors_are_clear(
     tmp_path: Path, extra: list[str], status: int, message: str
 ) -> None:
     socket_path = str(tmp_path / "nobody-listens.sock")  # no daemon here
-    done = await _run([sys.executable, "-m", "peers", "-S", socket_path, *extra])
+    done = await run_command([sys.executable, "-m", "peers", "-S", socket_path, *extra])
     err = done.stderr.decode()
     assert done.returncode == status, err
     assert message in err
@@ -225,7 +222,7 @@ async def test_peer_usage_errors_are_clear(
 async def test_help_shows_the_plugins_options(command: list[str]) -> None:
     """Issue 11, items 1 and 2: the plugin's options, wherever -h is, in both commands
     (pagetable's --size used to crash `up --help` as a conflicting option string)."""
-    done = await _run([sys.executable, *command])
+    done = await run_command([sys.executable, *command])
     out = done.stdout.decode()
     assert done.returncode == 0, done.stderr
     assert "options of the pagetable plugin (after --plugin pagetable):" in out
@@ -242,7 +239,7 @@ async def test_every_command_says_its_version() -> None:
         (["-m", "ivshmemd.ctl"], "ivshmemctl"),
         (["-m", "ivshmemd"], "ivshmemd"),
     ):
-        done = await _run([sys.executable, *command, "--version"])
+        done = await run_command([sys.executable, *command, "--version"])
         assert done.returncode == 0, done.stderr
         assert done.stdout.decode() == f"{name} {__version__}\n"
 
@@ -250,105 +247,6 @@ async def test_every_command_says_its_version() -> None:
 # ---------------------------------------------------------------------------------------------
 # The launcher
 # ---------------------------------------------------------------------------------------------
-
-
-def _launcher_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGIN_DIR), env.get("PYTHONPATH")]))
-    return env
-
-
-def _launcher_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "peers.launcher", "up", *args]
-
-
-class LauncherRun:
-    """A running launcher whose stdout and stderr lines we can wait for."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._lot = trio.lowlevel.ParkingLot()
-        self._open = 2
-
-    async def pump(self, stream: trio.abc.ReceiveStream, into: list[str]) -> None:
-        buffer = b""
-        async for chunk in stream:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            into.extend(line.decode() for line in lines)
-            self._lot.unpark_all()
-        if buffer:
-            into.append(buffer.decode())
-        self._open -= 1
-        self._lot.unpark_all()
-
-    async def wait_line(self, into: list[str], pattern: str) -> re.Match[str]:
-        rx = re.compile(pattern)
-        with trio.move_on_after(TIMEOUT):
-            while True:
-                for line in into:
-                    if found := rx.search(line):
-                        return found
-                if not self._open:
-                    break
-                await self._lot.park()
-        raise AssertionError(f"no line /{pattern}/; stdout {self.out}, stderr {self.err}")
-
-    async def wait(self) -> int:
-        with trio.fail_after(TIMEOUT):
-            while self._open:
-                await self._lot.park()
-            return await self.process.wait()
-
-
-@asynccontextmanager
-async def launcher(*args: str) -> AsyncIterator[LauncherRun]:
-    """Run the launcher; kill it (and so its pipes) if the test fails half way."""
-    process = await trio.lowlevel.open_process(
-        _launcher_argv(*args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env=_launcher_env(),
-    )  # fmt: skip
-    run = LauncherRun(process)
-    async with trio.open_nursery() as nursery:
-        assert process.stdout is not None and process.stderr is not None
-        nursery.start_soon(run.pump, process.stdout, run.out)
-        nursery.start_soon(run.pump, process.stderr, run.err)
-        try:
-            yield run
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.send_signal(signal.SIGINT)  # it stops its children itself
-                    with trio.move_on_after(TIMEOUT):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
-
-
-def _gone(pid: int) -> bool:
-    return not os.path.exists(f"/proc/{pid}")
-
-
-def _no_leftovers(run: LauncherRun) -> None:
-    """The daemon and every peer are gone, and so are the socket directory and the shm."""
-    daemon = re.search(
-        r"daemon \(pid (\d+)\) listening on (\S+) \(shm ([^,]+),", "\n".join(run.err)
-    )
-    assert daemon, run.err
-    pids = [int(daemon.group(1))]
-    pids += [
-        int(m.group(1))
-        for line in run.err
-        if (m := re.search(r"(?:running|fork server) \(pid (\d+)\)", line))
-    ]
-    assert all(_gone(pid) for pid in pids), pids
-    socket_path = Path(daemon.group(2))
-    assert not socket_path.exists()
-    assert not socket_path.parent.exists()  # the private directory
-    assert not Path("/dev/shm", daemon.group(3)).exists()
 
 
 @pytest.mark.parametrize("spawn", [(), ("--no-fork-server",)], ids=["fork-server", "exec"])
@@ -363,7 +261,7 @@ async def test_launcher_two_peers_ping_ends_with_the_ping_line(spawn: tuple[str,
     assert len(served) == 1 and served[0].group(1) == "2000", run.out
     assert sum(line.startswith("ping: answered 2200 rings from peer ") for line in run.out) == 1
     assert not any("ping:" in line for line in run.err), run.err
-    _no_leftovers(run)
+    no_leftovers(run)
 
 
 async def test_launcher_names_the_peer_that_failed() -> None:
@@ -375,7 +273,7 @@ async def test_launcher_names_the_peer_that_failed() -> None:
     assert re.fullmatch(
         r"up: FAILED: peer 1 \(pid \d+\), exit code 1: probe: peer 1 fails on purpose", failed[0]
     ), failed
-    _no_leftovers(run)  # the two healthy peers were stopped, not left running
+    no_leftovers(run)  # the two healthy peers were stopped, not left running
 
 
 async def test_launcher_reports_a_killed_peer() -> None:
@@ -388,7 +286,7 @@ async def test_launcher_reports_a_killed_peer() -> None:
         re.fullmatch(rf"up: FAILED: peer 1 \(pid {found.group(1)}\), killed by SIGKILL: .*", x)
         for x in run.err
     ), run.err
-    _no_leftovers(run)
+    no_leftovers(run)
 
 
 async def test_launcher_names_every_killed_peer() -> None:
@@ -409,7 +307,7 @@ async def test_launcher_names_every_killed_peer() -> None:
             for x in failed
         ), run.err
     assert len(failed) == 2, run.err  # the survivors were stopped, not failed
-    _no_leftovers(run)
+    no_leftovers(run)
 
 
 async def test_launcher_stops_everything_on_sigint() -> None:
@@ -419,7 +317,7 @@ async def test_launcher_stops_everything_on_sigint() -> None:
         assert await run.wait() == 130, run.err
     assert any("stopped by SIGINT" in line for line in run.err), run.err
     assert not any("FAILED" in line or "Traceback" in line for line in run.err), run.err
-    _no_leftovers(run)
+    no_leftovers(run)
 
 
 @pytest.mark.parametrize(
@@ -434,7 +332,7 @@ async def test_launcher_stops_everything_on_sigint() -> None:
 async def test_launcher_rejects_bad_usage_before_starting_anything(
     args: tuple[str, ...], message: str
 ) -> None:
-    done = await _run(_launcher_argv(*args), env=_launcher_env())
+    done = await run_command(launcher_argv(*args), env=launcher_env())
     err = done.stderr.decode()
     assert done.returncode == 2, err
     assert message in err and "Traceback" not in err
