@@ -256,8 +256,13 @@ class Plugin:
 
 
 def available_plugins() -> dict[str, Any]:
-    """Entry points of the ``ivshmem.peers`` group, by name."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Entry points of the ``ivshmem.peers`` group, by name. Where two installed packages
+    register one name, the first on ``sys.path`` wins (as an import would: a directory on
+    PYTHONPATH comes before site-packages)."""
+    found: dict[str, Any] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
 
 
 def load_plugin(name: str) -> type[Plugin]:

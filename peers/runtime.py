@@ -161,7 +161,7 @@ class PeerMachine:
                 self.device.add_peer_vector(event.peer_id, event.index)
             if event.index + 1 == self._joined_at:
                 self._report(event="peer-joined", peer_id=event.peer_id)
-                if self._started:
+                if self._started and not self.done:
                     self.plugin.peer_joined(event.peer_id)
                 if self.partner_search is not None:
                     self.partner_search.peer_joined(event.peer_id)
@@ -177,7 +177,7 @@ class PeerMachine:
                     self.on_vector(vector)
             self.device.remove_peer(event.peer_id)
             self._report(event="peer-left", peer_id=event.peer_id)
-            if self._started:
+            if self._started and not self.done:
                 self.plugin.peer_left(event.peer_id)
             if self.partner_search is not None:
                 self.partner_search.peer_left(event.peer_id)

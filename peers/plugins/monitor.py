@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..plugin import Guest, Plugin
+from ..wording import plural
 
 
 class MonitorPlugin(Plugin):
@@ -42,7 +43,7 @@ class MonitorPlugin(Plugin):
         self._say(f"interrupt on vector {vector}")
         limit = self.options.exit_after
         if limit and self.interrupts >= limit and self.guest is not None:
-            self.guest.finish(f"monitor: {self.interrupts} interrupts")
+            self.guest.finish(f"monitor: {plural(self.interrupts, 'interrupt')}")
 
     def peer_joined(self, peer_id: int) -> None:
         self._say(f"peer {peer_id} joined")

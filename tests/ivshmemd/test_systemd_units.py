@@ -2,14 +2,14 @@
 
 ``systemd-analyze verify`` exits 0 on warnings (unknown keys, unparsable values), so its
 stderr and stdout must be empty. It also checks that every ExecStart= binary exists and is
-executable; the units name ``/usr/bin/ivshmemd`` (where a distribution package installs it)
-while here the console scripts live in the venv. So the check runs twice:
+executable; the units name ``/opt/ivshmem/bin/ivshmemd`` (the venv the README's install
+section makes) while here the console scripts live in this venv. So the check runs twice:
 
 1. on copies whose ExecStart= binary paths (and nothing else: the test asserts it) point at
    the console scripts installed in this venv: must be completely silent;
-2. on the files exactly as shipped: the only message allowed is "Command /usr/bin/X is not
-   executable" for an X that is indeed not installed in /usr/bin, so every other line of the
-   shipped files is verified as is.
+2. on the files exactly as shipped: the only message allowed is "Command /opt/ivshmem/bin/X
+   is not executable" for an X that is indeed not installed there, so every other line of
+   the shipped files is verified as is.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from ivshmemd.activation import DEFAULT_FD_NAME
 UNITS_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ("ivshmemd.service", "ivshmemd.socket", "ivshmem-peer@.service")
 INSTANCE = "ivshmem-peer@example.service"  # templates are verified through an instance
-BINARIES = {"/usr/bin/ivshmemd": "ivshmemd", "/usr/bin/ivshmem-peer": "ivshmem-peer"}
+BINARIES = {
+    "/opt/ivshmem/bin/ivshmemd": "ivshmemd",
+    "/opt/ivshmem/bin/ivshmem-peer": "ivshmem-peer",
+}
 ANALYZE = shutil.which("systemd-analyze")
 
 pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed")
@@ -92,7 +95,7 @@ def test_units_verify_silently_with_installed_console_scripts(
 def test_units_verify_as_shipped(tmp_path: Path) -> None:
     result = verify(install_copies(tmp_path, {}))
     allowed = re.compile(
-        r"^\S+: Command (/usr/bin/\S+) is not executable: No such file or directory$"
+        r"^\S+: Command (/opt/ivshmem/bin/\S+) is not executable: No such file or directory$"
     )
     for line in (result.stderr + result.stdout).splitlines():
         match = allowed.match(line)

@@ -86,7 +86,7 @@ async def test_interrupts_reach_the_plugin_through_msix(
         monitor = await ivshmem_peers(daemon, "monitor", ["--exit-after", "1"])
         assert monitor.peer_id == 1
         done = await monitor.wait_event(event="finished")
-        assert done["summary"] == "monitor: 1 interrupts"
+        assert done["summary"] == "monitor: 1 interrupt"
         await monitor.wait_event(event="monitor", text="interrupt on vector 0")
         assert await monitor.wait_exit() == 0
         # the pinger's partner left before answering: it fails and says so
