@@ -41,6 +41,7 @@ from ivshmemd.supervise import (
 from . import report
 from .harness import SyncPeerProcess, peer_command
 from .plugins.ringformat import CHECKSUMS, HEADER_SIZE, record_size, spans
+from .shmdir import DIRECTORY_SIZE
 
 __all__ = ["BenchError", "bench_ring", "build_parser", "main", "memcpy_ring", "run_pair"]
 
@@ -128,8 +129,9 @@ def bench_ring(args: argparse.Namespace) -> dict[str, Any]:
     """Ring throughput between two peer processes against a raw memcpy on the same shm."""
     options = ["--bytes", str(args.bytes), "--message-size", str(args.message_size),
                "--checksum", args.checksum]  # fmt: skip
-    if args.ring_size is not None:
-        options += ["--ring-size", str(args.ring_size)]
+    # default: the whole shm but the directory and the ring header (one pair, one region)
+    ring = args.ring_size or (args.shm_size - DIRECTORY_SIZE - HEADER_SIZE) // 4096 * 4096
+    options += ["--ring-size", str(ring)]
     with (
         tempfile.TemporaryDirectory(prefix="ivshmem-bench-") as directory,
         sync_daemon_process(directory, vectors=2, size=args.shm_size) as daemon,
@@ -203,7 +205,11 @@ RING_SIZES: tuple[tuple[str, int | None, str], ...] = (
     ("--bytes", 100 << 20, "payload to move (default 100M)"),
     ("--message-size", 64 << 10, "payload bytes per message (default 64K)"),
     ("--shm-size", 4 << 20, "the daemon's shared memory (default 4M)"),
-    ("--ring-size", None, "the ring's data area (default: the shm minus the header)"),
+    (
+        "--ring-size",
+        None,
+        "the ring's data area (default: the shm minus the directory and the header)",
+    ),
 )
 
 

@@ -131,3 +131,74 @@ async def test_a_ring_before_the_guest_starts_is_not_lost(start_daemon: Any) -> 
         finally:
             machine.stop()
             ringer.close()
+
+
+async def test_a_departing_peers_last_doorbell_comes_before_its_leave(start_daemon: Any) -> None:
+    """docs/plugins.md's guarantee: a peer may ring and exit at once; its partner gets the
+    interrupt first, then peer_left (the runtime drains the eventfds before the leave)."""
+    from peers.client import PeerLeft, connect
+    from peers.plugin import Guest, Plugin
+    from peers.runtime import PeerMachine
+
+    seen: list[tuple[str, int]] = []
+
+    class Recorder(Plugin):
+        def start(self, guest: Guest) -> None:
+            super().start(guest)
+            guest.enable_msix()
+
+        def interrupt(self, vector: int) -> None:
+            seen.append(("interrupt", vector))
+
+        def peer_left(self, peer_id: int) -> None:
+            seen.append(("left", peer_id))
+
+    async with start_daemon(vectors=1) as daemon:
+        target = await connect(daemon.socket_path, vectors=1)
+        machine = PeerMachine(target, Recorder(argparse.Namespace()), vectors=1)
+        machine.start()
+        try:
+            ringer = await connect(daemon.socket_path, vectors=1)
+            while ringer.peer_id not in machine.device.peers:  # the target learns of it
+                machine.on_server_event(await target.next_event())
+            assert ringer.ring(target.peer_id, 0)
+            ringer.close()  # rings, then leaves at once
+            event = await target.next_event()
+            while not isinstance(event, PeerLeft):
+                event = await target.next_event()
+            machine.on_server_event(event)  # the leave, before the loop read the eventfd
+            assert seen == [("interrupt", 0), ("left", ringer.peer_id)]
+        finally:
+            machine.stop()
+
+
+async def test_rings_before_the_handler_runs_are_one_interrupt(start_daemon: Any) -> None:
+    """docs/plugins.md: doorbells are not counted (an eventfd counts, MSI-X does not)."""
+    from peers.client import connect
+    from peers.plugin import Guest, Plugin
+    from peers.runtime import PeerMachine
+
+    vectors: list[int] = []
+
+    class Recorder(Plugin):
+        def start(self, guest: Guest) -> None:
+            super().start(guest)
+            guest.enable_msix()
+
+        def interrupt(self, vector: int) -> None:
+            vectors.append(vector)
+
+    async with start_daemon(vectors=1) as daemon:
+        target = await connect(daemon.socket_path, vectors=1)
+        machine = PeerMachine(target, Recorder(argparse.Namespace()), vectors=1)
+        machine.start()
+        ringer = await connect(daemon.socket_path, vectors=1)
+        try:
+            for _ in range(3):
+                assert ringer.ring(target.peer_id, 0)
+            assert machine.on_vector(0) is True  # what the event loop does when it wakes
+            assert machine.on_vector(0) is False
+            assert vectors == [0]
+        finally:
+            machine.stop()
+            ringer.close()
