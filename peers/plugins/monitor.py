@@ -32,6 +32,8 @@ class MonitorPlugin(Plugin):
         self.t0 = time.monotonic()
         others = sorted(p for p in guest.peers() if p != guest.peer_id)
         self._say(f"started as peer {guest.peer_id}; peers present: {others or 'none'}")
+        limit = self.options.exit_after
+        guest.waiting(plural(limit, "interrupt") if limit else "events (it runs until stopped)")
 
     def _say(self, text: str) -> None:
         assert self.guest is not None
