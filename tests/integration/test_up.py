@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,24 +28,32 @@ from tests.launcher_run import (
 )
 
 
-async def test_timeout_stops_and_names_what_each_peer_waited_for() -> None:
-    """A run that cannot end used to hang silently: with --timeout the launcher stops,
-    exits 1, and names each peer still running and what it said it waited for."""
-    argv = ("--timeout", "2", "--peers", "2", "--plugin", "ping", "--partner", "7")
-    async with launcher(*argv) as run:
+async def test_timeout_stops_a_run_that_would_never_end() -> None:
+    """A run that cannot end used to hang silently: --timeout stops it, exit status 1."""
+    async with launcher("--timeout", "1", "--peers", "1", "--plugin", "monitor") as run:
         assert await run.wait() == 1, run.err
-    assert "up: --timeout 2 s passed, stopping" in run.err, run.err
-    assert "up: FAILED: timed out after 2 s" in run.err, run.err
+    assert "up: --timeout 1 s passed, stopping" in run.err, run.err
+    assert "up: FAILED: timed out after 1 s" in run.err, run.err
+    assert not any("Traceback" in line for line in run.err), run.err
+
+
+async def test_a_stop_names_each_running_peer_and_what_it_waits_for() -> None:
+    """On a stop (timeout, Ctrl-C, another peer's failure) every peer still running is
+    named with what it said it waits for."""
+    argv = ("-v", "--peers", "2", "--plugin", "ping", "--partner", "7")
+    async with launcher(*argv) as run:
+        for peer_id in (0, 1):  # -v shows what each says it waits for
+            await run.wait_line(run.err, rf"^up: peer {peer_id} waits for answers from peer 7$")
+        run.process.send_signal(signal.SIGINT)
+        assert await run.wait() == 130, run.err
     still = sorted(x for x in run.err if x.startswith("up: still running when stopped:"))
     assert len(still) == 2, run.err
-    assert re.fullmatch(
-        r"up: still running when stopped: peer 0 \(pid \d+\), waiting for answers from peer 7",
-        still[0],
-    ), still
-    assert re.fullmatch(
-        r"up: still running when stopped: peer 1 \(pid \d+\), waiting for answers from peer 7",
-        still[1],
-    ), still
+    for peer_id, line in enumerate(still):
+        assert re.fullmatch(
+            rf"up: still running when stopped: peer {peer_id} \(pid \d+\), waiting for "
+            r"answers from peer 7",
+            line,
+        ), still
     no_leftovers(run)
 
 
