@@ -2,12 +2,13 @@
 
 Two peers pair up through the shared-memory directory (``guest.find_partner``), as ``ping``
 does, and each pair gets its own region of the shared memory for its ring (``--ring-size``
-bytes after a 4 KiB header; 1 MiB by default, or what one pair can have in a smaller
-shared memory), so any number of pairs share one daemon; a
-shared memory too small for another region is refused at once with how much there is. The
-peer that waited for a partner produces, the other consumes. Every byte of the ring,
-header included, is written and read through the vCPU (``vcpu.write`` / ``vcpu.read`` /
-``vcpu.read_into`` on BAR2), as a guest driver's loads and stores would be.
+bytes after a 4 KiB header; by default 1 MiB less 8 KiB, so that four pairs fit in the
+daemon's default 4 MiB, or what one pair can have in a smaller shared memory), so any number
+of pairs share one daemon; a shared memory too small for another region is refused at once
+with how much there is. The peer that waited for a partner produces, the other consumes.
+Every byte of the ring, header included, is written and read through the vCPU
+(``vcpu.write`` / ``vcpu.read`` / ``vcpu.read_into`` on BAR2), as a guest driver's loads and
+stores would be.
 
 The format (layout, ring header, records, checksums, index arithmetic) is
 :mod:`peers.plugins.ringformat`; this module moves the bytes and rings the doorbells.
@@ -113,8 +114,10 @@ __all__ = ["RingPlugin", "full_fence"]
 
 DEFAULT_BYTES: Final = 100 << 20
 DEFAULT_MESSAGE: Final = 64 << 10
-#: The data area's default size (larger when one record needs more).
-DEFAULT_RING: Final = 1 << 20
+#: The data area's default size (larger when one record needs more): with its header page,
+#: a pair's region is 1 MiB less a page, so four pairs fit in the daemon's default 4 MiB
+#: beside the directory's page.
+DEFAULT_RING: Final = (1 << 20) - 2 * PAGE_SIZE
 #: The producer publishes ``head`` this many times per batch (and before it sleeps).
 PUBLISHES_PER_BATCH: Final = 4
 #: What ``--corrupt-every`` XORs into a payload byte (a test aid).
@@ -169,9 +172,9 @@ class RingPlugin(Plugin):
             type=size,
             default=None,
             metavar="SIZE",
-            help="data area bytes, a multiple of 4K (default 1M, less in a shared memory too "
-            "small for it, more if one record needs it); each pair takes this plus a 4K "
-            "header from the shared memory",
+            help="data area bytes, a multiple of 4K (default 1M-8K: four pairs fit in 4M; "
+            "less in a smaller shared memory, more if one record needs it); each pair takes "
+            "this plus a 4K header from the shared memory",
         )
         group.add_argument(
             "--checksum",

@@ -171,20 +171,23 @@ async def test_a_ring_larger_than_the_shared_memory_fails_clearly(
     assert "Traceback" not in stderr(peer)
 
 
-async def test_four_ring_peers_are_two_pairs_that_both_finish(
+async def test_eight_ring_peers_are_four_pairs_in_the_default_shared_memory(
     start_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
 ) -> None:
-    """Issue 11, item 3: four ring peers with 2 vectors and crc32 used to share one ring at
-    offset 0 and fail ("no ring header", "impossible head") or hang. Now they are two pairs,
-    each with its ring in its own region (tests/peers/test_pairing.py checks the regions)."""
+    """Issue 11, item 3: ring peers with 2 vectors and crc32 used to share one ring at
+    offset 0 and fail ("no ring header", "impossible head") or hang. Now they are pairs, each
+    with its ring in its own region, and four pairs fit in the daemon's default 4M at once
+    (tests/peers/test_pairing.py checks that regions never overlap)."""
     async with start_daemon(vectors=2, size="4M") as daemon:
-        options = ["--bytes", "8M", "--message-size", "4K", "--checksum", "crc32"]
-        peers = await run_peers(ivshmem_peers, daemon, "ring", *[options] * 4)
+        options = ["--bytes", "4M", "--message-size", "4K", "--checksum", "crc32"]
+        peers = await ivshmem_peers.many(daemon, "ring", 8, options, peer_args=WAIT)
+        for peer in peers:
+            await peer.wait_exit(PEER_TIMEOUT)
     partner = {}
     for peer in peers:
         assert peer.returncode == 0, peer.describe()
         assert last(peer, "ring")["checksum_errors"] == 0
-        assert last(peer, "ring")["bytes"] == 8 << 20
+        assert last(peer, "ring")["bytes"] == 4 << 20
         partner[peer.peer_id] = last(peer, "paired")["partner"]
     assert all(partner[partner[me]] == me for me in partner), partner
-    assert sorted(last(p, "ring")["role"] for p in peers) == ["consumer"] * 2 + ["producer"] * 2
+    assert sorted(last(p, "ring")["role"] for p in peers) == ["consumer"] * 4 + ["producer"] * 4
