@@ -90,3 +90,52 @@ def test_bulk_conflict_check() -> None:
     with pytest.raises(TlbConflictAbort):
         tlb.check_bulk(1, 1, np.array([4], dtype=np.int64))  # 8M's 2M block: holds a page
     tlb.check_bulk(1, 1, np.array([5, 6], dtype=np.int64))
+
+
+def test_fifo_skips_the_stale_slot_of_an_entry_flushed_and_filled_again() -> None:
+    tlb = Tlb(MODE, 3)
+    for page in (1, 2, 3):
+        tlb.fill(1, page << 12, entry(0))
+    tlb.flush_addr(1, 1 << 12, 0)
+    tlb.fill(1, 1 << 12, entry(0))  # filled again: now the newest
+    tlb.fill(1, 4 << 12, entry(0))  # evicts 2, not the refilled 1
+    read, _write = tlb.views(1)
+    assert list(read[0]) == [3, 1, 4]
+    tlb.fill(1, 5 << 12, entry(0))
+    tlb.fill(1, 6 << 12, entry(0))
+    assert list(read[0]) == [4, 5, 6]
+
+
+def test_flush_and_refill_cycles_keep_the_fifo_queue_bounded() -> None:
+    tlb = Tlb(MODE, 4)
+    for round_ in range(1000):
+        page = round_ % 3
+        tlb.fill(1, page << 12, entry(0))
+        tlb.flush_addr(1, page << 12, 0)
+    levels = tlb._sets(1).levels
+    assert len(levels[0].order) <= 2 * 4 + 64 and not levels[0].read
+
+
+def test_word_views_exist_only_while_their_entry_does() -> None:
+    tlb = Tlb(MODE, 2)
+    page = bytearray(4096)
+    tlb.fill_leaf(1, 0x1000, memoryview(page), True, 0)
+    read_words, write_words = tlb.word_views(1)
+    assert not read_words[0]  # made on the first 64-bit access only
+    words = tlb.words(1, 0x1008, 0, True)
+    assert words is not None and words.format == "Q"
+    words[1] = 0x0102030405060708
+    assert page[8:16] == bytes.fromhex("0807060504030201")
+    assert set(read_words[0]) == set(write_words[0]) == {0x1000}
+    tlb.fill_leaf(1, 0x1000, memoryview(page), False, 0)  # now read-only: no word view
+    assert not write_words[0] and not read_words[0]
+    assert tlb.words(1, 0x1000, 0, True) is None  # not writable
+    assert tlb.words(1, 0x1000, 0, False) is not None and not write_words[0]
+    tlb.flush_addr(1, 0x1000, 0)
+    assert not read_words[0] and tlb.words(1, 0x1000, 0, False) is None
+    for gpa in (0x1000, 0x2000, 0x3000):  # the third fill evicts the first
+        tlb.fill_leaf(1, gpa, memoryview(page), True, 0)
+        tlb.words(1, gpa, 0, True)
+    assert set(read_words[0]) == set(write_words[0]) == {0x2000, 0x3000}
+    tlb.flush_range(1, 0, 1 << 30)
+    assert not read_words[0] and not write_words[0]
