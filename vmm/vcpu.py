@@ -189,7 +189,8 @@ class Vcpu:
 
     def _words(self, gpa: int, write: bool) -> memoryview | None:
         """The word view of the cached 4K page or block holding the aligned ``gpa`` (made
-        on the entry's first 64-bit access), None if neither level caches it."""
+        on the entry's first 64-bit access), None if neither level caches it. (A cached
+        entry is memory: MMIO regions never reach the TLB.)"""
         words = (self._wq1 if write else self._rq1).get(gpa & self._word_key1)
         if words is None:
             if gpa >> 12 in (self._w0 if write else self._r0):
@@ -200,28 +201,30 @@ class Vcpu:
 
     def _load64(self, gpa: int) -> int:
         """:meth:`read64` off the fast path."""
-        if gpa & 7 or gpa < 0 or self._mmio_find(gpa) is not None:
-            return int.from_bytes(self._access(gpa, 8, None), "little")
-        words = self._words(gpa, False)
-        if words is not None:
-            return words[(gpa & (len(words) * 8 - 1)) >> 3]
-        mem = self._resolve(gpa, None)
-        return self._unpack_q(mem, gpa & (len(mem) - 1))[0]  # type: ignore[no-any-return]
+        if not gpa & 7:
+            words = self._words(gpa, False)
+            if words is not None:
+                return words[(gpa & (len(words) * 8 - 1)) >> 3]
+            if gpa >= 0 and self._mmio_find(gpa) is None:
+                mem = self._resolve(gpa, None)
+                return self._unpack_q(mem, gpa & (len(mem) - 1))[0]  # type: ignore[no-any-return]
+        return int.from_bytes(self._access(gpa, 8, None), "little")
 
     def _store64(self, gpa: int, value: int) -> None:
         """:meth:`write64` off the fast path (``value`` already wrapped)."""
-        if gpa & 7 or gpa < 0 or self._mmio_find(gpa) is not None:
-            self._access(gpa, 8, value.to_bytes(8, "little"))
-            return
-        words = self._words(gpa, True)
-        if words is not None:
-            words[(gpa & (len(words) * 8 - 1)) >> 3] = value
-            return
-        try:
-            mem = self._resolve(gpa, _WORD)
-        except MmioExit:
-            raise MmioExit(gpa, value.to_bytes(8, "little"), True) from None
-        self._pack_q(mem, gpa & (len(mem) - 1), value)
+        if not gpa & 7:
+            words = self._words(gpa, True)
+            if words is not None:
+                words[(gpa & (len(words) * 8 - 1)) >> 3] = value
+                return
+            if gpa >= 0 and self._mmio_find(gpa) is None:
+                try:
+                    mem = self._resolve(gpa, _WORD)
+                except MmioExit:
+                    raise MmioExit(gpa, value.to_bytes(8, "little"), True) from None
+                self._pack_q(mem, gpa & (len(mem) - 1), value)
+                return
+        self._access(gpa, 8, value.to_bytes(8, "little"))
 
     def read32(self, gpa: int) -> int:
         """A 32-bit load (a device register through MMIO dispatch, or memory)."""
