@@ -138,6 +138,10 @@ class Stage2PageTable:
         self._root_mask = self.mode.root_entries - 1
         self._root_level = self.mode.root_level
         self._root_shift = self._shifts[self._root_level]
+        #: ``(gpa >> shift, shift, word index, level)`` of the leaf the last :meth:`set_leaf`
+        #: wrote in place (None when it took the visitor walk): a faulting vCPU's retry
+        #: reads it back
+        self.made: tuple[int, int, int, int] | None = None
         #: the hardware walk's descent below the root: (level, shift) per level
         self._descent = tuple((lv, self._shifts[lv]) for lv in range(self._root_level - 1, -1, -1))
 
@@ -311,6 +315,7 @@ class Stage2PageTable:
             if pte & TABLE_MASK == PTE_V:
                 flat = ((pte >> PTE_PPN_SHIFT) - base) * per  # the pool's follow(), in place
             elif pte & PTE_V:  # a block on the way: split it with break-before-make
+                self.made = None
                 return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
             else:  # nothing there: a new table (make; there is nothing to break)
                 row = self.cache.take_one()
@@ -320,6 +325,7 @@ class Stage2PageTable:
             i = (gpa >> shifts[lvl]) & (per - 1)
         old = words[flat + i]
         if old & TABLE_MASK == PTE_V:  # a table where the block goes: coalesce
+            self.made = None
             return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
         new = ((hpa >> PAGE_SHIFT) << PTE_PPN_SHIFT) | (perms & _PERM_MASK) | PTE_V
         flush = False
@@ -330,6 +336,7 @@ class Stage2PageTable:
             elif old & ~new & PTE_RWX:
                 flush = True
         words[flat + i] = new
+        self.made = (gpa >> shifts[level], shifts[level], flat + i, level)
         return flush
 
     def map_pages(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from collections.abc import Callable
 from typing import Final, NamedTuple
 
 import numpy as np
@@ -66,16 +67,69 @@ class _Level:
     since a vpn's stale slots are older than its live one, the oldest live entry is the
     first slot whose vpn has no stale count left."""
 
-    __slots__ = ("order", "read", "read_words", "shift", "stale", "write", "write_words")
+    __slots__ = (
+        "capacity", "downs", "fills", "level", "order", "queue_limit", "read", "read_words",
+        "shift", "stale", "up_reads", "ups", "vmid", "write", "write_words",
+    )  # fmt: skip
 
-    def __init__(self, shift: int) -> None:
+    def __init__(self, vmid: int, level: int, shift: int, capacity: int) -> None:
+        self.vmid = vmid
+        self.level = level
         self.shift = shift
+        self.capacity = capacity
+        #: queue slots (live and stale) the level may hold before it is compacted
+        self.queue_limit = 2 * capacity + _SMALL_RANGE
+        self.fills = 0
+        #: the sets a fill here is checked against: ``(dict, level, vpn shift)`` of the
+        #: larger levels (and their dicts alone) and of the smaller ones (set by _VmidSets)
+        self.ups: list[tuple[dict[int, memoryview], int, int]] = []
+        self.up_reads: list[dict[int, memoryview]] = []
+        self.downs: list[tuple[dict[int, memoryview], int, int]] = []
         self.read: dict[int, memoryview] = {}
         self.write: dict[int, memoryview] = {}
         self.read_words: dict[int, memoryview] = {}
         self.write_words: dict[int, memoryview] = {}
         self.order: deque[int] = deque()
         self.stale: dict[int, int] = {}
+
+    def fill(self, gpa: int, mem: memoryview, writable: bool) -> None:
+        """:meth:`Tlb.fill_leaf` at this level (every TLB miss comes here: the conflict
+        check, the eviction and the store are written out in place). An entry already
+        cached for that page keeps its place in the FIFO order."""
+        vpn = gpa >> self.shift
+        if any(self.up_reads):
+            for cached, up, diff in self.ups:
+                if vpn >> diff in cached:
+                    raise TlbConflictAbort(self.vmid, vpn << self.shift, self.level, up)
+        if self.level:
+            for cached, down, diff in self.downs:
+                if cached and any((k >> diff) == vpn for k in cached):
+                    raise TlbConflictAbort(self.vmid, vpn << self.shift, self.level, down)
+        read, write = self.read, self.write
+        if vpn not in read:
+            order = self.order
+            if len(read) >= self.capacity:
+                if self.stale:
+                    self.evict_oldest()
+                else:  # the usual eviction: the oldest slot is live
+                    oldest = order.popleft()
+                    del read[oldest]
+                    write.pop(oldest, None)
+                    words = self.read_words
+                    if words and words.pop(oldest << self.shift, None) is not None:
+                        self.write_words.pop(oldest << self.shift, None)
+            elif len(order) >= self.queue_limit:
+                self.compact()
+                order = self.order
+            order.append(vpn)
+        read[vpn] = mem
+        if writable:
+            write[vpn] = mem
+        else:
+            write.pop(vpn, None)
+        if self.read_words and self.read_words.pop(vpn << self.shift, None) is not None:
+            self.write_words.pop(vpn << self.shift, None)
+        self.fills += 1
 
     def put(self, vpn: int, mem: memoryview, writable: bool) -> None:
         """Store an entry (its FIFO slot is the caller's business). Its word views, if it
@@ -151,11 +205,11 @@ class _VmidSets:
     there must be checked against: ``(dict, level, vpn shift)`` of the larger and of the
     smaller levels."""
 
-    __slots__ = ("downs", "levels", "read", "read_words", "up_reads", "ups", "write", "write_words")
+    __slots__ = ("downs", "levels", "read", "read_words", "ups", "write", "write_words")
 
-    def __init__(self, shifts: tuple[int, ...], bits: int) -> None:
+    def __init__(self, vmid: int, shifts: tuple[int, ...], bits: int, capacity: int) -> None:
         count = len(shifts)
-        self.levels = [_Level(shift) for shift in shifts]
+        self.levels = [_Level(vmid, lv, shift, capacity) for lv, shift in enumerate(shifts)]
         self.read = [lv.read for lv in self.levels]
         self.write = [lv.write for lv in self.levels]
         self.read_words = [lv.read_words for lv in self.levels]
@@ -164,12 +218,14 @@ class _VmidSets:
             [(self.read[up], up, (up - lv) * bits) for up in range(lv + 1, count)]
             for lv in range(count)
         ]
-        #: per level, the larger levels' dicts (is anything cached there at all?)
-        self.up_reads = [[cached for cached, _up, _diff in ups] for ups in self.ups]
         self.downs = [
             [(self.read[down], down, (lv - down) * bits) for down in range(lv - 1, -1, -1)]
             for lv in range(count)
         ]
+        for level in self.levels:
+            level.ups = self.ups[level.level]
+            level.up_reads = [cached for cached, _up, _diff in level.ups]
+            level.downs = self.downs[level.level]
 
 
 class Tlb:
@@ -182,15 +238,12 @@ class Tlb:
         self.levels = mode.levels
         self.bits = mode.index_bits
         self._vmids: dict[int, _VmidSets] = {}
-        #: queue slots (live and stale) a level may hold before it is compacted
-        self._queue_limit = 2 * capacity + _SMALL_RANGE
-        self.fills = 0
         self.flushes = 0
 
     def _sets(self, vmid: int) -> _VmidSets:
         sets = self._vmids.get(vmid)
         if sets is None:
-            sets = _VmidSets(tuple(self.shifts), self.bits)
+            sets = _VmidSets(vmid, tuple(self.shifts), self.bits, self.capacity)
             self._vmids[vmid] = sets
         return sets
 
@@ -233,39 +286,21 @@ class Tlb:
         return sum(len(d) for sets in self._vmids.values() for d in sets.read)
 
     # ------------------------------------------------------------------ fills
+    @property
+    def fills(self) -> int:
+        """Entries filled so far (every level, every VMID)."""
+        return sum(lv.fills for sets in self._vmids.values() for lv in sets.levels)
+
+    def filler(self, vmid: int, level: int) -> Callable[[int, memoryview, bool], None]:
+        """``fill(gpa, mem, writable)``: :meth:`fill_leaf` for one VMID and level, bound
+        once (a vCPU's miss path)."""
+        return self._sets(vmid).levels[level].fill
+
     def fill_leaf(self, vmid: int, gpa: int, mem: memoryview, writable: bool, level: int) -> None:
         """Cache the translation of a leaf found by a page walk (conflict-checked): its host
         memory ``mem``, its write permission and its level. An entry already cached for
-        that page keeps its place in the FIFO order. (Every TLB miss comes here: the
-        eviction and the store are written out in place.)"""
-        sets = self._vmids.get(vmid) or self._sets(vmid)
-        lv = sets.levels[level]
-        vpn = gpa >> lv.shift
-        if any(sets.up_reads[level]):
-            for cached, up, diff in sets.ups[level]:
-                if vpn >> diff in cached:
-                    raise TlbConflictAbort(vmid, vpn << lv.shift, level, up)
-        if level:
-            for cached, down, diff in sets.downs[level]:
-                if cached and any((k >> diff) == vpn for k in cached):
-                    raise TlbConflictAbort(vmid, vpn << lv.shift, level, down)
-        read = lv.read
-        if vpn not in read:
-            order = lv.order
-            if len(read) >= self.capacity:
-                lv.evict_oldest()
-            elif len(order) >= self._queue_limit:
-                lv.compact()
-                order = lv.order
-            order.append(vpn)
-        read[vpn] = mem
-        if writable:
-            lv.write[vpn] = mem
-        else:
-            lv.write.pop(vpn, None)
-        if lv.read_words and lv.read_words.pop(vpn << lv.shift, None) is not None:
-            lv.write_words.pop(vpn << lv.shift, None)
-        self.fills += 1
+        that page keeps its place in the FIFO order."""
+        (self._vmids.get(vmid) or self._sets(vmid)).levels[level].fill(gpa, mem, writable)
 
     def fill(self, vmid: int, gpa: int, entry: TlbEntry) -> None:
         """Cache a translation found by a page walk (conflict-checked)."""
@@ -307,11 +342,11 @@ class Tlb:
                 lv.drop(vpn)  # re-inserted: it becomes the newest
             elif len(lv.read) >= self.capacity:
                 lv.evict_oldest()
-            if len(lv.order) >= self._queue_limit:
+            if len(lv.order) >= lv.queue_limit:
                 lv.compact()
             lv.order.append(vpn)
             lv.put(vpn, entry.mem, entry.writable)
-        self.fills += len(items)
+        lv.fills += len(items)
 
     # ------------------------------------------------------------------ invalidation
     def flush_addr(self, vmid: int, gpa: int, level: int) -> None:

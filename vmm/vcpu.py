@@ -95,15 +95,19 @@ class Vcpu:
         self._mmio_pages: dict[int, tuple[int, int, MmioHandler]] = {}
         self._shifts = vm.mode.shifts
         self._read_sets, self._write_sets = read, write
+        #: the TLB's dicts of blocks (levels 1 and up): is any block cached at all?
+        self._block_sets = read[1:]
         self._sets_by_level = [
             (level, read[level], write[level], shift) for level, shift in enumerate(self._shifts)
         ]
         #: the backing the last TLB fill came from (most fills hit the same one)
         self._backing: Backing = _NO_BACKING
+        self._backing_hpa = _NO_BACKING.hpa
         # the hart's walk of its VM's stage-2 table, the VM's fault handler, the TLB fill
+        self._pt = vm.pt
         self._translate = vm.pt.translate
         self._fault = vm.handle_fault
-        self._fill = self.tlb.fill_leaf
+        self._fillers = [self.tlb.filler(vm.vmid, level) for level in range(vm.mode.levels)]
         self._mmio_find = vm.mmio.find
         self._pack_q = _Q.pack_into
         self._unpack_q = _Q.unpack_from
@@ -171,21 +175,17 @@ class Vcpu:
     # miss) takes the slow path.
     def read64(self, gpa: int) -> int:
         """A 64-bit little-endian load."""
-        words = self._rq0.get(gpa & -4089)
-        if words is not None:
-            return words[(gpa & 4095) >> 3]
-        return self._load64(gpa)
+        try:
+            return self._rq0[gpa & -4089][(gpa & 4095) >> 3]
+        except KeyError:
+            return self._load64(gpa)
 
     def write64(self, gpa: int, value: int) -> None:
         """A 64-bit little-endian store (``value`` taken modulo 2**64)."""
-        words = self._wq0.get(gpa & -4089)
-        if words is not None:
-            try:
-                words[(gpa & 4095) >> 3] = value
-                return
-            except ValueError:
-                pass  # a value to wrap
-        self._store64(gpa, value & _U64)
+        try:
+            self._wq0[gpa & -4089][(gpa & 4095) >> 3] = value
+        except (KeyError, ValueError):
+            self._store64(gpa, value & _U64)
 
     def _words(self, gpa: int, write: bool) -> memoryview | None:
         """The word view of the cached 4K page or block holding the aligned ``gpa`` (made
@@ -211,12 +211,32 @@ class Vcpu:
         return int.from_bytes(self._access(gpa, 8, None), "little")
 
     def _store64(self, gpa: int, value: int) -> None:
-        """:meth:`write64` off the fast path (``value`` already wrapped)."""
+        """:meth:`write64` off the fast path (``value`` already wrapped). With only 4K pages
+        cached (no block entry at any level), the look-ups :meth:`_resolve` would do are
+        the page's: its word view is made, or its read-only entry dropped (a permission
+        fault), or it is a miss; then the walk."""
         if not gpa & 7:
-            words = self._words(gpa, True)
-            if words is not None:
-                words[(gpa & (len(words) * 8 - 1)) >> 3] = value
-                return
+            if any(self._block_sets):
+                words = self._words(gpa, True)
+                if words is not None:
+                    words[(gpa & (len(words) * 8 - 1)) >> 3] = value
+                    return
+            else:
+                vpn = gpa >> 12
+                if vpn in self._w0:
+                    words = self.tlb.words(self._vmid, gpa, 0, True)
+                    assert words is not None
+                    words[(gpa & 4095) >> 3] = value
+                    return
+                if gpa >= 0 and self._mmio_find(gpa) is None:
+                    if vpn in self._r0:  # read-only: a permission fault; drop it and walk
+                        self.tlb.flush_addr(self._vmid, gpa, 0)
+                    try:
+                        mem = self._walk(gpa, _WORD)
+                    except MmioExit:
+                        raise MmioExit(gpa, value.to_bytes(8, "little"), True) from None
+                    self._pack_q(mem, gpa & (len(mem) - 1), value)
+                    return
             if gpa >= 0 and self._mmio_find(gpa) is None:
                 try:
                     mem = self._resolve(gpa, _WORD)
@@ -330,15 +350,24 @@ class Vcpu:
 
     def _walk(self, gpa: int, data: bytes | bytearray | memoryview | None) -> memoryview:
         """A TLB miss for this access (a read if ``data`` is None): walk the stage-2 table,
-        fault to the VM and walk again as needed, fill the TLB."""
+        fault to the VM and walk again as needed, fill the TLB. When the fault made the
+        leaf in place (:attr:`~vmm.stage2.Stage2PageTable.made`), the retry reads that
+        entry, where its walk would end, instead of descending again."""
         write = data is not None
-        translate = self._translate
+        pte, level = self._translate(gpa)
+        if not pte or (write and not pte & PTE_W):
+            pte, level = self._fault_and_walk(gpa, data)
+        mem = self._leaf_memory(pte, level)
+        self._fillers[level](gpa, mem, bool(pte & PTE_W))
+        return mem
+
+    def _fault_and_walk(
+        self, gpa: int, data: bytes | bytearray | memoryview | None
+    ) -> tuple[int, int]:
+        """Fault to the VM until the walk finds a leaf that allows the access."""
+        write = data is not None
+        pt = self._pt
         for _ in range(_MAX_RETRIES):
-            pte, level = translate(gpa)
-            if pte and (not write or pte & PTE_W):
-                mem = self._leaf_memory(pte, level)
-                self._fill(self._vmid, gpa, mem, bool(pte & PTE_W), level)
-                return mem
             try:
                 handled = self._fault(gpa, write, self)
             except MmioExit:
@@ -346,20 +375,29 @@ class Vcpu:
                 raise MmioExit(gpa, bytes(data), True) from None
             if handled == 0:
                 raise DirtyRingFull(self.id)
+            made = pt.made
+            if made is not None and gpa >> made[1] == made[0]:
+                pt.made = None  # (a valid leaf: set_leaf just wrote it)
+                pte, level = pt.pool.words[made[2]], made[3]
+            else:
+                pte, level = self._translate(gpa)
+            if pte and (not write or pte & PTE_W):
+                return pte, level
         raise ModelBug(f"no forward progress on the access at GPA {gpa:#x}")
 
     def _leaf_memory(self, pte: int, level: int) -> memoryview:
         """The host memory a leaf maps (what a TLB entry holds)."""
         size = 1 << self._shifts[level]
-        hpa = (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT
+        off = ((pte >> PTE_PPN_SHIFT) << PAGE_SHIFT) - self._backing_hpa
         backing = self._backing
-        off = hpa - backing.hpa
         if off < 0 or off + size > backing.size or not backing.live:
+            hpa = (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT
             found = HOST_PHYS.owner(hpa)
             if found is None or hpa + size > found.hpa_end:
                 raise ModelBug(f"leaf PTE {pte:#x} points at HPA {hpa:#x} that no backing holds")
             self._backing = backing = found
-            off = hpa - backing.hpa
+            self._backing_hpa = found.hpa
+            off = hpa - found.hpa
         return backing.mem[off : off + size]
 
     # ------------------------------------------------------------------ bulk
