@@ -141,6 +141,20 @@ class PeerMachine:
         self.device.ring(vector)
         return True
 
+    def vector_handler(self, vector: int) -> Callable[[], bool]:
+        """:meth:`on_vector` for one vector, bound once (an event loop's per-fd handler)."""
+        fd, read, ring = self._own_fds[vector], os.eventfd_read, self.device.ring
+
+        def handle() -> bool:
+            try:
+                read(fd)
+            except BlockingIOError:
+                return False
+            ring(vector)
+            return True
+
+        return handle
+
     @property
     def own_fds(self) -> list[int]:
         """Our own vectors' eventfds, vector order (what the event loop watches)."""
