@@ -216,30 +216,22 @@ class Vcpu:
         the page's: its word view is made, or its read-only entry dropped (a permission
         fault), or it is a miss; then the walk."""
         if not gpa & 7:
-            if any(self._block_sets):
+            blocks = any(self._block_sets)
+            if blocks:
                 words = self._words(gpa, True)
-                if words is not None:
-                    words[(gpa & (len(words) * 8 - 1)) >> 3] = value
-                    return
+            elif gpa >> 12 in self._w0:
+                words = self.tlb.words(self._vmid, gpa, 0, True)
             else:
-                vpn = gpa >> 12
-                if vpn in self._w0:
-                    words = self.tlb.words(self._vmid, gpa, 0, True)
-                    assert words is not None
-                    words[(gpa & 4095) >> 3] = value
-                    return
-                if gpa >= 0 and self._mmio_find(gpa) is None:
-                    if vpn in self._r0:  # read-only: a permission fault; drop it and walk
-                        self.tlb.flush_addr(self._vmid, gpa, 0)
-                    try:
-                        mem = self._walk(gpa, _WORD)
-                    except MmioExit:
-                        raise MmioExit(gpa, value.to_bytes(8, "little"), True) from None
-                    self._pack_q(mem, gpa & (len(mem) - 1), value)
-                    return
+                words = None
+            if words is not None:
+                words[(gpa & (len(words) * 8 - 1)) >> 3] = value
+                return
             if gpa >= 0 and self._mmio_find(gpa) is None:
+                resolve = self._resolve if blocks else self._walk
+                if not blocks and gpa >> 12 in self._r0:  # read-only: drop it and walk
+                    self.tlb.flush_addr(self._vmid, gpa, 0)
                 try:
-                    mem = self._resolve(gpa, _WORD)
+                    mem = resolve(gpa, _WORD)
                 except MmioExit:
                     raise MmioExit(gpa, value.to_bytes(8, "little"), True) from None
                 self._pack_q(mem, gpa & (len(mem) - 1), value)
