@@ -329,11 +329,11 @@ class RingPlugin(Plugin):
 
     def _read_index(self, gpa: int) -> int:
         assert self.guest is not None
-        return self.guest.vcpu.read64(gpa)
+        return int.from_bytes(self.guest.vcpu.read(gpa, 8), "little")
 
     def _write_index(self, gpa: int, value: int) -> None:
         assert self.guest is not None
-        self.guest.vcpu.write64(gpa, value)
+        self.guest.vcpu.write(gpa, value.to_bytes(8, "little"))
 
     def _yield(self) -> None:
         """Let the event loop run; our own doorbell brings us back here."""
