@@ -139,7 +139,8 @@ class Stage2PageTable:
         self._root_level = self.mode.root_level
         self._root_shift = self._shifts[self._root_level]
         #: ``(gpa >> shift, shift, word index, level)`` of the leaf the last :meth:`set_leaf`
-        #: wrote in place (None when it took the visitor walk): a faulting vCPU's retry
+        #: wrote in place; None once any walk that may change the table (a map through the
+        #: visitors, an unmap, a write-protect, a free) ran since: a faulting vCPU's retry
         #: reads it back
         self.made: tuple[int, int, int, int] | None = None
         #: the hardware walk's descent below the root: (level, shift) per level
@@ -221,7 +222,7 @@ class Stage2PageTable:
         if pte & TABLE_MASK == PTE_V:
             base, per = pool.base_ppn, self._per
             mask = per - 1
-            for level, shift in self._descent:  # noqa: B007 (the level the walk ends at)
+            for level, shift in self._descent:  # noqa: B007 (level: where the walk ends)
                 pte = words[((pte >> PTE_PPN_SHIFT) - base) * per + ((gpa >> shift) & mask)]
                 if pte & TABLE_MASK != PTE_V:
                     break
@@ -315,7 +316,6 @@ class Stage2PageTable:
             if pte & TABLE_MASK == PTE_V:
                 flat = ((pte >> PTE_PPN_SHIFT) - base) * per  # the pool's follow(), in place
             elif pte & PTE_V:  # a block on the way: split it with break-before-make
-                self.made = None
                 return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
             else:  # nothing there: a new table (make; there is nothing to break)
                 row = self.cache.take_one()
@@ -325,7 +325,6 @@ class Stage2PageTable:
             i = (gpa >> shifts[lvl]) & (per - 1)
         old = words[flat + i]
         if old & TABLE_MASK == PTE_V:  # a table where the block goes: coalesce
-            self.made = None
             return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
         new = ((hpa >> PAGE_SHIFT) << PTE_PPN_SHIFT) | (perms & _PERM_MASK) | PTE_V
         flush = False
@@ -428,6 +427,7 @@ class Stage2PageTable:
         """Free every table page and the root (the VM is going away)."""
         if self._freed:
             return
+        self.made = None
         visitor = _FreeVisitor(self.pool)
         self.walker.walk(0, self.mode.gpa_limit, visitor)
         self.pool.free_root(self.root)
@@ -438,6 +438,7 @@ class Stage2PageTable:
             self.pool.close()
 
     def _locked_walk(self, start: int, end: int, visitor: Visitor) -> None:
+        self.made = None  # the table may change under it: the last set_leaf is history
         if self.cache.locked:
             self.walker.walk(start, end, visitor)
         else:

@@ -3,10 +3,12 @@
 :meth:`Vcpu.read` / :meth:`Vcpu.write` and the fixed-width :meth:`Vcpu.read64` /
 :meth:`Vcpu.write64` (and 32-bit forms) are the per-access path. A TLB hit is one dict
 look-up in the TLB's own per-level dicts (:meth:`vmm.tlb.Tlb.views`: 4K pages first, then
-the next level's blocks) and one slice or ``struct`` store into the leaf's host memory. A
-miss walks the stage-2 table like the hart's page walker, fills the TLB (conflict-checked) or
-faults to the VM's handler and retries. MMIO regions dispatch to their device; a write to a
-READONLY slot raises :class:`~vmm.errors.MmioExit` as KVM exits to userspace.
+the next level's blocks) and one slice or ``struct`` store into the leaf's host memory; an
+aligned 64-bit access to a 4K page is one look-up in the TLB's word views
+(:meth:`vmm.tlb.Tlb.word_views`) and one item store. A miss walks the stage-2 table like
+the hart's page walker, fills the TLB (conflict-checked) or faults to the VM's handler and
+retries (reading back the leaf the fault made). MMIO regions dispatch to their device; a
+write to a READONLY slot raises :class:`~vmm.errors.MmioExit` as KVM exits to userspace.
 
 :meth:`Vcpu.touch` / :meth:`Vcpu.access_many` are the bulk path the page-table benchmark
 needs (every page of a 1 GiB region): the same semantics done with vector operations, the
