@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmm.errors import TlbConflictAbort
 from vmm.pte import get_mode
@@ -139,3 +141,60 @@ def test_word_views_exist_only_while_their_entry_does() -> None:
     assert set(read_words[0]) == set(write_words[0]) == {0x2000, 0x3000}
     tlb.flush_range(1, 0, 1 << 30)
     assert not read_words[0] and not write_words[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["fill", "fill", "fill", "flush", "range", "many", "words", "vmid"]),
+            st.integers(0, 11),
+            st.booleans(),
+        ),
+        max_size=80,
+    )
+)
+def test_the_fifo_sets_behave_as_an_ordered_dict(
+    ops: list[tuple[str, int, bool]],
+) -> None:
+    """Every fill, re-fill, flush and bulk insert against an exact FIFO model (an ordered
+    dict): same entries, same order, same write set; word views only for live entries."""
+    capacity = 4
+    tlb = Tlb(MODE, capacity)
+    model: dict[int, bool] = {}  # vpn -> writable, oldest first
+    page = memoryview(bytearray(4096))
+    for op, vpn, writable in ops:
+        if op == "fill":
+            if vpn not in model and len(model) >= capacity:
+                del model[next(iter(model))]
+            model[vpn] = writable
+            tlb.fill_leaf(1, vpn << 12, page, writable, 0)
+        elif op == "flush":
+            model.pop(vpn, None)
+            tlb.flush_addr(1, vpn << 12, 0)
+        elif op == "range":
+            for k in [k for k in model if vpn <= k < vpn + 3]:
+                del model[k]
+            tlb.flush_range(1, vpn << 12, 3 << 12)
+        elif op == "many":
+            items = [(vpn + i, TlbEntry(page, writable, 0)) for i in range(3)]
+            for k, e in items[-capacity:]:
+                if k in model:
+                    del model[k]
+                elif len(model) >= capacity:
+                    del model[next(iter(model))]
+                model[k] = e.writable
+            tlb.insert_many(1, 0, items)
+        elif op == "words":
+            assert (tlb.words(1, vpn << 12, 0, writable) is not None) == (
+                vpn in model and (model[vpn] or not writable)
+            )
+        else:
+            model.clear()
+            tlb.flush_vmid(1)
+        read, write = tlb.views(1)
+        read_words, write_words = tlb.word_views(1)
+        assert list(read[0]) == list(model)
+        assert set(write[0]) == {k for k, w in model.items() if w}
+        assert set(read_words[0]) <= {k << 12 for k in model}
+        assert set(write_words[0]) <= {k << 12 for k, w in model.items() if w}
