@@ -166,12 +166,13 @@ def run_blocking(
         server_fd = machine.client.sock.fileno()
         poller.register(server_fd, select.POLLIN)
         poller.register(wake_fd, select.POLLIN)
-        vector_of: dict[int, int] = {}
         _drain_server(machine)
         machine.start()
         own_fds = machine.own_fds  # grows if own vectors arrive after the handshake
         watched = 0
         poll, on_vector = poller.poll, machine.on_vector
+        # fd -> what its readiness means: a vector's handler (consume, interrupt), or None
+        handler_of: dict[int, Callable[[], bool] | None] = {server_fd: None, wake_fd: None}
         spin_ns = int(spin_us * 1000)
         clock = time.perf_counter_ns
         while machine.outcome is None and not caught:
@@ -186,12 +187,12 @@ def run_blocking(
                     break
             while watched < len(own_fds):
                 poller.register(own_fds[watched], select.POLLIN)
-                vector_of[own_fds[watched]] = watched
+                handler_of[own_fds[watched]] = machine.vector_handler(watched)
                 watched += 1
             for fd, _mask in poll():
-                ready = vector_of.get(fd)
-                if ready is not None:
-                    on_vector(ready)
+                handler = handler_of[fd]
+                if handler is not None:
+                    handler()
                 elif fd == server_fd:
                     _drain_server(machine)  # may raise ServerGone
                 else:

@@ -36,12 +36,18 @@ What the guest sees (docs/ivshmem-protocol.md):
 
 Doorbells: a Doorbell write to a peer in the peer table, on a vector below that peer's
 number of connected vectors, calls ``notify(peer_id, vector)`` (the peer runtime writes 1
-to that eventfd); anything else is ignored, as QEMU does. That path is one dict look-up
-and one call.
+to that eventfd); anything else is ignored, as QEMU does. Each destination is resolved
+once into a *route*, a callable of no arguments that rings it (by default
+``notify(peer_id, vector)``; ``doorbell_route(peer_id, vector)`` lets the owner of the
+eventfds hand the device the write itself, e.g. ``functools.partial(os.eventfd_write, fd,
+1)``). Routes are kept per Doorbell word until the peer table, ``notify`` or
+``doorbell_route`` changes: a doorbell is one dict look-up and one call.
 
 Incoming interrupts: the runtime calls :meth:`IvshmemDevice.ring` when one of its own
 vector eventfds fires. With MSI-X enabled the vector is delivered through
 ``on_interrupt(vector)`` or, while masked, left pending in the PBA (unmasking delivers it).
+A vector MSI-X would deliver now (enabled, unmasked, bus mastering on) goes straight to
+``on_interrupt``, with no generic dispatch in between.
 With MSI-X disabled the device falls back to the original ivshmem's legacy INTx model
 (``intx_fallback=True``, the default): IntrStatus becomes 1 and the INTx line is asserted
 while ``IntrStatus & IntrMask`` is non-zero (and command.INTX_DISABLE is clear);
@@ -63,6 +69,7 @@ ivshmem-doorbell (under qtest) and on this model and requires identical observat
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from vmm.pci import (
@@ -90,8 +97,10 @@ __all__ = [
     "REG_INTRSTATUS",
     "REG_IVPOSITION",
     "DoorbellNotifier",
+    "DoorbellRoute",
     "InterruptSink",
     "IvshmemDevice",
+    "RouteResolver",
     "VmLike",
     "doorbell_fields",
     "doorbell_value",
@@ -138,6 +147,12 @@ _MAX_PIECE = 4
 
 DoorbellNotifier = Callable[[int, int], None]
 InterruptSink = Callable[[int], None]
+#: What rings one destination (a peer's vector): called with no arguments.
+DoorbellRoute = Callable[[], object]
+#: Resolves a destination into its route once: ``doorbell_route(peer_id, vector)``.
+RouteResolver = Callable[[int, int], DoorbellRoute]
+#: The bits of a Doorbell word that name its destination (peer id and vector).
+_DOORBELL_DESTINATION = 0xFFFF00FF
 
 
 class VmLike(Protocol):
@@ -213,6 +228,7 @@ class IvshmemDevice:
         notify: DoorbellNotifier | None = None,
         on_interrupt: InterruptSink | None = None,
         intx_fallback: bool = True,
+        doorbell_route: RouteResolver | None = None,
     ) -> None:
         if not isinstance(shm_size, int) or shm_size < MIN_SHM_SIZE or shm_size & (shm_size - 1):
             raise ValueError(
@@ -222,8 +238,10 @@ class IvshmemDevice:
             raise ValueError(f"the device needs at least 1 vector, got {vectors!r}")
         self.shm_size = shm_size
         self.vectors = vectors
-        #: Called as ``notify(peer_id, vector)`` for each accepted doorbell.
-        self.notify: DoorbellNotifier = notify or _no_notifier
+        #: Doorbell word (destination bits) -> its route; see :attr:`notify`
+        self._routes: dict[int, DoorbellRoute] = {}
+        self._notify: DoorbellNotifier = notify or _no_notifier
+        self._doorbell_route: RouteResolver | None = doorbell_route
         #: Called as ``on_interrupt(vector)`` for each interrupt the guest receives.
         self.on_interrupt: InterruptSink = on_interrupt or _ignore_interrupt
         self.intx_fallback = intx_fallback
@@ -267,6 +285,44 @@ class IvshmemDevice:
             _check_peer_id(peer_id)
         self._own_id = peer_id
 
+    # ------------------------------------------------------------------ doorbells out
+    @property
+    def notify(self) -> DoorbellNotifier:
+        """Called as ``notify(peer_id, vector)`` for each accepted doorbell (unless
+        :attr:`doorbell_route` resolves the destinations); setting it drops the routes."""
+        return self._notify
+
+    @notify.setter
+    def notify(self, notify: DoorbellNotifier) -> None:
+        self._notify = notify
+        self._routes.clear()
+
+    @property
+    def doorbell_route(self) -> RouteResolver | None:
+        """``doorbell_route(peer_id, vector)`` returns what rings that destination (called
+        with no arguments); None: ``notify(peer_id, vector)``. Setting it drops the routes."""
+        return self._doorbell_route
+
+    @doorbell_route.setter
+    def doorbell_route(self, resolver: RouteResolver | None) -> None:
+        self._doorbell_route = resolver
+        self._routes.clear()
+
+    def _route(self, value: int) -> DoorbellRoute | None:
+        """The route of the Doorbell word ``value``, resolved and kept; None if the
+        destination is not in the peer table (the doorbell is ignored)."""
+        dest, vector = doorbell_fields(value)
+        connected = self._peer_vectors.get(dest)
+        if connected is None or vector >= connected:
+            return None
+        resolver = self._doorbell_route
+        if resolver is None:
+            route: DoorbellRoute = partial(self._notify, dest, vector)
+        else:
+            route = resolver(dest, vector)
+        self._routes[value & _DOORBELL_DESTINATION] = route
+        return route
+
     # ------------------------------------------------------------------ peer table
     def add_peer_vector(self, peer_id: int, vector: int) -> None:
         """Record that ``peer_id``'s eventfd for ``vector`` arrived (protocol order).
@@ -287,6 +343,7 @@ class IvshmemDevice:
                 f"expected vector {connected}"
             )
         self._peer_vectors[peer_id] = connected + 1
+        self._routes.clear()
 
     def set_peer(self, peer_id: int, nvectors: int) -> None:
         """Set ``peer_id``'s connected vector count at once (1..vectors)."""
@@ -296,6 +353,7 @@ class IvshmemDevice:
                 f"peer {peer_id}: vector count must be in 1..{self.vectors}, got {nvectors!r}"
             )
         self._peer_vectors[peer_id] = nvectors
+        self._routes.clear()
 
     def remove_peer(self, peer_id: int) -> bool:
         """Forget ``peer_id`` (it left); True if it was known.
@@ -306,6 +364,7 @@ class IvshmemDevice:
         _check_peer_id(peer_id)
         if peer_id == self._own_id:
             raise ValueError(f"peer {peer_id} is this device's own id and cannot leave")
+        self._routes.clear()
         return self._peer_vectors.pop(peer_id, None) is not None
 
     def connected_vectors(self, peer_id: int) -> int:
@@ -364,12 +423,12 @@ class IvshmemDevice:
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         """Guest write of BAR0; the Doorbell path (an aligned 4-byte write at 12) is kept
-        short: a few integer operations, one dict look-up and the notifier call."""
+        short: one dict look-up of the destination's route and one call."""
         if offset == 12 and size == 4:  # REG_DOORBELL, spelled as a constant on this path
             if self._decode:
-                connected = self._peer_vectors.get(value >> 16 & 0xFFFF)
-                if connected is not None and value & 0xFF < connected:
-                    self.notify(value >> 16 & 0xFFFF, value & 0xFF)
+                route = self._routes.get(value & 0xFFFF00FF) or self._route(value)
+                if route is not None:
+                    route()
             return
         self._check_access(offset, size)
         if not self._decode:
@@ -397,10 +456,9 @@ class IvshmemDevice:
             self._intr_status = value
             self._update_intx()
         elif register == REG_DOORBELL:
-            dest, vector = doorbell_fields(value)
-            connected = self._peer_vectors.get(dest)
-            if connected is not None and vector < connected:
-                self.notify(dest, vector)
+            route = self._routes.get(value & _DOORBELL_DESTINATION) or self._route(value)
+            if route is not None:
+                route()
         # IVPosition is read-only; other offsets ignore writes.
 
     @staticmethod
@@ -417,6 +475,9 @@ class IvshmemDevice:
     # ------------------------------------------------------------------ interrupts
     def ring(self, vector: int) -> None:
         """One of this peer's own vector eventfds fired: signal ``vector`` to the guest."""
+        if vector >= 0 and (self.msix.open_vectors >> vector) & 1 and self._master:
+            self.on_interrupt(vector)  # what MSI-X would do now, without the dispatch
+            return
         if not 0 <= vector < self.vectors:
             raise ValueError(f"vector {vector} is outside the device's {self.vectors} vectors")
         if self._msix_notify(vector):

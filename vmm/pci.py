@@ -359,14 +359,15 @@ class Msix:
         self.function_masked = False
         #: bit v set: vector v's own mask bit is clear (the table's vector-control bit 0)
         self._unmasked = 0
-        #: bit v set: vector v is delivered now (enabled, no function mask, unmasked)
-        self._open = 0
+        #: bit v set: a notify of vector v is delivered now (enabled, no function mask,
+        #: unmasked): what a device's interrupt fast path tests
+        self.open_vectors = 0
 
     def _control(self) -> int:
         return self._config.field(self._control_offset, 2)
 
     def _update_open(self) -> None:
-        self._open = self._unmasked if self.enabled and not self.function_masked else 0
+        self.open_vectors = self._unmasked if self.enabled and not self.function_masked else 0
 
     def vector_masked(self, vector: int) -> bool:
         """The vector's own mask bit (vector control bit 0)."""
@@ -374,7 +375,7 @@ class Msix:
 
     def is_masked(self, vector: int) -> bool:
         """Masked by its own bit, by the function mask, or because MSI-X is disabled."""
-        return not (self._open >> vector) & 1
+        return not (self.open_vectors >> vector) & 1
 
     def is_pending(self, vector: int) -> bool:
         """The vector's bit in the PBA."""

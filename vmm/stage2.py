@@ -137,6 +137,14 @@ class Stage2PageTable:
         self._root_flat = self.root * self._per
         self._root_mask = self.mode.root_entries - 1
         self._root_level = self.mode.root_level
+        self._root_shift = self._shifts[self._root_level]
+        #: ``(gpa >> shift, shift, word index, level)`` of the leaf the last :meth:`set_leaf`
+        #: wrote in place; None once any walk that may change the table (a map through the
+        #: visitors, an unmap, a write-protect, a free) ran since: a faulting vCPU's retry
+        #: reads it back
+        self.made: tuple[int, int, int, int] | None = None
+        #: the hardware walk's descent below the root: (level, shift) per level
+        self._descent = tuple((lv, self._shifts[lv]) for lv in range(self._root_level - 1, -1, -1))
 
     # ------------------------------------------------------------------ basics
     @property
@@ -202,21 +210,24 @@ class Stage2PageTable:
     def translate(self, gpa: int) -> tuple[int, int]:
         """The hart's page walk: ``(pte, level)`` of the entry that ends the walk.
 
-        ``pte`` is 0 when the walk met an invalid entry at ``level``.
+        ``pte`` is 0 when the walk met an invalid entry at ``level``. This is the per-access
+        path of every TLB miss, so the pool's :meth:`~vmm.tablepool.TablePagePool.follow`
+        is applied in place (``(pte >> PTE_PPN_SHIFT) - base_ppn`` is the row): a method
+        call per level costs a fifth of the walk.
         """
         pool = self.pool
         words = pool.words
-        follow = pool.follow
-        shifts = self._shifts
-        per = self._per
-        mask = per - 1
         level = self._root_level
-        pte = words[self._root_flat + ((gpa >> shifts[level]) & self._root_mask)]
-        while pte & TABLE_MASK == PTE_V:
-            if not level:
+        pte = words[self._root_flat + ((gpa >> self._root_shift) & self._root_mask)]
+        if pte & TABLE_MASK == PTE_V:
+            base, per = pool.base_ppn, self._per
+            mask = per - 1
+            for level, shift in self._descent:  # noqa: B007 (level: where the walk ends)
+                pte = words[((pte >> PTE_PPN_SHIFT) - base) * per + ((gpa >> shift) & mask)]
+                if pte & TABLE_MASK != PTE_V:
+                    break
+            else:
                 raise ModelBug(f"table PTE {pte:#x} at level 0 (GPA {gpa:#x})")
-            level -= 1
-            pte = words[follow(pte) * per + ((gpa >> shifts[level]) & mask)]
         return (pte if pte & PTE_V else 0), level
 
     def translate_bulk(
@@ -294,7 +305,7 @@ class Stage2PageTable:
         ``gpa`` and ``hpa`` must be aligned to the leaf; call under :meth:`mmu_lock`."""
         pool = self.pool
         words = pool.words
-        follow = pool.follow
+        base = pool.base_ppn
         shifts = self._shifts
         per = self._per
         lvl = self._root_level
@@ -303,7 +314,7 @@ class Stage2PageTable:
         while lvl > level:
             pte = words[flat + i]
             if pte & TABLE_MASK == PTE_V:
-                flat = follow(pte) * per
+                flat = ((pte >> PTE_PPN_SHIFT) - base) * per  # the pool's follow(), in place
             elif pte & PTE_V:  # a block on the way: split it with break-before-make
                 return self.map_range(gpa, 1 << shifts[level], hpa, perms, level, split=split)
             else:  # nothing there: a new table (make; there is nothing to break)
@@ -324,6 +335,7 @@ class Stage2PageTable:
             elif old & ~new & PTE_RWX:
                 flush = True
         words[flat + i] = new
+        self.made = (gpa >> shifts[level], shifts[level], flat + i, level)
         return flush
 
     def map_pages(
@@ -415,6 +427,7 @@ class Stage2PageTable:
         """Free every table page and the root (the VM is going away)."""
         if self._freed:
             return
+        self.made = None
         visitor = _FreeVisitor(self.pool)
         self.walker.walk(0, self.mode.gpa_limit, visitor)
         self.pool.free_root(self.root)
@@ -425,6 +438,7 @@ class Stage2PageTable:
             self.pool.close()
 
     def _locked_walk(self, start: int, end: int, visitor: Visitor) -> None:
+        self.made = None  # the table may change under it: the last set_leaf is history
         if self.cache.locked:
             self.walker.walk(start, end, visitor)
         else:

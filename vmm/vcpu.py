@@ -3,10 +3,12 @@
 :meth:`Vcpu.read` / :meth:`Vcpu.write` and the fixed-width :meth:`Vcpu.read64` /
 :meth:`Vcpu.write64` (and 32-bit forms) are the per-access path. A TLB hit is one dict
 look-up in the TLB's own per-level dicts (:meth:`vmm.tlb.Tlb.views`: 4K pages first, then
-the next level's blocks) and one slice or ``struct`` store into the leaf's host memory. A
-miss walks the stage-2 table like the hart's page walker, fills the TLB (conflict-checked) or
-faults to the VM's handler and retries. MMIO regions dispatch to their device; a write to a
-READONLY slot raises :class:`~vmm.errors.MmioExit` as KVM exits to userspace.
+the next level's blocks) and one slice or ``struct`` store into the leaf's host memory; an
+aligned 64-bit access to a 4K page is one look-up in the TLB's word views
+(:meth:`vmm.tlb.Tlb.word_views`) and one item store. A miss walks the stage-2 table like
+the hart's page walker, fills the TLB (conflict-checked) or faults to the VM's handler and
+retries (reading back the leaf the fault made). MMIO regions dispatch to their device; a
+write to a READONLY slot raises :class:`~vmm.errors.MmioExit` as KVM exits to userspace.
 
 :meth:`Vcpu.touch` / :meth:`Vcpu.access_many` are the bulk path the page-table benchmark
 needs (every page of a 1 GiB region): the same semantics done with vector operations, the
@@ -43,6 +45,9 @@ _PAGE_MASK: Final = PAGE_SIZE - 1
 _U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 _U32: Final = 0xFFFF_FFFF
 _Q: Final = struct.Struct("<Q")
+#: what a 64-bit store passes as its data when it resolves its leaf (the walk only needs
+#: to know it is a write; an MMIO exit is raised again with the real bytes)
+_WORD: Final = bytes(8)
 _I: Final = struct.Struct("<I")
 U64 = npt.NDArray[np.uint64]
 _NO_BACKING: Final = Backing(bytearray(PAGE_SIZE), PAGE_SIZE, PAGE_SIZE, "none")
@@ -72,30 +77,42 @@ class Vcpu:
         self.vm = vm
         self.id = vcpu_id
         self.tlb = Tlb(vm.mode, vm.tlb_entries)
+        self._vmid = vm.vmid
         read, write = self.tlb.views(vm.vmid)
+        read_words, write_words = self.tlb.word_views(vm.vmid)
         # level 0 (4K pages) and level 1 (2M, or 4M on Sv32x4): the hits the fast paths see
         self._r0, self._w0 = read[0], write[0]
         self._r1, self._w1 = read[1], write[1]
+        self._rq0, self._wq0 = read_words[0], write_words[0]
+        self._rq1, self._wq1 = read_words[1], write_words[1]
         self._shift1 = vm.mode.shift(1)
         self._mask1 = (1 << self._shift1) - 1
+        #: an 8-byte aligned GPA's key in the level-1 word views (see vmm.tlb)
+        self._word_key1 = ~(self._mask1 & ~7)
         self.dirty_ring = dirty_ring
         self.mmio_reads = 0
         self.mmio_writes = 0
         #: guest page -> (start, end, handler) of the MMIO region seen there last: the
         #: fast dispatch of read32/write32
         self._mmio_pages: dict[int, tuple[int, int, MmioHandler]] = {}
-        self._pack_q = _Q.pack_into
-        self._unpack_q = _Q.unpack_from
         self._shifts = vm.mode.shifts
         self._read_sets, self._write_sets = read, write
+        #: the TLB's dicts of blocks (levels 1 and up): is any block cached at all?
+        self._block_sets = read[1:]
         self._sets_by_level = [
             (level, read[level], write[level], shift) for level, shift in enumerate(self._shifts)
         ]
         #: the backing the last TLB fill came from (most fills hit the same one)
         self._backing: Backing = _NO_BACKING
-        # the hart's walk of its VM's stage-2 table, and the VM's fault handler
+        self._backing_hpa = _NO_BACKING.hpa
+        # the hart's walk of its VM's stage-2 table, the VM's fault handler, the TLB fill
+        self._pt = vm.pt
         self._translate = vm.pt.translate
         self._fault = vm.handle_fault
+        self._fillers = [self.tlb.filler(vm.vmid, level) for level in range(vm.mode.levels)]
+        self._mmio_find = vm.mmio.find
+        self._pack_q = _Q.pack_into
+        self._unpack_q = _Q.unpack_from
 
     # ------------------------------------------------------------------ per access
     def read(self, gpa: int, n: int) -> bytes:
@@ -152,44 +169,76 @@ class Vcpu:
                     return
         self._access(gpa, len(data), data)
 
-    # The fixed-width accesses spell PAGE_SHIFT (12) and the page mask (4095) as literals:
-    # constants cost less than global look-ups on the hottest path. struct refuses a value
-    # out of range or a store that crosses the leaf; both go to the slow path.
+    # The fixed-width accesses: an 8-byte aligned access to a cached 4K page is one look-up
+    # in the TLB's word views (keyed so that a misaligned GPA misses: see vmm.tlb) and one
+    # item access; ``-4089`` is ``~0xFF8`` and 4095 the page mask, spelled as literals
+    # because constants cost less than global look-ups on the hottest path. Anything else
+    # (a block, a page without its word view yet, a misaligned GPA, a value to wrap, a
+    # miss) takes the slow path.
     def read64(self, gpa: int) -> int:
         """A 64-bit little-endian load."""
-        mem = self._r0.get(gpa >> 12)
-        if mem is not None:
-            try:
-                return self._unpack_q(mem, gpa & 4095)[0]  # type: ignore[no-any-return]
-            except struct.error:
-                pass  # crosses the page: the slow path
-        else:
-            mem = self._r1.get(gpa >> self._shift1)
-            if mem is not None:
-                try:
-                    return self._unpack_q(mem, gpa & self._mask1)[0]  # type: ignore[no-any-return]
-                except struct.error:
-                    pass
-        return int.from_bytes(self._access(gpa, 8, None), "little")
+        try:
+            return self._rq0[gpa & -4089][(gpa & 4095) >> 3]
+        except KeyError:
+            return self._load64(gpa)
 
     def write64(self, gpa: int, value: int) -> None:
         """A 64-bit little-endian store (``value`` taken modulo 2**64)."""
-        mem = self._w0.get(gpa >> 12)
-        if mem is not None:
-            try:
-                self._pack_q(mem, gpa & 4095, value)
+        try:
+            self._wq0[gpa & -4089][(gpa & 4095) >> 3] = value
+        except (KeyError, ValueError):
+            self._store64(gpa, value & _U64)
+
+    def _words(self, gpa: int, write: bool) -> memoryview | None:
+        """The word view of the cached 4K page or block holding the aligned ``gpa`` (made
+        on the entry's first 64-bit access), None if neither level caches it. (A cached
+        entry is memory: MMIO regions never reach the TLB.)"""
+        words = (self._wq1 if write else self._rq1).get(gpa & self._word_key1)
+        if words is None:
+            if gpa >> 12 in (self._w0 if write else self._r0):
+                return self.tlb.words(self._vmid, gpa, 0, write)
+            if gpa >> self._shift1 in (self._w1 if write else self._r1):
+                return self.tlb.words(self._vmid, gpa, 1, write)
+        return words
+
+    def _load64(self, gpa: int) -> int:
+        """:meth:`read64` off the fast path."""
+        if not gpa & 7:
+            words = self._words(gpa, False)
+            if words is not None:
+                return words[(gpa & (len(words) * 8 - 1)) >> 3]
+            if gpa >= 0 and self._mmio_find(gpa) is None:
+                mem = self._resolve(gpa, None)
+                return self._unpack_q(mem, gpa & (len(mem) - 1))[0]  # type: ignore[no-any-return]
+        return int.from_bytes(self._access(gpa, 8, None), "little")
+
+    def _store64(self, gpa: int, value: int) -> None:
+        """:meth:`write64` off the fast path (``value`` already wrapped). With only 4K pages
+        cached (no block entry at any level), the look-ups :meth:`_resolve` would do are
+        the page's: its word view is made, or its read-only entry dropped (a permission
+        fault), or it is a miss; then the walk."""
+        if not gpa & 7:
+            blocks = any(self._block_sets)
+            if blocks:
+                words = self._words(gpa, True)
+            elif gpa >> 12 in self._w0:
+                words = self.tlb.words(self._vmid, gpa, 0, True)
+            else:
+                words = None
+            if words is not None:
+                words[(gpa & (len(words) * 8 - 1)) >> 3] = value
                 return
-            except struct.error:
-                pass  # crosses the page, or a value to wrap: the slow path
-        else:
-            mem = self._w1.get(gpa >> self._shift1)
-            if mem is not None:
+            if gpa >= 0 and self._mmio_find(gpa) is None:
+                resolve = self._resolve if blocks else self._walk
+                if not blocks and gpa >> 12 in self._r0:  # read-only: drop it and walk
+                    self.tlb.flush_addr(self._vmid, gpa, 0)
                 try:
-                    self._pack_q(mem, gpa & self._mask1, value)
-                    return
-                except struct.error:
-                    pass
-        self._access(gpa, 8, (value & _U64).to_bytes(8, "little"))
+                    mem = resolve(gpa, _WORD)
+                except MmioExit:
+                    raise MmioExit(gpa, value.to_bytes(8, "little"), True) from None
+                self._pack_q(mem, gpa & (len(mem) - 1), value)
+                return
+        self._access(gpa, 8, value.to_bytes(8, "little"))
 
     def read32(self, gpa: int) -> int:
         """A 32-bit load (a device register through MMIO dispatch, or memory)."""
@@ -278,28 +327,41 @@ class Vcpu:
 
     def _resolve(self, gpa: int, data: bytes | bytearray | memoryview | None) -> memoryview:
         """The host memory of the leaf that maps ``gpa`` for this access (a read if
-        ``data`` is None): a TLB hit at any level, or a walk of the stage-2 table that
-        fills the TLB, faulting to the VM and walking again as needed. ``data`` is the rest
+        ``data`` is None): a TLB hit at any level, or :meth:`_walk`. ``data`` is the rest
         of the write, for an MMIO exit."""
-        vm = self.vm
-        vmid = vm.vmid
-        tlb = self.tlb
         write = data is not None
         for level, read_set, write_set, shift in self._sets_by_level:
-            vpn = gpa >> shift
-            mem = read_set.get(vpn)
-            if mem is not None:
-                if not write or vpn in write_set:
-                    return mem
-                # A cached read-only entry: a permission fault. Drop it and walk.
-                tlb.flush_addr(vmid, gpa, level)
-                break
+            if read_set:
+                vpn = gpa >> shift
+                mem = read_set.get(vpn)
+                if mem is not None:
+                    if not write or vpn in write_set:
+                        return mem
+                    # A cached read-only entry: a permission fault. Drop it and walk.
+                    self.tlb.flush_addr(self._vmid, gpa, level)
+                    break
+        return self._walk(gpa, data)
+
+    def _walk(self, gpa: int, data: bytes | bytearray | memoryview | None) -> memoryview:
+        """A TLB miss for this access (a read if ``data`` is None): walk the stage-2 table,
+        fault to the VM and walk again as needed, fill the TLB. When the fault made the
+        leaf in place (:attr:`~vmm.stage2.Stage2PageTable.made`), the retry reads that
+        entry, where its walk would end, instead of descending again."""
+        write = data is not None
+        pte, level = self._translate(gpa)
+        if not pte or (write and not pte & PTE_W):
+            pte, level = self._fault_and_walk(gpa, data)
+        mem = self._leaf_memory(pte, level)
+        self._fillers[level](gpa, mem, bool(pte & PTE_W))
+        return mem
+
+    def _fault_and_walk(
+        self, gpa: int, data: bytes | bytearray | memoryview | None
+    ) -> tuple[int, int]:
+        """Fault to the VM until the walk finds a leaf that allows the access."""
+        write = data is not None
+        pt = self._pt
         for _ in range(_MAX_RETRIES):
-            pte, level = self._translate(gpa)
-            if pte and (not write or pte & PTE_W):
-                mem = self._leaf_memory(pte, level)
-                tlb.fill_leaf(vmid, gpa, mem, bool(pte & PTE_W), level)
-                return mem
             try:
                 handled = self._fault(gpa, write, self)
             except MmioExit:
@@ -307,19 +369,29 @@ class Vcpu:
                 raise MmioExit(gpa, bytes(data), True) from None
             if handled == 0:
                 raise DirtyRingFull(self.id)
+            made = pt.made
+            if made is not None and gpa >> made[1] == made[0]:
+                pt.made = None  # (a valid leaf: set_leaf just wrote it)
+                pte, level = pt.pool.words[made[2]], made[3]
+            else:
+                pte, level = self._translate(gpa)
+            if pte and (not write or pte & PTE_W):
+                return pte, level
         raise ModelBug(f"no forward progress on the access at GPA {gpa:#x}")
 
     def _leaf_memory(self, pte: int, level: int) -> memoryview:
         """The host memory a leaf maps (what a TLB entry holds)."""
         size = 1 << self._shifts[level]
-        hpa = (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT
+        off = ((pte >> PTE_PPN_SHIFT) << PAGE_SHIFT) - self._backing_hpa
         backing = self._backing
-        if not (backing.hpa <= hpa and hpa + size <= backing.hpa_end and backing.live):
+        if off < 0 or off + size > backing.size or not backing.live:
+            hpa = (pte >> PTE_PPN_SHIFT) << PAGE_SHIFT
             found = HOST_PHYS.owner(hpa)
             if found is None or hpa + size > found.hpa_end:
                 raise ModelBug(f"leaf PTE {pte:#x} points at HPA {hpa:#x} that no backing holds")
             self._backing = backing = found
-        off = hpa - backing.hpa
+            self._backing_hpa = found.hpa
+            off = hpa - found.hpa
         return backing.mem[off : off + size]
 
     # ------------------------------------------------------------------ bulk

@@ -144,7 +144,7 @@ class PingPlugin(Plugin):
             self.t0 = time.perf_counter_ns()
             guest.ring(self.partner, 0)
         else:
-            if self.partner in guest.device.peers:
+            if guest.device.connected_vectors(self.partner):
                 guest.ring(self.partner, 0)
             else:  # its join notice is not processed yet: answer once it is
                 self.reply_owed = True

@@ -53,6 +53,7 @@ __all__ = [
     "records_per_window",
     "spans",
     "tail_event_reached",
+    "unstamped_sums",
     "used",
 ]
 
@@ -86,6 +87,9 @@ MAX_MESSAGE: Final = 1 << 30
 WINDOW: Final = 512 << 10
 #: A sleeping side waits for 1/WAKE_FRACTION of the ring (see :func:`batch_bytes`).
 WAKE_FRACTION: Final = 4
+#: Fewer records than this in a window are parsed one by one: below it a dozen numpy calls
+#: cost more than the per-record unpacking they replace.
+COLUMN_RECORDS: Final = 16
 #: A payload's last word is its sequence number times this: no two messages are alike.
 STAMP: Final = 0x9E37_79B9_7F4A_7C15
 MASK64: Final = (1 << 64) - 1
@@ -166,16 +170,53 @@ def record_size(length: int) -> int:
     return (RECORD_HEADER_SIZE + length + RECORD_ALIGN - 1) & -RECORD_ALIGN
 
 
+def unstamped_sums(words: Words, count: int, length: int) -> Words:
+    """Per record slot of ``count`` records of ``length`` payload bytes (a multiple of 8, at
+    least 16) laid out from the start of ``words``: the 64-bit sum of the payload words other
+    than the first and the last, the two that :func:`build_records` stamps. With these,
+    :func:`build_records` gets a batch's ``sum64`` checksums from the stamps alone."""
+    step, payload_words = record_size(length) >> 3, length >> 3
+    table = words[: count * step].reshape(count, step)
+    sums: Words = np.add.reduce(
+        table[:, PAYLOAD_WORD + 1 : PAYLOAD_WORD + payload_words - 1], axis=1, dtype=np.uint64
+    )
+    return sums
+
+
 def build_records(
-    stage: memoryview, words: Words, count: int, length: int, first_seq: int, kind: str
+    stage: memoryview,
+    words: Words,
+    count: int,
+    length: int,
+    first_seq: int,
+    kind: str,
+    unstamped: Words | None = None,
 ) -> None:
     """Lay out messages ``first_seq`` .. ``first_seq + count - 1`` as records of ``length``
     payload bytes from the start of ``stage`` (``words``: the same buffer as 64-bit words),
     over the payload bytes already there: stamp each payload with its sequence number in its
     first and last words (so no two messages are alike), checksum it (one reduction for the
-    batch when it can), then pack its header."""
+    batch when it can), then pack its header.
+
+    ``unstamped`` (:func:`unstamped_sums` of the slots, valid while nothing but this
+    function's stamps and headers changed the payloads since) makes a uniform ``sum64``
+    batch O(1) per record: each checksum is its slot's unstamped sum plus the two stamps
+    and the length, and stamps and headers are stored as whole columns."""
     rec = record_size(length)
     step, payload_words = rec >> 3, length >> 3
+    if (kind == "sum64" and unstamped is not None and not length & 7 and payload_words >= 2
+            and count <= unstamped.shape[0]):  # fmt: skip
+        seqs = np.arange(first_seq, first_seq + count, dtype=np.uint64)
+        stamps = seqs * np.uint64(STAMP)  # modulo 2**64, as (seq * STAMP) & MASK64
+        table = words[: count * step].reshape(count, step)
+        table[:, PAYLOAD_WORD] = seqs
+        table[:, PAYLOAD_WORD + payload_words - 1] = stamps
+        # RECORD_HEADER as little-endian words: tag | seq << 32, length, checksum, reserved
+        table[:, 0] = (seqs << np.uint64(32)) | np.uint64(RECORD_TAG)
+        table[:, 1] = length
+        table[:, 2] = unstamped[:count] + seqs + stamps + np.uint64(length)
+        table[:, 3] = 0
+        return
     if payload_words:
         for j in range(count):
             seq = first_seq + j
@@ -209,18 +250,37 @@ class Window:
         return len(self.offsets)
 
 
-def parse_records(buf: Payload, n: int, first_seq: int, limit: int, wanted: int, available: int
-                  ) -> Window:  # fmt: skip
+def parse_records(buf: Payload, n: int, first_seq: int, limit: int, wanted: int, available: int,
+                  words: Words | None = None) -> Window:  # fmt: skip
     """The whole records in the first ``n`` bytes of ``buf``, a window read at the consumer's
     tail: messages ``first_seq`` onward, payloads of at most ``limit`` bytes, until ``wanted``
     payload bytes (what is left of the transfer). A record that continues past the window
     waits for the next one, unless it runs past the ``available`` published bytes (a
-    problem, as is a header that is not the expected one)."""
+    problem, as is a header that is not the expected one).
+
+    With ``words`` (``buf`` as 64-bit words), a leading run of at least
+    :data:`COLUMN_RECORDS` records of ``limit`` bytes has its headers checked as columns, at
+    once; the rest (a shorter last message, a bad header) is parsed one record at a time."""
     window = Window([], [], [])
     offsets, lengths, checksums = window.offsets, window.lengths, window.checksums
     unpack_from, pad = RECORD_HEADER.unpack_from, RECORD_HEADER_SIZE + RECORD_ALIGN - 1
     off = payload = 0
     seq = first_seq
+    if words is not None:
+        rec = record_size(limit)
+        count = min(n // rec, wanted // limit)
+        if count >= COLUMN_RECORDS:
+            step = rec >> 3
+            table = words[: count * step].reshape(count, step)
+            seqs = np.arange(first_seq, first_seq + count, dtype=np.uint64)
+            good = (table[:, 0] == (seqs << np.uint64(32)) | np.uint64(RECORD_TAG)) & (
+                table[:, 1] == limit
+            )
+            whole = count if good.all() else int(np.argmin(good))  # the first bad one: below
+            offsets.extend(range(0, whole * rec, rec))
+            lengths.extend([limit] * whole)
+            checksums.extend(table[:whole, 2].tolist())
+            off, payload, seq = whole * rec, whole * limit, first_seq + whole
     while off < n and payload < wanted:
         tag, got, length, checksum, _ = unpack_from(buf, off)
         if tag != RECORD_TAG or got != seq & SEQ_MASK or not 0 < length <= limit:
@@ -250,17 +310,21 @@ def bad_records(
     buf: memoryview, words: Words, window: Window, kind: str, limit: int
 ) -> list[tuple[int, int]]:
     """The window's records whose payload does not match its checksum, as (index, the
-    payload's checksum): one reduction for them all when they are uniform ``sum64`` records
-    of ``limit`` bytes."""
+    payload's checksum): one reduction and one comparison for them all when they are
+    uniform ``sum64`` records of ``limit`` bytes."""
     count = window.count
     lengths = window.lengths
     if kind == "sum64" and not limit & 7 and count > 1 and lengths.count(limit) == count:
-        got = sum64_of_records(words, count, record_size(limit), limit)
-    else:
-        check = CHECKSUMS_AT[kind]
-        got = [check(buf, words, off + RECORD_HEADER_SIZE, length)
-               for off, length in zip(window.offsets, lengths, strict=True)]  # fmt: skip
-    return [(j, a) for j, (a, b) in enumerate(zip(got, window.checksums, strict=True)) if a != b]
+        step = record_size(limit) >> 3
+        table = words[: count * step].reshape(count, step)
+        sums = np.add.reduce(table[:, PAYLOAD_WORD : PAYLOAD_WORD + (limit >> 3)], axis=1)
+        pairs = zip(sums.tolist(), window.checksums, strict=True)
+        return [(j, got) for j, (total, want) in enumerate(pairs)
+                if (got := (total + limit) & MASK64) != want]  # fmt: skip
+    check = CHECKSUMS_AT[kind]
+    sums = [check(buf, words, off + RECORD_HEADER_SIZE, length)
+            for off, length in zip(window.offsets, lengths, strict=True)]  # fmt: skip
+    return [(j, a) for j, (a, b) in enumerate(zip(sums, window.checksums, strict=True)) if a != b]
 
 
 # -- the ring header -----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from peers.plugins.ringformat import (
     spans,
     sum64_of_records,
     tail_event_reached,
+    unstamped_sums,
     used,
 )
 
@@ -164,3 +165,44 @@ def test_a_blocked_producer_waits_for_a_batch_or_its_record() -> None:
     ring, batch = 8192, 2048
     assert producer_wake_tail(head=8192, ring=ring, batch=batch, record=64) == 2048
     assert producer_wake_tail(head=8192, ring=ring, batch=batch, record=4096) == 4096
+
+
+@pytest.mark.parametrize("length", [16, 1024, 65536])
+def test_a_batch_built_from_unstamped_sums_is_the_batch_built_by_summing(length: int) -> None:
+    """The O(1)-per-record checksums give exactly the bytes of the full pass, batch after
+    batch (the slots keep their unstamped content), whatever the sequence numbers."""
+    count = 5
+    rec = record_size(length)
+    content = os.urandom(rec * count)
+    summed, derived = (memoryview(bytearray(content)) for _ in range(2))
+    summed_words, derived_words = (
+        np.frombuffer(summed, np.uint64),
+        np.frombuffer(derived, np.uint64),
+    )
+    unstamped = unstamped_sums(derived_words, count, length)
+    for first in (1, (1 << 32) - 2, (1 << 64) // 0x9E3779B97F4A7C15 + 3):
+        for k in (count, 2):
+            build_records(summed, summed_words, k, length, first, "sum64")
+            build_records(derived, derived_words, k, length, first, "sum64", unstamped)
+            assert bytes(summed) == bytes(derived)
+            window = parse_records(derived, k * rec, first, length, k * length, k * rec)
+            assert window.count == k and bad_records(derived, derived_words, window, "sum64",
+                                                     length) == []  # fmt: skip
+
+
+def test_headers_checked_as_columns_parse_as_one_by_one() -> None:
+    length, count = 256, 40  # enough records for the column check
+    rec = record_size(length)
+    stage = memoryview(bytearray(os.urandom(rec * count)))
+    words = np.frombuffer(stage, np.uint64)
+    build_records(stage, words, count - 1, length, 7, "sum64")
+    build_records(stage[(count - 1) * rec :], words[(count - 1) * rec // 8 :], 1, 100, 7 + count
+                  - 1, "sum64")  # fmt: skip
+    args = (stage, len(stage), 7, length, 10**9, len(stage))
+    assert parse_records(*args, words) == parse_records(*args)  # the shorter last one too
+    stage[20 * rec + 4] ^= 1  # record 21's sequence number: a problem found at its offset
+    columns, single = parse_records(*args, words), parse_records(*args)
+    assert columns == single and columns.count == 20 and columns.problem_at == 20 * rec
+    assert "corrupt record header" in str(columns.problem)
+    partial = parse_records(stage, 30 * rec + 10, 7, length, 10**9, len(stage), words)
+    assert partial == parse_records(stage, 30 * rec + 10, 7, length, 10**9, len(stage))

@@ -15,6 +15,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -434,6 +435,12 @@ def test_msix_deliver_when_unmasked() -> None:
     assert dev.msix.mmio_read(PBA, 4) == 0
     assert dev.intr_status == 0  # MSI-X mode does not touch IntrStatus
     assert not dev.intx_level
+    enable(dev, COMMAND_MEMORY)  # no bus mastering: the message (a DMA write) goes nowhere
+    dev.ring(0)
+    assert rec.interrupts == [1, 0] and dev.msix.mmio_read(PBA, 4) == 0
+    for vector in (2, -1):
+        with pytest.raises(ValueError, match="outside the device's 2 vectors"):
+            dev.ring(vector)
 
 
 def test_msix_masked_sets_pending_and_unmask_delivers() -> None:
@@ -1110,3 +1117,41 @@ def test_attach_refuses_bad_placement() -> None:
         assert dev.config.bar_address(2) == VM_BAR2
     finally:
         vm.close()
+
+
+# ---------------------------------------------------------------------- doorbell routes
+
+
+def test_doorbell_routes_are_resolved_once_and_follow_the_peer_table() -> None:
+    dev, rec = make_device(vectors=2)
+    enable(dev)
+    resolved: list[tuple[int, int]] = []
+    rung: list[tuple[str, int, int]] = []
+
+    def resolver(peer_id: int, vector: int) -> Callable[[], None]:
+        resolved.append((peer_id, vector))
+        generation = len(resolved)
+        return lambda: rung.append((f"route {generation}", peer_id, vector))
+
+    dev.doorbell_route = resolver
+    dev.set_peer(7, 2)
+    for _ in range(3):
+        dev.mmio_write(REG_DOORBELL, 4, doorbell_value(7, 1))
+    dev.mmio_write(REG_DOORBELL, 4, doorbell_value(7, 1) | 0xAB00)  # bits 15..8 ignored
+    assert resolved == [(7, 1)] and rung == [("route 1", 7, 1)] * 4
+    dev.mmio_write(REG_DOORBELL, 4, doorbell_value(7, 2))  # no such vector: ignored
+    dev.mmio_write(REG_DOORBELL, 4, doorbell_value(8, 0))  # no such peer: ignored
+    assert len(rung) == 4 and resolved == [(7, 1)]
+    dev.remove_peer(7)
+    dev.mmio_write(REG_DOORBELL, 4, doorbell_value(7, 1))  # gone: its route with it
+    assert len(rung) == 4
+    dev.add_peer_vector(7, 0)  # back, with new eventfds: resolved again
+    dev.mmio_write(REG_DOORBELL, 4, doorbell_value(7, 0))
+    assert resolved[-1] == (7, 0) and rung[-1] == ("route 2", 7, 0)
+    dev.doorbell_route = None  # back to notify(peer_id, vector)
+    dev.mmio_write(0x8, 8, doorbell_value(7, 0) << 32)  # a qword write rings with its high half
+    assert rec.doorbells == [(7, 0)]
+    seen: list[tuple[int, int]] = []
+    dev.notify = lambda peer_id, vector: seen.append((peer_id, vector))
+    dev.mmio_write(REG_DOORBELL, 4, doorbell_value(7, 0))
+    assert seen == [(7, 0)] and rec.doorbells == [(7, 0)]

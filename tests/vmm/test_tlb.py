@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmm.errors import TlbConflictAbort
 from vmm.pte import get_mode
@@ -90,3 +92,109 @@ def test_bulk_conflict_check() -> None:
     with pytest.raises(TlbConflictAbort):
         tlb.check_bulk(1, 1, np.array([4], dtype=np.int64))  # 8M's 2M block: holds a page
     tlb.check_bulk(1, 1, np.array([5, 6], dtype=np.int64))
+
+
+def test_fifo_skips_the_stale_slot_of_an_entry_flushed_and_filled_again() -> None:
+    tlb = Tlb(MODE, 3)
+    for page in (1, 2, 3):
+        tlb.fill(1, page << 12, entry(0))
+    tlb.flush_addr(1, 1 << 12, 0)
+    tlb.fill(1, 1 << 12, entry(0))  # filled again: now the newest
+    tlb.fill(1, 4 << 12, entry(0))  # evicts 2, not the refilled 1
+    read, _write = tlb.views(1)
+    assert list(read[0]) == [3, 1, 4]
+    tlb.fill(1, 5 << 12, entry(0))
+    tlb.fill(1, 6 << 12, entry(0))
+    assert list(read[0]) == [4, 5, 6]
+
+
+def test_flush_and_refill_cycles_keep_the_fifo_queue_bounded() -> None:
+    tlb = Tlb(MODE, 4)
+    for round_ in range(1000):
+        page = round_ % 3
+        tlb.fill(1, page << 12, entry(0))
+        tlb.flush_addr(1, page << 12, 0)
+    levels = tlb._sets(1).levels
+    assert len(levels[0].order) <= 2 * 4 + 64 and not levels[0].read
+
+
+def test_word_views_exist_only_while_their_entry_does() -> None:
+    tlb = Tlb(MODE, 2)
+    page = bytearray(4096)
+    tlb.fill_leaf(1, 0x1000, memoryview(page), True, 0)
+    read_words, write_words = tlb.word_views(1)
+    assert not read_words[0]  # made on the first 64-bit access only
+    words = tlb.words(1, 0x1008, 0, True)
+    assert words is not None and words.format == "Q"
+    words[1] = 0x0102030405060708
+    assert page[8:16] == bytes.fromhex("0807060504030201")
+    assert set(read_words[0]) == set(write_words[0]) == {0x1000}
+    tlb.fill_leaf(1, 0x1000, memoryview(page), False, 0)  # now read-only: no word view
+    assert not write_words[0] and not read_words[0]
+    assert tlb.words(1, 0x1000, 0, True) is None  # not writable
+    assert tlb.words(1, 0x1000, 0, False) is not None and not write_words[0]
+    tlb.flush_addr(1, 0x1000, 0)
+    assert not read_words[0] and tlb.words(1, 0x1000, 0, False) is None
+    for gpa in (0x1000, 0x2000, 0x3000):  # the third fill evicts the first
+        tlb.fill_leaf(1, gpa, memoryview(page), True, 0)
+        tlb.words(1, gpa, 0, True)
+    assert set(read_words[0]) == set(write_words[0]) == {0x2000, 0x3000}
+    tlb.flush_range(1, 0, 1 << 30)
+    assert not read_words[0] and not write_words[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["fill", "fill", "fill", "flush", "range", "many", "words", "vmid"]),
+            st.integers(0, 11),
+            st.booleans(),
+        ),
+        max_size=80,
+    )
+)
+def test_the_fifo_sets_behave_as_an_ordered_dict(
+    ops: list[tuple[str, int, bool]],
+) -> None:
+    """Every fill, re-fill, flush and bulk insert against an exact FIFO model (an ordered
+    dict): same entries, same order, same write set; word views only for live entries."""
+    capacity = 4
+    tlb = Tlb(MODE, capacity)
+    model: dict[int, bool] = {}  # vpn -> writable, oldest first
+    page = memoryview(bytearray(4096))
+    for op, vpn, writable in ops:
+        if op == "fill":
+            if vpn not in model and len(model) >= capacity:
+                del model[next(iter(model))]
+            model[vpn] = writable
+            tlb.fill_leaf(1, vpn << 12, page, writable, 0)
+        elif op == "flush":
+            model.pop(vpn, None)
+            tlb.flush_addr(1, vpn << 12, 0)
+        elif op == "range":
+            for k in [k for k in model if vpn <= k < vpn + 3]:
+                del model[k]
+            tlb.flush_range(1, vpn << 12, 3 << 12)
+        elif op == "many":
+            items = [(vpn + i, TlbEntry(page, writable, 0)) for i in range(3)]
+            for k, e in items[-capacity:]:
+                if k in model:
+                    del model[k]
+                elif len(model) >= capacity:
+                    del model[next(iter(model))]
+                model[k] = e.writable
+            tlb.insert_many(1, 0, items)
+        elif op == "words":
+            assert (tlb.words(1, vpn << 12, 0, writable) is not None) == (
+                vpn in model and (model[vpn] or not writable)
+            )
+        else:
+            model.clear()
+            tlb.flush_vmid(1)
+        read, write = tlb.views(1)
+        read_words, write_words = tlb.word_views(1)
+        assert list(read[0]) == list(model)
+        assert set(write[0]) == {k for k, w in model.items() if w}
+        assert set(read_words[0]) <= {k << 12 for k in model}
+        assert set(write_words[0]) <= {k << 12 for k, w in model.items() if w}

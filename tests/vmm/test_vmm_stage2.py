@@ -269,3 +269,22 @@ def test_operations_match_a_dict_model(ops: list[tuple], mode: str) -> None:  # 
                 hpa = ((pte >> PTE_PPN_SHIFT) << 12) + k
                 got[(gpa_ + k) >> 12] = (hpa, bool(pte & PTE_W), level)
         assert got == model
+
+
+@pytest.mark.parametrize("mode", ["sv32x4", "sv39x4", "sv48x4"])
+def test_the_leaf_set_leaf_made_is_the_one_the_walk_finds(mode: str) -> None:
+    """What a faulting vCPU's retry reads back (``made``) is the entry a walk ends at, and it
+    is forgotten by any walk that may change the table."""
+    pt = vmm.Stage2PageTable(mode)
+    for gpa, level in [(0x4000, 0), (6 * MIB if mode != "sv32x4" else 8 * MIB, 1)]:
+        size = pt.mode.level_size(level)
+        pt.cache.topup(pt.mode.levels)
+        with pt.mmu_lock():
+            pt.set_leaf(gpa, HPA, leaf_perms(True), level)
+        assert pt.made is not None
+        vpn, shift, index, made_level = pt.made
+        assert (shift, made_level) == (pt.mode.shift(level), level) and vpn == gpa >> shift
+        assert (int(pt.pool.words[index]), level) == pt.translate(gpa + size - 8)
+        assert _decode_walk(pt, gpa + 8) == (HPA + 8, level)
+    pt.unmap_range(0x4000, 4096)
+    assert pt.made is None and pt.translate(0x4000)[0] == 0

@@ -403,3 +403,45 @@ def test_eager_split_on_enabling_logging() -> None:
     cpu.write(RAM + 4096, b"w")
     words = vm.get_dirty_log(0)
     assert int(words[0]) == 1 << 1
+
+
+def test_64_bit_accesses_on_every_path() -> None:
+    vm, cpu = _vm()
+    backing = vm.memslot(0).backing
+    cpu.write64(RAM + 0x2000, 1)  # a miss: fault, map, fill
+    cpu.write64(RAM + 0x2008, -1)  # wrapped modulo 2**64
+    cpu.write64(RAM + 0x2010, 1 << 64 | 5)
+    assert cpu.read64(RAM + 0x2008) == (1 << 64) - 1 and cpu.read64(RAM + 0x2010) == 5
+    cpu.write64(RAM + 0x2FFC, 0x1122334455667788)  # misaligned, across two pages
+    assert bytes(backing.mem[0x2FFC:0x3004]) == (0x1122334455667788).to_bytes(8, "little")
+    assert cpu.read64(RAM + 0x2FFC) == 0x1122334455667788
+    cpu.write64(RAM + 0x2003, 7)  # misaligned inside the page
+    assert cpu.read64(RAM + 0x2003) == 7 and backing.mem[0x2003] == 7
+    with pytest.raises(vmm.GuestMemoryFault):
+        cpu.write64(RAM + 64 * MIB, 1)
+    with pytest.raises(vmm.VmmError):
+        cpu.read64(-8)
+
+
+def test_64_bit_writes_through_a_word_view_are_logged_after_every_harvest() -> None:
+    """A cached word view must go with the write permission: a write after GET_DIRTY_LOG
+    re-protected the page is a fault, and the page is reported again."""
+    vm, cpu = _vm(flags=vmm.KVM_MEM_LOG_DIRTY_PAGES)
+    for round_ in range(3):
+        for _ in range(3):  # the second and third write hit the word view
+            cpu.write64(RAM + 3 * 4096 + 8, round_)
+        assert int(vm.get_dirty_log(0)[0]) == 1 << 3
+    assert int(vm.get_dirty_log(0)[0]) == 0
+
+
+def test_64_bit_accesses_to_a_block_and_to_mmio() -> None:
+    vm, cpu = _vm(size=4 * MIB, page_size=2 * MIB)
+    cpu.write64(RAM + 2 * MIB + 16, 42)
+    assert cpu.tlb.lookup(vm.vmid, RAM + 2 * MIB).level == 1  # type: ignore[union-attr]
+    cpu.write64(RAM + 2 * MIB + 24, 43)  # through the block's word view
+    assert cpu.read64(RAM + 2 * MIB + 16) == 42 and cpu.read64(RAM + 2 * MIB + 24) == 43
+    regs = Registers()
+    vm.register_mmio(0x4000_0000, 0x1000, regs)
+    cpu.write64(0x4000_0008, 0xAB)
+    assert regs.log[-1] == ("w", 8, 8, 0xAB)
+    assert cpu.read64(0x4000_0008) == 0xAB
