@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import logging.handlers
-import os
 import resource
 import signal
 import sys
@@ -23,7 +21,7 @@ from typing import Any
 import trio
 
 from . import __version__
-from .activation import ActivationError, adopt_unix_listener
+from .activation import ActivationError
 from .argtypes import positive_float, positive_int
 from .control import (
     ControlSetupError,
@@ -35,19 +33,15 @@ from .control import (
     serve_control,
 )
 from .controlview import DaemonControlView
-from .daemon import daemonize, write_pidfile
-from .listener import Listener, ListenerError, bind_listener, parse_group
+from .daemon import PidFileError, daemonize
+from .daemonlog import LogSetupError, configure_logging
+from .errors import one_line, unwrap
+from .listener import ListenerError, parse_group
 from .protocol import MAX_PEER_ID, MAX_VECTORS
+from .resources import DaemonResources, StartupError
 from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig
-from .shm import (
-    MIN_SHM_SIZE,
-    SharedMemoryError,
-    SharedMemoryRegion,
-    open_posix_shm,
-    open_shm_in_dir,
-    unlink_posix_shm,
-)
+from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegion
 from .sizes import SizeError, parse_size, round_shm_size
 
 __all__ = ["main", "parse_args"]
@@ -132,12 +126,18 @@ def _vectors(text: str) -> int:
 
 def _size(text: str) -> int:
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except SizeError as exc:
         raise argparse.ArgumentTypeError(
             f"{exc}; expected a non-negative number below 2^64 with an optional suffix "
             "K, M, G, T, P or E"
         ) from None
+    if round_shm_size(value, MIN_SHM_SIZE) > MAX_SHM_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is too large: it rounds up to a power of two above 4E "
+            f"({MAX_SHM_SIZE} bytes), the largest a file offset can hold"
+        )
+    return value
 
 
 def _mode(text: str) -> int:
@@ -255,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-shm", action="store_true", help="do not unlink the -M shared memory on shutdown"
     )
     more.add_argument(
+        "--sparse",
+        action="store_true",
+        help="do not reserve the shared memory at start-up (default: reserve it with "
+        "posix_fallocate and refuse to start if it cannot be had); for huge, mostly "
+        "untouched regions, at a risk: if the filesystem fills up, a peer dies of SIGBUS "
+        "when it touches a page that cannot be had",
+    )
+    more.add_argument(
         "--max-peers",
         metavar="N",
         type=positive_int,
@@ -318,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--events",
         metavar="ENDPOINT",
         default=None,
-        help="zmq endpoint of the event stream (default: beside --control)",
+        help="zmq endpoint of the event stream (default: beside the control endpoint; "
+        "without --control, requests stay at ipc://SOCKET.ctl and only the events move)",
     )
     more.add_argument(
         "--no-control",
@@ -329,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file",
         metavar="FILE",
         default=None,
-        help="append log lines to FILE (default: stderr, or syslog when daemonized)",
+        help="append log lines to FILE, reopened on SIGHUP (default: stderr; daemonized: "
+        "syslog, or SOCKET.log in the runtime directory where there is no /dev/log)",
     )
     more.add_argument("--version", action="version", version=f"ivshmemd {__version__}")
     p.set_defaults(shm=_ShmChoice("posix", DEFAULT_SHM_NAME))
@@ -340,6 +350,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (exits 1 with a message on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.no_control and (args.control or args.events):
+        parser.error("--no-control contradicts --control/--events")
     if args.socket_group is not None:
         try:
             args.socket_group_id = parse_group(args.socket_group)
@@ -348,25 +360,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     else:
         args.socket_group_id = None
     return args
-
-
-def _configure_logging(args: argparse.Namespace, daemonized: bool) -> None:
-    level = logging.DEBUG if args.verbose else logging.INFO
-    handler: logging.Handler
-    if args.log_file:
-        handler = logging.FileHandler(args.log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s ivshmemd[%(process)d]: %(message)s"))
-    elif daemonized and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("ivshmemd[%(process)d]: %(message)s"))
-    elif daemonized:
-        handler = logging.NullHandler()
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("ivshmemd: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
 
 
 def _raise_fd_limit() -> None:
@@ -380,19 +373,16 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def _open_shm(args: argparse.Namespace, size: int) -> SharedMemoryRegion:
-    if args.shm.kind == "dir":
-        return open_shm_in_dir(args.shm.value, size)
-    return open_posix_shm(args.shm.value, size)
-
-
 def _control_endpoints(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """Where the control plane listens: beside the socket, an explicit endpoint, or nowhere."""
+    """Where the control plane listens: beside the socket, an explicit endpoint, or nowhere.
+    ``--events`` alone moves only the event stream (requests stay beside the socket)."""
     if args.no_control:
         return None, None
     if args.control:
         return args.control, args.events or events_endpoint_for(args.control)
-    return default_control_endpoint(args.socket), default_events_endpoint(args.socket)
+    return default_control_endpoint(args.socket), args.events or default_events_endpoint(
+        args.socket
+    )
 
 
 async def _run(
@@ -432,8 +422,13 @@ async def _run(
                         authorize=authorize,
                     )
                 )
-                log.debug("control plane on %s, events on %s", control, events)
             log.info("%s", describe)
+            if control is not None:
+                explicit = args.control is not None or args.events is not None
+                log.log(
+                    logging.INFO if explicit else logging.DEBUG,
+                    "control plane on %s, events on %s", control, events,
+                )  # fmt: skip
             notifier.ready("0 peers connected")
             if report is not None:
                 report(None)
@@ -444,41 +439,66 @@ async def _run(
                 break
 
 
+def _start(args: argparse.Namespace, held: DaemonResources, size: int) -> None:
+    """Take the lock, the shm and the socket, in that order (see ivshmemd.resources)."""
+    held.take_lock(args.socket)
+    held.open_shm(args.shm.kind, args.shm.value, size, sparse=args.sparse)
+    held.listen(args.socket, args.socket_mode, args.socket_group_id)
+
+
+def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
+    where = shm.path if shm.name is None else f"{shm.name!r}"
+    reserved = "sparse" if args.sparse else "reserved"
+    return (
+        f"listening on {args.socket} (shm {where}, {shm.size} bytes {reserved}, "
+        f"{args.vectors} vectors per peer)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ivshmemd`` console script."""
     args = parse_args(argv)
     daemonized = not args.foreground
-    _configure_logging(args, daemonized=False)
+    try:
+        target = configure_logging(
+            log, verbose=args.verbose, log_file=args.log_file, daemonized=False,
+            socket_path=args.socket,
+        )  # fmt: skip
+    except LogSetupError as exc:
+        print(f"ivshmemd: {exc}", file=sys.stderr)
+        return 1
     _raise_fd_limit()
     size = round_shm_size(args.size, MIN_SHM_SIZE)
     if size != args.size:
         log.debug("size %d rounded up to %d", args.size, size)
-    shm: SharedMemoryRegion | None = None
-    listener: Listener | None = None
+    if args.sparse:
+        log.warning(
+            "--sparse: the shared memory is not reserved; if its filesystem fills up, "
+            "peers die of SIGBUS when they touch a page that cannot be had"
+        )
+    held = DaemonResources()
+    report: Callable[[str | None], None] | None = None
     try:
-        shm = _open_shm(args, size)
-        adopted = adopt_unix_listener()
-        if adopted is not None:
-            listener = Listener(adopted, None)
-        else:
-            listener = bind_listener(args.socket, args.socket_mode, args.socket_group_id)
-    except (SharedMemoryError, ListenerError, ActivationError) as exc:
+        _start(args, held, size)
+        if daemonized:
+            report = daemonize(None)
+            if not args.log_file:
+                target = configure_logging(
+                    log, verbose=args.verbose, log_file=None, daemonized=True,
+                    socket_path=args.socket,
+                )  # fmt: skip
+            held.write_pidfile(args.pidfile)
+    except (
+        StartupError, SharedMemoryError, ListenerError, ActivationError, LogSetupError,
+        PidFileError,
+    ) as exc:  # fmt: skip
         log.error("%s", exc)
-        _cleanup(args, shm, listener, remove_pidfile=False)
+        if report is not None:
+            report(str(exc))
+        held.release(keep_shm=args.keep_shm)
         return 1
-
-    report = None
-    if daemonized:
-        log_fd = None
-        report = daemonize(log_fd)
-        _configure_logging(args, daemonized=True)
-        try:
-            write_pidfile(args.pidfile)
-        except OSError as exc:
-            report(f"cannot write pid file {args.pidfile}: {exc.strerror}")
-            _cleanup(args, shm, listener, remove_pidfile=False)
-            return 1
-
+    assert held.shm is not None and held.listener is not None
+    log.debug("logging to %s", target.description)
     config = ServerConfig(
         n_vectors=args.vectors,
         max_peers=args.max_peers,
@@ -487,44 +507,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_uids=frozenset(args.allow_uid),
         allow_gids=frozenset(args.allow_gid),
     )
-    server = IvshmemServer(listener.sock, shm, config)
-    where = shm.path if shm.name is None else f"{shm.name!r}"
-    describe = (
-        f"listening on {args.socket} (shm {where}, {shm.size} bytes, "
-        f"{args.vectors} vectors per peer)"
-    )
+    server = IvshmemServer(held.listener.sock, held.shm, config)
+    held.serving = True
     try:
-        trio.run(_run, server, describe, report, args)
-    except ControlSetupError as exc:
-        log.error("%s", exc)
-        if report is not None:
-            report(str(exc))
-        return 1
-    except Exception as exc:  # an unexpected failure: say it in one line, still clean up
-        log.error("fatal: %s: %s", type(exc).__name__, exc)
-        if report is not None:
-            report(f"fatal: {exc}")
-        return 1
+        trio.run(_run, server, _describe(args, held.shm), report, args)
+    except BaseException as exc:  # one line, whatever trio wrapped it in; still clean up
+        leaf = unwrap(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            log.info("interrupted, shutting down")
+        else:
+            message = one_line(leaf)
+            if not isinstance(leaf, ControlSetupError):
+                message = f"fatal: {type(leaf).__name__}: {message}"
+            log.error("%s", message)
+            if report is not None:
+                report(message)
+            return 1
     finally:
-        _cleanup(args, shm, listener, remove_pidfile=daemonized)
+        held.release(keep_shm=args.keep_shm)
     log.info("shut down")
     return 0
-
-
-def _cleanup(
-    args: argparse.Namespace,
-    shm: SharedMemoryRegion | None,
-    listener: Listener | None,
-    remove_pidfile: bool,
-) -> None:
-    if listener is not None:
-        listener.close()
-    if shm is not None:
-        shm.close()
-        if shm.name is not None and not args.keep_shm:
-            unlink_posix_shm(shm.name)
-    if remove_pidfile:
-        try:
-            os.unlink(args.pidfile)
-        except OSError:
-            pass

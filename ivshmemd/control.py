@@ -32,19 +32,19 @@ each request's SO_PEERCRED credentials are read from the zmq ``Peer-Address`` me
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Protocol
 
 import msgpack
 import trio
 import zmq
 
+from ivshmemd.sockpath import SocketPathError, place_socket, unlink_if_ours
 from ivshmemd.zmqtrio import TrioSocket
 
 __all__ = [
@@ -558,20 +558,17 @@ class ControlEndpoints:
 Authorizer = Callable[[Credentials | None], str | None]
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def _bind(
-    sock: zmq.Socket[Any], endpoint: str, mode: int, gid: int | None, created: set[str]
+    sock: zmq.Socket[Any],
+    endpoint: str,
+    mode: int,
+    gid: int | None,
+    created: dict[str, tuple[int, int]],
 ) -> str:
-    """Bind, with an ipc socket file created 0600 and then given ``mode``/``gid``; records
-    the files it creates in ``created`` (for removal on exit)."""
+    """Bind ``endpoint``; an ipc socket file is placed race-free with ``mode``/``gid``
+    (:func:`ivshmemd.sockpath.place_socket`: libzmq never unlinks anything at the public
+    path, and only a stale socket there is replaced). Records the files it creates in
+    ``created`` (path -> identity, for removal on exit). Returns the bound endpoint."""
     path = _ipc_path(endpoint)
     if path is not None and len(os.fsencode(path)) > MAX_IPC_PATH:
         raise ControlSetupError(
@@ -579,21 +576,20 @@ def _bind(
             "use a shorter socket path or an explicit endpoint"
         )
     try:
-        # Created 0600 from the start: no window in which others could connect.
-        with _umask(0o177):
+        if path is None:
             sock.bind(endpoint)
+            bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            return bound
+        created[path] = place_socket(
+            path, lambda private: sock.bind(f"ipc://{private}"), mode, gid, "control socket"
+        )
+        return endpoint
     except zmq.ZMQError as exc:
         raise ControlSetupError(f"cannot bind {endpoint}: {exc}") from None
-    if path is not None:
-        created.add(path)
-        try:
-            os.chmod(path, mode)
-            if gid is not None:
-                os.chown(path, -1, gid)
-        except OSError as exc:
-            raise ControlSetupError(f"cannot set mode/group of {path}: {exc}") from None
-    bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return bound
+    except SocketPathError as exc:
+        raise ControlSetupError(str(exc)) from None
+    except OSError as exc:
+        raise ControlSetupError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
 
 
 def _split_envelope(frames: list[zmq.Frame]) -> tuple[list[bytes], list[zmq.Frame]]:
@@ -701,7 +697,7 @@ async def serve_control(
     pub_sock = ctx.socket(zmq.XPUB)
     router = TrioSocket(router_sock)
     pub = TrioSocket(pub_sock)
-    created: set[str] = set()
+    created: dict[str, tuple[int, int]] = {}
     try:
         router_sock.setsockopt(zmq.LINGER, 0)
         router_sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE_BYTES)
@@ -724,9 +720,6 @@ async def serve_control(
         pub.close()
         if own_context:
             ctx.term()
-        # libzmq leaves the ipc socket files behind (it only removes them when binding).
-        for bound_endpoint in (endpoint, events_endpoint):
-            path = _ipc_path(bound_endpoint)
-            if path is not None and path in created:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        # libzmq leaves the ipc socket files behind: remove ours (and only ours)
+        for path, ident in created.items():
+            unlink_if_ours(path, ident)

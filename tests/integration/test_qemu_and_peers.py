@@ -18,7 +18,6 @@ import trio
 
 from ivshmemd.shm import attach_posix_shm
 from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
-
 from tests.peerprocs import peer_processes
 
 pytestmark = pytest.mark.skipif(

@@ -289,9 +289,8 @@ def register_demo(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def test_subcommands_are_pluggable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        ctl, "SUBCOMMAND_PROVIDERS", [*ctl.SUBCOMMAND_PROVIDERS, "tests.ivshmemd.test_ctl:register_demo"]
-    )
+    demo = "tests.ivshmemd.test_ctl:register_demo"
+    monkeypatch.setattr(ctl, "SUBCOMMAND_PROVIDERS", [*ctl.SUBCOMMAND_PROVIDERS, demo])
     args = ctl.build_parser().parse_args(["demo", "-S", "/run/x.sock"])
     assert ctl.resolve_endpoints(args) == ("ipc:///run/x.sock.ctl", "ipc:///run/x.sock.events")
     assert ctl.main(["demo"]) == 42

@@ -15,7 +15,6 @@ import pytest
 
 from ivshmemd.shm import attach_posix_shm, unlink_posix_shm
 from peers.testing import unique_name
-
 from tests.rawclient import RawClient
 
 TIMEOUT = 20
@@ -52,6 +51,10 @@ def shm_name() -> Any:
         (["-l", "-5"], "invalid size"),
         (["-l", "1.5"], "a fraction needs a suffix"),
         (["-l", "16E"], "below 2^64"),
+        (["-l", "8E"], "too large"),
+        (["-l", "15E"], "too large"),
+        (["-l", "9223372036854775808"], "too large"),
+        (["--no-control", "--events", "ipc:///tmp/x"], "contradicts"),
         (["-x"], "unrecognized arguments"),
         (["--max-peers", "0"], "must be positive"),
         (["--peer-ids", "9-3"], "invalid peer id range"),
@@ -253,8 +256,8 @@ async def test_shm_dir_file_is_unlinked_at_once(start_daemon: Any, tmp_path: Pat
 
 
 async def test_sizes_beyond_32_bits(start_daemon: Any) -> None:
-    """64 GiB (sparse on tmpfs): no 32-bit truncation anywhere."""
-    async with start_daemon(vectors=0, size="64G") as daemon:
+    """64 GiB (sparse: more than this machine has): no 32-bit truncation anywhere."""
+    async with start_daemon(vectors=0, size="64G", args=["--sparse"]) as daemon:
         client = await RawClient.connect(daemon.socket_path)
         try:
             await client.read(3)

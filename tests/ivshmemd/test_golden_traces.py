@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from ivshmemd.shm import MIN_SHM_SIZE
-
 from tests.rawclient import RawClient
 
 TRACES_PATH = (
