@@ -4,9 +4,10 @@ usage error instead of a traceback deep inside."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
-__all__ = ["int_in", "positive_float", "positive_int"]
+__all__ = ["int_in", "non_negative_seconds", "positive_float", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -43,4 +44,15 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def non_negative_seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (``nan``, ``inf`` and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0: {text!r}")
     return value

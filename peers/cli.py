@@ -22,6 +22,9 @@ from typing import Any
 
 import trio
 
+from ivshmemd.argtypes import non_negative_seconds
+from ivshmemd.errors import unwrap
+
 from .client import ClientError, ServerGone, connect_with_retry
 from .plugin import Plugin, PluginError, available_plugins, load_plugin
 
@@ -74,7 +77,7 @@ def build_parser(plugin: type[Plugin] | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wait",
-        type=float,
+        type=non_negative_seconds,
         metavar="SECONDS",
         default=10.0,
         help="keep retrying the connection this long while the daemon is not up (default 10)",
@@ -228,17 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     while True:
         try:
             return _run_once(args, plugin_cls, reporter)
-        except ServerGone as exc:
-            if not args.reconnect:
-                reporter.log(f"the daemon went away ({exc}); exiting")
-                reporter(event="server-gone", message=str(exc))
+        except BaseException as raised:  # trio may wrap what a task raised: unwrap it
+            error = unwrap(raised)
+            if isinstance(error, ServerGone):
+                if not args.reconnect:
+                    reporter.log(f"the daemon went away ({error}); exiting")
+                    reporter(event="server-gone", message=str(error))
+                    return EXIT_FAILED
+                reporter.log(f"the daemon went away ({error}); reconnecting")
+                reporter(event="reconnecting")
+                time.sleep(0.05)
+            elif isinstance(error, ClientError):
+                reporter.log(str(error))
+                reporter(event="error", message=str(error))
                 return EXIT_FAILED
-            reporter.log(f"the daemon went away ({exc}); reconnecting")
-            reporter(event="reconnecting")
-            time.sleep(0.05)
-        except ClientError as exc:
-            reporter.log(str(exc))
-            reporter(event="error", message=str(exc))
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            return EXIT_OK
+            elif isinstance(error, KeyboardInterrupt):
+                return EXIT_OK
+            else:
+                raise

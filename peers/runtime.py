@@ -8,20 +8,20 @@ doorbell the guest writes into ``eventfd_write(1)`` on the destination's eventfd
 
 The per-doorbell path is: guest ``vcpu.write32`` -> MMIO dispatch -> device -> ``notify``
 -> one dict look-up and one ``eventfd_write``. The per-interrupt path is: eventfd readable
--> one ``eventfd_read`` -> ``device.ring`` -> MSI-X -> ``plugin.interrupt``.
+-> one non-blocking read (:func:`peers.client.read_vector`, immune to another holder
+clearing ``O_NONBLOCK``) -> ``device.ring`` -> MSI-X -> ``plugin.interrupt``.
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmm import Backing, Vm
 from vmm.ivshmem import IvshmemDevice
 
-from .client import IvshmemClient, PeerLeft, PeerVector
+from .client import IvshmemClient, PeerLeft, PeerVector, read_vector, ring_eventfd
 from .plugin import Guest, Plugin
 
 __all__ = ["Layout", "PeerMachine", "PeerOutcome"]
@@ -118,14 +118,12 @@ class PeerMachine:
     # -- the hot paths --------------------------------------------------------------------
 
     def _doorbell(self, peer_id: int, vector: int) -> None:
-        os.eventfd_write(self.peer_fds[peer_id][vector], 1)
+        ring_eventfd(self.peer_fds[peer_id][vector])
 
     def on_vector(self, vector: int) -> bool:
         """Our eventfd ``vector`` may be readable: consume it and interrupt the guest once.
-        Returns whether it had been rung."""
-        try:
-            os.eventfd_read(self._own_fds[vector])
-        except BlockingIOError:
+        Returns whether it had been rung. Never blocks (see :func:`read_vector`)."""
+        if not read_vector(self._own_fds[vector]):
             return False
         self.device.ring(vector)
         return True
