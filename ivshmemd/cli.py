@@ -21,6 +21,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .access import AllowList
 from .activation import ActivationError
 from .argtypes import positive_float, positive_int
 from .control import (
@@ -36,11 +37,12 @@ from .controlview import DaemonControlView
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, configure_logging
 from .errors import one_line, unwrap
+from .inflight import budget_for
 from .listener import ListenerError, parse_group
 from .protocol import MAX_PEER_ID, MAX_VECTORS
 from .resources import DaemonResources, StartupError
 from .sdnotify import SystemdNotifier
-from .server import IvshmemServer, ServerConfig
+from .server import IvshmemServer, ServerConfig, fd_limit
 from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegion
 from .sizes import SizeError, parse_size, round_shm_size
 
@@ -504,8 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_peers=args.max_peers,
         peer_ids=args.peer_ids,
         send_timeout=args.send_timeout,
-        allow_uids=frozenset(args.allow_uid),
-        allow_gids=frozenset(args.allow_gid),
+        allow=AllowList(frozenset(args.allow_uid), frozenset(args.allow_gid)),
+        flight=budget_for(fd_limit(), args.vectors),
     )
     server = IvshmemServer(held.listener.sock, held.shm, config)
     held.serving = True

@@ -62,6 +62,31 @@ class RawClient:
             return got
         raise AssertionError(f"timed out: got {got}, wanted {count} messages")
 
+    async def read_until(
+        self, message: tuple[int, bool], count: int = 1, timeout: float = READ_TIMEOUT
+    ) -> None:
+        """Read (into :attr:`stream`) until ``message`` has arrived ``count`` times."""
+        seen = self.stream.count(message)
+        with trio.move_on_after(timeout):
+            while seen < count:
+                try:
+                    data, fds, _flags = wire.recv_message(self.sock)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    continue
+                if not data:
+                    raise AssertionError(f"EOF before {count} x {message}")
+                got = (wire.decode(data), bool(fds))
+                self.stream.append(got)
+                seen += got == message
+                for fd in fds:
+                    if self.close_fds_as_they_come:
+                        os.close(fd)
+                    else:
+                        self.fds.append((got[0], fd))
+            return
+        raise AssertionError(f"{count} x {message} never arrived in {len(self.stream)} messages")
+
     async def drain(self) -> None:
         """Read forever (run it as a task); waiters of :meth:`wait_for` are woken."""
         while True:
