@@ -9,7 +9,6 @@ clear line and exit 1 (as QEMU's server does), never a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import resource
 import signal
@@ -20,22 +19,24 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, signals
 from .access import AllowList
 from .activation import ActivationError
 from .argtypes import positive_float, positive_int
 from .control import (
+    ControlAccess,
     ControlSetupError,
-    Credentials,
     EventPublisher,
     default_control_endpoint,
     default_events_endpoint,
     events_endpoint_for,
-    serve_control,
+    tcp_needs_curve,
 )
-from .controlview import DaemonControlView
+from .controlproc import ControlConfig, ControlProcess
+from .controlview import DaemonControlView, state_lines
+from .curve import CurveKeyError, server_keys
 from .daemon import PidFileError, daemonize
-from .daemonlog import LogSetupError, configure_logging
+from .daemonlog import LogSetupError, LogTarget, configure_logging
 from .errors import one_line, unwrap
 from .inflight import budget_for
 from .listener import ListenerError, parse_group
@@ -65,7 +66,7 @@ ivshmem-doorbell,chardev=...) or emulated peer that connects to its unix socket,
 every peer when another joins or leaves, so that they can ring each other's doorbells.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 sizes:
   SIZE is a byte count with an optional suffix K, M, G, T, P or E (powers of 1024), e.g.
   4096, 1M, 1.5G. It is rounded up to a power of two (and to at least 4 KiB, the smallest
@@ -79,9 +80,7 @@ examples:
       daemonize (returns once the socket is listening), memory from hugetlbfs
 
 signals:
-  SIGTERM and SIGINT free every peer (the others are told), remove the socket and, with -M,
-  unlink the shared memory unless --keep-shm is given.
-
+{signals.describe()}
 exit status:
   0 after a clean shutdown, 1 on bad arguments or a start-up failure (one line says why).
 """
@@ -332,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
         "without --control, requests stay at ipc://SOCKET.ctl and only the events move)",
     )
     more.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        default=None,
+        help="the daemon's CURVE key pair (a zmq.auth *.key_secret file); tcp control and "
+        "events endpoints are served only with CURVE",
+    )
+    more.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        default=None,
+        help="directory of the public CURVE certificates (*.key) of the clients allowed over tcp",
+    )
+    more.add_argument(
         "--no-control",
         action="store_true",
         help="serve no control plane (ivshmemctl status and friends will not answer)",
@@ -354,6 +366,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.no_control and (args.control or args.events):
         parser.error("--no-control contradicts --control/--events")
+    args.curve_keys = None
+    if bool(args.curve_secret_key) != bool(args.curve_clients):
+        parser.error("--curve-secret-key and --curve-clients go together")
+    if args.curve_secret_key:
+        try:
+            args.curve_keys = server_keys(args.curve_secret_key, args.curve_clients)
+        except CurveKeyError as exc:
+            parser.error(str(exc))
+    endpoints = [ep for ep in _control_endpoints(args) if ep is not None]
+    problem = tcp_needs_curve(endpoints, ControlAccess(curve=args.curve_keys))
+    if problem is not None:
+        parser.error(problem)
     if args.socket_group is not None:
         try:
             args.socket_group_id = parse_group(args.socket_group)
@@ -392,6 +416,7 @@ async def _run(
     describe: str,
     report: Callable[[str | None], None] | None,
     args: argparse.Namespace,
+    logs: LogTarget,
 ) -> None:
     notifier = SystemdNotifier()
     publisher = EventPublisher()
@@ -401,29 +426,19 @@ async def _run(
         notifier.status(f"{len(server.connections)} peers connected")
 
     server.listeners.append(report_peer_count)
-
-    def authorize(creds: Credentials | None) -> str | None:
-        if creds is None:  # tcp: no credentials; kick is refused there anyway
-            return None
-        return server.allowed(creds.uid, creds.gid, creds.pid)
-
     control, events = _control_endpoints(args)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*signals.HANDLED) as received:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            process: ControlProcess | None = None
             if control is not None and events is not None:
-                await nursery.start(
-                    functools.partial(
-                        serve_control,
-                        DaemonControlView(server, args.socket),
-                        control,
-                        events,
-                        publisher,
-                        socket_mode=args.socket_mode,
-                        socket_gid=args.socket_group_id,
-                        authorize=authorize,
-                    )
-                )
+                config = ControlConfig(
+                    control=control, events=events, socket_mode=args.socket_mode,
+                    socket_gid=args.socket_group_id, allow=server.config.allow,
+                    curve=args.curve_keys, verbose=args.verbose,
+                )  # fmt: skip
+                process = ControlProcess(config, DaemonControlView(server, args.socket), publisher)
+                await nursery.start(process.run)
             log.info("%s", describe)
             if control is not None:
                 explicit = args.control is not None or args.events is not None
@@ -434,11 +449,55 @@ async def _run(
             notifier.ready("0 peers connected")
             if report is not None:
                 report(None)
-            async for signum in signals:
-                log.info("%s received, shutting down", signal.Signals(signum).name)
-                notifier.stopping()
-                nursery.cancel_scope.cancel()
-                break
+            async for signum in received:
+                if signum in signals.STOP:
+                    log.info("%s received, shutting down", signals.name(signum))
+                    notifier.stopping()
+                    nursery.cancel_scope.cancel()
+                    break
+                _on_signal(signum, server, process, logs)
+
+
+def _on_signal(
+    signum: int, server: IvshmemServer, process: ControlProcess | None, logs: LogTarget
+) -> None:
+    """SIGHUP, SIGUSR1, SIGUSR2: see ivshmemd.signals."""
+    if signum == signal.SIGHUP:
+        try:
+            log.info("SIGHUP: %s", logs.reopen())
+        except LogSetupError as exc:
+            log.error("SIGHUP: %s; still logging to the old file", exc)
+    elif signum == signal.SIGUSR1:
+        pid, restarts = (None, 0) if process is None else (process.pid, process.restarts)
+        for line in state_lines(server, pid, restarts):
+            log.info("%s", line)
+    else:
+        log.warning(
+            "%s is reserved for the zero-loss restart, which this version does not do: "
+            "ignored", signals.name(signum),
+        )  # fmt: skip
+
+
+#: fds a daemon holds before its first peer (stdio, lock, shm, socket, pid file, log,
+#: trio, the control plane's link), measured, with room to spare
+BASE_FDS = 32
+#: fds kept free while serving, for the daemon's own needs (restarting its control plane)
+FD_RESERVE = 16
+
+
+def minimum_fds(vectors: int) -> int:
+    """The smallest RLIMIT_NOFILE with which the daemon can serve one peer."""
+    return BASE_FDS + FD_RESERVE + 1 + vectors
+
+
+def _check_fd_limit(vectors: int) -> str | None:
+    needed, limit = minimum_fds(vectors), fd_limit()
+    if limit >= needed:
+        return None
+    return (
+        f"too few file descriptors: with -n {vectors} the daemon needs at least {needed} "
+        f"(RLIMIT_NOFILE is {limit}); raise it (ulimit -n, LimitNOFILE=) or use fewer vectors"
+    )
 
 
 def _start(args: argparse.Namespace, held: DaemonResources, size: int) -> None:
@@ -470,6 +529,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ivshmemd: {exc}", file=sys.stderr)
         return 1
     _raise_fd_limit()
+    problem = _check_fd_limit(args.vectors)
+    if problem is not None:
+        log.error("%s", problem)
+        return 1
     size = round_shm_size(args.size, MIN_SHM_SIZE)
     if size != args.size:
         log.debug("size %d rounded up to %d", args.size, size)
@@ -507,12 +570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         peer_ids=args.peer_ids,
         send_timeout=args.send_timeout,
         allow=AllowList(frozenset(args.allow_uid), frozenset(args.allow_gid)),
+        fd_reserve=FD_RESERVE,
         flight=budget_for(fd_limit(), args.vectors),
     )
     server = IvshmemServer(held.listener.sock, held.shm, config)
     held.serving = True
     try:
-        trio.run(_run, server, _describe(args, held.shm), report, args)
+        trio.run(_run, server, _describe(args, held.shm), report, args, target)
     except BaseException as exc:  # one line, whatever trio wrapped it in; still clean up
         leaf = unwrap(exc)
         if isinstance(leaf, KeyboardInterrupt):

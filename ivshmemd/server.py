@@ -264,6 +264,11 @@ class IvshmemServer:
         for conn in [self.connections[pid] for pid in self.registry.ids()]:
             self.drop(conn, reason, linger=False)
 
+    @property
+    def lingering(self) -> list[Connection]:
+        """Dropped connections whose client has not read everything it was sent yet."""
+        return self._lingering
+
     def fds_in_use(self) -> int:
         """The daemon's open fds as it accounts them: its own, and per peer its socket and
         eventfds (after coalescing, queues hold fds of live peers only), and lingerers."""
