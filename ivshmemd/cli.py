@@ -374,7 +374,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             args.curve_keys = server_keys(args.curve_secret_key, args.curve_clients)
         except CurveKeyError as exc:
             parser.error(str(exc))
-    endpoints = [ep for ep in _control_endpoints(args) if ep is not None]
+    try:
+        endpoints = [ep for ep in _control_endpoints(args) if ep is not None]
+    except ValueError as exc:  # no events endpoint can be derived from --control
+        parser.error(f"{exc} (--events ENDPOINT)")
     problem = tcp_needs_curve(endpoints, ControlAccess(curve=args.curve_keys))
     if problem is not None:
         parser.error(problem)
@@ -438,7 +441,8 @@ async def _run(
                     curve=args.curve_keys, verbose=args.verbose,
                 )  # fmt: skip
                 process = ControlProcess(config, DaemonControlView(server, args.socket), publisher)
-                await nursery.start(process.run)
+                bound = await nursery.start(process.run)
+                control, events = bound.control, bound.events
             log.info("%s", describe)
             if control is not None:
                 explicit = args.control is not None or args.events is not None

@@ -109,7 +109,9 @@ HARD_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Events kept for the publisher task before the oldest are dropped (and counted).
 MAX_PENDING_EVENTS: Final = 65536
 #: Per-subscriber queue in the daemon; a subscriber further behind loses events (seq gap).
-EVENTS_SNDHWM: Final = 100_000
+#: Enough for a burst of thousands of joins to reach a subscriber that reads; a subscriber
+#: that stops reading costs at most this many events (about 1 MiB) plus socket buffers.
+EVENTS_SNDHWM: Final = 10_000
 #: The one-frame message every new events subscriber receives first.
 EVENTS_WELCOME: Final = b"ivshmem-events-v1"
 #: Longest path that fits in sockaddr_un.sun_path (108 bytes with the NUL).

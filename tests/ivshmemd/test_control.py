@@ -152,6 +152,14 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
         req({"v": 1, "cmd": "status", "pad": b"x" * MAX_REQUEST_BYTES}),
         ErrorCode.TOO_LARGE,
     ),
+    # keys of both kinds: nothing may compare (sort) them, and it is the client's mistake
+    ("mixed keys", req({"v": 1, "cmd": "status", b"x": 1, "y": 2}), ErrorCode.BAD_REQUEST),
+    (
+        "mixed args keys",
+        req({"v": 1, "cmd": "status", "args": {"a": 1, b"b": 2}}),
+        ErrorCode.BAD_REQUEST,
+    ),
+    ("bytes keys only", req({b"v": 1, b"cmd": b"status"}), ErrorCode.BAD_REQUEST),
 ]
 
 
@@ -160,11 +168,13 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
     [(raw, code) for _, raw, code in BAD_REQUESTS],
     ids=[n for n, *_ in BAD_REQUESTS],
 )
-def test_bad_requests_get_error_replies(raw: bytes, code: str) -> None:
+def test_bad_requests_get_error_replies(raw: bytes, code: str, caplog: Any) -> None:
     daemon = FakeDaemon(owner_uid=0)
     daemon.join()
-    assert error_code(handle_request(raw, daemon, 0)) == code
+    with caplog.at_level("DEBUG"):
+        assert error_code(handle_request(raw, daemon, 0)) == code
     assert len(daemon.table) == 1  # nothing was kicked by a malformed request
+    assert not caplog.records  # a client's mistake is its error reply, not a daemon log line
 
 
 def test_view_failures_become_internal_errors() -> None:
