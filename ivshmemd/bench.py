@@ -29,7 +29,7 @@ from . import wire
 from .argtypes import int_in, positive_int
 
 
-def _connect(path: str) -> socket.socket:
+def connect(path: str) -> socket.socket:
     """A raw, non-blocking client connection to the daemon."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
@@ -37,7 +37,7 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
-async def _read_values(sock: socket.socket, count: int) -> list[int]:
+async def read_values(sock: socket.socket, count: int) -> list[int]:
     """Read ``count`` messages, closing their fds at once; their values, in order."""
     values: list[int] = []
     while len(values) < count:
@@ -64,9 +64,9 @@ async def _worker(path: str, count: int, vectors: int, total: int) -> None:
 
     async def tracked() -> None:
         nonlocal remaining
-        sock = _connect(path)
+        sock = connect(path)
         try:
-            await _read_values(sock, 3 + vectors * total)
+            await read_values(sock, 3 + vectors * total)
             remaining -= 1
             if remaining == 0:
                 done.set()
@@ -85,9 +85,11 @@ async def _worker(path: str, count: int, vectors: int, total: int) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _start_daemon(
+def start_daemon(
     directory: str, vectors: int, extra: list[str]
 ) -> tuple[subprocess.Popen[str], str, str]:
+    """A foreground daemon in ``directory`` (its log drained in a thread): (process, socket
+    path, shm name). ``extra`` flags come last, so they override the defaults here."""
     path = os.path.join(directory, "bench.sock")
     name = f"ivshmem-bench-{os.getpid()}"
     proc = subprocess.Popen(
@@ -107,7 +109,7 @@ def _start_daemon(
     return proc, path, name
 
 
-def _stop_daemon(proc: subprocess.Popen[str]) -> None:
+def stop_daemon(proc: subprocess.Popen[str]) -> None:
     proc.terminate()
     try:
         proc.wait(30)
@@ -119,7 +121,7 @@ def _stop_daemon(proc: subprocess.Popen[str]) -> None:
 def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
     """Time until ``peers`` clients have all seen each other."""
     with tempfile.TemporaryDirectory() as directory:
-        daemon, path, _name = _start_daemon(directory, vectors, [])
+        daemon, path, _name = start_daemon(directory, vectors, [])
         procs: list[subprocess.Popen[str]] = []
         try:
             shares = [peers // workers + (1 if i < peers % workers else 0) for i in range(workers)]
@@ -133,7 +135,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
             for proc in procs:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             fds_before = len(os.listdir(f"/proc/{daemon.pid}/fd"))
-            cpu_before = _cpu_seconds(daemon.pid)
+            cpu_before = cpu_seconds(daemon.pid)
             start = time.perf_counter()
             for proc in procs:
                 assert proc.stdin is not None
@@ -145,7 +147,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
                 if status != "done":
                     raise SystemExit(f"a worker failed: {status!r}")
             elapsed = time.perf_counter() - start
-            daemon_cpu = _cpu_seconds(daemon.pid) - cpu_before
+            daemon_cpu = cpu_seconds(daemon.pid) - cpu_before
             fds_during = len(os.listdir(f"/proc/{daemon.pid}/fd"))
         finally:
             for proc in procs:
@@ -159,7 +161,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-            _stop_daemon(daemon)
+            stop_daemon(daemon)
     messages = 3 * peers + vectors * peers * peers
     fd_messages = 1 * peers + vectors * peers * peers
     return {
@@ -180,28 +182,28 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
 async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
     observers: list[socket.socket] = []
     for index in range(2):
-        sock = _connect(path)
-        await _read_values(sock, 3 + index + 1)
+        sock = connect(path)
+        await read_values(sock, 3 + index + 1)
         for other in observers:
-            await _read_values(other, 1)
+            await read_values(other, 1)
         observers.append(sock)
     fds_before = len(os.listdir(f"/proc/{pid}/fd"))
-    rss_before = _rss(pid)
+    rss_before = rss(pid)
     seen: list[list[int]] = [[], []]
     start = time.perf_counter()
     for _ in range(cycles):
-        churner = _connect(path)
-        await _read_values(churner, 3 + 3)
+        churner = connect(path)
+        await read_values(churner, 3 + 3)
         for index, obs in enumerate(observers):
-            seen[index].extend(await _read_values(obs, 1))
+            seen[index].extend(await read_values(obs, 1))
         churner.close()
         for index, obs in enumerate(observers):
-            seen[index].extend(await _read_values(obs, 1))
+            seen[index].extend(await read_values(obs, 1))
     elapsed = time.perf_counter() - start
     expected = [peer for peer in range(2, 2 + cycles) for _ in range(2)]
     complete = all(s == expected for s in seen)
     fds_after = len(os.listdir(f"/proc/{pid}/fd"))
-    rss_after = _rss(pid)
+    rss_after = rss(pid)
     for obs in observers:
         obs.close()
     return {
@@ -217,14 +219,14 @@ async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
     }
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` so far (from /proc), to show who is the bottleneck."""
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss(pid: int) -> int:
+def rss(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmRSS:"):
@@ -235,11 +237,11 @@ def _rss(pid: int) -> int:
 def bench_churn(cycles: int) -> dict[str, Any]:
     """Join/leave ``cycles`` times; compare the daemon's fds and RSS before and after."""
     with tempfile.TemporaryDirectory() as directory:
-        daemon, path, _name = _start_daemon(directory, 1, [])
+        daemon, path, _name = start_daemon(directory, 1, [])
         try:
             return trio.run(_churn, path, cycles, daemon.pid)
         finally:
-            _stop_daemon(daemon)
+            stop_daemon(daemon)
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "budget_for",
     "exempt_from_fd_limit",
     "message_truesize",
+    "unread_bytes",
     "unread_messages",
 ]
 
@@ -83,6 +84,15 @@ def message_truesize() -> int:
 def _outq(sock: socket.socket) -> int:
     value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
     return value
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes of socket buffers sent on ``sock`` that its reader has not read (SIOCOUTQ);
+    0 if that cannot be told (a closed socket)."""
+    try:
+        return _outq(sock)
+    except OSError:
+        return 0
 
 
 def unread_messages(sock: socket.socket, truesize: int) -> int:

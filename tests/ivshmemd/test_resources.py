@@ -125,3 +125,39 @@ async def test_the_daemon_says_what_it_refused_when_fds_run_short(start_daemon: 
         finally:
             for client in clients:
                 client.close()
+
+
+async def test_a_peer_that_reads_slowly_is_not_taken_for_one_that_does_not(
+    start_daemon: Any,
+) -> None:
+    """--send-timeout is for peers that read nothing. One that reads a little now and then
+    (never enough for the kernel to call its socket writable again) is kept."""
+    vectors = 4
+    async with start_daemon(vectors=vectors, args=["--send-timeout", "1"]) as daemon:
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            slow.connect(daemon.socket_path)
+            slow.setblocking(False)
+            await daemon.wait_log("peer 0 joined")
+            reader = RawClient(slow)
+            reader.close_fds_as_they_come = True
+
+            async def churn() -> None:
+                while True:
+                    churner = await RawClient.connect(daemon.socket_path)
+                    try:
+                        await churner.read(3 + 2 * vectors)
+                    finally:
+                        churner.close()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(churn)
+                for _ in range(12):  # about 3.6 s: more than three --send-timeout periods
+                    await trio.sleep(0.3)  # the slow peer's pace
+                    await reader.read(20)
+                nursery.cancel_scope.cancel()
+            assert not daemon.count("peer 0 left"), [
+                line for line in daemon.log if "peer 0 left" in line
+            ]
+        finally:
+            slow.close()
