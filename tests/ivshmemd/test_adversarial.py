@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,37 +23,12 @@ import zmq
 
 from ivshmemd.cli import minimum_fds
 from ivshmemd.control import EVENTS_SNDHWM, EVENTS_WELCOME, decode_event
-from ivshmemd.protocol import ClientParser, PeerLeft, PeerVector
 from peers.testing import rss_bytes, unique_name
 from tests.asuser import NOBODY, daemon_as, run_as
 from tests.rawclient import RawClient
 
 TIMEOUT = 30.0
 CTL = [sys.executable, "-m", "ivshmemd.ctl"]
-
-
-@pytest.fixture
-def world_dir() -> Iterator[str]:
-    """A directory every uid may create sockets in (pytest's tmp_path is private to root)."""
-    path = tempfile.mkdtemp(prefix="ivshmem-adv-")
-    os.chmod(path, 0o1777)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def view_of(client: RawClient) -> dict[int, int]:
-    """The peers (id -> vectors) a client knows of after its whole stream so far."""
-    parser, view = ClientParser(), {}
-    for value, carries in client.stream:
-        event = parser.feed(value, 3 if carries else None)
-        if isinstance(event, PeerVector) and not event.own:
-            view[event.peer_id] = view.get(event.peer_id, 0) + 1
-        elif isinstance(event, PeerLeft):
-            assert event.peer_id in view, f"a leave for peer {event.peer_id}, never announced"
-            del view[event.peer_id]
-    return view
 
 
 def control_process_pid(daemon_pid: int) -> int:
@@ -397,7 +369,7 @@ async def test_garbage_everywhere_and_the_daemon_keeps_serving(start_daemon: Any
                 head = await newcomer.read(3 + 2 * 2)
                 assert head[:3] == [(0, False), (101, False), (-1, True)]
                 await good.read_until((101, True), count=2)
-                assert view_of(good) == {101: 2}
+                assert good.view() == {101: 2}
             finally:
                 newcomer.close()
             status = await ctl("-S", daemon.socket_path, "--json", "stats")

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -295,18 +293,6 @@ def test_parse_peer_address() -> None:
 # --- serve_control over real sockets ----------------------------------------------------------
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A short, world-traversable temporary directory (a client under another uid must be
-    able to reach the socket file; pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="ivctl-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 async def ask(
     endpoint: str,
     cmd: str,
@@ -503,7 +489,7 @@ async def run_as_uid(uid: int, endpoint: str, cmd: str, args: dict[str, Any], wa
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client under another uid")
-async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: Path) -> None:
+async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: str) -> None:
     daemon = FakeDaemon(owner_uid=0)
     daemon.join()
     refusals: list[Credentials] = []
@@ -556,7 +542,7 @@ async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: Path)
         assert (await run_as_uid(NOBODY, closed_ep.control, "status", {}, 500)) == {"timeout": True}
         assert (await run_as_uid(0, closed_ep.control, "status", {}, 10_000))["ok"] is True
         nursery.cancel_scope.cancel()
-    assert not list(world_dir.iterdir()), "ipc socket files are removed on exit"
+    assert not os.listdir(world_dir), "ipc socket files are removed on exit"
 
 
 async def test_setup_errors_are_clear(tmp_path: Path) -> None:

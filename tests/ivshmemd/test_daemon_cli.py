@@ -197,7 +197,7 @@ def test_daemon_mode_reports_start_up_failure(tmp_path: Path, shm_name: str) -> 
     assert not shm_exists(shm_name)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 async def test_shutdown_frees_peers_and_unlinks(start_daemon: Any, signum: int) -> None:
     async with start_daemon(vectors=1) as daemon:
         first, second = await RawClient.connect(daemon.socket_path), None
@@ -215,7 +215,8 @@ async def test_shutdown_frees_peers_and_unlinks(start_daemon: Any, signum: int) 
             first.close()
             if second is not None:
                 second.close()
-        assert not os.path.exists(daemon.socket_path)
+        for leftover in ("", ".ctl", ".events", ".lock"):
+            assert not os.path.exists(daemon.socket_path + leftover), leftover
         assert not shm_exists(daemon.shm_name)
 
 

@@ -18,6 +18,8 @@ import zmq.auth
 
 from ivshmemd.shm import unlink_posix_shm
 from peers.testing import unique_name
+from tests.ivshmemd.test_daemon_cli import run_daemon_cli
+from tests.ivshmemd.test_startup_safety import one_clear_line
 from tests.rawclient import RawClient
 
 TIMEOUT = 30.0
@@ -31,41 +33,32 @@ async def ctl(*argv: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ivshmemd", "-F", *args],
-        capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    return run_daemon_cli("-F", *args)
 
 
-def one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+async def watch_sees_one_event(daemon: Any, argv: list[str]) -> None:
+    """``ivshmemctl ARGV watch --count 1`` says it is watching; a peer joins; it exits 0."""
+    watch = await trio.lowlevel.open_process(
+        [*CTL, *argv, "--count", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert watch.stderr is not None
+        with trio.fail_after(TIMEOUT):
+            assert b"watching events" in await watch.stderr.receive_some(4096)
+        client = await RawClient.connect(daemon.socket_path)
+        try:
+            await client.read(4)
+            with trio.fail_after(TIMEOUT):
+                assert await watch.wait() == 0
+        finally:
+            client.close()
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+        await watch.wait()
 
 
 # --- signals (point 15) --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("signum", [signal.SIGQUIT, signal.SIGTERM, signal.SIGINT])
-async def test_stop_signals_leave_nothing_behind(start_daemon: Any, signum: int) -> None:
-    async with start_daemon(vectors=1) as daemon:
-        first = await RawClient.connect(daemon.socket_path)
-        second: RawClient | None = None
-        try:
-            await first.read(4)
-            second = await RawClient.connect(daemon.socket_path)
-            await second.read(5)
-            await first.read(1)
-            daemon.process.send_signal(signum)
-            assert await second.read_eof() == [(0, False)]  # QEMU's order: peer 0 freed first
-            assert await daemon.process.wait() == 0
-        finally:
-            first.close()
-            if second is not None:
-                second.close()
-        for leftover in ("", ".ctl", ".events", ".lock"):
-            assert not os.path.exists(daemon.socket_path + leftover), leftover
-        assert not os.path.exists(f"/dev/shm/{daemon.shm_name}")
 
 
 async def test_sighup_reopens_the_log_file(start_daemon: Any, tmp_path: Path) -> None:
@@ -161,25 +154,8 @@ async def test_tcp_control_serves_only_the_authorised_keys(
         assert bare.returncode == 3
         assert b"only with CURVE" in bare.stderr and b"Traceback" not in bare.stderr
         # the event stream too
-        watch = await trio.lowlevel.open_process(
-            [*CTL, "--control", control, *alice, "watch", "--events", events, "--count", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert watch.stderr is not None
-            with trio.fail_after(TIMEOUT):
-                assert b"watching events" in await watch.stderr.receive_some(4096)
-            client = await RawClient.connect(daemon.socket_path)
-            try:
-                await client.read(4)
-                with trio.fail_after(TIMEOUT):
-                    assert await watch.wait() == 0
-            finally:
-                client.close()
-        finally:
-            if watch.returncode is None:
-                watch.kill()
-            await watch.wait()
+        await watch_sees_one_event(daemon, ["--control", control, *alice, "watch", "--events",
+                                            events])  # fmt: skip
 
 
 # --- start-up errors in one line (point 11) -----------------------------------------------------
@@ -214,22 +190,4 @@ async def test_events_alone_moves_only_the_event_stream(start_daemon: Any, tmp_p
         line = (await daemon.wait_log("control plane on"))[0]
         assert f"ipc://{daemon.socket_path}.ctl" in line and events in line
         assert (await ctl("-S", daemon.socket_path, "status")).returncode == 0
-        watch = await trio.lowlevel.open_process(
-            [*CTL, "-S", daemon.socket_path, "watch", "--events", events, "--count", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert watch.stderr is not None
-            with trio.fail_after(TIMEOUT):
-                assert b"watching events" in await watch.stderr.receive_some(4096)
-            client = await RawClient.connect(daemon.socket_path)
-            try:
-                await client.read(4)
-                with trio.fail_after(TIMEOUT):
-                    assert await watch.wait() == 0
-            finally:
-                client.close()
-        finally:
-            if watch.returncode is None:
-                watch.kill()
-            await watch.wait()
+        await watch_sees_one_event(daemon, ["-S", daemon.socket_path, "watch", "--events", events])

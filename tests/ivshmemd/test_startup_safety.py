@@ -17,19 +17,17 @@ import trio
 
 from ivshmemd.shm import attach_posix_shm, unlink_posix_shm
 from peers.testing import unique_name
+from tests.ivshmemd.test_daemon_cli import daemon_in_background, run_daemon_cli
 from tests.rawclient import RawClient
 
 TIMEOUT = 20
 
 
-def run_daemon(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ivshmemd", *args],
-        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+run_daemon = run_daemon_cli
 
 
-def assert_one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> None:
+def one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit 1 with ``message``, and nothing like a traceback."""
     assert result.returncode == 1, result.stderr
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
@@ -65,7 +63,7 @@ async def test_second_daemon_on_the_same_socket_touches_nothing(
                 run_daemon, "-F", "-S", daemon.socket_path, "-M", shm_name, "-l", "4K",
                 "--no-control",
             )  # fmt: skip
-            assert_one_clear_line(result, f"another ivshmemd is already running on "
+            one_clear_line(result, f"another ivshmemd is already running on "
                                           f"{daemon.socket_path}")  # fmt: skip
             assert shm_size(shm_name) == 4 << 20  # not truncated to 4 KiB
             segment = attach_posix_shm(shm_name)
@@ -95,7 +93,7 @@ async def test_second_daemon_on_the_same_shm_is_refused(
         result = await trio.to_thread.run_sync(
             run_daemon, "-F", "-S", other, "-M", shm_name, "-l", "4K", "--no-control"
         )
-        assert_one_clear_line(result, f"shm {shm_name!r} is in use by another running ivshmemd")
+        one_clear_line(result, f"shm {shm_name!r} is in use by another running ivshmemd")
         assert shm_size(shm_name) == 4 << 20
         assert not os.path.exists(other)
 
@@ -113,33 +111,8 @@ def test_a_stale_lock_file_is_reused_and_a_planted_symlink_refused(
     other = tmp_path / "t.sock"
     Path(f"{other}.lock").symlink_to(victim)
     result = run_daemon("-F", "-S", str(other), "-M", shm_name)
-    assert_one_clear_line(result, "is a symlink")
+    one_clear_line(result, "is a symlink")
     assert victim.read_text() == "precious"
-
-
-class daemon_in_background:
-    """A foreground daemon started with Popen; waits for its ready line on stderr."""
-
-    def __init__(self, path: str, shm_name: str, *extra: str) -> None:
-        self.argv = [sys.executable, "-m", "ivshmemd", "-F", "-S", path, "-M", shm_name, *extra]
-
-    def __enter__(self) -> subprocess.Popen[str]:
-        self.proc = subprocess.Popen(
-            self.argv, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        if "listening on" not in line:
-            self.proc.kill()
-            raise AssertionError(f"daemon did not start: {line}{self.proc.stderr.read()}")
-        return self.proc
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 # --- point 2: symlinks, races and other files -------------------------------------------------
@@ -179,7 +152,7 @@ def test_regular_files_beside_the_socket_are_never_deleted(
     precious = Path(f"{sock}{suffix}")
     precious.write_text("precious")
     result = run_daemon("-F", "-S", str(sock), "-M", shm_name)
-    assert_one_clear_line(result, f"{precious} exists and is not a socket")
+    one_clear_line(result, f"{precious} exists and is not a socket")
     assert precious.read_text() == "precious"
     assert not sock.exists()
 
@@ -226,7 +199,7 @@ def test_a_live_pid_file_is_not_taken_over(tmp_path: Path) -> None:
         assert first.returncode == 0, first.stderr
         owner = pidfile.read_text()
         second = run_daemon("-S", str(tmp_path / "b.sock"), "-M", names[1], "-p", str(pidfile))
-        assert_one_clear_line(second, f"pid file {pidfile} is held by a running daemon "
+        one_clear_line(second, f"pid file {pidfile} is held by a running daemon "
                                       f"(pid {int(owner)})")  # fmt: skip
         assert pidfile.read_text() == owner
         assert not (tmp_path / "b.sock").exists()
@@ -251,7 +224,7 @@ def test_a_stale_pid_file_is_replaced_and_a_symlink_refused(tmp_path: Path, shm_
     victim.write_text("precious")
     pidfile.symlink_to(victim)
     result = run_daemon("-S", str(tmp_path / "b.sock"), "-M", shm_name, "-p", str(pidfile))
-    assert_one_clear_line(result, "is a symlink")
+    one_clear_line(result, "is a symlink")
     assert victim.read_text() == "precious"
     assert not (tmp_path / "b.sock").exists()
 
@@ -275,7 +248,7 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
 def test_memory_that_cannot_be_had_is_refused_at_start_up(tiny_tmpfs: Path, tmp_path: Path) -> None:
     sock = str(tmp_path / "s.sock")
     result = run_daemon("-F", "-S", sock, "-m", str(tiny_tmpfs), "-l", "4M", "--no-control")
-    assert_one_clear_line(result, "cannot reserve 4 MiB")
+    one_clear_line(result, "cannot reserve 4 MiB")
     assert "--sparse" in result.stderr
     assert list(tiny_tmpfs.iterdir()) == []
     assert not os.path.exists(sock)
@@ -336,7 +309,7 @@ def test_bad_log_files_are_one_clear_line(
     (tmp_path / "link").symlink_to(tmp_path / "victim")
     path = target.format(tmp=tmp_path)
     result = run_daemon("-F", "-S", str(tmp_path / "s.sock"), "-M", shm_name, "--log-file", path)
-    assert_one_clear_line(result, message)
+    one_clear_line(result, message)
     assert (tmp_path / "victim").read_text() == "precious"
     assert not shm_exists(shm_name)
 
