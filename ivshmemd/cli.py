@@ -70,7 +70,8 @@ EPILOG = f"""\
 sizes:
   SIZE is a byte count with an optional suffix K, M, G, T, P or E (powers of 1024), e.g.
   4096, 1M, 1.5G. It is rounded up to a power of two (and to at least 4 KiB, the smallest
-  BAR a QEMU ivshmem device accepts). Sizes above 4 GiB are fine.
+  BAR a QEMU ivshmem device accepts). Sizes above 4 GiB are fine, up to 4E. The memory is
+  reserved at start-up (see --sparse): a daemon that starts has all of it.
 
 examples:
   ivshmemd -F -S /run/ivshmem.sock -M myshm -l 16M -n 2
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         default=None,
         help="zmq endpoint of the control plane (default ipc://SOCKET.ctl beside the socket; "
-        "tcp://HOST:PORT to reach it from elsewhere)",
+        "tcp://HOST:PORT to reach it from elsewhere, with CURVE keys)",
     )
     more.add_argument(
         "--events",
