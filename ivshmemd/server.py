@@ -306,7 +306,7 @@ class IvshmemServer:
         """accept() failed with EMFILE: use the reserve fd to accept and close the newcomer."""
         self.stats.refusals += 1
         if self._reserve_fd is None:
-            self._log_refusal("out of file descriptors (limit %s)", fd_limit())
+            self._log_refusal("fds", f"out of file descriptors (limit {fd_limit()})")
             await trio.sleep(0.05)  # nothing to accept with; avoid spinning on the backlog
             self._reserve_fd = self._open_reserve()
             return
@@ -317,16 +317,16 @@ class IvshmemServer:
             sock.close()
         except OSError:
             pass
-        self._log_refusal("out of file descriptors (limit %s)", fd_limit())
+        self._log_refusal("fds", f"out of file descriptors (limit {fd_limit()})")
         self._reserve_fd = self._open_reserve()
 
-    def _log_refusal(self, why: str, *args: object) -> None:
+    def _log_refusal(self, kind: str, why: str) -> None:
         # one line per kind of refusal per second: a flood must not flood the log
-        self.refusal_log.log(why, logging.WARNING, "refused a connection: " + why, *args)
+        self.refusal_log.log(kind, logging.WARNING, "refused a connection: %s", why)
 
-    def _refuse(self, sock: socket.socket, why: str, *args: object) -> None:
+    def _refuse(self, sock: socket.socket, kind: str, why: str) -> None:
         self.stats.refusals += 1
-        self._log_refusal(why, *args)
+        self._log_refusal(kind, why)
         sock.close()
 
     def allowed(self, uid: int, gid: int, pid: int) -> str | None:
@@ -358,29 +358,29 @@ class IvshmemServer:
         try:
             pid, uid, gid = peer_credentials(sock)
         except OSError as exc:
-            self._refuse(sock, "cannot read its credentials: %s", exc.strerror)
+            self._refuse(sock, "credentials", f"cannot read its credentials: {exc.strerror}")
             return
         denial = self.allowed(uid, gid, pid)
         if denial is not None:
-            self._refuse(sock, "%s", denial)
+            self._refuse(sock, "not allowed", denial)
             return
         lack = self._lacks_room()
         if lack is not None:
-            self._refuse(sock, "%s", lack)
+            self._refuse(sock, "no room", lack)
             return
         try:
             peer_id = self.registry.reserve_id()
         except RegistryFull as exc:
-            self._refuse(sock, "%s", str(exc))
+            self._refuse(sock, "full", str(exc))
             return
         try:
             vectors = self.registry.create_vectors()
         except OSError as exc:
             if exc.errno in _FD_EXHAUSTED:
-                self._refuse(sock, "out of file descriptors (limit %s) creating eventfds",
-                             fd_limit())  # fmt: skip
+                self._refuse(sock, "fds", f"out of file descriptors (limit {fd_limit()}) "
+                             "creating eventfds")  # fmt: skip
             else:
-                self._refuse(sock, "cannot create eventfds: %s", exc.strerror)
+                self._refuse(sock, "eventfds", f"cannot create eventfds: {exc.strerror}")
             return
         peer = Peer(
             peer_id,
