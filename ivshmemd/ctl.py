@@ -112,6 +112,9 @@ _REFUSAL = (
     "the daemon refused the connection: this user is not on its allow-list, or (over "
     "tcp) the CURVE keys do not match"
 )
+#: the ZAP status of a refusal for now (the daemon has all the connections it takes)
+_ZAP_BUSY = 300
+_BUSY = "the daemon has all the control connections it takes; try again"
 
 
 def _connect(sock: zmq.Socket[bytes], endpoint: str, curve: ClientCurve | None) -> None:
@@ -143,6 +146,8 @@ def _wait_readable(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], timeout:
             from zmq.utils.monitor import recv_monitor_message
 
             event = recv_monitor_message(monitor)
+            if event["event"] & _REFUSED and event.get("value") == _ZAP_BUSY:
+                raise ControlError("busy", _BUSY)
             if event["event"] & _REFUSED:
                 raise ControlError("permission-denied", _REFUSAL)
     return False

@@ -23,7 +23,7 @@ reference-counted eventfds); the caller releases the handles this module hands b
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, NamedTuple, TypeVar
 
 from .protocol import Message
@@ -76,45 +76,87 @@ class Outbox(Generic[H]):
     def __bool__(self) -> bool:
         return self.messages > 0
 
-    def push(self, messages: Sequence[Message[H]], announces: int | None = None) -> None:
-        """Queue ``messages`` (kept by reference, not copied); ``announces`` names the peer
-        whose vectors they are, when they are its announcement."""
-        if not messages:
+    def push(
+        self, messages: Sequence[Message[H]], announces: int | None = None, start: int = 0
+    ) -> None:
+        """Queue ``messages[start:]`` (kept by reference, not copied; the first ``start``
+        were sent already). ``announces`` names the peer whose vectors they are, when they
+        are its announcement (one fd per message)."""
+        queued = len(messages) - start
+        if queued <= 0:
             return
         run = _Run(messages, announces)
+        run.cursor = start
         self._runs.append(run)
+        self.messages += queued
         if announces is not None:
             self._announced[announces] = run
-        self.messages += len(messages)
-        self.fds += sum(1 for message in messages if message.fd is not None)
+            self.fds += queued
+        else:
+            self.fds += sum(1 for message in messages[start:] if message.fd is not None)
 
     def head(self) -> Message[H] | None:
-        """The next message to send, or None."""
+        """The next message to send, or None. (Per message sent: keep it short.)"""
         runs = self._runs
         while runs:
             run = runs[0]
             if run.cursor < len(run.messages):
                 return run.messages[run.cursor]
-            self._retire(runs.popleft())
+            runs.popleft()
+            if run.announces is not None:
+                self._retire(run)
         return None
 
     def pop(self) -> Message[H]:
         """Remove the head (it was sent) and return it; its handle is now the caller's."""
-        message = self.head()
-        if message is None:
+        runs = self._runs
+        exhausted = not runs or runs[0].cursor >= len(runs[0].messages)
+        if exhausted and self.head() is None:
             raise IndexError("pop from an empty outbox")
-        run = self._runs[0]
+        run = runs[0]
+        message = run.messages[run.cursor]
         run.cursor += 1
         self.messages -= 1
         if message.fd is not None:
             self.fds -= 1
         if run.cursor == len(run.messages):
-            self._retire(self._runs.popleft())
+            runs.popleft()
+            if run.announces is not None:
+                self._retire(run)
         return message
 
+    def drain(self, send: Callable[[Message[H]], bool]) -> int:
+        """Hand the queued messages to ``send`` in order, until it returns False (that
+        message stays queued: it was not sent) or none is left. Returns how many went; their
+        handles are now the caller's. This is the daemon's per-message path: kept short."""
+        runs = self._runs
+        sent = fds = 0
+        try:
+            while runs:
+                run = runs[0]
+                messages, cursor = run.messages, run.cursor
+                end = len(messages)
+                while cursor < end:
+                    message = messages[cursor]
+                    if not send(message):
+                        run.cursor = cursor
+                        return sent
+                    cursor += 1
+                    sent += 1
+                    if message.fd is not None:
+                        fds += 1
+                run.cursor = cursor
+                runs.popleft()
+                if run.announces is not None:
+                    self._retire(run)
+            return sent
+        finally:
+            self.messages -= sent
+            self.fds -= fds
+
     def _retire(self, run: _Run[H]) -> None:
-        if run.announces is not None and self._announced.get(run.announces) is run:
-            del self._announced[run.announces]
+        if self._announced.get(run.announces) is run:  # type: ignore[arg-type]
+            del self._announced[run.announces]  # type: ignore[arg-type]
 
     def withdraw_announcement(self, peer_id: int) -> tuple[list[H], bool]:
         """``peer_id`` left: drop what is unsent of its announcement. Returns the handles

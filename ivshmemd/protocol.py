@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 __all__ = [
     "MAX_PEER_ID",
@@ -70,16 +70,11 @@ class PeerVectors(Generic[H]):
         object.__setattr__(self, "announcement", run)
 
 
-class Delivery(NamedTuple, Generic[H]):
-    """Messages for one recipient, in order. ``announces`` is the peer whose vectors they
-    are when the run is that peer's announcement (one message per vector)."""
-
-    recipient: int
-    messages: Sequence[Message[H]]
-    announces: int | None = None
-
-
-Deliveries = list[Delivery[H]]
+#: ``(recipient, messages, announces)``: messages for one recipient, in order; ``announces``
+#: is the peer whose vectors they are when the run is that peer's announcement (one message
+#: per vector), else None. (A plain tuple: joins build thousands of them.)
+Delivery: TypeAlias = tuple[int, Sequence[Message[H]], int | None]
+Deliveries: TypeAlias = list[Delivery[H]]
 
 _VERSION: Message[Any] = Message(PROTOCOL_VERSION)
 
@@ -98,18 +93,18 @@ def join_messages(
     existing = list(existing)
     p = newcomer.peer_id
     notice = newcomer.announcement
-    out: Deliveries[H] = [Delivery(p, (_VERSION, Message(p), Message(SHM_MESSAGE_VALUE, shm)))]
+    out: Deliveries[H] = [(p, (_VERSION, Message(p), Message(SHM_MESSAGE_VALUE, shm)), None)]
     if notice:
-        out.extend(Delivery(peer.peer_id, notice, p) for peer in existing)
-        out.extend(Delivery(p, peer.announcement, peer.peer_id) for peer in existing)
-        out.append(Delivery(p, notice, p))
+        out.extend([(peer.peer_id, notice, p) for peer in existing])
+        out.extend([(p, peer.announcement, peer.peer_id) for peer in existing])
+        out.append((p, notice, p))
     return out
 
 
 def leave_messages(leaver_id: int, remaining_ids: Iterable[int]) -> Deliveries[H]:
     """Messages for a leave: every remaining peer (never the leaver) gets ``leaver_id``."""
     leave: tuple[Message[H], ...] = (Message(leaver_id),)
-    return [Delivery(rid, leave) for rid in remaining_ids if rid != leaver_id]
+    return [(rid, leave, None) for rid in remaining_ids if rid != leaver_id]
 
 
 class ProtocolError(Exception):

@@ -147,21 +147,32 @@ class Connection:
     blocked: bool = False
 
     def enqueue(self, messages: Sequence[Message[SharedFd]], announces: int | None = None) -> None:
-        """Append messages (taking a reference on each fd) and send what the socket takes.
+        """Send what the socket takes now, and queue the rest (taking a reference on each
+        queued fd; ``announces`` as in :meth:`ivshmemd.outbox.Outbox.push`).
 
-        Sending happens right here, without a task switch, whenever the socket has room;
-        only a full socket wakes the connection's sender task, which waits for room (and
+        Sending happens right here, without a task switch, whenever nothing is queued
+        before and the socket has room (the common case: nothing is queued at all); only
+        a full socket wakes the connection's sender task, which waits for room (and
         disconnects the client if it takes too long). Order is kept: the outbox is a FIFO.
         """
-        was_idle = not self.outbox
-        for message in messages:
+        outbox = self.outbox
+        start = 0
+        if outbox.messages == 0 and not self.dropped:
+            if self.flight is not None:
+                self.settle()
+            send = self._send
+            for message in messages:
+                if not send(message):
+                    break
+                start += 1
+            if start == len(messages):
+                return
+        for message in messages[start:]:
             if message.fd is not None:
                 message.fd.acquire()
-        self.outbox.push(messages, announces)
-        if was_idle and not self.dropped:
-            self.flush_nowait()
-            if self.outbox:
-                self.lot.unpark_all()
+        outbox.push(messages, announces, start)
+        if not self.dropped:
+            self.lot.unpark_all()
 
     def release_outbox(self) -> None:
         """Forget unsent messages, releasing their fd references."""
@@ -178,38 +189,47 @@ class Connection:
             unread = 0
         self.flight.total -= self.ledger.settle(unread)
 
-    def flush_nowait(self) -> None:
-        """Send what the socket takes without blocking (errors are kept in ``broken``)."""
-        outbox, sendmsg, encode = self.outbox, self.sock.sendmsg, wire.encode
-        flight, ledger = self.flight, self.ledger
-        if flight is not None:
-            self.settle()
-        while (message := outbox.head()) is not None:
-            shared = message.fd
-            if shared is not None and flight is not None and flight.total >= flight.limit:
+    def _send(self, message: Message[SharedFd]) -> bool:
+        """Send one message now; False if it must wait (the socket is full, the in-flight
+        budget is spent, or the connection broke: see ``blocked`` and ``broken``)."""
+        shared, flight = message.fd, self.flight
+        if shared is not None and flight is not None and flight.total >= flight.limit:
+            self.blocked = True
+            return False
+        try:
+            # one message, one sendmsg: a unix stream socket takes all 8 bytes or none
+            if shared is None:
+                self.sock.sendmsg((wire.encode(message.value),))
+            else:
+                self.sock.sendmsg((wire.encode(message.value),), shared.ancillary)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ETOOMANYREFS:  # the user's budget, spent elsewhere
                 self.blocked = True
-                return
-            try:
-                # one message, one sendmsg: a unix stream socket takes all 8 bytes or none
-                if shared is None:
-                    sendmsg((encode(message.value),))
-                else:
-                    sendmsg((encode(message.value),), shared.ancillary)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.ETOOMANYREFS:  # the user's budget, spent elsewhere
-                    self.blocked = True
-                    return
+            else:
                 self.broken = exc
-                return
-            outbox.pop()
-            if shared is not None:
-                shared.release()
-            if ledger is not None and flight is not None:
-                ledger.record(shared is not None)
-                flight.total += shared is not None
-            self.stats.messages_sent += 1
+            return False
+        if flight is not None and self.ledger is not None:
+            self.ledger.record(shared is not None)
+            flight.total += shared is not None
+        self.stats.messages_sent += 1
+        return True
+
+    def _send_queued(self, message: Message[SharedFd]) -> bool:
+        """:meth:`_send` for a queued message, whose fd reference goes once it is sent."""
+        if not self._send(message):
+            return False
+        if message.fd is not None:
+            message.fd.release()
+        return True
+
+    def flush_nowait(self) -> None:
+        """Send what the socket takes of the queue without blocking (errors are kept in
+        ``broken``)."""
+        if self.flight is not None:
+            self.settle()
+        self.outbox.drain(self._send_queued)
 
 
 class IvshmemServer:

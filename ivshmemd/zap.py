@@ -95,10 +95,11 @@ class ZapPolicy:
     def decide(
         self, domain: bytes, mechanism: bytes, address: str, credentials: list[bytes]
     ) -> tuple[int, str, str]:
-        """``(status, text, user id)``: 200 lets the connection in, 400 refuses it."""
+        """``(status, text, user id)``: 200 lets the connection in, 400 refuses it, 300
+        refuses it for now (the socket has all the connections it takes)."""
         counter = self.counters.get(domain)
-        if counter is not None and counter.full():
-            return 400, f"too many {counter.name} connections ({counter.limit})", ""
+        if counter is not None and counter.full():  # 300: a temporary refusal
+            return 300, f"too many {counter.name} connections ({counter.limit})", ""
         if mechanism == b"NULL":
             creds = _ipc_credentials(address)
             if creds is None:

@@ -275,15 +275,15 @@ async def test_subscribers_topics_and_a_stalled_subscriber_are_bounded(
             subscribers.clear()
             # a topic that can never match is never applied (nothing is stored for it);
             # a subscriber that stops reading loses events beyond its bound and sees the gap
-            stalled = context.socket(zmq.SUB)
-            stalled.setsockopt(zmq.LINGER, 0)
-            stalled.setsockopt(zmq.RCVHWM, 1)
-            stalled.setsockopt(zmq.RCVBUF, 4096)
-            stalled.setsockopt(zmq.SUBSCRIBE, b"")
-            stalled.setsockopt(zmq.SUBSCRIBE, b"no-such-topic")
+            stalled = stalled_subscriber(context)
             subscribers.append(stalled)
             with trio.fail_after(TIMEOUT):
-                await wait_welcome(stalled, endpoint)
+                # (the closed ones must be counted out first: a refused subscriber is
+                # turned away for good, so a new one is tried until one is let in)
+                while not await wait_welcome(stalled, endpoint, 0.5):
+                    stalled.close(linger=0)
+                    stalled = stalled_subscriber(context)
+                    subscribers.append(stalled)
             cycles = EVENTS_SNDHWM  # twice as many events as it may queue
             for done in range(0, cycles, 500):  # batches within the listen backlog
                 for _ in range(500):
@@ -318,11 +318,26 @@ async def connect_and_close(path: str, data: bytes = b"") -> None:
             await sock.send(data)
 
 
-async def wait_welcome(sub: zmq.Socket[bytes], endpoint: str) -> None:
+def stalled_subscriber(context: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    """A subscriber that will not read: tiny queues, and a topic that can never match."""
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.RCVHWM, 1)
+    sub.setsockopt(zmq.RCVBUF, 4096)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.SUBSCRIBE, b"no-such-topic")
+    return sub
+
+
+async def wait_welcome(sub: zmq.Socket[bytes], endpoint: str, timeout: float) -> bool:
+    """Connect; True once the welcome arrived, False if none came within ``timeout``."""
     sub.connect(endpoint)
-    while not sub.poll(0):
-        await trio.sleep(0.01)
-    assert sub.recv_multipart() == [EVENTS_WELCOME]
+    with trio.move_on_after(timeout):
+        while not sub.poll(0):
+            await trio.sleep(0.01)
+        assert sub.recv_multipart() == [EVENTS_WELCOME]
+        return True
+    return False
 
 
 # --- hostile peers and control clients, all at once --------------------------------------------

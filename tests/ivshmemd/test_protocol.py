@@ -31,9 +31,9 @@ def test_join_message_order_for_newcomer_and_existing() -> None:
     a, b, c = _vecs(0, 2), _vecs(1, 2), _vecs(2, 2)
     outbox = join_messages(c, [a, b], "shm")
     # QEMU's order across recipients: greeting, the notices to the others, then the rest
-    assert [d.recipient for d in outbox] == [2, 0, 1, 2, 2, 2]
+    assert [recipient for recipient, _, _ in outbox] == [2, 0, 1, 2, 2, 2]
     # each announcement says whose vectors it carries (so a queue can withdraw it)
-    assert [d.announces for d in outbox] == [None, 2, 2, 0, 1, 2]
+    assert [announces for _, _, announces in outbox] == [None, 2, 2, 0, 1, 2]
     merged: dict[int, list[Message[str]]] = {}
     for recipient, messages, _announces in outbox:
         merged.setdefault(recipient, []).extend(messages)
