@@ -4,11 +4,12 @@ usage error instead of a traceback deep inside."""
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 from .sizes import SizeError, parse_size
 
-__all__ = ["int_in", "positive_float", "positive_int", "positive_size", "size"]
+__all__ = ["int_in", "positive_int", "positive_size", "seconds", "size"]
 
 
 def positive_int(text: str) -> int:
@@ -37,15 +38,23 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def positive_float(text: str) -> float:
-    """A number > 0 (seconds, for instance)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+def seconds(*, zero: bool = False) -> Callable[[str], float]:
+    """An argparse type for a finite number of seconds, > 0 (>= 0 with ``zero``, for a wait
+    that may be none); ``nan`` and ``inf`` are refused like any other bad value."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            least = ">= 0" if zero else "> 0"
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number of seconds {least}: {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def size(text: str) -> int:

@@ -38,7 +38,7 @@ from .supervise import (
 )
 
 
-def _connect(path: str) -> socket.socket:
+def connect(path: str) -> socket.socket:
     """A raw, non-blocking client connection to the daemon."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
@@ -46,7 +46,7 @@ def _connect(path: str) -> socket.socket:
     return sock
 
 
-async def _read_values(sock: socket.socket, count: int) -> list[int]:
+async def read_values(sock: socket.socket, count: int) -> list[int]:
     """Read ``count`` messages, closing their fds at once; their values, in order."""
     values: list[int] = []
     while len(values) < count:
@@ -63,14 +63,14 @@ async def _read_values(sock: socket.socket, count: int) -> list[int]:
     return values
 
 
-def _report(event: str) -> None:
-    """A worker's event line for the supervisor."""
-    sys.stdout.write(json.dumps({"event": event}) + "\n")
+def worker_event(event: str, **fields: Any) -> None:
+    """A benchmark worker's event line (JSON) for its supervisor."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
 
 
 async def _worker(path: str, count: int, vectors: int, total: int) -> None:
-    _report("ready")
+    worker_event("ready")
     await trio.lowlevel.FdStream(os.dup(0)).receive_some(16)  # "go"
 
     done = trio.Event()
@@ -78,9 +78,9 @@ async def _worker(path: str, count: int, vectors: int, total: int) -> None:
 
     async def tracked() -> None:
         nonlocal remaining
-        sock = _connect(path)
+        sock = connect(path)
         try:
-            await _read_values(sock, 3 + vectors * total)
+            await read_values(sock, 3 + vectors * total)
             remaining -= 1
             if remaining == 0:
                 done.set()
@@ -93,7 +93,7 @@ async def _worker(path: str, count: int, vectors: int, total: int) -> None:
             nursery.start_soon(tracked)
             await trio.sleep(0)
         await done.wait()
-        _report("done")
+        worker_event("done")
         await trio.lowlevel.FdStream(os.dup(0)).receive_some(16)  # "stop", or EOF
         nursery.cancel_scope.cancel()
 
@@ -160,23 +160,23 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
 async def _churn(path: str, cycles: int, pid: int) -> dict[str, Any]:
     observers: list[socket.socket] = []
     for index in range(2):
-        sock = _connect(path)
-        await _read_values(sock, 3 + index + 1)
+        sock = connect(path)
+        await read_values(sock, 3 + index + 1)
         for other in observers:
-            await _read_values(other, 1)
+            await read_values(other, 1)
         observers.append(sock)
     fds_before = fd_count(pid)
     rss_before = rss_bytes(pid)
     seen: list[list[int]] = [[], []]
     start = time.perf_counter()
     for _ in range(cycles):
-        churner = _connect(path)
-        await _read_values(churner, 3 + 3)
+        churner = connect(path)
+        await read_values(churner, 3 + 3)
         for index, obs in enumerate(observers):
-            seen[index].extend(await _read_values(obs, 1))
+            seen[index].extend(await read_values(obs, 1))
         churner.close()
         for index, obs in enumerate(observers):
-            seen[index].extend(await _read_values(obs, 1))
+            seen[index].extend(await read_values(obs, 1))
     elapsed = time.perf_counter() - start
     expected = [peer for peer in range(2, 2 + cycles) for _ in range(2)]
     complete = all(s == expected for s in seen)

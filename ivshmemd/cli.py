@@ -9,10 +9,7 @@ clear line and exit 1 (as QEMU's server does), never a traceback.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
-import logging.handlers
-import os
 import resource
 import signal
 import sys
@@ -22,32 +19,32 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .activation import ActivationError, adopt_unix_listener
-from .argtypes import positive_float, positive_int, size
+from . import __version__, signals
+from .access import AllowList
+from .activation import ActivationError
+from .argtypes import positive_int, seconds, size
 from .control import (
+    ControlAccess,
     ControlSetupError,
-    Credentials,
     EventPublisher,
     default_control_endpoint,
     default_events_endpoint,
     events_endpoint_for,
-    serve_control,
+    tcp_needs_curve,
 )
-from .controlview import DaemonControlView
-from .daemon import daemonize, write_pidfile
-from .listener import Listener, ListenerError, bind_listener, parse_group
+from .controlproc import ControlConfig, ControlProcess
+from .controlview import DaemonControlView, state_lines
+from .curve import CurveKeyError, server_keys
+from .daemon import PidFileError, daemonize
+from .daemonlog import LogSetupError, LogTarget, configure_logging
+from .errors import one_line, unwrap
+from .inflight import budget_for
+from .listener import ListenerError, parse_group
 from .protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
+from .resources import DaemonResources, StartupError
 from .sdnotify import SystemdNotifier
-from .server import IvshmemServer, ServerConfig
-from .shm import (
-    MIN_SHM_SIZE,
-    SharedMemoryError,
-    SharedMemoryRegion,
-    open_posix_shm,
-    open_shm_in_dir,
-    unlink_posix_shm,
-)
+from .server import IvshmemServer, ServerConfig, fd_limit
+from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegion
 from .sizes import round_shm_size
 
 __all__ = ["main", "parse_args"]
@@ -68,11 +65,12 @@ ivshmem-doorbell,chardev=...) or emulated peer that connects to its unix socket,
 every peer when another joins or leaves, so that they can ring each other's doorbells.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 sizes:
   SIZE is a byte count with an optional suffix K, M, G, T, P or E (powers of 1024), e.g.
   4096, 1M, 1.5G. It is rounded up to a power of two (and to at least 4 KiB, the smallest
-  BAR a QEMU ivshmem device accepts). Sizes above 4 GiB are fine.
+  BAR a QEMU ivshmem device accepts). Sizes above 4 GiB are fine, up to 4E. The memory is
+  reserved at start-up (see --sparse): a daemon that starts has all of it.
 
 examples:
   ivshmemd -F -S /run/ivshmem.sock -M myshm -l 16M -n 2
@@ -82,9 +80,7 @@ examples:
       daemonize (returns once the socket is listening), memory from hugetlbfs
 
 signals:
-  SIGTERM and SIGINT free every peer (the others are told), remove the socket and, with -M,
-  unlink the shared memory unless --keep-shm is given.
-
+{signals.describe()}
 exit status:
   0 after a clean shutdown, 1 on bad arguments or a start-up failure (one line says why).
 """
@@ -126,6 +122,18 @@ def _vectors(text: str) -> int:
         raise argparse.ArgumentTypeError(f"cannot parse n_vectors {text!r}")
     if value > MAX_VECTORS:
         raise argparse.ArgumentTypeError(f"too many requested vectors (max is {MAX_VECTORS})")
+    return value
+
+
+def _shm_size(text: str) -> int:
+    """A :func:`~ivshmemd.argtypes.size` whose power-of-two rounding still fits a file
+    offset (``-l 8E`` would otherwise overflow deep inside, after creating the object)."""
+    value = size(text)
+    if round_shm_size(value, MIN_SHM_SIZE) > MAX_SHM_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is too large: it rounds up to a power of two above 4E "
+            f"({MAX_SHM_SIZE} bytes), the largest a file offset can hold"
+        )
     return value
 
 
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-l",
         "--size",
         metavar="SIZE",
-        type=size,
+        type=_shm_size,
         default=DEFAULT_SIZE,
         help="size of the shared memory (default 4M); see 'sizes' below",
     )
@@ -242,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     more = p.add_argument_group("more options")
     more.add_argument(
         "--keep-shm", action="store_true", help="do not unlink the -M shared memory on shutdown"
+    )
+    more.add_argument(
+        "--sparse",
+        action="store_true",
+        help="do not reserve the shared memory at start-up (default: reserve it with "
+        "posix_fallocate and refuse to start if it cannot be had); for huge, mostly "
+        "untouched regions, at a risk: if the filesystem fills up, a peer dies of SIGBUS "
+        "when it touches a page that cannot be had",
     )
     more.add_argument(
         "--max-peers",
@@ -261,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument(
         "--send-timeout",
         metavar="SECONDS",
-        type=positive_float,
+        type=seconds(),
         default=DEFAULT_SEND_TIMEOUT,
         help="disconnect a peer that reads none of its pending messages for this "
         f"long (default {DEFAULT_SEND_TIMEOUT:g})",
@@ -301,13 +317,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENDPOINT",
         default=None,
         help="zmq endpoint of the control plane (default ipc://SOCKET.ctl beside the socket; "
-        "tcp://HOST:PORT to reach it from elsewhere)",
+        "tcp://HOST:PORT to reach it from elsewhere, with CURVE keys)",
     )
     more.add_argument(
         "--events",
         metavar="ENDPOINT",
         default=None,
-        help="zmq endpoint of the event stream (default: beside --control)",
+        help="zmq endpoint of the event stream (default: beside the control endpoint; "
+        "without --control, requests stay at ipc://SOCKET.ctl and only the events move)",
+    )
+    more.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        default=None,
+        help="the daemon's CURVE key pair (a zmq.auth *.key_secret file); tcp control and "
+        "events endpoints are served only with CURVE",
+    )
+    more.add_argument(
+        "--curve-clients",
+        metavar="DIR",
+        default=None,
+        help="directory of the public CURVE certificates (*.key) of the clients allowed over tcp",
     )
     more.add_argument(
         "--no-control",
@@ -318,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-file",
         metavar="FILE",
         default=None,
-        help="append log lines to FILE (default: stderr, or syslog when daemonized)",
+        help="append log lines to FILE, reopened on SIGHUP (default: stderr; daemonized: "
+        "syslog, or SOCKET.log in the runtime directory where there is no /dev/log)",
     )
     more.add_argument("--version", action="version", version=f"ivshmemd {__version__}")
     p.set_defaults(shm=_ShmChoice("posix", DEFAULT_SHM_NAME))
@@ -329,6 +360,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line (exits 1 with a message on bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.no_control and (args.control or args.events):
+        parser.error("--no-control contradicts --control/--events")
+    args.curve_keys = None
+    if bool(args.curve_secret_key) != bool(args.curve_clients):
+        parser.error("--curve-secret-key and --curve-clients go together")
+    if args.curve_secret_key:
+        try:
+            args.curve_keys = server_keys(args.curve_secret_key, args.curve_clients)
+        except CurveKeyError as exc:
+            parser.error(str(exc))
+    try:
+        endpoints = [ep for ep in _control_endpoints(args) if ep is not None]
+    except ValueError as exc:  # no events endpoint can be derived from --control
+        parser.error(f"{exc} (--events ENDPOINT)")
+    problem = tcp_needs_curve(endpoints, ControlAccess(curve=args.curve_keys))
+    if problem is not None:
+        parser.error(problem)
     if args.socket_group is not None:
         try:
             args.socket_group_id = parse_group(args.socket_group)
@@ -337,25 +385,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     else:
         args.socket_group_id = None
     return args
-
-
-def _configure_logging(args: argparse.Namespace, daemonized: bool) -> None:
-    level = logging.DEBUG if args.verbose else logging.INFO
-    handler: logging.Handler
-    if args.log_file:
-        handler = logging.FileHandler(args.log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s ivshmemd[%(process)d]: %(message)s"))
-    elif daemonized and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("ivshmemd[%(process)d]: %(message)s"))
-    elif daemonized:
-        handler = logging.NullHandler()
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("ivshmemd: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
 
 
 def _raise_fd_limit() -> None:
@@ -369,19 +398,16 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def _open_shm(args: argparse.Namespace, size: int) -> SharedMemoryRegion:
-    if args.shm.kind == "dir":
-        return open_shm_in_dir(args.shm.value, size)
-    return open_posix_shm(args.shm.value, size)
-
-
 def _control_endpoints(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """Where the control plane listens: beside the socket, an explicit endpoint, or nowhere."""
+    """Where the control plane listens: beside the socket, an explicit endpoint, or nowhere.
+    ``--events`` alone moves only the event stream (requests stay beside the socket)."""
     if args.no_control:
         return None, None
     if args.control:
         return args.control, args.events or events_endpoint_for(args.control)
-    return default_control_endpoint(args.socket), default_events_endpoint(args.socket)
+    return default_control_endpoint(args.socket), args.events or default_events_endpoint(
+        args.socket
+    )
 
 
 async def _run(
@@ -389,6 +415,7 @@ async def _run(
     describe: str,
     report: Callable[[str | None], None] | None,
     args: argparse.Namespace,
+    logs: LogTarget,
 ) -> None:
     notifier = SystemdNotifier()
     publisher = EventPublisher()
@@ -398,122 +425,171 @@ async def _run(
         notifier.status(f"{len(server.connections)} peers connected")
 
     server.listeners.append(report_peer_count)
-
-    def authorize(creds: Credentials | None) -> str | None:
-        if creds is None:  # tcp: no credentials; kick is refused there anyway
-            return None
-        return server.allowed(creds.uid, creds.gid, creds.pid)
-
     control, events = _control_endpoints(args)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*signals.HANDLED) as received:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            process: ControlProcess | None = None
             if control is not None and events is not None:
-                await nursery.start(
-                    functools.partial(
-                        serve_control,
-                        DaemonControlView(server, args.socket),
-                        control,
-                        events,
-                        publisher,
-                        socket_mode=args.socket_mode,
-                        socket_gid=args.socket_group_id,
-                        authorize=authorize,
-                    )
-                )
-                log.debug("control plane on %s, events on %s", control, events)
+                config = ControlConfig(
+                    control=control, events=events, socket_mode=args.socket_mode,
+                    socket_gid=args.socket_group_id, allow=server.config.allow,
+                    curve=args.curve_keys, verbose=args.verbose,
+                )  # fmt: skip
+                process = ControlProcess(config, DaemonControlView(server, args.socket), publisher)
+                bound = await nursery.start(process.run)
+                control, events = bound.control, bound.events
             log.info("%s", describe)
+            if control is not None:
+                explicit = args.control is not None or args.events is not None
+                log.log(
+                    logging.INFO if explicit else logging.DEBUG,
+                    "control plane on %s, events on %s", control, events,
+                )  # fmt: skip
             notifier.ready("0 peers connected")
             if report is not None:
                 report(None)
-            async for signum in signals:
-                log.info("%s received, shutting down", signal.Signals(signum).name)
-                notifier.stopping()
-                nursery.cancel_scope.cancel()
-                break
+            async for signum in received:
+                if signum in signals.STOP:
+                    log.info("%s received, shutting down", signals.name(signum))
+                    notifier.stopping()
+                    nursery.cancel_scope.cancel()
+                    break
+                _on_signal(signum, server, process, logs)
+
+
+def _on_signal(
+    signum: int, server: IvshmemServer, process: ControlProcess | None, logs: LogTarget
+) -> None:
+    """SIGHUP, SIGUSR1, SIGUSR2: see ivshmemd.signals."""
+    if signum == signal.SIGHUP:
+        try:
+            log.info("SIGHUP: %s", logs.reopen())
+        except LogSetupError as exc:
+            log.error("SIGHUP: %s; still logging to the old file", exc)
+    elif signum == signal.SIGUSR1:
+        pid, restarts = (None, 0) if process is None else (process.pid, process.restarts)
+        for line in state_lines(server, pid, restarts):
+            log.info("%s", line)
+    else:
+        log.warning(
+            "%s is reserved for the zero-loss restart, which this version does not do: "
+            "ignored", signals.name(signum),
+        )  # fmt: skip
+
+
+#: fds a daemon holds before its first peer (stdio, lock, shm, socket, pid file, log,
+#: trio, the control plane's link), measured, with room to spare
+BASE_FDS = 32
+#: fds kept free while serving, for the daemon's own needs (restarting its control plane)
+FD_RESERVE = 16
+
+
+def minimum_fds(vectors: int) -> int:
+    """The smallest RLIMIT_NOFILE with which the daemon can serve one peer."""
+    return BASE_FDS + FD_RESERVE + 1 + vectors
+
+
+def _check_fd_limit(vectors: int) -> str | None:
+    needed, limit = minimum_fds(vectors), fd_limit()
+    if limit >= needed:
+        return None
+    return (
+        f"too few file descriptors: with -n {vectors} the daemon needs at least {needed} "
+        f"(RLIMIT_NOFILE is {limit}); raise it (ulimit -n, LimitNOFILE=) or use fewer vectors"
+    )
+
+
+def _start(args: argparse.Namespace, held: DaemonResources, size: int) -> None:
+    """Take the lock, the shm and the socket, in that order (see ivshmemd.resources)."""
+    held.take_lock(args.socket)
+    held.open_shm(args.shm.kind, args.shm.value, size, sparse=args.sparse)
+    held.listen(args.socket, args.socket_mode, args.socket_group_id)
+
+
+def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
+    where = shm.path if shm.name is None else f"{shm.name!r}"
+    reserved = "sparse" if args.sparse else "reserved"
+    return (
+        f"listening on {args.socket} (shm {where}, {shm.size} bytes {reserved}, "
+        f"{args.vectors} vectors per peer)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ivshmemd`` console script."""
     args = parse_args(argv)
     daemonized = not args.foreground
-    _configure_logging(args, daemonized=False)
+    try:
+        target = configure_logging(
+            log, verbose=args.verbose, log_file=args.log_file, daemonized=False,
+            socket_path=args.socket,
+        )  # fmt: skip
+    except LogSetupError as exc:
+        print(f"ivshmemd: {exc}", file=sys.stderr)
+        return 1
     _raise_fd_limit()
+    problem = _check_fd_limit(args.vectors)
+    if problem is not None:
+        log.error("%s", problem)
+        return 1
     size = round_shm_size(args.size, MIN_SHM_SIZE)
     if size != args.size:
         log.debug("size %d rounded up to %d", args.size, size)
-    shm: SharedMemoryRegion | None = None
-    listener: Listener | None = None
+    if args.sparse:
+        log.warning(
+            "--sparse: the shared memory is not reserved; if its filesystem fills up, "
+            "peers die of SIGBUS when they touch a page that cannot be had"
+        )
+    held = DaemonResources()
+    report: Callable[[str | None], None] | None = None
     try:
-        shm = _open_shm(args, size)
-        adopted = adopt_unix_listener()
-        if adopted is not None:
-            listener = Listener(adopted, None)
-        else:
-            listener = bind_listener(args.socket, args.socket_mode, args.socket_group_id)
-    except (SharedMemoryError, ListenerError, ActivationError) as exc:
+        _start(args, held, size)
+        if daemonized:
+            report = daemonize(None)
+            if not args.log_file:
+                target = configure_logging(
+                    log, verbose=args.verbose, log_file=None, daemonized=True,
+                    socket_path=args.socket,
+                )  # fmt: skip
+            held.write_pidfile(args.pidfile)
+    except (
+        StartupError, SharedMemoryError, ListenerError, ActivationError, LogSetupError,
+        PidFileError,
+    ) as exc:  # fmt: skip
         log.error("%s", exc)
-        _cleanup(args, shm, listener, remove_pidfile=False)
+        if report is not None:
+            report(str(exc))
+        held.release(keep_shm=args.keep_shm)
         return 1
-
-    report = None
-    if daemonized:
-        log_fd = None
-        report = daemonize(log_fd)
-        _configure_logging(args, daemonized=True)
-        try:
-            write_pidfile(args.pidfile)
-        except OSError as exc:
-            report(f"cannot write pid file {args.pidfile}: {exc.strerror}")
-            _cleanup(args, shm, listener, remove_pidfile=False)
-            return 1
-
+    assert held.shm is not None and held.listener is not None
+    log.debug("logging to %s", target.description)
     config = ServerConfig(
         n_vectors=args.vectors,
         max_peers=args.max_peers,
         peer_ids=args.peer_ids,
         send_timeout=args.send_timeout,
-        allow_uids=frozenset(args.allow_uid),
-        allow_gids=frozenset(args.allow_gid),
+        allow=AllowList(frozenset(args.allow_uid), frozenset(args.allow_gid)),
+        fd_reserve=FD_RESERVE,
+        flight=budget_for(fd_limit(), args.vectors),
     )
-    server = IvshmemServer(listener.sock, shm, config)
-    where = shm.path if shm.name is None else f"{shm.name!r}"
-    describe = (
-        f"listening on {args.socket} (shm {where}, {shm.size} bytes, "
-        f"{args.vectors} vectors per peer)"
-    )
+    server = IvshmemServer(held.listener.sock, held.shm, config)
+    held.serving = True
     try:
-        trio.run(_run, server, describe, report, args)
-    except ControlSetupError as exc:
-        log.error("%s", exc)
-        if report is not None:
-            report(str(exc))
-        return 1
-    except Exception as exc:  # an unexpected failure: say it in one line, still clean up
-        log.error("fatal: %s: %s", type(exc).__name__, exc)
-        if report is not None:
-            report(f"fatal: {exc}")
-        return 1
+        trio.run(_run, server, _describe(args, held.shm), report, args, target)
+    except BaseException as exc:  # one line, whatever trio wrapped it in; still clean up
+        leaf = unwrap(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            log.info("interrupted, shutting down")
+        else:
+            message = one_line(leaf)
+            if not isinstance(leaf, ControlSetupError):
+                message = f"fatal: {type(leaf).__name__}: {message}"
+            log.error("%s", message)
+            if report is not None:
+                report(message)
+            return 1
     finally:
-        _cleanup(args, shm, listener, remove_pidfile=daemonized)
+        held.release(keep_shm=args.keep_shm)
     log.info("shut down")
     return 0
-
-
-def _cleanup(
-    args: argparse.Namespace,
-    shm: SharedMemoryRegion | None,
-    listener: Listener | None,
-    remove_pidfile: bool,
-) -> None:
-    if listener is not None:
-        listener.close()
-    if shm is not None:
-        shm.close()
-        if shm.name is not None and not args.keep_shm:
-            unlink_posix_shm(shm.name)
-    if remove_pidfile:
-        try:
-            os.unlink(args.pidfile)
-        except OSError:
-            pass

@@ -21,31 +21,50 @@ Wire format (schema version 1, every message a msgpack map)::
 The events socket is an XPUB that greets every new subscriber with the one-frame message
 :data:`EVENTS_WELCOME`, so a subscriber knows when its subscription is live.
 
-Resources and errors: a bad request (not msgpack, not a map, wrong types, unknown command,
-larger than :data:`MAX_REQUEST_BYTES`) gets an error reply; requests beyond
-:data:`HARD_MAX_MESSAGE_BYTES` make libzmq drop that client's connection. Replies and events
-are sent with NOBLOCK and dropped, never waited on, when a client is slow or gone, so no
-client can stall the daemon. Access: the ipc socket files get mode 0600 unless told otherwise,
-each request's SO_PEERCRED credentials are read from the zmq ``Peer-Address`` metadata, and
-``kick`` needs the daemon's uid or root.
+Resources and errors: a bad request (not msgpack, not a map, keys that are not strings,
+wrong types, unknown command, larger than :data:`MAX_REQUEST_BYTES`) gets an error reply with
+a code; requests beyond :data:`HARD_MAX_MESSAGE_BYTES` make libzmq drop that client's
+connection. Replies and events are sent with NOBLOCK and dropped, never waited on, when a
+client is slow or gone, so no client can stall the daemon; what a client can make the
+server hold is bounded (:class:`ControlLimits`: connections, queued requests, replies and
+events per client, subscriptions applied only for topics that exist).
+
+Access (:class:`ControlAccess`, enforced per connection by the ZAP handler of
+:mod:`ivshmemd.zap`, on both sockets): the ipc socket files get mode 0600 unless told
+otherwise, the allow-lists judge each client's SO_PEERCRED credentials, tcp is served only
+with CURVE and authorised client keys, and ``kick`` needs the daemon's uid or root (read
+from the zmq ``Peer-Address`` metadata of each request, so never over tcp).
+
+In the daemon, :func:`serve_control` runs in a process of its own (:mod:`ivshmemd.controlproc`),
+so that nothing libzmq does (it aborts its process when it runs out of file descriptors
+while accepting a connection) can take the daemon down.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import msgpack
 import trio
 import zmq
+from zmq.utils import z85
 
 from ivshmemd.protocol import MAX_PEER_ID
+from ivshmemd.sockpath import SUN_PATH_MAX, SocketPathError, place_socket, unlink_if_ours
+from ivshmemd.zap import (
+    ConnectionCounter,
+    ZapPolicy,
+    bind_handler,
+    serve_zap,
+    watch_connections,
+)
+from ivshmemd.zap import monitor as zap_monitor
 from ivshmemd.zmqtrio import TrioSocket
 
 __all__ = [
@@ -53,15 +72,19 @@ __all__ = [
     "EVENTS_WELCOME",
     "MAX_REQUEST_BYTES",
     "SCHEMA_VERSION",
+    "ControlAccess",
     "ControlEndpoints",
     "ControlError",
+    "ControlLimits",
     "ControlSetupError",
     "ControlView",
     "Credentials",
+    "CurveKeys",
     "ErrorCode",
     "Event",
     "EventPublisher",
     "ProtocolError",
+    "RequestHandler",
     "SequenceTracker",
     "decode_event",
     "decode_reply",
@@ -70,8 +93,12 @@ __all__ = [
     "encode_request",
     "events_endpoint_for",
     "handle_request",
+    "ipc_path",
+    "local_handler",
     "parse_peer_address",
     "serve_control",
+    "subscribable",
+    "tcp_needs_curve",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,11 +111,11 @@ HARD_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Events kept for the publisher task before the oldest are dropped (and counted).
 MAX_PENDING_EVENTS: Final = 65536
 #: Per-subscriber queue in the daemon; a subscriber further behind loses events (seq gap).
-EVENTS_SNDHWM: Final = 100_000
+#: Enough for a burst of thousands of joins to reach a subscriber that reads; a subscriber
+#: that stops reading costs at most this many events (about 1 MiB) plus socket buffers.
+EVENTS_SNDHWM: Final = 10_000
 #: The one-frame message every new events subscriber receives first.
 EVENTS_WELCOME: Final = b"ivshmem-events-v1"
-#: Longest path that fits in sockaddr_un.sun_path (108 bytes with the NUL).
-MAX_IPC_PATH: Final = 107
 
 COMMANDS: Final = ("status", "peers", "kick", "stats")
 EVENT_KINDS: Final = ("peer-joined", "peer-left")
@@ -181,7 +208,7 @@ def events_endpoint_for(control_endpoint: str) -> str:
     )
 
 
-def _ipc_path(endpoint: str) -> str | None:
+def ipc_path(endpoint: str) -> str | None:
     """The filesystem path of an ``ipc://`` endpoint; None for abstract or non-ipc ones."""
     if not endpoint.startswith("ipc://"):
         return None
@@ -253,6 +280,16 @@ class _BadRequest(Exception):
         self.message = message
 
 
+def _string_keys(mapping: Mapping[Any, Any], where: str) -> None:
+    """A map whose keys are not all text (msgpack also has bytes keys) is a bad request,
+    refused before anything compares or sorts its keys."""
+    odd = [key for key in mapping if not isinstance(key, str)]
+    if odd:
+        raise _BadRequest(
+            ErrorCode.BAD_REQUEST, f"{where} keys must be strings, got {odd[0]!r:.40}"
+        )
+
+
 def _no_args(args: Mapping[str, Any]) -> None:
     if args:
         raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(args)}")
@@ -286,6 +323,7 @@ def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
         raise _BadRequest(
             ErrorCode.BAD_REQUEST, f"request must be a map, not {type(request).__name__}"
         )
+    _string_keys(request, "request")
     version = request.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
         raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs an integer schema version 'v'")
@@ -307,6 +345,7 @@ def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
         args = {}
     if not isinstance(args, dict):
         raise _BadRequest(ErrorCode.BAD_ARGS, "'args' must be a map")
+    _string_keys(args, "'args'")
     unknown = set(request) - {"v", "cmd", "args"}
     if unknown:
         raise _BadRequest(ErrorCode.BAD_REQUEST, f"unknown request fields: {sorted(unknown)}")
@@ -355,8 +394,9 @@ def handle_request(raw: bytes, view: ControlView, requester_uid: int | None) -> 
         return _ok(result)
     except _BadRequest as bad:
         return _error(bad.code, bad.message)
-    except Exception as exc:
-        log.exception("control request failed inside the daemon")
+    except Exception as exc:  # one line for the operator; the traceback only with -v
+        log.error("control request failed inside the daemon: %s: %s", type(exc).__name__, exc)
+        log.debug("control request failure", exc_info=True)
         return _error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
@@ -477,12 +517,17 @@ class EventPublisher:
             raise ValueError(f"unknown event kind {kind!r}")
         self._seq += 1
         event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason)
+        self.forward(event)
+        return event
+
+    def forward(self, event: Event) -> None:
+        """Queue an event stamped elsewhere (the control process relays the daemon's)."""
+        self._seq = max(self._seq, event.seq)
         if len(self._pending) >= self._max_pending:
             self._pending.popleft()
             self.dropped += 1
         self._pending.append(event)
         self._lot.unpark_all()
-        return event
 
     def peer_joined(self, peer_id: int, vectors: int) -> Event:
         return self.publish("peer-joined", peer_id, vectors)
@@ -554,46 +599,114 @@ class ControlEndpoints:
     events: str
 
 
-#: Returns None to let the request through, or the reason for refusing it.
-Authorizer = Callable[[Credentials | None], str | None]
+@dataclasses.dataclass(frozen=True)
+class CurveKeys:
+    """CURVE for tcp endpoints: the server's key pair and the authorised client public keys
+    (all z85-encoded, as ``zmq.auth`` certificate files hold them)."""
+
+    public: bytes
+    secret: bytes
+    clients: frozenset[bytes]
 
 
-@contextlib.contextmanager
-def _umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
+@dataclasses.dataclass(frozen=True)
+class ControlAccess:
+    """Who may connect (checked once per connection, during the handshake, by the ZAP
+    handler of :mod:`ivshmemd.zap`): over ipc, ``allow`` judges the client's credentials
+    (None: anyone who can open the socket file); over tcp, only CURVE clients whose key is
+    in ``curve.clients``. Without ``curve``, tcp endpoints are refused at start-up."""
+
+    allow: Callable[[Credentials], str | None] | None = None
+    curve: CurveKeys | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlLimits:
+    """Bounds on what clients can make the control plane hold."""
+
+    #: live connections to the request socket / to the events socket
+    max_clients: int = 64
+    max_subscribers: int = 32
+    #: replies queued per client; requests queued per client
+    reply_hwm: int = 16
+    request_hwm: int = 16
+    #: events queued per subscriber (beyond, it loses events and sees the seq gap)
+    events_hwm: int = EVENTS_SNDHWM
+
+
+#: Returns the reply to one request: ``handler(raw request, credentials or None)``.
+RequestHandler = Callable[[bytes, Credentials | None], Awaitable[bytes]]
+
+_CONTROL_DOMAIN: Final = b"ivshmemd-control"
+_EVENTS_DOMAIN: Final = b"ivshmemd-events"
+
+
+def tcp_needs_curve(endpoints: Iterable[str], access: ControlAccess | None) -> str | None:
+    """Why these endpoints cannot be served with this access (tcp without CURVE), or None."""
+    tcp = [ep for ep in endpoints if ep.startswith("tcp://")]
+    if tcp and (access is None or access.curve is None):
+        return (
+            f"{tcp[0]}: tcp carries no client credentials, so the control plane serves tcp "
+            "only with CURVE authentication (--curve-secret-key and --curve-clients)"
+        )
+    return None
 
 
 def _bind(
-    sock: zmq.Socket[Any], endpoint: str, mode: int, gid: int | None, created: set[str]
+    sock: zmq.Socket[Any],
+    endpoint: str,
+    mode: int,
+    gid: int | None,
+    created: dict[str, tuple[int, int]],
 ) -> str:
-    """Bind, with an ipc socket file created 0600 and then given ``mode``/``gid``; records
-    the files it creates in ``created`` (for removal on exit)."""
-    path = _ipc_path(endpoint)
-    if path is not None and len(os.fsencode(path)) > MAX_IPC_PATH:
+    """Bind ``endpoint``; an ipc socket file is placed race-free with ``mode``/``gid``
+    (:func:`ivshmemd.sockpath.place_socket`: libzmq never unlinks anything at the public
+    path, and only a stale socket there is replaced). Records the files it creates in
+    ``created`` (path -> identity, for removal on exit). Returns the bound endpoint."""
+    path = ipc_path(endpoint)
+    if path is not None and len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ControlSetupError(
-            f"ipc path {path!r} is longer than {MAX_IPC_PATH} bytes (a unix socket limit); "
+            f"ipc path {path!r} is longer than {SUN_PATH_MAX} bytes (a unix socket limit); "
             "use a shorter socket path or an explicit endpoint"
         )
     try:
-        # Created 0600 from the start: no window in which others could connect.
-        with _umask(0o177):
+        if path is None:
             sock.bind(endpoint)
+            bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            return bound
+        created[path] = place_socket(
+            path, lambda private: sock.bind(f"ipc://{private}"), mode, gid, "control socket"
+        )
+        return endpoint
     except zmq.ZMQError as exc:
         raise ControlSetupError(f"cannot bind {endpoint}: {exc}") from None
-    if path is not None:
-        created.add(path)
-        try:
-            os.chmod(path, mode)
-            if gid is not None:
-                os.chown(path, -1, gid)
-        except OSError as exc:
-            raise ControlSetupError(f"cannot set mode/group of {path}: {exc}") from None
-    bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return bound
+    except SocketPathError as exc:
+        raise ControlSetupError(str(exc)) from None
+    except OSError as exc:
+        raise ControlSetupError(f"cannot bind {endpoint}: {exc.strerror or exc}") from None
+
+
+def _secure(sock: zmq.Socket[Any], endpoint: str, domain: bytes, access: ControlAccess) -> None:
+    """Every connection goes through the ZAP handler (none is let in unasked: the domain
+    is enforced); tcp ones must speak CURVE."""
+    sock.setsockopt(zmq.ZAP_DOMAIN, domain)
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    if endpoint.startswith("tcp://") and access.curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, access.curve.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, access.curve.secret)
+
+
+def _zap_policy(access: ControlAccess, counters: dict[bytes, ConnectionCounter]) -> ZapPolicy:
+    allow = access.allow
+
+    def judge(uid: int, gid: int, pid: int) -> str | None:
+        return None if allow is None else allow(Credentials(pid=pid, uid=uid, gid=gid))
+
+    clients = None
+    if access.curve is not None:
+        clients = frozenset(z85.decode(key) for key in access.curve.clients)
+    return ZapPolicy(allow=judge, curve_clients=clients, counters=counters)
 
 
 def _split_envelope(frames: list[zmq.Frame]) -> tuple[list[bytes], list[zmq.Frame]]:
@@ -605,41 +718,77 @@ def _split_envelope(frames: list[zmq.Frame]) -> tuple[list[bytes], list[zmq.Fram
     return [frames[0].bytes], frames[1:]
 
 
-def _check_authorized(authorize: Authorizer | None, creds: Credentials | None) -> str | None:
-    """The hook's verdict; a hook that fails refuses (and never takes the server down)."""
-    if authorize is None:
-        return None
-    try:
-        return authorize(creds)
-    except Exception:
-        log.exception("control authorization hook failed")
-        return "authorization failed inside the daemon"
+def local_handler(view: ControlView) -> RequestHandler:
+    """Requests answered in this process by :func:`handle_request` on ``view``."""
+
+    async def handle(raw: bytes, creds: Credentials | None) -> bytes:
+        return handle_request(raw, view, creds.uid if creds else None)
+
+    return handle
 
 
-async def _serve_requests(
-    router: TrioSocket,
-    view: ControlView,
-    authorize: Authorizer | None,
-    has_credentials: bool,
-) -> None:
+async def _serve_requests(router: TrioSocket, handler: RequestHandler, ipc: bool) -> None:
     while True:
         frames = await router.recv_frames()
         envelope, body = _split_envelope(frames)
         creds: Credentials | None = None
-        if has_credentials and body:
+        if ipc and body:
             creds = parse_peer_address(str(body[0].get("Peer-Address")))
         if len(body) != 1:
             reply = _error(ErrorCode.BAD_REQUEST, "a request is exactly one frame")
+        elif len(body[0].bytes) > MAX_REQUEST_BYTES:  # answered here, never passed on
+            reply = handle_request(body[0].bytes, _NO_VIEW, None)
         else:
-            refusal = _check_authorized(authorize, creds)
-            if refusal is not None:
-                log.warning("control request refused (%s): %s", creds, refusal)
-                reply = _error(ErrorCode.PERMISSION_DENIED, refusal)
-            else:
-                reply = handle_request(body[0].bytes, view, creds.uid if creds else None)
+            reply = await handler(body[0].bytes, creds)
         # ROUTER drops a reply to a client that is gone or full: never wait for one.
         if not router.try_send_multipart([*envelope, reply]):
             log.info("control reply dropped: client is gone or not reading")
+
+
+class _NoView:
+    """A view that is never reached (oversized requests are refused before dispatch)."""
+
+    def status(self) -> dict[str, Any]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def peers(self) -> list[dict[str, Any]]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def kick(self, peer_id: int) -> bool:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def stats(self) -> dict[str, int]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    @property
+    def owner_uid(self) -> int:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+
+_NO_VIEW = _NoView()
+
+
+def subscribable(topic: bytes) -> bool:
+    """Whether a subscription can ever match anything the events socket sends: the empty
+    topic (everything) or a prefix of an event kind or of the welcome. Nothing else is
+    applied, so a subscriber cannot make the daemon store topics of its choosing."""
+    return not topic or any(
+        name.startswith(topic) for name in (b"peer-joined", b"peer-left", EVENTS_WELCOME)
+    )
+
+
+def _apply_subscription(pub: TrioSocket, notice: list[bytes]) -> bool:
+    """Handle one (un)subscription notice of the manual XPUB; True for a new subscription
+    (the subscriber is greeted then)."""
+    if len(notice) != 1 or not notice[0] or notice[0][:1] not in (b"\x00", b"\x01"):
+        return False
+    topic = notice[0][1:]
+    if not subscribable(topic):
+        return False
+    subscribe = notice[0][:1] == b"\x01"
+    # applies to the connection the notice came from (XPUB_MANUAL)
+    pub.socket.setsockopt(zmq.SUBSCRIBE if subscribe else zmq.UNSUBSCRIBE, topic)
+    return subscribe
 
 
 async def _wait_for_work(pub: TrioSocket, publisher: EventPublisher) -> None:
@@ -664,7 +813,8 @@ async def _serve_events(pub: TrioSocket, publisher: EventPublisher) -> None:
         # The greeting is broadcast; subscribers skip welcomes they did not wait for.
         greet = False
         while (notice := pub.try_recv_multipart()) is not None:
-            greet = greet or notice[0][:1] == b"\x01"
+            greet = _apply_subscription(pub, notice) or greet
+            await trio.lowlevel.checkpoint()  # a subscription flood must not hog the loop
         if greet:
             pub.try_send_multipart([EVENTS_WELCOME])
         for event in publisher.take_pending():
@@ -674,16 +824,29 @@ async def _serve_events(pub: TrioSocket, publisher: EventPublisher) -> None:
         await _wait_for_work(pub, publisher)
 
 
+def _configure(router: zmq.Socket[Any], pub: zmq.Socket[Any], limits: ControlLimits) -> None:
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE_BYTES)
+    router.setsockopt(zmq.SNDHWM, limits.reply_hwm)
+    router.setsockopt(zmq.RCVHWM, limits.request_hwm)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.SNDHWM, limits.events_hwm)
+    pub.setsockopt(zmq.RCVHWM, limits.request_hwm)
+    pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
+    pub.setsockopt(zmq.XPUB_MANUAL, 1)  # every (un)subscription is ours to apply, or not
+
+
 async def serve_control(
-    view: ControlView,
+    view: ControlView | None,
     endpoint: str,
     events_endpoint: str,
     publisher: EventPublisher,
     *,
     socket_mode: int = 0o600,
     socket_gid: int | None = None,
-    authorize: Authorizer | None = None,
-    context: zmq.Context[Any] | None = None,
+    access: ControlAccess | None = None,
+    limits: ControlLimits | None = None,
+    handler: RequestHandler | None = None,
     task_status: trio.TaskStatus[ControlEndpoints] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve control requests on ``endpoint`` and events on ``events_endpoint`` until
@@ -691,42 +854,61 @@ async def serve_control(
     that returns the bound :class:`ControlEndpoints` once both sockets listen, or raises
     :class:`ControlSetupError`.
 
-    ``socket_mode``/``socket_gid`` apply to ipc socket files. ``authorize`` (optional) sees
-    each request's credentials (None over tcp) and may refuse it with a reason. On exit the
-    sockets are closed with linger 0 and the ipc socket files removed.
+    Requests are answered by ``handler`` if given, else by :func:`handle_request` on
+    ``view``. ``socket_mode``/``socket_gid`` apply to ipc socket files. ``access`` says who
+    may connect (see :class:`ControlAccess`; tcp endpoints need CURVE), ``limits`` how much
+    clients can make it hold. On exit every socket is closed with linger 0, the context is
+    terminated once nothing uses it any more, and the ipc socket files are removed.
     """
-    own_context = context is None
-    ctx: zmq.Context[Any] = zmq.Context() if context is None else context
-    router_sock = ctx.socket(zmq.ROUTER)
-    pub_sock = ctx.socket(zmq.XPUB)
-    router = TrioSocket(router_sock)
-    pub = TrioSocket(pub_sock)
-    created: set[str] = set()
+    access = access or ControlAccess()
+    limits = limits or ControlLimits()
+    problem = tcp_needs_curve((endpoint, events_endpoint), access)
+    if problem is not None:
+        raise ControlSetupError(problem)
+    if handler is None:
+        if view is None:
+            raise ValueError("serve_control needs a view or a handler")
+        handler = local_handler(view)
+    # The context is this function's alone: every socket in it is created, used and closed
+    # by this function and its tasks, and it is terminated only after all of them ended.
+    ctx: zmq.Context[Any] = zmq.Context()
+    created: dict[str, tuple[int, int]] = {}
+    sockets: list[TrioSocket] = []
     try:
-        router_sock.setsockopt(zmq.LINGER, 0)
-        router_sock.setsockopt(zmq.MAXMSGSIZE, HARD_MAX_MESSAGE_BYTES)
-        pub_sock.setsockopt(zmq.LINGER, 0)
-        pub_sock.setsockopt(zmq.SNDHWM, EVENTS_SNDHWM)
-        pub_sock.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
-        pub_sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, so every one is greeted
+        zap = bind_handler(ctx)  # before any socket that needs it
+        sockets.append(zap)
+        counters = {
+            _CONTROL_DOMAIN: ConnectionCounter("control", limits.max_clients),
+            _EVENTS_DOMAIN: ConnectionCounter("events", limits.max_subscribers),
+        }
+        router = TrioSocket(ctx.socket(zmq.ROUTER))
+        sockets.append(router)
+        pub = TrioSocket(ctx.socket(zmq.XPUB))
+        sockets.append(pub)
+        _configure(router.socket, pub.socket, limits)
+        monitors = {}
+        for sock, domain in ((router, _CONTROL_DOMAIN), (pub, _EVENTS_DOMAIN)):
+            monitors[domain] = zap_monitor(sock.socket)
+            sockets.append(monitors[domain])
+        _secure(router.socket, endpoint, _CONTROL_DOMAIN, access)
+        _secure(pub.socket, events_endpoint, _EVENTS_DOMAIN, access)
         bound = ControlEndpoints(
-            control=_bind(router_sock, endpoint, socket_mode, socket_gid, created),
-            events=_bind(pub_sock, events_endpoint, socket_mode, socket_gid, created),
+            control=_bind(router.socket, endpoint, socket_mode, socket_gid, created),
+            events=_bind(pub.socket, events_endpoint, socket_mode, socket_gid, created),
         )
-        has_credentials = endpoint.startswith("ipc://")
         log.debug("control plane on %s, events on %s", bound.control, bound.events)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_serve_requests, router, view, authorize, has_credentials)
+            nursery.start_soon(serve_zap, zap, _zap_policy(access, counters))
+            for domain, monitor_sock in monitors.items():
+                nursery.start_soon(watch_connections, monitor_sock, counters[domain])
+            nursery.start_soon(_serve_requests, router, handler, endpoint.startswith("ipc://"))
             nursery.start_soon(_serve_events, pub, publisher)
             task_status.started(bound)
     finally:
-        router.close()
-        pub.close()
-        if own_context:
-            ctx.term()
-        # libzmq leaves the ipc socket files behind (it only removes them when binding).
-        for bound_endpoint in (endpoint, events_endpoint):
-            path = _ipc_path(bound_endpoint)
-            if path is not None and path in created:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        # every task of the nursery has ended: nothing waits on or uses these sockets now
+        for sock in reversed(sockets):
+            sock.close()
+        ctx.term()
+        # libzmq leaves the ipc socket files behind: remove ours (and only ours)
+        for path, ident in created.items():
+            unlink_if_ours(path, ident)

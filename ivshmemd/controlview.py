@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .server import IvshmemServer, fd_limit
 
-__all__ = ["DaemonControlView"]
+__all__ = ["DaemonControlView", "state_lines"]
 
 
 class DaemonControlView:
@@ -38,6 +38,9 @@ class DaemonControlView:
                 "max_peers": server.config.max_peers,
                 "send_timeout": server.config.send_timeout,
                 "fds": fd_limit(),
+                "fds_in_use": server.fds_in_use(),
+                "fd_reserve": server.config.fd_reserve,
+                **_flight(server),
             },
         }
 
@@ -60,3 +63,32 @@ class DaemonControlView:
     def owner_uid(self) -> int:
         """The daemon's uid: it (and root) may kick."""
         return os.getuid()
+
+
+def _flight(server: IvshmemServer) -> dict[str, int]:
+    flight = server.config.flight
+    if flight is None:
+        return {}
+    return {"fds_in_flight": flight.total, "fds_in_flight_limit": flight.limit}
+
+
+def state_lines(server: IvshmemServer, control_pid: int | None, restarts: int) -> list[str]:
+    """The daemon's state in a few log lines (SIGUSR1)."""
+    conns = server.connections
+    queued = sorted(((c.outbox.messages, pid) for pid, c in conns.items()), reverse=True)
+    busiest = ", ".join(f"peer {pid}: {n}" for n, pid in queued[:3] if n) or "none"
+    flight = server.config.flight
+    in_flight = (
+        "no in-flight limit (privileged)"
+        if flight is None
+        else f"{flight.total} fds in flight of {flight.limit} (window {flight.window})"
+    )
+    control = "none" if control_pid is None else f"pid {control_pid}, {restarts} restarts"
+    return [
+        f"state: {len(conns)} peers (ids {', '.join(map(str, sorted(conns))) or 'none'})",
+        f"state: fds {server.fds_in_use()} in use of {fd_limit()} ({server.config.fd_reserve} "
+        f"kept free); {in_flight}; {len(server.lingering)} dropped clients still reading",
+        f"state: queued messages per peer, largest: {busiest}",
+        "state: " + ", ".join(f"{k} {v}" for k, v in server.stats.as_dict().items()),
+        f"state: control plane process: {control}",
+    ]

@@ -8,7 +8,11 @@ from an explicit zmq endpoint (``--control``, and ``--events`` for ``watch``). E
 takes ``--json`` for machine-readable output; the default is a table for people.
 
 Exit status: 0 success, 1 the daemon answered with an error (e.g. no such peer, permission
-denied), 2 bad usage, 3 no daemon answered in time. No traceback for any of them.
+denied, or it refused the connection: not on its allow-list, or a CURVE key it does not
+accept), 2 bad usage, 3 no daemon answered in time. No traceback for any of them.
+
+A daemon reached over tcp speaks only CURVE: give ``--curve-key`` (your ``*.key_secret``)
+and ``--curve-server-key`` (the daemon's public ``*.key``); see :mod:`ivshmemd.curve`.
 
 The command set is open: besides its own commands (:func:`register_control_commands`),
 ``ivshmemctl`` calls every function registered in the entry-point group
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 import zmq
 
 from ivshmemd import __version__
-from ivshmemd.argtypes import positive_float, positive_int
+from ivshmemd.argtypes import positive_int, seconds
 from ivshmemd.control import (
     EVENTS_WELCOME,
     ControlError,
@@ -45,6 +49,8 @@ from ivshmemd.control import (
     encode_request,
     events_endpoint_for,
 )
+from ivshmemd.curve import ClientCurve, CurveKeyError, client_keys
+from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
 from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID
 
@@ -95,33 +101,84 @@ def _check_ipc_path(endpoint: str, what: str) -> None:
         )
 
 
+#: the handshake outcomes that mean the daemon turned this connection away
+_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_REFUSAL = (
+    "the daemon refused the connection: this user is not on its allow-list, or (over "
+    "tcp) the CURVE keys do not match"
+)
+#: the ZAP status of a refusal for now (the daemon has all the connections it takes)
+_ZAP_BUSY = 300
+_BUSY = "the daemon has all the control connections it takes; try again"
+
+
+def _connect(sock: zmq.Socket[bytes], endpoint: str, curve: ClientCurve | None) -> None:
+    if endpoint.startswith("tcp://"):
+        if curve is None:
+            raise NoDaemonError(
+                f"{endpoint} is tcp: the daemon serves tcp only with CURVE; give --curve-key "
+                "and --curve-server-key"
+            )
+        curve.apply(sock)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise NoDaemonError(f"cannot connect to {endpoint}: {exc}") from None
+
+
+def _wait_readable(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], timeout: float) -> bool:
+    """Wait for ``sock`` to have a message; raise a permission error if the daemon turned
+    the connection away during the handshake (seen on ``monitor``)."""
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready = dict(poller.poll(int(remaining * 1000) + 1))
+        if sock in ready:
+            return True
+        if monitor in ready:
+            from zmq.utils.monitor import recv_monitor_message
+
+            event = recv_monitor_message(monitor)
+            if event["event"] & _REFUSED and event.get("value") == _ZAP_BUSY:
+                raise ControlError("busy", _BUSY)
+            if event["event"] & _REFUSED:
+                raise ControlError("permission-denied", _REFUSAL)
+    return False
+
+
 class ControlClient:
     """A blocking request/reply client: one zmq REQ socket per request, so that a request
     that timed out never confuses the next one."""
 
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, curve: ClientCurve | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.curve = curve
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
 
     def request(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
         """Send one request; return its result. Raises :class:`NoDaemonError` when nothing
-        answers within the timeout and :class:`ControlError` for an error reply."""
+        answers within the timeout and :class:`ControlError` for an error reply (or a
+        connection the daemon refused)."""
         _check_ipc_path(self.endpoint, "control")
         sock = self._ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
+        monitor = sock.get_monitor_socket(_REFUSED)
         try:
-            try:
-                sock.connect(self.endpoint)
-            except zmq.ZMQError as exc:
-                raise NoDaemonError(f"cannot connect to {self.endpoint}: {exc}") from None
+            _connect(sock, self.endpoint, self.curve)
             sock.send(encode_request(cmd, args))
-            if not sock.poll(int(self.timeout * 1000), zmq.POLLIN):
+            if not _wait_readable(sock, monitor, self.timeout):
                 raise NoDaemonError(
                     f"no daemon answered on {self.endpoint} within {self.timeout:g} s"
                 )
             return decode_reply(sock.recv())
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
 
     def close(self) -> None:
@@ -299,9 +356,21 @@ def event_json(event: Event) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _curve(args: argparse.Namespace) -> ClientCurve | None:
+    key, server = getattr(args, "curve_key", None), getattr(args, "curve_server_key", None)
+    if not key and not server:
+        return None
+    if not (key and server):
+        raise NoDaemonError("--curve-key and --curve-server-key go together")
+    try:
+        return client_keys(key, server)
+    except CurveKeyError as exc:
+        raise NoDaemonError(str(exc)) from None
+
+
 def _client(args: argparse.Namespace) -> ControlClient:
     control, _ = resolve_endpoints(args)
-    return ControlClient(control, args.timeout)
+    return ControlClient(control, args.timeout, _curve(args))
 
 
 def _simple(
@@ -357,17 +426,16 @@ def _run_watch(args: argparse.Namespace) -> int:
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, 0)  # never drop on our side: the daemon's queue is the limit
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    monitor = sub.get_monitor_socket(_REFUSED)
     tracker = SequenceTracker()
     seen = 0
     try:
-        try:
-            sub.connect(events_endpoint)
-        except zmq.ZMQError as exc:
-            raise NoDaemonError(f"cannot connect to {events_endpoint}: {exc}") from None
-        if not sub.poll(int(args.timeout * 1000), zmq.POLLIN):
+        _connect(sub, events_endpoint, _curve(args))
+        if not _wait_readable(sub, monitor, args.timeout):
             raise NoDaemonError(
                 f"no daemon answered on {events_endpoint} within {args.timeout:g} s"
             )
+        sub.disable_monitor()
         print(f"watching events on {events_endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         while args.count is None or seen < args.count:
             frames = sub.recv_multipart()
@@ -394,6 +462,7 @@ def _run_watch(args: argparse.Namespace) -> int:
                 print(format_event(event), flush=True)
             seen += 1
     finally:
+        monitor.close(linger=0)
         sub.close(linger=0)
         ctx.term()
     return EXIT_OK
@@ -463,13 +532,25 @@ def _add_target_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=seconds(),
         metavar="SECONDS",
         default=default(DEFAULT_TIMEOUT),
         help=f"how long to wait for the daemon (default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument(
         "--json", action="store_true", default=default(False), help="machine-readable output"
+    )
+    parser.add_argument(
+        "--curve-key",
+        metavar="FILE",
+        default=default(None),
+        help="your CURVE key pair (a zmq.auth *.key_secret file), for a daemon reached over tcp",
+    )
+    parser.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        default=default(None),
+        help="the daemon's public CURVE certificate (its *.key file)",
     )
 
 
@@ -502,8 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        status: int = args.run(args)
-        return status
+        try:
+            status: int = args.run(args)
+            return status
+        except BaseExceptionGroup as group:  # a subcommand running trio: its error, unwrapped
+            raise unwrap(group) from None
     except NoDaemonError as exc:
         print(f"ivshmemctl: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON

@@ -1,9 +1,12 @@
 """The ivshmem-server protocol as pure data and functions (sans-I/O).
 
 Server side: :func:`join_messages` and :func:`leave_messages` turn registry events into the
-ordered list of messages each recipient must receive, exactly as QEMU's ivshmem-server orders
-them (docs/ivshmem-protocol.md). They are generic over the fd *handle* type, so the same code
-serves the daemon (handles are reference-counted eventfds) and the tests (handles are labels).
+ordered list of :class:`Delivery` runs each recipient must receive, exactly as QEMU's
+ivshmem-server orders them (docs/ivshmem-protocol.md). A run that is the announcement of a
+peer's vectors says whose (:attr:`Delivery.announces`), so that a queue can withdraw it if
+that peer leaves before it was sent (:mod:`ivshmemd.outbox`). They are generic over the fd
+*handle* type, so the same code serves the daemon (handles are reference-counted eventfds)
+and the tests (handles are labels).
 
 Client side: :class:`ClientParser` consumes ``(value, fd)`` messages strictly and turns them
 into events (:class:`Welcome`, :class:`PeerVector`, :class:`PeerLeft`), raising
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -24,6 +27,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SHM_MESSAGE_VALUE",
     "ClientParser",
+    "Delivery",
     "Message",
     "PeerLeft",
     "PeerVector",
@@ -69,40 +73,41 @@ class PeerVectors(Generic[H]):
         object.__setattr__(self, "announcement", run)
 
 
-Outbox = list[tuple[int, list[Message[H]]]]
+#: ``(recipient, messages, announces)``: messages for one recipient, in order; ``announces``
+#: is the peer whose vectors they are when the run is that peer's announcement (one message
+#: per vector), else None. (A plain tuple: joins build thousands of them.)
+Delivery: TypeAlias = tuple[int, Sequence[Message[H]], int | None]
+Deliveries: TypeAlias = list[Delivery[H]]
+
+_VERSION: Message[Any] = Message(PROTOCOL_VERSION)
 
 
 def join_messages(
     newcomer: PeerVectors[H], existing: Iterable[PeerVectors[H]], shm: H
-) -> Outbox[H]:
-    """Messages for a join, in QEMU's send order, as ``[(recipient id, [messages]), ...]``.
+) -> Deliveries[H]:
+    """Messages for a join, in QEMU's send order.
 
     The newcomer gets the version, its id and the shm fd; then every existing peer gets one
     message per vector of the newcomer (a join notice; none at all with zero vectors); then
     the newcomer gets every existing peer's vectors in connection order, and finally its
-    own. The newcomer appears twice: the notices go out before it can learn of (and ring)
-    anyone, so an existing peer hears of a newcomer before the newcomer can ring it.
+    own. The newcomer appears several times: the notices go out before it can learn of (and
+    ring) anyone, so an existing peer hears of a newcomer before the newcomer can ring it.
     """
     existing = list(existing)
     p = newcomer.peer_id
     notice = newcomer.announcement
-    outbox: Outbox[H] = [
-        (p, [Message(PROTOCOL_VERSION), Message(p), Message(SHM_MESSAGE_VALUE, shm)])
-    ]
+    out: Deliveries[H] = [(p, (_VERSION, Message(p), Message(SHM_MESSAGE_VALUE, shm)), None)]
     if notice:
-        outbox.extend((peer.peer_id, list(notice)) for peer in existing)
-    rest: list[Message[H]] = []
-    for peer in existing:
-        rest.extend(peer.announcement)
-    rest.extend(notice)
-    if rest:
-        outbox.append((p, rest))
-    return outbox
+        out.extend([(peer.peer_id, notice, p) for peer in existing])
+        out.extend([(p, peer.announcement, peer.peer_id) for peer in existing])
+        out.append((p, notice, p))
+    return out
 
 
-def leave_messages(leaver_id: int, remaining_ids: Iterable[int]) -> Outbox[H]:
+def leave_messages(leaver_id: int, remaining_ids: Iterable[int]) -> Deliveries[H]:
     """Messages for a leave: every remaining peer (never the leaver) gets ``leaver_id``."""
-    return [(rid, [Message(leaver_id)]) for rid in remaining_ids if rid != leaver_id]
+    leave: tuple[Message[H], ...] = (Message(leaver_id),)
+    return [(rid, leave, None) for rid in remaining_ids if rid != leaver_id]
 
 
 class ProtocolError(Exception):

@@ -1,6 +1,7 @@
 """The trio server: accepts clients, queues the protocol's messages, sends them, drops peers.
 
-All protocol decisions come from :mod:`ivshmemd.protocol`; this module only does the I/O:
+All protocol decisions come from :mod:`ivshmemd.protocol` (what to send) and
+:mod:`ivshmemd.outbox` (what a queue may drop and hold); this module only does the I/O:
 
 * one task per connection waits for readability (any data or EOF means the client is gone);
 * one task per connection drains that client's own outbox, so a client that does not read
@@ -8,7 +9,22 @@ All protocol decisions come from :mod:`ivshmemd.protocol`; this module only does
   that makes no progress for ``send_timeout`` seconds is disconnected and the others are told;
 * eventfds travel as reference-counted handles, so a queued message keeps its fd valid even
   after the peer it belongs to has left;
-* running out of fds refuses the newcomer (with a log line) and keeps serving everyone else.
+
+and it keeps every resource a client can make it spend bounded:
+
+* **Queues.** A leave withdraws the still-unsent part of the leaver's join notice from every
+  queue (releasing those fds at once), so queues hold fds of live peers only; a queue beyond
+  :func:`ivshmemd.outbox.limits` drops its client as too slow.
+* **File descriptors.** A newcomer is admitted only if its socket and eventfds fit below the
+  fd limit with :attr:`ServerConfig.fd_reserve` to spare (what the daemon needs for its
+  control plane and itself); beyond, it is refused with a (rate-limited) log line. If the
+  table does run out, the reserve fd accepts and closes the newcomer.
+* **Fds in flight** (non-root daemons, :mod:`ivshmemd.inflight`): each client's socket
+  buffer holds a bounded window, the daemon counts what every client has not read yet
+  (``SIOCOUTQ``), and sends no fd beyond the user's budget: a client waits for room instead
+  of the kernel refusing fd passing for everyone. A dropped client that still has fds it has
+  not read stays open (counted) until it reads or closes them, since the kernel keeps
+  charging them to the daemon's user until then.
 
 Shutdown (cancel :meth:`IvshmemServer.serve`) frees every peer in connection order, telling
 the remaining ones as QEMU's server does, flushes what the sockets take without blocking,
@@ -20,18 +36,22 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import socket
 import struct
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from . import wire
-from .protocol import Message, join_messages, leave_messages
+from .access import AllowList
+from .inflight import FlightBudget, Ledger, unread_bytes, unread_messages
+from .outbox import Outbox, limits
+from .protocol import Delivery, Message, join_messages, leave_messages
+from .ratelimit import LogLimiter
 from .registry import IdAllocator, Peer, Registry, RegistryFull, SharedFd
 from .shm import SharedMemoryRegion
 
@@ -48,6 +68,9 @@ log = logging.getLogger("ivshmemd")
 
 _UCRED = struct.Struct("3i")
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
+#: how often blocked senders and lingering connections are re-checked (seconds)
+_FLIGHT_TICK = 0.05
+_LINGER_TICK = 0.5
 
 EventListener = Callable[[str, dict[str, Any]], None]
 
@@ -59,6 +82,16 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def fd_limit() -> int:
+    """The soft limit on open fds (what runs out first with many peers)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def open_fd_count() -> int:
+    """How many fds this process has open (from /proc)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 @dataclass
 class ServerConfig:
     """What the server needs beyond its socket and shm."""
@@ -68,8 +101,12 @@ class ServerConfig:
     #: the ids this daemon hands out (a federation gives each daemon its own range)
     peer_ids: tuple[int, int] = (0, 0xFFFF)
     send_timeout: float = 5.0
-    allow_uids: frozenset[int] = frozenset()
-    allow_gids: frozenset[int] = frozenset()
+    allow: AllowList = field(default_factory=AllowList)
+    #: fds kept free for the daemon itself and its control plane: newcomers are refused
+    #: before the table gets this full
+    fd_reserve: int = 16
+    #: the in-flight budget of a daemon without CAP_SYS_RESOURCE/CAP_SYS_ADMIN, or None
+    flight: FlightBudget | None = None
 
 
 @dataclass
@@ -82,6 +119,8 @@ class ServerStats:
     messages_sent: int = 0
     slow_disconnects: int = 0
     protocol_violations: int = 0
+    #: join notices that never had to be sent: their peer left before its turn came
+    notices_withdrawn: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -94,61 +133,103 @@ class Connection:
 
     sock: socket.socket
     peer: Peer
-    #: (encoded 8-byte message, fd handle or None), oldest first
-    outbox: deque[tuple[bytes, SharedFd | None]] = field(default_factory=deque)
+    outbox: Outbox[SharedFd] = field(default_factory=Outbox)
     lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     dropped: bool = False
 
     stats: ServerStats = field(default_factory=lambda: ServerStats())
     broken: OSError | None = None
+    #: in-flight accounting (None for a daemon without an in-flight limit)
+    flight: FlightBudget | None = None
+    ledger: Ledger | None = None
+    #: set when a send stopped because the in-flight budget is spent
+    blocked: bool = False
 
-    def enqueue(self, messages: list[Message[SharedFd]]) -> None:
-        """Append messages (taking a reference on each fd) and send what the socket takes.
+    def enqueue(self, messages: Sequence[Message[SharedFd]], announces: int | None = None) -> None:
+        """Send what the socket takes now, and queue the rest (taking a reference on each
+        queued fd; ``announces`` as in :meth:`ivshmemd.outbox.Outbox.push`).
 
-        Sending happens right here, without a task switch, whenever the socket has room;
-        only a full socket wakes the connection's sender task, which waits for room (and
+        Sending happens right here, without a task switch, whenever nothing is queued
+        before and the socket has room (the common case: nothing is queued at all); only
+        a full socket wakes the connection's sender task, which waits for room (and
         disconnects the client if it takes too long). Order is kept: the outbox is a FIFO.
         """
-        was_idle = not self.outbox
-        encode = wire.encode
-        for message in messages:
-            shared = message.fd
-            self.outbox.append(
-                (encode(message.value), None if shared is None else shared.acquire())
-            )
-        if was_idle and not self.dropped:
-            self.flush_nowait()
-            if self.outbox:
-                self.lot.unpark_all()
+        outbox = self.outbox
+        start = 0
+        if outbox.messages == 0 and not self.dropped:
+            if self.flight is not None:
+                self.settle()
+            send = self._send
+            for message in messages:
+                if not send(message):
+                    break
+                start += 1
+            if start == len(messages):
+                return
+        for message in messages[start:]:
+            if message.fd is not None:
+                message.fd.acquire()
+        outbox.push(messages, announces, start)
+        if not self.dropped:
+            self.lot.unpark_all()
 
     def release_outbox(self) -> None:
         """Forget unsent messages, releasing their fd references."""
-        while self.outbox:
-            _value, shared = self.outbox.popleft()
-            if shared is not None:
-                shared.release()
+        for shared in self.outbox.clear():
+            shared.release()
+
+    def settle(self) -> None:
+        """Forget the sent messages the client has read (in-flight accounting)."""
+        if self.ledger is None or self.flight is None or not self.ledger.sent:
+            return
+        try:
+            unread = unread_messages(self.sock, self.flight.truesize)
+        except OSError:
+            unread = 0
+        self.flight.total -= self.ledger.settle(unread)
+
+    def _send(self, message: Message[SharedFd]) -> bool:
+        """Send one message now; False if it must wait (the socket is full, the in-flight
+        budget is spent, or the connection broke: see ``blocked`` and ``broken``)."""
+        shared, flight = message.fd, self.flight
+        if shared is not None and flight is not None and flight.total >= flight.limit:
+            self.blocked = True
+            return False
+        try:
+            # one message, one sendmsg: a unix stream socket takes all 8 bytes or none
+            if shared is None:
+                self.sock.sendmsg((wire.encode(message.value),))
+            else:
+                self.sock.sendmsg((wire.encode(message.value),), shared.ancillary)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ETOOMANYREFS:  # the user's budget, spent elsewhere
+                self.blocked = True
+            else:
+                self.broken = exc
+            return False
+        if flight is not None and self.ledger is not None:
+            self.ledger.record(shared is not None)
+            flight.total += shared is not None
+        self.stats.messages_sent += 1
+        return True
+
+    def _send_queued(self, message: Message[SharedFd]) -> bool:
+        """:meth:`_send` for a queued message, whose fd reference goes once it is sent."""
+        if not self._send(message):
+            return False
+        if message.fd is not None:
+            message.fd.release()
+        return True
 
     def flush_nowait(self) -> None:
-        """Send what the socket takes without blocking (errors are kept in ``broken``)."""
-        outbox, sendmsg = self.outbox, self.sock.sendmsg
-        while outbox:
-            data, shared = outbox[0]
-            try:
-                # one message, one sendmsg: a unix stream socket takes all 8 bytes or none
-                if shared is None:
-                    sendmsg((data,))
-                else:
-                    sendmsg((data,), shared.ancillary)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self.broken = exc
-                return
-            outbox.popleft()
-            if shared is not None:
-                shared.release()
-            self.stats.messages_sent += 1
+        """Send what the socket takes of the queue without blocking (errors are kept in
+        ``broken``)."""
+        if self.flight is not None:
+            self.settle()
+        self.outbox.drain(self._send_queued)
 
 
 class IvshmemServer:
@@ -165,9 +246,17 @@ class IvshmemServer:
         self.connections: dict[int, Connection] = {}
         self.listeners: list[EventListener] = []
         self.started_at = time.time()
+        self.limits = limits(config.n_vectors, config.max_peers)
+        self.refusal_log = LogLimiter(log)
         self._shm_fd = SharedFd(os.dup(shm.fd))
         self._nursery: trio.Nursery | None = None
         self._reserve_fd: int | None = self._open_reserve()
+        #: fds open besides the peers' (measured when serving starts)
+        self._base_fds = 0
+        #: dropped connections whose client still holds fds it has not read (in flight)
+        self._lingering: list[Connection] = []
+        self._flight_lot = trio.lowlevel.ParkingLot()
+        self._ticking = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -176,11 +265,15 @@ class IvshmemServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._base_fds = open_fd_count()
                 nursery.start_soon(self._accept_loop)
                 task_status.started()
         finally:
             self._nursery = None
             self.shutdown_peers("server shutting down")
+            for conn in self._lingering:
+                self._close_socket(conn)
+            self._lingering.clear()
             self._shm_fd.release()
             if self._reserve_fd is not None:
                 os.close(self._reserve_fd)
@@ -189,7 +282,18 @@ class IvshmemServer:
     def shutdown_peers(self, reason: str) -> None:
         """Free every peer in connection order, telling the rest (as QEMU's server does)."""
         for conn in [self.connections[pid] for pid in self.registry.ids()]:
-            self.drop(conn, reason)
+            self.drop(conn, reason, linger=False)
+
+    @property
+    def lingering(self) -> list[Connection]:
+        """Dropped connections whose client has not read everything it was sent yet."""
+        return self._lingering
+
+    def fds_in_use(self) -> int:
+        """The daemon's open fds as it accounts them: its own, and per peer its socket and
+        eventfds (after coalescing, queues hold fds of live peers only), and lingerers."""
+        per_peer = 1 + self.config.n_vectors
+        return self._base_fds + per_peer * len(self.connections) + len(self._lingering)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -221,9 +325,8 @@ class IvshmemServer:
     async def _refuse_without_fds(self) -> None:
         """accept() failed with EMFILE: use the reserve fd to accept and close the newcomer."""
         self.stats.refusals += 1
-        limit = fd_limit()
         if self._reserve_fd is None:
-            log.error("refused a connection: out of file descriptors (limit %s)", limit)
+            self._log_refusal("fds", f"out of file descriptors (limit {fd_limit()})")
             await trio.sleep(0.05)  # nothing to accept with; avoid spinning on the backlog
             self._reserve_fd = self._open_reserve()
             return
@@ -234,24 +337,40 @@ class IvshmemServer:
             sock.close()
         except OSError:
             pass
-        log.error("refused a connection: out of file descriptors (limit %s)", limit)
+        self._log_refusal("fds", f"out of file descriptors (limit {fd_limit()})")
         self._reserve_fd = self._open_reserve()
 
-    def _refuse(self, sock: socket.socket, why: str) -> None:
+    def _log_refusal(self, kind: str, why: str) -> None:
+        # one line per kind of refusal per second: a flood must not flood the log
+        self.refusal_log.log(kind, logging.WARNING, "refused a connection: %s", why)
+
+    def _refuse(self, sock: socket.socket, kind: str, why: str) -> None:
         self.stats.refusals += 1
-        log.warning("refused a connection: %s", why)
+        self._log_refusal(kind, why)
         sock.close()
 
     def allowed(self, uid: int, gid: int, pid: int) -> str | None:
         """None if the credentials may connect, else why not."""
+        return self.config.allow.check(uid, gid, pid)
+
+    def _lacks_room(self) -> str | None:
+        """Why a newcomer cannot be served now (fds, in-flight budget), or None."""
         cfg = self.config
-        if not cfg.allow_uids and not cfg.allow_gids:
-            return None
-        if uid in cfg.allow_uids or gid in cfg.allow_gids:
-            return None
-        if cfg.allow_gids and _supplementary_gids(pid) & cfg.allow_gids:
-            return None
-        return f"pid {pid} uid {uid} gid {gid} is not allowed"
+        needed = self.fds_in_use() + 1 + cfg.n_vectors + cfg.fd_reserve
+        if needed > fd_limit():
+            return (
+                f"out of file descriptors (limit {fd_limit()}, {self.fds_in_use()} in use, "
+                f"{cfg.fd_reserve} kept for the control plane)"
+            )
+        flight = cfg.flight
+        if flight is not None and flight.room() <= 0:
+            self._settle_all()
+            if flight.room() <= 0:
+                return (
+                    f"{flight.total} fds in flight to clients that have not read them "
+                    f"(the limit for this user is {flight.limit})"
+                )
+        return None
 
     def admit(self, sock: socket.socket) -> None:
         """Register a newly accepted client, or refuse it with a logged reason."""
@@ -259,28 +378,29 @@ class IvshmemServer:
         try:
             pid, uid, gid = peer_credentials(sock)
         except OSError as exc:
-            self._refuse(sock, f"cannot read its credentials: {exc.strerror}")
+            self._refuse(sock, "credentials", f"cannot read its credentials: {exc.strerror}")
             return
         denial = self.allowed(uid, gid, pid)
         if denial is not None:
-            self._refuse(sock, denial)
+            self._refuse(sock, "not allowed", denial)
+            return
+        lack = self._lacks_room()
+        if lack is not None:
+            self._refuse(sock, "no room", lack)
             return
         try:
             peer_id = self.registry.reserve_id()
         except RegistryFull as exc:
-            self._refuse(sock, f"pid {pid}: {exc}")
+            self._refuse(sock, "full", str(exc))
             return
         try:
             vectors = self.registry.create_vectors()
         except OSError as exc:
             if exc.errno in _FD_EXHAUSTED:
-                self._refuse(
-                    sock,
-                    f"pid {pid}: out of file descriptors (limit {fd_limit()}) "
-                    f"creating {self.config.n_vectors} eventfds",
-                )
+                self._refuse(sock, "fds", f"out of file descriptors (limit {fd_limit()}) "
+                             "creating eventfds")  # fmt: skip
             else:
-                self._refuse(sock, f"pid {pid}: cannot create eventfds: {exc.strerror}")
+                self._refuse(sock, "eventfds", f"cannot create eventfds: {exc.strerror}")
             return
         peer = Peer(
             peer_id,
@@ -288,9 +408,19 @@ class IvshmemServer:
             info={"pid": pid, "uid": uid, "gid": gid, "connected_at": time.time()},
         )
         conn = Connection(sock, peer, stats=self.stats)
+        flight = self.config.flight
+        if flight is not None:
+            conn.flight, conn.ledger = flight, Ledger()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, flight.sndbuf())
         existing = [p.as_protocol() for p in self.registry]
-        for recipient, messages in join_messages(peer.as_protocol(), existing, self._shm_fd):
-            (conn if recipient == peer_id else self.connections[recipient]).enqueue(messages)
+        crowded: list[Connection] = []
+        for recipient, messages, announces in join_messages(
+            peer.as_protocol(), existing, self._shm_fd
+        ):
+            target = conn if recipient == peer_id else self.connections[recipient]
+            target.enqueue(messages, announces)
+            if target is not conn and target.outbox.exceeds(self.limits):
+                crowded.append(target)
         self.registry.add(peer)
         self.connections[peer_id] = conn
         self.stats.joins += 1
@@ -299,6 +429,8 @@ class IvshmemServer:
         self._emit("peer-joined", peer)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_connection, conn)
+        for slow in crowded:
+            self._too_slow(slow)
 
     # -- per-connection tasks ------------------------------------------------------------
 
@@ -346,8 +478,18 @@ class IvshmemServer:
                 return
             if not outbox:
                 continue
+            if conn.blocked:  # not this client's fault: wait for the budget, no timeout
+                conn.blocked = False
+                await self._wait_for_flight_room()
+                continue
+            # The kernel says "writable" only once the client has read all but a quarter of
+            # its socket buffer: a client that reads, but less than that, is not stuck. So
+            # what counts as progress is the buffer getting emptier (SIOCOUTQ).
+            unread = unread_bytes(conn.sock)
             with trio.move_on_after(self.config.send_timeout) as waited:
                 await trio.lowlevel.wait_writable(conn.sock)
+            if waited.cancelled_caught and unread_bytes(conn.sock) < unread:
+                continue
             if waited.cancelled_caught:
                 self.stats.slow_disconnects += 1
                 self.drop(
@@ -356,11 +498,61 @@ class IvshmemServer:
                 )
                 return
 
+    def _too_slow(self, conn: Connection) -> None:
+        self.stats.slow_disconnects += 1
+        self.drop(
+            conn,
+            f"too slow: {conn.outbox.messages} messages ({conn.outbox.fds} fds) queued, more "
+            "than a peer that reads can have",
+        )
+
+    # -- fds in flight -------------------------------------------------------------------
+
+    def _settle_all(self) -> None:
+        for conn in self.connections.values():
+            conn.settle()
+        for conn in self._lingering:
+            conn.settle()
+
+    async def _wait_for_flight_room(self) -> None:
+        """Park until the ticker finds room in the in-flight budget."""
+        self._start_ticker()
+        await self._flight_lot.park()
+
+    def _start_ticker(self) -> None:
+        if not self._ticking and self._nursery is not None:
+            self._ticking = True
+            self._nursery.start_soon(self._flight_ticker)
+
+    async def _flight_ticker(self) -> None:
+        """While senders wait for budget or dropped clients still hold unread fds: re-read
+        what every client has read, wake the waiting senders, close drained lingerers."""
+        try:
+            while self._flight_lot or self._lingering:
+                await trio.sleep(_FLIGHT_TICK if self._flight_lot else _LINGER_TICK)
+                self._settle_all()
+                self._close_drained_lingerers()
+                flight = self.config.flight
+                if flight is None or flight.room() > 0:
+                    self._flight_lot.unpark_all()
+        finally:
+            self._ticking = False
+
+    def _close_drained_lingerers(self) -> None:
+        keep = []
+        for conn in self._lingering:
+            if conn.ledger is not None and conn.ledger.sent:
+                keep.append(conn)
+            else:
+                self._close_socket(conn)
+        self._lingering = keep
+
     # -- leaving --------------------------------------------------------------------------
 
-    def drop(self, conn: Connection, reason: str | None) -> None:
-        """Unregister a peer, queue its leave notice to every remaining peer and close its
-        connection (once). By the time its "left" is logged or announced, its fds are gone."""
+    def drop(self, conn: Connection, reason: str | None, *, linger: bool = True) -> None:
+        """Unregister a peer, withdraw what is still queued of its join notice (or queue
+        its leave notice) for every remaining peer, and close its connection (once). By the
+        time its "left" is logged or announced, its fds are gone."""
         if conn.dropped:
             return
         conn.dropped = True
@@ -370,12 +562,17 @@ class IvshmemServer:
         if registered:
             del self.connections[peer_id]
             self.registry.remove(peer_id)
-            notices: list[tuple[int, list[Message[SharedFd]]]] = leave_messages(
-                peer_id, self.registry.ids()
-            )
-            for recipient, messages in notices:
-                self.connections[recipient].enqueue(messages)
-        self._close(conn)
+            notices: list[Delivery[SharedFd]] = leave_messages(peer_id, self.registry.ids())
+            for recipient, messages, _ in notices:
+                other = self.connections[recipient]
+                withdrawn, needed = other.outbox.withdraw_announcement(peer_id)
+                for shared in withdrawn:
+                    shared.release()
+                if withdrawn and not needed:
+                    self.stats.notices_withdrawn += 1
+                if needed:
+                    other.enqueue(messages)
+        self._close(conn, linger)
         if registered:
             self.stats.leaves += 1
             if reason is None:
@@ -384,11 +581,28 @@ class IvshmemServer:
                 log.info("peer %d left: %s", peer_id, reason)
             self._emit("peer-left", conn.peer, reason)
 
-    def _close(self, conn: Connection) -> None:
+    def _close(self, conn: Connection, linger: bool) -> None:
         """Push out what the socket takes now, free the rest, close the socket. Its tasks
-        were cancelled first, so none is left waiting on the fd when it goes."""
+        were cancelled first, so none is left waiting on the fd when it goes. A client
+        still holding unread fds that count against the in-flight budget lingers (shut
+        down for writing, counted) until it reads or closes them."""
         conn.flush_nowait()
         conn.release_outbox()
+        conn.settle()
+        if linger and conn.ledger is not None and conn.ledger.fds:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._lingering.append(conn)
+            self._start_ticker()
+            return
+        self._close_socket(conn)
+
+    def _close_socket(self, conn: Connection) -> None:
+        if conn.flight is not None and conn.ledger is not None:
+            conn.flight.total -= conn.ledger.fds
+            conn.ledger.settle(0)
         trio.lowlevel.notify_closing(conn.sock)
         conn.sock.close()
 
@@ -411,22 +625,3 @@ class IvshmemServer:
                 listener(kind, event)
             except Exception:  # a broken observer must never break the server
                 log.exception("event listener failed on %s", kind)
-
-
-def fd_limit() -> int:
-    """The soft limit on open fds (what runs out first with many peers)."""
-    import resource
-
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def _supplementary_gids(pid: int) -> frozenset[int]:
-    """The supplementary groups of a process, from /proc (empty if unreadable)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
-    except OSError:
-        pass
-    return frozenset()

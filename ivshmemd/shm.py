@@ -2,35 +2,54 @@
 
 Two kinds, as in QEMU's ivshmem-server:
 
-* ``-M NAME``: a POSIX shared-memory object, through :mod:`multiprocessing.shared_memory`.
-  An existing object is reused; its contents survive when its size is already right.
-  The object stays until shutdown, when it is unlinked unless ``keep`` is set.
+* ``-M NAME``: a POSIX shared-memory object (``/dev/shm/NAME``, where glibc's ``shm_open``
+  puts it). An existing object is reused; its contents survive when its size is already
+  right. The object stays until shutdown, when it is unlinked unless ``keep`` is set, and
+  only while the name still refers to the object this daemon served.
 * ``-m DIR``: a file created in DIR (hugetlbfs works this way) and unlinked at once, so only
   the fd keeps it alive and nothing is left behind.
 
-Sizes are 64-bit throughout (no 32-bit truncation, unlike the C server). The daemon keeps
-only an fd: the mapping made by ``SharedMemory`` is dropped at once. The segment is kept out
-of ``multiprocessing``'s resource tracker, which would otherwise unlink it when this process
-exits although other processes still use it, and whose helper process would inherit (and
-hold open) the daemon's stdio: ``track=False`` on Python 3.13+, and on 3.11/3.12 the tracker's
-register/unregister are bypassed for the duration of the call, so no tracker ever starts.
+**One daemon per object.** A daemon holds an exclusive ``flock`` on its ``-M`` object for as
+long as it runs, taken on a second, private open of the object *before* anything is resized:
+a second daemon (on another socket) given the same name is refused with a clear message and
+leaves the object as it was. The lock lives on that private open file description, never on
+the one handed to peers, so peers still holding the memory after the daemon died do not keep
+a restarted daemon out. An existing object must be a regular file owned by our effective uid
+and is never opened through a symlink (``/dev/shm`` is world-writable).
+
+**Reserved memory.** By default the memory is reserved up front (``posix_fallocate``): on a
+full tmpfs or hugetlbfs the daemon refuses to start with a clear message, instead of peers
+dying of SIGBUS the first time they touch a page that cannot be had. ``sparse=True``
+(``--sparse``) skips the reservation for huge, mostly untouched regions, at that risk.
+
+Sizes are 64-bit throughout (no 32-bit truncation, unlike the C server), up to
+:data:`MAX_SHM_SIZE` (a file offset is a signed 64-bit number). The daemon keeps only fds:
+nothing is mapped. ``multiprocessing.shared_memory`` is used only by
+:func:`attach_posix_shm`, for tools and tests, kept out of ``multiprocessing``'s resource
+tracker, which would otherwise unlink the segment when that process exits although others
+still use it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
+from .lockfile import LockError, identity, open_regular_nofollow, still_names
+
 __all__ = [
     "MAX_HUGEPAGE_SIZE",
+    "MAX_SHM_SIZE",
     "MIN_SHM_SIZE",
+    "SHM_DIR",
     "SharedMemoryError",
     "SharedMemoryRegion",
     "attach_posix_shm",
@@ -41,7 +60,11 @@ __all__ = [
 ]
 
 MIN_SHM_SIZE = 4096
+#: the largest power of two a file offset (off_t, signed 64-bit) can hold
+MAX_SHM_SIZE = 1 << 62
 MAX_HUGEPAGE_SIZE = 1 << 30
+#: where glibc's shm_open keeps POSIX shared-memory objects
+SHM_DIR = "/dev/shm"
 _MAX_NAME = 255
 
 
@@ -58,19 +81,37 @@ class SharedMemoryRegion:
     name: str | None = None  # the POSIX name (without the leading slash), for -M
     directory: str | None = None  # the directory, for -m
     created: bool = False
+    #: a private open of the -M object holding the daemon's flock (-1 when none)
+    lock_fd: int = -1
+    #: (device, inode) of the -M object, so that only ours is ever unlinked
+    ident: tuple[int, int] | None = None
 
     @property
     def path(self) -> str:
         """A human-readable location (``/dev/shm/NAME`` or ``DIR/<unlinked>``)."""
         if self.name is not None:
-            return f"/dev/shm/{self.name}"
+            return f"{SHM_DIR}/{self.name}"
         return f"{self.directory}/<unlinked file>"
 
+    def unlink_if_ours(self) -> bool:
+        """Unlink the -M name if it still refers to the object we served."""
+        if self.name is None or self.ident is None:
+            return False
+        path = f"{SHM_DIR}/{self.name}"
+        if not still_names(path, self.ident):
+            return False
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+            return True
+        return False
+
     def close(self) -> None:
-        """Close the daemon's fd (peers keep their own copies)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the daemon's fds (peers keep their own copies) and drop the lock."""
+        for attr in ("fd", "lock_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
 
 
 def validate_shm_name(name: str) -> str:
@@ -87,6 +128,15 @@ def validate_shm_name(name: str) -> str:
     if len(bare.encode()) > _MAX_NAME:
         raise SharedMemoryError(f"invalid shm name: longer than {_MAX_NAME} bytes")
     return bare
+
+
+def check_size(size: int) -> None:
+    """Refuse sizes no file can have (before anything is created)."""
+    if not 0 < size <= MAX_SHM_SIZE:
+        raise SharedMemoryError(
+            f"shm size {size} is out of range: at most {MAX_SHM_SIZE} bytes (4E, "
+            "the largest power of two a file offset can hold)"
+        )
 
 
 @contextmanager
@@ -118,6 +168,13 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _human(size: int) -> str:
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):g} {unit}"
+    return f"{size} bytes"
+
+
 def _truncate(fd: int, size: int, label: str, allow_growth: bool) -> int:
     """ftruncate to ``size``; on hugetlbfs-like refusals try larger powers of two (QEMU)."""
     attempt = size
@@ -133,54 +190,111 @@ def _truncate(fd: int, size: int, label: str, allow_growth: bool) -> int:
             attempt *= 2
 
 
-def open_posix_shm(name: str, size: int) -> SharedMemoryRegion:
-    """Create or reuse the POSIX shm object ``name`` with ``size`` bytes."""
-    bare = validate_shm_name(name)
-    created = True
+_NO_ROOM_HINT = (
+    "; free some memory there, ask for less (-l), or start with --sparse to reserve "
+    "nothing (peers then die of SIGBUS when the memory runs out)"
+)
+
+
+def _reserve(fd: int, size: int, label: str) -> None:
+    """Allocate every page now (posix_fallocate), or refuse clearly.
+
+    What the filesystem says it has free is checked first, so that an impossible request
+    is refused at once instead of allocating (and then freeing) all the memory there is.
+    """
+    st = os.fstat(fd)
+    needed = max(0, size - st.st_blocks * 512)
     try:
-        with _untracked() as kwargs:
-            try:
-                segment = shared_memory.SharedMemory(bare, create=True, size=size, **kwargs)
-            except FileExistsError:
-                created = False
-                segment = shared_memory.SharedMemory(bare, create=False, **kwargs)
+        fs = os.fstatvfs(fd)
+        free = fs.f_bavail * fs.f_frsize
+    except OSError:
+        free = None
+    if free is not None and fs.f_blocks and needed > free:
+        raise SharedMemoryError(
+            f"cannot reserve {_human(size)} for {label}: only {_human(free)} free there"
+            + _NO_ROOM_HINT
+        )
+    try:
+        os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        raise SharedMemoryError(f"cannot open shm {bare!r}: {_describe(exc)}") from None
-    except ValueError as exc:  # e.g. an existing object of size 0 cannot be mapped
-        raise SharedMemoryError(f"cannot open shm {bare!r}: {exc}") from None
+        hint = _NO_ROOM_HINT if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG) else ""
+        raise SharedMemoryError(
+            f"cannot reserve {_human(size)} for {label}: {_describe(exc)}{hint}"
+        ) from None
+
+
+def _lock(path: str, fd: int, bare: str) -> int:
+    """A private open of the object, flock'ed; refuses if a live daemon holds it."""
     try:
-        fd = os.dup(segment._fd)  # type: ignore[attr-defined]
-    finally:
-        segment.close()
+        lock_fd, _ = open_regular_nofollow(path, os.O_RDONLY, 0, "shm")
+    except LockError as exc:
+        raise SharedMemoryError(str(exc)) from None
+    if identity(os.fstat(lock_fd)) != identity(os.fstat(fd)):
+        os.close(lock_fd)
+        raise SharedMemoryError(f"shm {bare!r} was replaced while opening it; try again")
     try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(lock_fd)
+        if isinstance(exc, BlockingIOError):
+            raise SharedMemoryError(
+                f"shm {bare!r} is in use by another running ivshmemd (it holds {path} "
+                "locked); refusing to resize or share it"
+            ) from None
+        raise SharedMemoryError(f"cannot lock shm {bare!r}: {_describe(exc)}") from None
+    return lock_fd
+
+
+def open_posix_shm(name: str, size: int, *, sparse: bool = False) -> SharedMemoryRegion:
+    """Create or reuse the POSIX shm object ``name`` with ``size`` bytes (see the module
+    docstring for the lock, the ownership checks and the reservation)."""
+    bare = validate_shm_name(name)
+    check_size(size)
+    path = f"{SHM_DIR}/{bare}"
+    try:
+        fd, created = open_regular_nofollow(path, os.O_RDWR | os.O_CREAT, 0o600, "shm")
+    except LockError as exc:
+        raise SharedMemoryError(str(exc)) from None
+    lock_fd = -1
+    try:
+        lock_fd = _lock(path, fd, bare)
+        label = f"shm {bare!r}"
         if os.fstat(fd).st_size != size:
-            _truncate(fd, size, f"shm {bare!r}", allow_growth=False)
+            _truncate(fd, size, label, allow_growth=False)
+        if not sparse:
+            _reserve(fd, size, label)
     except BaseException:
+        if created and lock_fd >= 0:  # ours, and nobody else took it: leave nothing behind
+            with suppress(OSError):
+                if still_names(path, identity(os.fstat(fd))):
+                    os.unlink(path)
         os.close(fd)
-        if created:
-            unlink_posix_shm(bare)
+        if lock_fd >= 0:
+            os.close(lock_fd)
         raise
-    return SharedMemoryRegion(fd=fd, size=size, name=bare, created=created)
+    return SharedMemoryRegion(
+        fd=fd,
+        size=size,
+        name=bare,
+        created=created,
+        lock_fd=lock_fd,
+        ident=identity(os.fstat(fd)),
+    )
 
 
 def unlink_posix_shm(name: str) -> bool:
-    """Unlink the POSIX shm object ``name``; False if it was already gone."""
+    """Unlink the POSIX shm object ``name``; False if it was already gone (for tools and
+    test clean-up; the daemon itself uses :meth:`SharedMemoryRegion.unlink_if_ours`)."""
     try:
-        segment = attach_posix_shm(name)
-    except (FileNotFoundError, ValueError, SharedMemoryError):
+        os.unlink(f"{SHM_DIR}/{validate_shm_name(name)}")
+    except (FileNotFoundError, SharedMemoryError):
         return False
-    try:
-        with _untracked():
-            segment.unlink()
-    except FileNotFoundError:
-        return False
-    finally:
-        segment.close()
     return True
 
 
-def open_shm_in_dir(directory: str, size: int) -> SharedMemoryRegion:
+def open_shm_in_dir(directory: str, size: int, *, sparse: bool = False) -> SharedMemoryRegion:
     """Create an unlinked file of ``size`` bytes in ``directory`` (e.g. a hugetlbfs mount)."""
+    check_size(size)
     if not os.path.isdir(directory):
         raise SharedMemoryError(f"shm directory {directory!r} does not exist or is not a directory")
     try:
@@ -191,7 +305,10 @@ def open_shm_in_dir(directory: str, size: int) -> SharedMemoryRegion:
         ) from None
     os.unlink(path)
     try:
-        actual = _truncate(fd, size, f"a file in {directory!r}", allow_growth=True)
+        label = f"a file in {directory!r}"
+        actual = _truncate(fd, size, label, allow_growth=True)
+        if not sparse:
+            _reserve(fd, actual, label)
     except BaseException:
         os.close(fd)
         raise

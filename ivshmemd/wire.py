@@ -78,12 +78,13 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def recv_message(sock: socket.socket) -> tuple[bytes, list[int], int]:
-    """Receive at most one message: ``(data, fds, msg_flags)``.
+def recv_message(sock: socket.socket, size: int = MESSAGE_SIZE) -> tuple[bytes, list[int], int]:
+    """Receive at most one message (at most ``size`` bytes: a reader reassembling a message
+    that arrived in pieces asks for the rest only): ``(data, fds, msg_flags)``.
 
     ``data`` may be shorter than 8 bytes at EOF or when a peer sends garbage; ``fds`` lists
     every fd that arrived with it (the caller owns and must close them). ``msg_flags`` carries
     ``MSG_CTRUNC`` if the kernel had to drop fds.
     """
-    data, ancdata, flags, _addr = sock.recvmsg(MESSAGE_SIZE, FDS_CMSG_SPACE)
+    data, ancdata, flags, _addr = sock.recvmsg(size, FDS_CMSG_SPACE)
     return data, _fds_from_ancdata(ancdata), flags

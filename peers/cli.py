@@ -25,7 +25,8 @@ from typing import Any
 import trio
 
 from ivshmemd import __version__
-from ivshmemd.argtypes import size
+from ivshmemd.argtypes import seconds, size
+from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.protocol import DEFAULT_SOCKET
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wait",
-        type=float,
+        type=seconds(zero=True),
         metavar="SECONDS",
         default=DEFAULT_WAIT,
         help="keep retrying the connection this long while the daemon is not up "
@@ -285,19 +286,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     while True:
         try:
             return _run_once(args, plugin_cls, options, reporter)
-        except ServerGone as exc:
-            if not args.reconnect:
-                reporter.log(f"the daemon went away ({exc}); exiting")
-                reporter.emit(report.ServerGone(str(exc)))
+        except BaseException as raised:  # trio may wrap what a task raised: unwrap it
+            error = unwrap(raised)
+            if isinstance(error, ServerGone):
+                if not args.reconnect:
+                    reporter.log(f"the daemon went away ({error}); exiting")
+                    reporter.emit(report.ServerGone(str(error)))
+                    return EXIT_FAILED
+                reporter.log(f"the daemon went away ({error}); reconnecting")
+                reporter.emit(report.Reconnecting())
+                time.sleep(RECONNECT_PAUSE)
+            elif isinstance(error, ClientError):
+                reporter.log(str(error))
+                reporter.emit(report.Error(str(error)))
                 return EXIT_FAILED
-            reporter.log(f"the daemon went away ({exc}); reconnecting")
-            reporter.emit(report.Reconnecting())
-            time.sleep(RECONNECT_PAUSE)
-        except ClientError as exc:
-            reporter.log(str(exc))
-            reporter.emit(report.Error(str(exc)))
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            return EXIT_OK
-        except Exception as exc:
-            return _plugin_failed(exc, args, reporter)
+            elif isinstance(error, KeyboardInterrupt):
+                return EXIT_OK
+            elif isinstance(error, Exception):
+                return _plugin_failed(error, args, reporter)
+            else:
+                raise

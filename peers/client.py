@@ -9,13 +9,33 @@ works against QEMU's own server as well as ours: it relies only on the documente
 Every fd received is owned by the client and closed by :meth:`IvshmemClient.close` (or
 handed back when a peer leaves); a protocol violation raises :class:`ClientError` with a clear
 message after closing whatever came with the offending message.
+
+The server is not trusted further than the protocol allows:
+
+* **The stream is a stream.** A message may arrive in pieces (3 bytes, then 5): each read
+  asks for exactly what the current message still lacks, so pieces are reassembled and a
+  read never runs into the next message (whose fd the kernel would hand over with it).
+* **Every fd is checked on receipt.** The shared memory must be a writable regular file
+  (memfd, tmpfs, hugetlbfs) of at least 4 KiB and a power of two in size; every vector must
+  be an eventfd (``anon_inode:[eventfd]``). Anything else (a pipe, a socket, a directory,
+  ``/dev/null``, a read-only or empty file) refuses the stream at once with a message that
+  says what arrived, instead of failing later, or only when rung.
+* **No wait is unbounded.** :func:`connect` gives the handshake its own timeout, so a server
+  that accepts and then says nothing is reported as such (not as "no server").
+* **Eventfds are shared, their flags too.** ``O_NONBLOCK`` lives in the open file
+  description that every holder of an eventfd shares, so another peer can clear it. Our own
+  vectors are read with ``preadv2(RWF_NOWAIT)`` (:func:`read_vector`), which never blocks
+  whatever the flags say; a ring (:func:`ring_eventfd`) puts ``O_NONBLOCK`` back first if it
+  was cleared, and a counter that cannot take another ring drops it instead of waiting.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 
 import trio
@@ -36,13 +56,21 @@ __all__ = [
     "PeerVector",
     "ServerGone",
     "ServerUnreachable",
+    "check_eventfd",
+    "check_shm_fd",
     "connect",
     "connect_with_retry",
+    "read_vector",
+    "ring_eventfd",
 ]
 
 #: Without a known vector count, how long to wait for our own vectors after the shm message
 #: before concluding that the server runs with zero vectors.
 DEFAULT_SETTLE = 0.25
+#: How long a server that accepted the connection may take to send the whole handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+MIN_SHM_SIZE = 4096
+_EVENTFD_LINK = "anon_inode:[eventfd]"
 
 
 class ClientError(Exception):
@@ -69,6 +97,77 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a regular file"),
+    ):  # fmt: skip
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def check_shm_fd(fd: int) -> int:
+    """The size of a usable shared-memory fd; :class:`ClientError` says what is wrong."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        what = _kind(st.st_mode)
+        try:
+            what += f" ({os.readlink(f'/proc/self/fd/{fd}')})"
+        except OSError:
+            pass
+        raise ClientError(f"the server's shared memory is {what}, not a memory file")
+    size = st.st_size
+    if size < MIN_SHM_SIZE or size & (size - 1):
+        raise ClientError(
+            f"the server's shared memory has {size} bytes; a power of two of at least "
+            f"{MIN_SHM_SIZE} is needed"
+        )
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise ClientError("the server's shared memory is not writable (opened read-only)")
+    return size
+
+
+def check_eventfd(fd: int, what: str) -> None:
+    """Raise :class:`ClientError` unless ``fd`` is an eventfd."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise ClientError(f"cannot inspect {what}: {exc.strerror}") from None
+    if link != _EVENTFD_LINK:
+        kind = _kind(os.fstat(fd).st_mode) if not link.startswith("anon_inode:") else link
+        raise ClientError(f"{what} is {kind}, not an eventfd")
+
+
+_counter = bytearray(8)
+_counter_view = [memoryview(_counter)]
+
+
+def read_vector(fd: int) -> int:
+    """Consume one of our own eventfds: its count, or 0 if it was not rung. Never blocks,
+    even if another holder cleared ``O_NONBLOCK`` on the shared file description."""
+    try:
+        os.preadv(fd, _counter_view, -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    return int.from_bytes(_counter, "little")
+
+
+def ring_eventfd(fd: int) -> bool:
+    """Add 1 to a peer's eventfd; False if its counter is full (the ring is dropped, as a
+    ring to a saturated counter means nothing more). Never waits: ``O_NONBLOCK`` is put
+    back first if another holder cleared it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_NONBLOCK:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @dataclass
 class IvshmemClient:
     """One connection to an ivshmem server, after the handshake."""
@@ -91,7 +190,11 @@ class IvshmemClient:
         """One whole message if one is available now; raise on EOF or a broken message."""
         while True:
             try:
-                data, fds, flags = wire.recv_message(self.sock)
+                # never more than the current message lacks: a read must not run into the
+                # next message (the kernel would hand over that message's fd with it)
+                data, fds, flags = wire.recv_message(
+                    self.sock, wire.MESSAGE_SIZE - len(self._pending)
+                )
             except BlockingIOError:
                 return None
             except OSError as exc:
@@ -132,6 +235,16 @@ class IvshmemClient:
             raise ClientError(f"protocol error: {exc}") from None
         _close_all(self.parser.extra_fds)
         self.parser.extra_fds.clear()
+        try:
+            if isinstance(event, Welcome):
+                check_shm_fd(event.shm_fd)
+            elif isinstance(event, PeerVector):
+                whose = "our own" if event.own else f"peer {event.peer_id}'s"
+                check_eventfd(event.fd, f"{whose} vector {event.index}")
+        except ClientError:
+            assert event is not None and fd is not None
+            _close_all([fd])
+            raise
         if isinstance(event, PeerVector):
             if event.own:
                 self.own_vectors.append(event.fd)
@@ -166,8 +279,7 @@ class IvshmemClient:
         fds = self.own_vectors if peer_id == self.peer_id else self.peers.get(peer_id)
         if fds is None or not 0 <= vector < len(fds):
             return False
-        os.eventfd_write(fds[vector], 1)
-        return True
+        return ring_eventfd(fds[vector])
 
     def close(self) -> None:
         """Close the socket and every fd received."""
@@ -176,7 +288,8 @@ class IvshmemClient:
         self.closed = True
         fds = [self.shm_fd, *self.own_vectors, *self._pending_fds]
         for vectors in self.peers.values():
-            fds.extend(vectors)
+            if vectors is not self.own_vectors:  # a runtime may list itself among the peers
+                fds.extend(vectors)
         self.peers.clear()
         self.own_vectors.clear()
         _close_all(fds)
@@ -189,18 +302,7 @@ class IvshmemClient:
         self.close()
 
 
-async def connect(
-    path: str, *, vectors: int | None = None, settle: float = DEFAULT_SETTLE
-) -> IvshmemClient:
-    """Connect to the server at ``path`` and complete the handshake.
-
-    Returns once all our own vectors have arrived. How many there are: ``vectors`` if given
-    (the server's ``-n``); otherwise the count every existing peer came with (the server
-    hands everyone the same number), which is exact whenever anyone else is connected. When
-    we are alone, we wait up to ``settle`` seconds for the first own vector (none come from
-    a server with zero vectors) and then until the stream pauses for ``settle / 5``;
-    own vectors arriving later are still recorded as they are read.
-    """
+async def _open(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setblocking(False)
     try:
@@ -216,6 +318,10 @@ async def connect(
         raise ServerUnreachable(
             f"cannot connect to {path}: {exc.strerror or exc}", exc.errno
         ) from None
+    return sock
+
+
+async def _handshake(sock: socket.socket, vectors: int | None, settle: float) -> IvshmemClient:
     client: IvshmemClient | None = None
     parser = ClientParser()
     pending = IvshmemClient(sock, -1, -1, 0, parser=parser)
@@ -252,23 +358,64 @@ async def connect(
         raise
 
 
+async def connect(
+    path: str,
+    *,
+    vectors: int | None = None,
+    settle: float = DEFAULT_SETTLE,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> IvshmemClient:
+    """Connect to the server at ``path`` and complete the handshake within ``timeout``.
+
+    Returns once all our own vectors have arrived. How many there are: ``vectors`` if given
+    (the server's ``-n``); otherwise the count every existing peer came with (the server
+    hands everyone the same number), which is exact whenever anyone else is connected. When
+    we are alone, we wait up to ``settle`` seconds for the first own vector (none come from
+    a server with zero vectors) and then until the stream pauses for ``settle / 5``;
+    own vectors arriving later are still recorded as they are read.
+
+    Raises :class:`ServerUnreachable` when nothing accepts the connection, and
+    :class:`ClientError` when a server accepted it but broke the protocol or did not finish
+    the handshake in time.
+    """
+    sock = await _open(path)
+    with trio.move_on_after(timeout):
+        return await _handshake(sock, vectors, settle)
+    raise ClientError(
+        f"the server at {path} accepted the connection but did not complete the handshake "
+        f"within {timeout:g} s"
+    )
+
+
 async def connect_with_retry(
     path: str,
     *,
     vectors: int | None = None,
     timeout: float = 10.0,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     initial_delay: float = 0.01,
     max_delay: float = 0.5,
 ) -> IvshmemClient:
-    """:func:`connect`, retrying with exponential backoff while the server is not up yet."""
+    """:func:`connect`, retrying with exponential backoff for up to ``timeout`` seconds
+    while nothing listens at ``path`` yet. Once a server accepts, the handshake has its own
+    ``handshake_timeout``, and its errors are not retried."""
     delay = initial_delay
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                return await connect(path, vectors=vectors)
-            except ServerUnreachable as exc:
-                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                    raise
-            await trio.sleep(delay)
-            delay = min(delay * 2, max_delay)
-    raise ClientError(f"no ivshmem server answered on {path} within {timeout:g} s")
+    last: ServerUnreachable | None = None
+    deadline = trio.current_time() + timeout
+    while True:
+        try:
+            return await connect(path, vectors=vectors, timeout=handshake_timeout)
+        except ServerUnreachable as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                raise
+            last = exc
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            break
+        await trio.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_delay)
+    assert last is not None
+    why = "it does not exist" if last.errno == errno.ENOENT else "nothing listens there"
+    raise ServerUnreachable(
+        f"no ivshmem server answered on {path} within {timeout:g} s ({why})", last.errno
+    )

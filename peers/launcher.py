@@ -63,7 +63,7 @@ from typing import Any, Final
 
 import trio
 
-from ivshmemd.argtypes import int_in, positive_float, size
+from ivshmemd.argtypes import int_in, seconds, size
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, signal_exit
 from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.shm import unlink_posix_shm
@@ -207,7 +207,7 @@ def build_up_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=seconds(),
         metavar="S",
         help="stop everything after S seconds, naming the peers still "
         "running and what they wait for (exit status 1)",

@@ -23,6 +23,8 @@ from typing import Any
 
 import trio
 
+from ivshmemd.errors import unwrap
+
 from .client import ClientError
 from .runtime import PeerMachine
 
@@ -92,15 +94,10 @@ async def run_trio(machine: PeerMachine, on_ready: Callable[[], None] = _nothing
     except BaseExceptionGroup as group:  # a lost server is one clear error, not a group
         lost, _rest = group.split(ClientError)
         if lost is not None:
-            raise _first_leaf(lost) from None
+            raise unwrap(lost) from None
         raise
     if stopped_by and not machine.done:
         raise Stopped(stopped_by[0])
-
-
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _supervise(

@@ -8,16 +8,19 @@ doorbell the guest writes into ``eventfd_write(1)`` on the destination's eventfd
 
 The per-doorbell path is: guest ``vcpu.write32`` -> MMIO dispatch -> device -> the
 destination's route, resolved once per (peer, vector) until the peer table changes:
-``functools.partial(os.eventfd_write, fd, 1)``, so no Python frame of ours runs between the
-device and the ``eventfd_write``. The per-interrupt path is: eventfd readable -> one
-``eventfd_read`` -> ``device.ring`` -> ``plugin.interrupt`` (the device delivers an open
-MSI-X vector directly).
+``functools.partial(ring_eventfd, fd)``, one Python frame between the device and the
+``eventfd_write``. The per-interrupt path is: eventfd readable -> one non-blocking read ->
+``device.ring`` -> ``plugin.interrupt`` (the device delivers an open MSI-X vector directly).
+
+Neither path ever blocks on an eventfd another process controls (``O_NONBLOCK`` lives in
+the file description every holder shares, so any of them may clear it): our own vectors
+are read with ``preadv2(RWF_NOWAIT)`` (:func:`peers.client.read_vector`), and a ring puts
+``O_NONBLOCK`` back first if it was cleared (:func:`peers.client.ring_eventfd`).
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +28,7 @@ from functools import partial
 from vmm import Backing, Vm
 from vmm.ivshmem import IvshmemDevice
 
-from .client import IvshmemClient, PeerLeft, PeerVector
+from .client import IvshmemClient, PeerLeft, PeerVector, read_vector, ring_eventfd
 from .pairing import PartnerSearch
 from .plugin import Guest, Plugin
 from .shmdir import ShmDirectory
@@ -136,32 +139,28 @@ class PeerMachine:
     # -- the hot paths --------------------------------------------------------------------
 
     def _doorbell(self, peer_id: int, vector: int) -> None:
-        os.eventfd_write(self.peer_fds[peer_id][vector], 1)
+        ring_eventfd(self.peer_fds[peer_id][vector])
 
-    def _route(self, peer_id: int, vector: int) -> Callable[[], None]:
-        """What rings ``peer_id``'s ``vector``: the eventfd write itself (the device keeps
-        it until its peer table changes, which the server events below always do when a
-        peer's eventfds come or go)."""
-        return partial(os.eventfd_write, self.peer_fds[peer_id][vector], 1)
+    def _route(self, peer_id: int, vector: int) -> Callable[[], bool]:
+        """What rings ``peer_id``'s ``vector``: :func:`ring_eventfd` bound to its eventfd
+        (the device keeps it until its peer table changes, which the server events below
+        always do when a peer's eventfds come or go)."""
+        return partial(ring_eventfd, self.peer_fds[peer_id][vector])
 
     def on_vector(self, vector: int) -> bool:
         """Our eventfd ``vector`` may be readable: consume it and interrupt the guest once.
-        Returns whether it had been rung."""
-        try:
-            os.eventfd_read(self._own_fds[vector])
-        except BlockingIOError:
+        Returns whether it had been rung. Never blocks (see :func:`read_vector`)."""
+        if not read_vector(self._own_fds[vector]):
             return False
         self.device.ring(vector)
         return True
 
     def vector_handler(self, vector: int) -> Callable[[], bool]:
         """:meth:`on_vector` for one vector, bound once (an event loop's per-fd handler)."""
-        fd, read, ring = self._own_fds[vector], os.eventfd_read, self.device.ring
+        fd, read, ring = self._own_fds[vector], read_vector, self.device.ring
 
         def handle() -> bool:
-            try:
-                read(fd)
-            except BlockingIOError:
+            if not read(fd):  # 0: not rung
                 return False
             ring(vector)
             return True

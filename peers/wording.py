@@ -2,7 +2,8 @@
 
 Every command of ``peers`` reports a failure as one line (``TYPE: message``, and where it
 was raised); the traceback is for ``-v``. trio wraps what a task raised in
-``ExceptionGroup``\\ s: :func:`unwrap` finds the exception that matters inside.
+``ExceptionGroup``\\ s: :func:`ivshmemd.errors.unwrap` finds the exception that matters
+inside.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-__all__ = ["exception_line", "plural", "traceback_lines", "unwrap"]
+from ivshmemd.errors import unwrap
+
+__all__ = ["exception_line", "plural", "traceback_lines"]
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``1 vector``, ``2 vectors``, ``1 vCPU``; ``many`` for an irregular plural."""
     return f"{count} {word if count == 1 else many or word + 's'}"
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The first leaf of (nested) exception groups, or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def exception_line(exc: BaseException) -> str:

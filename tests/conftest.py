@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -62,3 +65,15 @@ async def task_steps() -> AsyncIterator[TaskSteps]:
         yield counter
     finally:
         trio.lowlevel.remove_instrument(counter)
+
+
+@pytest.fixture
+def world_dir() -> Iterator[str]:
+    """A short directory every uid can reach and create sockets in (sticky, like /tmp):
+    pytest's tmp_path is private to root, and tests run clients and daemons as others."""
+    path = tempfile.mkdtemp(prefix="ivshmem-world-")
+    os.chmod(path, 0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

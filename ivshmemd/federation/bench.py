@@ -40,7 +40,7 @@ from typing import IO, Any
 import trio
 import zmq
 
-from ivshmemd.argtypes import positive_float, positive_int
+from ivshmemd.argtypes import positive_int, seconds
 from ivshmemd.registry import IdAllocator, Peer, Registry, SharedFd
 from ivshmemd.zmqtrio import TrioSocket
 
@@ -468,11 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=10)
     parser.add_argument("--per-round", type=positive_int, default=500)
     parser.add_argument(
-        "--seconds", type=positive_float, default=1.0, help="length of each throughput run"
+        "--seconds", type=seconds(), default=1.0, help="length of each throughput run"
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=seconds(),
         default=3.0,
         help="--federation-timeout of the two daemons",
     )

@@ -21,19 +21,16 @@ is handed up for strict decoding. With CURVE, the ROUTER is a CURVE server authe
 by the ZAP handler (:mod:`ivshmemd.federation.zap`), and each message's ``User-Id`` (the
 sender's public key) comes along so that the member can be dialled back with it.
 
-ipc endpoints: the socket file is created 0600 (with a umask, so there is no window) and
-removed on close; an existing path is only replaced if it is a socket nobody listens on
-(a leftover of a crash), never another kind of file or a live daemon's socket.
+ipc endpoints: the socket file is placed as the control plane's are
+(:func:`ivshmemd.sockpath.place_socket`: created 0600 where nobody can swap it, an existing
+path only replaced if it is a socket nobody listens on, never another kind of file or a live
+daemon's socket) and removed on close only while it is still the one we made.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
-import socket
-import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,9 +39,8 @@ from typing import Any, Final
 import trio
 import zmq
 
-# The control plane owns these ipc helpers (to be made public there at integration).
-from ivshmemd.control import MAX_IPC_PATH, _umask
-from ivshmemd.control import _ipc_path as ipc_path
+from ivshmemd.control import ipc_path
+from ivshmemd.sockpath import SocketPathError, place_socket, unlink_if_ours
 from ivshmemd.zmqtrio import TrioSocket
 
 from .keys import CurveKeyPair
@@ -81,30 +77,6 @@ class _Link:
     sent: int = 0
 
 
-def _check_ipc_path(path: str) -> None:
-    """Refuse a path that is too long, is not a socket, or is a live daemon's socket."""
-    if len(os.fsencode(path)) > MAX_IPC_PATH:
-        raise TransportError(
-            f"ipc path {path!r} is longer than {MAX_IPC_PATH} bytes (a unix socket limit)"
-        )
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise TransportError(f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return  # a leftover socket file: libzmq replaces it
-        raise TransportError(f"cannot check {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise TransportError(f"{path} is in use by another process")
-
-
 class Transport:
     """The ROUTER and the links of one daemon (see the module docstring)."""
 
@@ -122,7 +94,8 @@ class Transport:
         self.max_backlog = max_backlog
         self.endpoint: str | None = None
         self._router: TrioSocket | None = None
-        self._ipc_file: str | None = None
+        #: the ipc socket file we placed, and its identity (removed only while still ours)
+        self._ipc_file: tuple[str, tuple[int, int]] | None = None
         self._links: dict[int, _Link] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -146,15 +119,21 @@ class Transport:
                 sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode("ascii"))
                 self._use_keys(sock)
             path = ipc_path(endpoint)
-            if path is not None:
-                _check_ipc_path(path)
             try:
-                with _umask(0o177):  # the socket file is 0600 from the start
+                if path is None:
                     sock.bind(endpoint)
+                    bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                else:
+                    ident = place_socket(
+                        path, lambda private: sock.bind(f"ipc://{private}"), 0o600, None,
+                        "federation socket",
+                    )  # fmt: skip
+                    self._ipc_file = (path, ident)
+                    bound = endpoint
             except zmq.ZMQError as exc:
                 raise TransportError(f"cannot listen on {endpoint}: {exc}") from None
-            self._ipc_file = path
-            bound: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            except SocketPathError as exc:
+                raise TransportError(str(exc)) from None
         except BaseException:
             router.close()
             raise
@@ -314,6 +293,5 @@ class Transport:
             self._router.close()
             self._router = None
         if self._ipc_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._ipc_file)
+            unlink_if_ours(*self._ipc_file)
             self._ipc_file = None

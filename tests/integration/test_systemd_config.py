@@ -96,7 +96,7 @@ async def test_the_sample_configurations_run(tmp_path: Path) -> None:
         daemon = await supervisor.start(Child(daemon_argv), notify=True)
         try:
             await daemon.wait_ready(TIMEOUT)
-            assert daemon.log_matching(r"16777216 bytes, 2 vectors per peer"), daemon.log
+            assert daemon.log_matching(r"16777216 bytes reserved, 2 vectors per peer"), daemon.log
             peer = await supervisor.start(Child(peer_argv))
             await peer.wait_log(r"^peer 0: running plugin monitor \(id 0, .*2 vectors", 1, TIMEOUT)
             peer.terminate()

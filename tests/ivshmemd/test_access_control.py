@@ -9,30 +9,15 @@ anything, and logs why.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import trio
 
 from tests.rawclient import RawClient
 
 NOBODY = 65534
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[str]:
-    """A directory another uid can traverse (pytest's tmp_path is private to root)."""
-    path = tempfile.mkdtemp(prefix="ivshmem-acl-")
-    os.chmod(path, 0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def connect_as(uid: int, gid: int, path: str) -> tuple[str, int, int]:
@@ -89,18 +74,18 @@ async def test_socket_mode_and_group(start_daemon: Any) -> None:
         assert st.st_gid == NOBODY
 
 
-async def test_another_uid_cannot_open_a_0600_socket(start_daemon: Any, shared_dir: str) -> None:
-    async with start_daemon(vectors=1, socket_path=f"{shared_dir}/sock") as daemon:
+async def test_another_uid_cannot_open_a_0600_socket(start_daemon: Any, world_dir: str) -> None:
+    async with start_daemon(vectors=1, socket_path=f"{world_dir}/sock") as daemon:
         outcome = await trio.to_thread.run_sync(connect_as, NOBODY, NOBODY, daemon.socket_path)
         assert outcome == ("denied", 0, 0)
         assert daemon.count("joined") == 0
 
 
 async def test_allow_uid_refuses_others_and_admits_the_listed(
-    start_daemon: Any, shared_dir: str
+    start_daemon: Any, world_dir: str
 ) -> None:
     args = ["--socket-mode", "0666", "--allow-uid", str(NOBODY)]
-    async with start_daemon(vectors=1, args=args, socket_path=f"{shared_dir}/sock") as daemon:
+    async with start_daemon(vectors=1, args=args, socket_path=f"{world_dir}/sock") as daemon:
         # root is not on the list: refused, no fd at all
         refused = await RawClient.connect(daemon.socket_path)
         try:
@@ -115,9 +100,9 @@ async def test_allow_uid_refuses_others_and_admits_the_listed(
         assert outcome == ("admitted", 4, 2)
 
 
-async def test_allow_gid_admits_members(start_daemon: Any, shared_dir: str) -> None:
+async def test_allow_gid_admits_members(start_daemon: Any, world_dir: str) -> None:
     args = ["--socket-mode", "0666", "--allow-gid", "nogroup"]
-    async with start_daemon(vectors=1, args=args, socket_path=f"{shared_dir}/sock") as daemon:
+    async with start_daemon(vectors=1, args=args, socket_path=f"{world_dir}/sock") as daemon:
         outcome = await trio.to_thread.run_sync(connect_as, NOBODY, NOBODY, daemon.socket_path)
         assert outcome == ("admitted", 4, 2)
         refused = await trio.to_thread.run_sync(connect_as, 1000, 1000, daemon.socket_path)

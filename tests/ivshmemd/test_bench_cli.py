@@ -15,6 +15,8 @@ import pytest
         ("ivshmemd.bench", ["join", "--peers", "0"], "must be in 1..65536"),
         ("ivshmemd.bench", ["churn", "--cycles", "x"], "not an integer"),
         ("ivshmemd.bench_control", ["--requests", "-1"], "must be positive"),
+        ("ivshmemd.bench_hostile", ["slow-reader", "--seconds", "nan"], "finite number"),
+        ("ivshmemd.bench_hostile", ["control-flood", "--clients", "0"], "must be positive"),
         ("peers.bench_ping", ["--count", "0"], "must be positive"),
         ("peers.bench", ["ring", "--bytes", "xx"], "invalid size"),
         ("vmm.bench", ["pagetable", "-b", "garbage"], "invalid size"),

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +20,12 @@ from ivshmemd import control
 from ivshmemd.control import (
     MAX_REQUEST_BYTES,
     SCHEMA_VERSION,
+    ControlAccess,
     ControlEndpoints,
     ControlError,
     ControlSetupError,
     Credentials,
+    CurveKeys,
     ErrorCode,
     EventPublisher,
     SequenceTracker,
@@ -41,6 +40,7 @@ from ivshmemd.control import (
     serve_control,
 )
 from ivshmemd.zmqtrio import TrioSocket
+from tests.asuser import run_as
 from tests.controlview import BrokenDaemon, FakeDaemon
 from tests.wakeups import TaskSteps
 
@@ -158,6 +158,14 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
         req({"v": 1, "cmd": "status", "pad": b"x" * MAX_REQUEST_BYTES}),
         ErrorCode.TOO_LARGE,
     ),
+    # keys of both kinds: nothing may compare (sort) them, and it is the client's mistake
+    ("mixed keys", req({"v": 1, "cmd": "status", b"x": 1, "y": 2}), ErrorCode.BAD_REQUEST),
+    (
+        "mixed args keys",
+        req({"v": 1, "cmd": "status", "args": {"a": 1, b"b": 2}}),
+        ErrorCode.BAD_REQUEST,
+    ),
+    ("bytes keys only", req({b"v": 1, b"cmd": b"status"}), ErrorCode.BAD_REQUEST),
 ]
 
 
@@ -166,11 +174,13 @@ BAD_REQUESTS: list[tuple[str, bytes, str]] = [
     [(raw, code) for _, raw, code in BAD_REQUESTS],
     ids=[n for n, *_ in BAD_REQUESTS],
 )
-def test_bad_requests_get_error_replies(raw: bytes, code: str) -> None:
+def test_bad_requests_get_error_replies(raw: bytes, code: str, caplog: Any) -> None:
     daemon = FakeDaemon(owner_uid=0)
     daemon.join()
-    assert error_code(handle_request(raw, daemon, 0)) == code
+    with caplog.at_level("DEBUG"):
+        assert error_code(handle_request(raw, daemon, 0)) == code
     assert len(daemon.table) == 1  # nothing was kicked by a malformed request
+    assert not caplog.records  # a client's mistake is its error reply, not a daemon log line
 
 
 def test_view_failures_become_internal_errors() -> None:
@@ -291,24 +301,24 @@ def test_parse_peer_address() -> None:
 # --- serve_control over real sockets ----------------------------------------------------------
 
 
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A short, world-traversable temporary directory (a client under another uid must be
-    able to reach the socket file; pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="ivctl-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-async def ask(endpoint: str, cmd: str, args: dict[str, Any] | None = None) -> bytes:
+async def ask(
+    endpoint: str,
+    cmd: str,
+    args: dict[str, Any] | None = None,
+    *,
+    curve: tuple[bytes, bytes, bytes] | None = None,
+    wait: float = 10,
+) -> bytes:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = TrioSocket(ctx.socket(zmq.REQ))
+    if curve is not None:
+        for option, key in zip(
+            (zmq.CURVE_PUBLICKEY, zmq.CURVE_SECRETKEY, zmq.CURVE_SERVERKEY), curve, strict=True
+        ):
+            sock.socket.setsockopt(option, key)
     sock.socket.connect(endpoint)
     try:
-        with trio.fail_after(10):
+        with trio.fail_after(wait):
             await sock.send_multipart([encode_request(cmd, args)])
             (raw,) = await sock.recv_multipart()
             return raw
@@ -472,50 +482,40 @@ async def test_idle_control_plane_does_not_spin(
     sub.close()
 
 
-CHILD_REQUEST = """
-import json, sys, zmq, msgpack
-endpoint, cmd, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-sock = zmq.Context().socket(zmq.REQ)
-sock.setsockopt(zmq.LINGER, 0)
-sock.connect(endpoint)
-sock.send(msgpack.packb({"v": 1, "cmd": cmd, "args": args}))
-if not sock.poll(int(sys.argv[4])):
-    print(json.dumps({"timeout": True}))
-else:
-    print(json.dumps(msgpack.unpackb(sock.recv(), raw=False)))
-"""
+def request_as(uid: int, endpoint: str, cmd: str, args: dict[str, Any], wait_ms: int) -> Any:
+    """In a child forked from this process that became ``uid`` (no re-exec, see
+    tests.asuser): one request; its decoded reply, or ``{"timeout": True}``."""
+
+    def child() -> int:
+        sock = zmq.Context().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(msgpack.packb({"v": 1, "cmd": cmd, "args": args}))
+        if not sock.poll(wait_ms):
+            print(json.dumps({"timeout": True}))
+        else:
+            print(json.dumps(msgpack.unpackb(sock.recv(), raw=False)))
+        return 0
+
+    status, output = run_as(uid, child)
+    assert status == 0, output
+    return json.loads(output)
 
 
-async def run_as(uid: int, endpoint: str, cmd: str, args: dict[str, Any], wait_ms: int) -> Any:
-    result = await trio.run_process(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            f"--regid={uid}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            CHILD_REQUEST,
-            endpoint,
-            cmd,
-            json.dumps(args),
-            str(wait_ms),
-        ],
-        capture_stdout=True,
-    )
-    return json.loads(result.stdout)
+async def run_as_uid(uid: int, endpoint: str, cmd: str, args: dict[str, Any], wait_ms: int) -> Any:
+    return await trio.to_thread.run_sync(request_as, uid, endpoint, cmd, args, wait_ms)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a client under another uid")
-async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: Path) -> None:
+async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: str) -> None:
     daemon = FakeDaemon(owner_uid=0)
     daemon.join()
     refusals: list[Credentials] = []
 
-    def authorize(creds: Credentials | None) -> str | None:
-        if creds is not None and creds.uid == 4444:
+    def allow(creds: Credentials) -> str | None:
+        if creds.uid == 4444:
             raise RuntimeError("a buggy hook")
-        if creds is not None and creds.uid == 4321:
+        if creds.uid == 4321:
             refusals.append(creds)
             return "uid 4321 is not allowed"
         return None
@@ -529,25 +529,26 @@ async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: Path)
                 f"ipc://{world_dir}/open.events",
                 EventPublisher(),
                 socket_mode=0o666,
-                authorize=authorize,
+                access=ControlAccess(allow=allow),
                 task_status=task_status,
             )
         )
-        answer = await run_as(NOBODY, open_ep.control, "kick", {"id": 0}, 10_000)
+        answer = await run_as_uid(NOBODY, open_ep.control, "kick", {"id": 0}, 10_000)
         assert answer["ok"] is False
         assert answer["error"]["code"] == ErrorCode.PERMISSION_DENIED
         assert f"uid {NOBODY}" in answer["error"]["message"]
         assert 0 in daemon.table
-        status = await run_as(NOBODY, open_ep.control, "status", {}, 10_000)
+        status = await run_as_uid(NOBODY, open_ep.control, "status", {}, 10_000)
         assert status["ok"] is True
-        # the authorize hook sees SO_PEERCRED and refuses uid 4321 for everything
-        refused = await run_as(4321, open_ep.control, "status", {}, 10_000)
-        assert refused["error"]["code"] == ErrorCode.PERMISSION_DENIED
-        assert [c.uid for c in refusals] == [4321]
-        # a hook that raises refuses the request, and the server keeps serving
-        buggy = await run_as(4444, open_ep.control, "status", {}, 10_000)
-        assert buggy["error"]["code"] == ErrorCode.PERMISSION_DENIED
-        assert (await run_as(NOBODY, open_ep.control, "status", {}, 10_000))["ok"] is True
+        # the allow hook sees SO_PEERCRED and turns uid 4321 away during the handshake:
+        # its connection never carries a request
+        refused = await run_as_uid(4321, open_ep.control, "status", {}, 1_000)
+        assert refused == {"timeout": True}
+        assert refusals and all(c.uid == 4321 for c in refusals)
+        # a hook that raises refuses the connection, and the server keeps serving
+        buggy = await run_as_uid(4444, open_ep.control, "status", {}, 1_000)
+        assert buggy == {"timeout": True}
+        assert (await run_as_uid(NOBODY, open_ep.control, "status", {}, 10_000))["ok"] is True
         # default 0600: another uid cannot even connect, so it never gets an answer
         closed_ep = await nursery.start(
             serve_control,
@@ -556,10 +557,10 @@ async def test_other_uid_cannot_kick_and_mode_0600_keeps_it_out(world_dir: Path)
             f"ipc://{world_dir}/closed.events",
             EventPublisher(),
         )
-        assert (await run_as(NOBODY, closed_ep.control, "status", {}, 500)) == {"timeout": True}
-        assert (await run_as(0, closed_ep.control, "status", {}, 10_000))["ok"] is True
+        assert (await run_as_uid(NOBODY, closed_ep.control, "status", {}, 500)) == {"timeout": True}
+        assert (await run_as_uid(0, closed_ep.control, "status", {}, 10_000))["ok"] is True
         nursery.cancel_scope.cancel()
-    assert not list(world_dir.iterdir()), "ipc socket files are removed on exit"
+    assert not os.listdir(world_dir), "ipc socket files are removed on exit"
 
 
 async def test_setup_errors_are_clear(tmp_path: Path) -> None:
@@ -572,22 +573,51 @@ async def test_setup_errors_are_clear(tmp_path: Path) -> None:
                 serve_control, daemon, f"ipc://{long_path}", f"ipc://{long_path}.e", publisher
             )
         with pytest.raises(ControlSetupError, match="cannot bind"):
+            public, secret = zmq.curve_keypair()
             await nursery.start(
-                serve_control, daemon, "tcp://256.1.1.1:1", f"ipc://{tmp_path}/e", publisher
-            )
+                lambda task_status: serve_control(
+                    daemon, "tcp://256.1.1.1:1", f"ipc://{tmp_path}/e", publisher,
+                    access=ControlAccess(curve=CurveKeys(public, secret, frozenset())),
+                    task_status=task_status,
+                )
+            )  # fmt: skip
 
 
-async def test_tcp_endpoints_resolve_port_and_carry_no_uid() -> None:
+async def test_tcp_is_served_only_with_curve() -> None:
     daemon = FakeDaemon(owner_uid=os.getuid())
     daemon.join()
     async with trio.open_nursery() as nursery:
+        with pytest.raises(ControlSetupError, match="only with CURVE"):
+            await nursery.start(
+                serve_control, daemon, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", EventPublisher()
+            )
+
+
+async def test_tcp_with_curve_resolves_port_serves_known_keys_only_and_carries_no_uid() -> None:
+    daemon = FakeDaemon(owner_uid=os.getuid())
+    daemon.join()
+    server_public, server_secret = zmq.curve_keypair()
+    alice_public, alice_secret = zmq.curve_keypair()
+    mallory_public, mallory_secret = zmq.curve_keypair()
+    keys = CurveKeys(server_public, server_secret, frozenset({alice_public}))
+    async with trio.open_nursery() as nursery:
         bound = await nursery.start(
-            serve_control, daemon, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", EventPublisher()
-        )
+            lambda task_status: serve_control(
+                daemon, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", EventPublisher(),
+                access=ControlAccess(curve=keys), task_status=task_status,
+            )
+        )  # fmt: skip
         assert not bound.control.endswith(":*")
-        assert decode_reply(await ask(bound.control, "status"))["peers"] == 1
+        alice = (alice_public, alice_secret, server_public)
+        assert decode_reply(await ask(bound.control, "status", curve=alice))["peers"] == 1
         # no credentials over tcp: kick is refused even for the daemon's own uid
-        assert error_code(await ask(bound.control, "kick", {"id": 0})) == (
+        assert error_code(await ask(bound.control, "kick", {"id": 0}, curve=alice)) == (
             ErrorCode.PERMISSION_DENIED
         )
+        # an unknown key, or no CURVE at all, never gets an answer
+        mallory = (mallory_public, mallory_secret, server_public)
+        with pytest.raises(trio.TooSlowError):
+            await ask(bound.control, "status", curve=mallory, wait=0.5)
+        with pytest.raises(trio.TooSlowError):
+            await ask(bound.control, "status", wait=0.5)
         nursery.cancel_scope.cancel()

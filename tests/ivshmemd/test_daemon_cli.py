@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +13,8 @@ import pytest
 
 from ivshmemd.shm import attach_posix_shm, unlink_posix_shm
 from ivshmemd.supervise import sync_daemon_process, unique_name
+from tests.daemoncli import TIMEOUT, run_daemon_cli, shm_exists, wait_pid_exit
 from tests.rawclient import RawClient
-
-TIMEOUT = 20
-
-
-def run_daemon_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ivshmemd", *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def shm_exists(name: str) -> bool:
-    return os.path.exists(f"/dev/shm/{name}")
 
 
 @pytest.fixture
@@ -51,6 +34,10 @@ def shm_name() -> Any:
         (["-l", "-5"], "invalid size"),
         (["-l", "1.5"], "a fraction needs a suffix"),
         (["-l", "16E"], "below 2^64"),
+        (["-l", "8E"], "too large"),
+        (["-l", "15E"], "too large"),
+        (["-l", "9223372036854775808"], "too large"),
+        (["--no-control", "--events", "ipc:///tmp/x"], "contradicts"),
         (["-x"], "unrecognized arguments"),
         (["--max-peers", "0"], "must be positive"),
         (["--peer-ids", "9-3"], "invalid peer id range"),
@@ -120,19 +107,6 @@ def test_regular_file_at_socket_path_is_not_replaced(tmp_path: Path, shm_name: s
     assert path.read_text() == "precious"
 
 
-def wait_pid_exit(pid: int) -> None:
-    """Block until a process that is not our child exits (pidfd readiness, no polling)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        ready, _, _ = select.select([pidfd], [], [], TIMEOUT)
-        assert ready, f"pid {pid} did not exit"
-    finally:
-        os.close(pidfd)
-
-
 def test_daemon_mode_returns_once_listening_and_cleans_up(tmp_path: Path, shm_name: str) -> None:
     path, pidfile = str(tmp_path / "sock"), str(tmp_path / "ivshmemd.pid")
     result: subprocess.CompletedProcess[str] | None = None
@@ -168,7 +142,7 @@ def test_daemon_mode_reports_start_up_failure(tmp_path: Path, shm_name: str) -> 
     assert not shm_exists(shm_name)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
 async def test_shutdown_frees_peers_and_unlinks(start_daemon: Any, signum: int) -> None:
     async with start_daemon(vectors=1) as daemon:
         first, second = await RawClient.connect(daemon.socket_path), None
@@ -186,7 +160,8 @@ async def test_shutdown_frees_peers_and_unlinks(start_daemon: Any, signum: int) 
             first.close()
             if second is not None:
                 second.close()
-        assert not os.path.exists(daemon.socket_path)
+        for leftover in ("", ".ctl", ".events", ".lock"):
+            assert not os.path.exists(daemon.socket_path + leftover), leftover
         assert not shm_exists(daemon.shm_name)
 
 
@@ -228,8 +203,8 @@ async def test_shm_dir_file_is_unlinked_at_once(start_daemon: Any, tmp_path: Pat
 
 
 async def test_sizes_beyond_32_bits(start_daemon: Any) -> None:
-    """64 GiB (sparse on tmpfs): no 32-bit truncation anywhere."""
-    async with start_daemon(vectors=0, size="64G") as daemon:
+    """64 GiB (sparse: more than this machine has): no 32-bit truncation anywhere."""
+    async with start_daemon(vectors=0, size="64G", args=["--sparse"]) as daemon:
         client = await RawClient.connect(daemon.socket_path)
         try:
             await client.read(3)

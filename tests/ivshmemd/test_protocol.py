@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ivshmemd.protocol import (
     ClientParser,
+    Delivery,
     Message,
     PeerLeft,
     PeerVector,
@@ -30,9 +31,11 @@ def test_join_message_order_for_newcomer_and_existing() -> None:
     a, b, c = _vecs(0, 2), _vecs(1, 2), _vecs(2, 2)
     outbox = join_messages(c, [a, b], "shm")
     # QEMU's order across recipients: greeting, the notices to the others, then the rest
-    assert [recipient for recipient, _ in outbox] == [2, 0, 1, 2]
+    assert [recipient for recipient, _, _ in outbox] == [2, 0, 1, 2, 2, 2]
+    # each announcement says whose vectors it carries (so a queue can withdraw it)
+    assert [announces for _, _, announces in outbox] == [None, 2, 2, 0, 1, 2]
     merged: dict[int, list[Message[str]]] = {}
-    for recipient, messages in outbox:
+    for recipient, messages, _announces in outbox:
         merged.setdefault(recipient, []).extend(messages)
     assert merged[2] == [
         Message(0),
@@ -51,11 +54,11 @@ def test_join_message_order_for_newcomer_and_existing() -> None:
 
 def test_join_with_zero_vectors_tells_nobody() -> None:
     outbox = join_messages(_vecs(1, 0), [_vecs(0, 0)], "shm")
-    assert outbox == [(1, [Message(0), Message(1), Message(-1, "shm")])]
+    assert outbox == [(1, (Message(0), Message(1), Message(-1, "shm")), None)]
 
 
 def test_leave_goes_to_every_remaining_peer_but_never_the_leaver() -> None:
-    assert leave_messages(3, [0, 3, 5]) == [(0, [Message(3)]), (5, [Message(3)])]
+    assert leave_messages(3, [0, 3, 5]) == [(0, (Message(3),), None), (5, (Message(3),), None)]
     assert leave_messages(3, []) == []
 
 
@@ -158,8 +161,8 @@ class World:
     own: dict[int, int] = field(default_factory=dict)
     heard: dict[int, dict[int, list[str]]] = field(default_factory=dict)
 
-    def deliver(self, outbox: list[tuple[int, list[Message[str]]]]) -> None:
-        for recipient, messages in outbox:
+    def deliver(self, outbox: list[Delivery[str]]) -> None:
+        for recipient, messages, _announces in outbox:
             parser = self.views[recipient]
             for message in messages:
                 fd = None if message.fd is None else hash(message.fd) & 0xFFFF

@@ -384,7 +384,7 @@ async def test_starting_fails_cleanly_on_bad_settings(tmp_path: Path) -> None:
     not_a_socket.write_text("precious")
     federation = Federation(make_config(f"ipc://{not_a_socket}", 0), host)
     async with trio.open_nursery() as nursery:
-        with pytest.raises(TransportError, match="is not a socket; not replacing it"):
+        with pytest.raises(TransportError, match="is not a socket; refusing to replace it"):
             await nursery.start(federation.run)
     assert not_a_socket.read_text() == "precious"
 
@@ -393,7 +393,7 @@ async def test_a_live_daemons_socket_is_not_taken_over(tmp_path: Path) -> None:
     async with federation_chain([ipc(tmp_path, "a")]) as (_nursery, (a,)):
         second = Federation(make_config(a.endpoint, 1), RecordingHost(2, (1000, 1999)))
         async with trio.open_nursery() as nursery:
-            with pytest.raises(TransportError, match="in use by another process"):
+            with pytest.raises(TransportError, match="another server is already listening"):
                 await nursery.start(second.run)
         assert os.path.exists(a.endpoint[len("ipc://") :])
 

@@ -1,0 +1,442 @@
+"""The control plane in a process of its own, so that nothing it does can take the daemon down.
+
+libzmq aborts the whole process when it runs out of file descriptors while accepting a
+connection (``ipc_listener.cpp``: an assertion that tolerates ``ENFILE`` but not
+``EMFILE``), and a flood of clients can make it do so: no amount of headroom in a shared fd
+table makes a daemon safe from *any number* of control clients. So the daemon never runs
+libzmq itself. :class:`ControlProcess` starts ``python -m ivshmemd.controlproc`` (the
+*control process*), which serves :func:`ivshmemd.control.serve_control` with its own fd
+table, at a lower CPU priority (``nice`` 10: the peers' protocol path comes first), and
+relays over one unix socket pair (the *link*):
+
+* each request, with the client's credentials, to the daemon, which answers it from its
+  registry (:func:`ivshmemd.control.handle_request`) one at a time, between its other work;
+* the daemon's stamped peer events to the events socket;
+* its log lines (and anything it prints on stderr) to the daemon's log.
+
+If the control process dies (an abort, a kill), the daemon logs how and starts a new one
+(after a short, growing delay); peers never notice. It ignores the signals a terminal or a
+process group sends (the daemon decides when it stops): it exits when the link closes, which
+the daemon does at shutdown (and the kernel does if the daemon dies), removing its ipc socket
+files first; the daemon waits for that, and removes any it left behind.
+
+Link messages are msgpack arrays, streamed::
+
+    daemon -> control process   ["config", {...}]  ["reply", id, bytes]  ["events", [[...], ...]]
+    control process -> daemon   ["ready", {...}]  ["failed", text]  ["request", id, uid, bytes]
+                                ["log", level, text]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgpack
+import trio
+
+from .access import AllowList
+from .control import (
+    MAX_REQUEST_BYTES,
+    ControlAccess,
+    ControlEndpoints,
+    ControlLimits,
+    ControlSetupError,
+    ControlView,
+    Credentials,
+    CurveKeys,
+    Event,
+    EventPublisher,
+    handle_request,
+    serve_control,
+)
+from .errors import one_line
+from .ratelimit import LogLimiter
+from .sockpath import unlink_if_ours
+
+__all__ = ["ControlConfig", "ControlProcess", "main"]
+
+log = logging.getLogger("ivshmemd")
+
+#: how long the control process may take to start serving, and to stop
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+#: delays before restarting a control process that died: from, to (doubling)
+RESTART_DELAYS = (0.1, 10.0)
+#: a control process that served this long has its restart delay reset
+STABLE_AFTER = 30.0
+#: largest link message (a peers reply for 65,536 peers fits)
+MAX_LINK_MESSAGE = 64 << 20
+_NICENESS = 10
+_IGNORED_SIGNALS = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+    signal.SIGUSR2,
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    """What the control process serves, and for whom."""
+
+    control: str
+    events: str
+    socket_mode: int = 0o600
+    socket_gid: int | None = None
+    allow: AllowList = dataclasses.field(default_factory=AllowList)
+    curve: CurveKeys | None = None
+    verbose: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        curve = self.curve
+        return {
+            "control": self.control,
+            "events": self.events,
+            "socket_mode": self.socket_mode,
+            "socket_gid": self.socket_gid,
+            "allow_uids": sorted(self.allow.uids),
+            "allow_gids": sorted(self.allow.gids),
+            "curve": None if curve is None else [curve.public, curve.secret, sorted(curve.clients)],
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> ControlConfig:
+        curve = raw["curve"]
+        return cls(
+            control=raw["control"],
+            events=raw["events"],
+            socket_mode=raw["socket_mode"],
+            socket_gid=raw["socket_gid"],
+            allow=AllowList(frozenset(raw["allow_uids"]), frozenset(raw["allow_gids"])),
+            curve=None if curve is None else CurveKeys(curve[0], curve[1], frozenset(curve[2])),
+            verbose=raw["verbose"],
+        )
+
+
+class _Link:
+    """One end of the link: msgpack arrays over a unix stream socket, one sender at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_LINK_MESSAGE)
+        self._send_lock = trio.Lock()
+
+    async def send(self, *message: Any) -> None:
+        data = msgpack.packb(list(message), use_bin_type=True)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def __aiter__(self) -> AsyncIterator[list[Any]]:
+        while True:
+            for message in self._unpacker:
+                if isinstance(message, list) and message and isinstance(message[0], str):
+                    yield message
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self._unpacker.feed(data)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The daemon's side
+# ---------------------------------------------------------------------------------------------
+
+
+def _exit_text(returncode: int | None) -> str:
+    if returncode is None:
+        return "its link closed"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class ControlProcess:
+    """The daemon's handle on its control process (see the module docstring)."""
+
+    def __init__(self, config: ControlConfig, view: ControlView, publisher: EventPublisher) -> None:
+        self.config = config
+        self.view = view
+        self.publisher = publisher
+        self.restarts = 0
+        self.pid: int | None = None
+        self._files: list[tuple[str, tuple[int, int]]] = []
+        self._chatter = LogLimiter(log)
+
+    async def run(self, *, task_status: trio.TaskStatus[ControlEndpoints]) -> None:
+        """Start the control process (``nursery.start`` returns the bound endpoints or
+        raises :class:`ControlSetupError`) and keep one running until cancelled."""
+        delay = RESTART_DELAYS[0]
+        first = True
+        try:
+            while True:
+                started = trio.current_time()
+                try:
+                    outcome = await self._one_life(task_status if first else None)
+                except ControlSetupError as exc:
+                    if first:
+                        raise
+                    outcome = str(exc)
+                first = False
+                if trio.current_time() - started > STABLE_AFTER:
+                    delay = RESTART_DELAYS[0]
+                log.error("control plane process stopped (%s); restarting in %g s", outcome,
+                          delay)  # fmt: skip
+                await trio.sleep(delay)
+                delay = min(delay * 2, RESTART_DELAYS[1])
+                self.restarts += 1
+        finally:
+            for path, ident in self._files:
+                unlink_if_ours(path, ident)
+
+    async def _one_life(self, task_status: trio.TaskStatus[ControlEndpoints] | None) -> str:
+        """Run one control process until it ends; returns how it ended."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "ivshmemd.controlproc", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            raise ControlSetupError(f"cannot start the control plane process: {exc}") from None
+        theirs.close()
+        self.pid = process.pid
+        link = _Link(ours)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._relay_stderr, process)
+                endpoints = await self._handshake(link, process)
+                if task_status is not None:
+                    task_status.started(endpoints)
+                else:
+                    log.info("control plane process restarted (pid %d)", process.pid)
+                nursery.start_soon(self._pump_events, link)
+                await self._serve(link)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await link.aclose()  # EOF: the control process cleans up and exits
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                self.pid = None
+        return _exit_text(process.returncode)
+
+    async def _handshake(self, link: _Link, process: trio.Process) -> ControlEndpoints:
+        await link.send("config", self.config.to_wire())
+        with trio.move_on_after(START_TIMEOUT):
+            async for message in link:
+                if message[0] == "log":
+                    self._log(message)
+                elif message[0] == "failed":
+                    raise ControlSetupError(str(message[1]))
+                elif message[0] == "ready":
+                    info = message[1]
+                    self._files = [(str(p), (int(d), int(i))) for p, d, i in info["files"]]
+                    return ControlEndpoints(control=info["control"], events=info["events"])
+            await process.wait()
+            raise ControlSetupError(
+                f"the control plane process ended during start-up "
+                f"({_exit_text(process.returncode)})"
+            )
+        raise ControlSetupError(f"the control plane process did not start in {START_TIMEOUT:g} s")
+
+    async def _serve(self, link: _Link) -> None:
+        """Answer requests one at a time, letting the peers' tasks run between two."""
+        async for message in link:
+            if message[0] == "request" and len(message) == 4:
+                _tag, request_id, uid, raw = message
+                if not isinstance(raw, bytes) or len(raw) > MAX_REQUEST_BYTES:
+                    raw = b""
+                requester = uid if isinstance(uid, int) and not isinstance(uid, bool) else None
+                reply = handle_request(raw, self.view, requester)
+                await link.send("reply", request_id, reply)
+                await trio.lowlevel.checkpoint()
+            elif message[0] == "log":
+                self._log(message)
+
+    async def _pump_events(self, link: _Link) -> None:
+        publisher = self.publisher
+        while True:
+            await publisher.wait_pending()
+            batch = [dataclasses.astuple(event) for event in publisher.take_pending()]
+            await link.send("events", batch)
+
+    async def _relay_stderr(self, process: trio.Process) -> None:
+        assert process.stderr is not None
+        buffer = b""
+        async for chunk in process.stderr:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace").strip()
+                if text:
+                    self._chatter.log("stderr", logging.WARNING, "control plane: %s", text)
+            buffer = buffer[-4096:]
+
+    def _log(self, message: list[Any]) -> None:
+        if len(message) == 3 and isinstance(message[1], int):
+            level, text = message[1], str(message[2])
+            self._chatter.log(text[:60], level, "%s", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The control process's side
+# ---------------------------------------------------------------------------------------------
+
+
+class _LinkLog(logging.Handler):
+    """Queues this process's log records for the daemon (a bounded queue: a flood of log
+    lines loses the oldest, never blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: deque[tuple[int, str]] = deque(maxlen=256)
+        self.wakeup = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.pending.append((record.levelno, self.format(record)))
+            self.wakeup.set()
+        except Exception:
+            self.handleError(record)
+
+
+def _limits() -> ControlLimits:
+    """Connection caps that fit this process's fd table (each connection is one fd)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if (hard != resource.RLIM_INFINITY and hard > soft) or hard == resource.RLIM_INFINITY:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    spare = max(4, soft - len(os.listdir("/proc/self/fd")) - 32)
+    defaults = ControlLimits()
+    return ControlLimits(
+        max_clients=min(defaults.max_clients, max(2, spare * 2 // 3)),
+        max_subscribers=min(defaults.max_subscribers, max(2, spare // 3)),
+    )
+
+
+async def _serve_link(link_fd: int) -> None:
+    link = _Link(socket.socket(fileno=link_fd))
+    messages = link.__aiter__()
+    first = await anext(messages, None)
+    if first is None or first[0] != "config":
+        return
+    config = ControlConfig.from_wire(first[1])
+    handler = _LinkLog()
+    handler.setFormatter(logging.Formatter("control plane: %(message)s"))
+    logger = logging.getLogger("ivshmemd")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if config.verbose else logging.INFO)
+    logger.propagate = False
+    publisher = EventPublisher()
+    replies: trio.MemorySendChannel[tuple[int, bytes]]
+    replies, incoming = trio.open_memory_channel(1)
+    counter = 0
+
+    async def forward(raw: bytes, creds: Credentials | None) -> bytes:
+        nonlocal counter
+        counter += 1
+        await link.send("request", counter, None if creds is None else creds.uid, raw)
+        while True:
+            request_id, reply = await incoming.receive()
+            if request_id == counter:
+                return bytes(reply)
+
+    async def ship_logs() -> None:
+        while True:
+            await handler.wakeup.wait()
+            handler.wakeup = trio.Event()
+            while handler.pending:
+                level, text = handler.pending.popleft()
+                await link.send("log", level, text)
+
+    def allow(creds: Credentials) -> str | None:
+        return config.allow.check(creds.uid, creds.gid, creds.pid)
+
+    access = ControlAccess(allow=allow, curve=config.curve)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ship_logs)
+        try:
+            bound = await nursery.start(
+                lambda task_status: serve_control(
+                    None, config.control, config.events, publisher,
+                    socket_mode=config.socket_mode, socket_gid=config.socket_gid,
+                    access=access, limits=_limits(), handler=forward, task_status=task_status,
+                )
+            )  # fmt: skip
+        except ControlSetupError as exc:
+            await link.send("failed", str(exc))
+            nursery.cancel_scope.cancel()
+            return
+        files = [[path, *ident] for path, ident in _created_files(config)]
+        await link.send("ready", {"control": bound.control, "events": bound.events,
+                                  "files": files})  # fmt: skip
+        async for message in messages:
+            if message[0] == "reply" and len(message) == 3:
+                await replies.send((int(message[1]), bytes(message[2])))
+            elif message[0] == "events":
+                for fields in message[1]:
+                    with contextlib.suppress(TypeError, ValueError):
+                        publisher.forward(Event(*fields))
+        nursery.cancel_scope.cancel()  # the daemon closed the link: stop serving
+
+
+def _created_files(config: ControlConfig) -> list[tuple[str, tuple[int, int]]]:
+    """The ipc socket files now serving (so that the daemon can remove them if we die)."""
+    found = []
+    for endpoint in (config.control, config.events):
+        if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+            path = endpoint[len("ipc://") :]
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                found.append((path, (st.st_dev, st.st_ino)))
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ivshmemd.controlproc LINK_FD``: the control process (started by the
+    daemon, not by people)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or not args[0].isdigit():
+        print("ivshmemd.controlproc: started by ivshmemd, not by hand", file=sys.stderr)
+        return 2
+    for signum in _IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(_NICENESS)
+    try:
+        trio.run(_serve_link, int(args[0]))
+    except BaseException as exc:  # one line on stderr, which the daemon logs
+        print(f"fatal: {one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

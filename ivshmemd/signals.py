@@ -1,0 +1,43 @@
+"""What each signal does to a running daemon.
+
+==========  =================================================================================
+SIGTERM,    clean shutdown: every peer freed in connection order (the others are told), the
+SIGINT,     control plane stopped, the socket, its ``.ctl``/``.events`` and ``.lock`` files
+SIGQUIT     removed, the ``-M`` shm unlinked unless ``--keep-shm``, the pid file removed
+SIGHUP      reopen the log file (``--log-file``, or the fallback file), as logrotate expects
+            after renaming it; with stderr or syslog there is nothing to reopen (logged)
+SIGUSR1     write the daemon's state to the log: peers, fds, fds in flight, queues, counters,
+            the control plane process
+SIGUSR2     reserved for the zero-loss restart (re-exec keeping every peer); for now it is
+            logged and ignored, never fatal
+==========  =================================================================================
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = ["HANDLED", "RESERVED", "STOP", "describe", "name"]
+
+STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+RESERVED = (signal.SIGUSR2,)
+HANDLED = (*STOP, signal.SIGHUP, signal.SIGUSR1, *RESERVED)
+
+
+def name(signum: int) -> str:
+    """``SIGTERM`` for 15."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe() -> str:
+    """The table above, for ``--help``."""
+    return (
+        "  SIGTERM, SIGINT, SIGQUIT: clean shutdown (peers freed, the others told; socket and\n"
+        "    control files removed; -M shm unlinked unless --keep-shm)\n"
+        "  SIGHUP: reopen the log file (for logrotate)\n"
+        "  SIGUSR1: write the daemon's state (peers, fds, queues, counters) to the log\n"
+        "  SIGUSR2: reserved for the zero-loss restart; ignored (logged) for now\n"
+    )
