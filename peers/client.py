@@ -24,9 +24,10 @@ The server is not trusted further than the protocol allows:
   that accepts and then says nothing is reported as such (not as "no server").
 * **Eventfds are shared, their flags too.** ``O_NONBLOCK`` lives in the open file
   description that every holder of an eventfd shares, so another peer can clear it. Our own
-  vectors are read with ``preadv2(RWF_NOWAIT)`` (:func:`read_vector`), which never blocks
-  whatever the flags say; a ring (:func:`ring_eventfd`) puts ``O_NONBLOCK`` back first if it
-  was cleared, and a counter that cannot take another ring drops it instead of waiting.
+  vectors are read with ``preadv2(RWF_NOWAIT)`` (:func:`read_vector`, and
+  :func:`vector_handler` for an event loop), which never blocks whatever the flags say; a
+  ring (:func:`ring_eventfd`) puts ``O_NONBLOCK`` back first if it was cleared, and a
+  counter that cannot take another ring drops it instead of waiting.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import fcntl
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -62,6 +64,7 @@ __all__ = [
     "connect_with_retry",
     "read_vector",
     "ring_eventfd",
+    "vector_handler",
 ]
 
 #: Without a known vector count, how long to wait for our own vectors after the shm message
@@ -154,13 +157,29 @@ def read_vector(fd: int) -> int:
     return int.from_bytes(_counter, "little")
 
 
+def vector_handler(fd: int, interrupt: Callable[[], object]) -> Callable[[], bool]:
+    """An event loop's handler for our own eventfd ``fd``: consume it as :func:`read_vector`
+    does (never blocking) and call ``interrupt()`` if it had been rung; it returns whether
+    it had. Everything is bound once: the per-ring path is this one frame and the read."""
+    preadv, views, nowait = os.preadv, [memoryview(bytearray(8))], os.RWF_NOWAIT
+
+    def handle() -> bool:
+        try:
+            preadv(fd, views, -1, nowait)
+        except BlockingIOError:
+            return False
+        interrupt()
+        return True
+
+    return handle
+
+
 def ring_eventfd(fd: int) -> bool:
     """Add 1 to a peer's eventfd; False if its counter is full (the ring is dropped, as a
     ring to a saturated counter means nothing more). Never waits: ``O_NONBLOCK`` is put
     back first if another holder cleared it."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if not flags & os.O_NONBLOCK:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    if os.get_blocking(fd):
+        os.set_blocking(fd, False)
     try:
         os.eventfd_write(fd, 1)
     except BlockingIOError:

@@ -14,8 +14,9 @@ destination's route, resolved once per (peer, vector) until the peer table chang
 
 Neither path ever blocks on an eventfd another process controls (``O_NONBLOCK`` lives in
 the file description every holder shares, so any of them may clear it): our own vectors
-are read with ``preadv2(RWF_NOWAIT)`` (:func:`peers.client.read_vector`), and a ring puts
-``O_NONBLOCK`` back first if it was cleared (:func:`peers.client.ring_eventfd`).
+are read with ``preadv2(RWF_NOWAIT)`` (:func:`peers.client.vector_handler`, bound once per
+vector), and a ring puts ``O_NONBLOCK`` back first if it was cleared
+(:func:`peers.client.ring_eventfd`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from functools import partial
 from vmm import Backing, Vm
 from vmm.ivshmem import IvshmemDevice
 
-from .client import IvshmemClient, PeerLeft, PeerVector, read_vector, ring_eventfd
+from .client import (
+    IvshmemClient,
+    PeerLeft,
+    PeerVector,
+    read_vector,
+    ring_eventfd,
+    vector_handler,
+)
 from .pairing import PartnerSearch
 from .plugin import Guest, Plugin
 from .shmdir import ShmDirectory
@@ -156,16 +164,9 @@ class PeerMachine:
         return True
 
     def vector_handler(self, vector: int) -> Callable[[], bool]:
-        """:meth:`on_vector` for one vector, bound once (an event loop's per-fd handler)."""
-        fd, read, ring = self._own_fds[vector], read_vector, self.device.ring
-
-        def handle() -> bool:
-            if not read(fd):  # 0: not rung
-                return False
-            ring(vector)
-            return True
-
-        return handle
+        """:meth:`on_vector` for one vector, bound once (an event loop's per-fd handler,
+        :func:`peers.client.vector_handler`)."""
+        return vector_handler(self._own_fds[vector], partial(self.device.ring, vector))
 
     @property
     def own_fds(self) -> list[int]:
