@@ -23,17 +23,14 @@ from . import __version__, signals
 from .access import AllowList
 from .activation import ActivationError
 from .argtypes import positive_int, seconds, size
-from .control import (
-    ControlAccess,
-    ControlSetupError,
-    EventPublisher,
+from .control.process import ControlConfig, ControlProcess
+from .control.schema import (
     default_control_endpoint,
     default_events_endpoint,
     events_endpoint_for,
-    tcp_needs_curve,
 )
-from .controlproc import ControlConfig, ControlProcess
-from .controlview import DaemonControlView, state_lines
+from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
+from .control.view import DaemonControlView, state_lines
 from .curve import CurveKeyError, server_keys
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, LogTarget, configure_logging

@@ -32,21 +32,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
-import zmq
-
 from ivshmemd import __version__
 from ivshmemd.argtypes import positive_int, seconds
-from ivshmemd.control import (
-    EVENTS_WELCOME,
+from ivshmemd.control.client import (
+    DEFAULT_TIMEOUT,
+    ControlClient,
+    EventSubscription,
+    NoDaemonError,
+)
+from ivshmemd.control.schema import (
     ControlError,
     Event,
-    ProtocolError,
+    SchemaError,
     SequenceTracker,
-    decode_event,
-    decode_reply,
     default_control_endpoint,
     default_events_endpoint,
-    encode_request,
     events_endpoint_for,
 )
 from ivshmemd.curve import ClientCurve, CurveKeyError, client_keys
@@ -56,15 +56,11 @@ from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID
 
 __all__ = [
     "COMMANDS_GROUP",
-    "ControlClient",
-    "NoDaemonError",
     "build_parser",
     "main",
     "register_control_commands",
     "resolve_endpoints",
 ]
-
-DEFAULT_TIMEOUT: Final = 2.0
 
 #: Entry-point group of subcommand providers: each names a function called as
 #: ``function(subparsers, common)`` that adds its subcommands; a subcommand sets
@@ -73,116 +69,6 @@ COMMANDS_GROUP: Final = "ivshmemctl.commands"
 
 if TYPE_CHECKING:  # not subscriptable at run time on 3.11
     SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-class NoDaemonError(Exception):
-    """No daemon answered (not running, wrong path, no permission, timeout)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Talking to the daemon
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_ipc_path(endpoint: str, what: str) -> None:
-    """Turn the common ipc failures into clear messages before waiting for a timeout."""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
-        return
-    path = endpoint[len("ipc://") :]
-    if not os.path.exists(path):
-        raise NoDaemonError(
-            f"no daemon: {path} does not exist (is ivshmemd running, and with this -S?)"
-        )
-    if not os.access(path, os.R_OK | os.W_OK):
-        st = os.stat(path)
-        raise NoDaemonError(
-            f"permission denied on {what} socket {path} (mode {st.st_mode & 0o777:04o}, "
-            f"owner uid {st.st_uid}); run as the daemon's user or root"
-        )
-
-
-#: the handshake outcomes that mean the daemon turned this connection away
-_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-_REFUSAL = (
-    "the daemon refused the connection: this user is not on its allow-list, or (over "
-    "tcp) the CURVE keys do not match"
-)
-#: the ZAP status of a refusal for now (the daemon has all the connections it takes)
-_ZAP_BUSY = 300
-_BUSY = "the daemon has all the control connections it takes; try again"
-
-
-def _connect(sock: zmq.Socket[bytes], endpoint: str, curve: ClientCurve | None) -> None:
-    if endpoint.startswith("tcp://"):
-        if curve is None:
-            raise NoDaemonError(
-                f"{endpoint} is tcp: the daemon serves tcp only with CURVE; give --curve-key "
-                "and --curve-server-key"
-            )
-        curve.apply(sock)
-    try:
-        sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        raise NoDaemonError(f"cannot connect to {endpoint}: {exc}") from None
-
-
-def _wait_readable(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], timeout: float) -> bool:
-    """Wait for ``sock`` to have a message; raise a permission error if the daemon turned
-    the connection away during the handshake (seen on ``monitor``)."""
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(monitor, zmq.POLLIN)
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        ready = dict(poller.poll(int(remaining * 1000) + 1))
-        if sock in ready:
-            return True
-        if monitor in ready:
-            from zmq.utils.monitor import recv_monitor_message
-
-            event = recv_monitor_message(monitor)
-            if event["event"] & _REFUSED and event.get("value") == _ZAP_BUSY:
-                raise ControlError("busy", _BUSY)
-            if event["event"] & _REFUSED:
-                raise ControlError("permission-denied", _REFUSAL)
-    return False
-
-
-class ControlClient:
-    """A blocking request/reply client: one zmq REQ socket per request, so that a request
-    that timed out never confuses the next one."""
-
-    def __init__(
-        self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, curve: ClientCurve | None = None
-    ) -> None:
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.curve = curve
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-
-    def request(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Send one request; return its result. Raises :class:`NoDaemonError` when nothing
-        answers within the timeout and :class:`ControlError` for an error reply (or a
-        connection the daemon refused)."""
-        _check_ipc_path(self.endpoint, "control")
-        sock = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        monitor = sock.get_monitor_socket(_REFUSED)
-        try:
-            _connect(sock, self.endpoint, self.curve)
-            sock.send(encode_request(cmd, args))
-            if not _wait_readable(sock, monitor, self.timeout):
-                raise NoDaemonError(
-                    f"no daemon answered on {self.endpoint} within {self.timeout:g} s"
-                )
-            return decode_reply(sock.recv())
-        finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
-
-    def close(self) -> None:
-        self._ctx.destroy(linger=0)
 
 
 def resolve_endpoints(args: argparse.Namespace) -> tuple[str, str]:
@@ -420,32 +306,18 @@ def _run_kick(args: argparse.Namespace) -> int:
 
 def _run_watch(args: argparse.Namespace) -> int:
     _, events_endpoint = resolve_endpoints(args)
-    _check_ipc_path(events_endpoint, "events")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.RCVHWM, 0)  # never drop on our side: the daemon's queue is the limit
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    monitor = sub.get_monitor_socket(_REFUSED)
+    subscription = EventSubscription(events_endpoint, args.timeout, _curve(args))
     tracker = SequenceTracker()
     seen = 0
     try:
-        _connect(sub, events_endpoint, _curve(args))
-        if not _wait_readable(sub, monitor, args.timeout):
-            raise NoDaemonError(
-                f"no daemon answered on {events_endpoint} within {args.timeout:g} s"
-            )
-        sub.disable_monitor()
         print(f"watching events on {events_endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         while args.count is None or seen < args.count:
-            frames = sub.recv_multipart()
-            if frames == [EVENTS_WELCOME]:
-                continue
             try:
-                event = decode_event(frames)
-            except ProtocolError as exc:
+                event = subscription.receive()
+            except SchemaError as exc:
                 print(f"ivshmemctl: ignoring a malformed event: {exc}", file=sys.stderr)
                 continue
+            assert event is not None  # no timeout
             gap = tracker.observe(event.seq)
             if gap is not None:
                 first, last = gap
@@ -462,9 +334,7 @@ def _run_watch(args: argparse.Namespace) -> int:
                 print(format_event(event), flush=True)
             seen += 1
     finally:
-        monitor.close(linger=0)
-        sub.close(linger=0)
-        ctx.term()
+        subscription.close()
     return EXIT_OK
 
 
@@ -594,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ControlError as exc:
         print(f"ivshmemctl: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_FAILED
-    except ProtocolError as exc:
+    except SchemaError as exc:
         print(f"ivshmemctl: unexpected answer from the daemon: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ivshmemd.control import EventPublisher
+from ivshmemd.control.server import EventPublisher
 
 
 class FakeDaemon:

@@ -22,7 +22,8 @@ import trio
 import zmq
 
 from ivshmemd.cli import minimum_fds
-from ivshmemd.control import EVENTS_SNDHWM, EVENTS_WELCOME, decode_event
+from ivshmemd.control.schema import EVENTS_WELCOME, decode_event
+from ivshmemd.control.server import EVENTS_SNDHWM
 from ivshmemd.supervise import rss_bytes, unique_name
 from tests.asuser import NOBODY, daemon_as, run_as
 from tests.rawclient import RawClient

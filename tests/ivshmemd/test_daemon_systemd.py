@@ -2,7 +2,7 @@
 
 Each test runs the daemon as a process and talks to it as systemd, a peer and ivshmemctl
 would. They are skipped until the daemon's command line wires in the module they need
-(ivshmemd.sdnotify, ivshmemd.activation, ivshmemd.control), so that this file can land
+(ivshmemd.sdnotify, ivshmemd.activation, ivshmemd.control.server), so that this file can land
 before the wiring does.
 """
 

@@ -1,7 +1,8 @@
-"""The daemon as the control plane sees it: :class:`ivshmemd.control.ControlView` over a server.
+"""The daemon as the control plane sees it: :class:`ivshmemd.control.schema.ControlView` over
+a server.
 
 Read-only snapshots (status, peers, stats) plus ``kick``; the permission check for ``kick``
-is the control plane's (:mod:`ivshmemd.control`), the leave notices are the server's.
+is the control plane's (:mod:`ivshmemd.control.schema`), the leave notices are the server's.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import os
 import time
 from typing import Any
 
-from . import __version__
-from .server import IvshmemServer, fd_limit
+from ivshmemd import __version__
+from ivshmemd.server import IvshmemServer, fd_limit
 
 __all__ = ["DaemonControlView", "state_lines"]
 
