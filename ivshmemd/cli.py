@@ -43,6 +43,7 @@ from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig, fd_limit
 from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegion
 from .sizes import round_shm_size
+from .wording import plural
 
 __all__ = ["main", "parse_args"]
 
@@ -419,7 +420,7 @@ async def _run(
     server.listeners.append(publisher.on_server_event)
 
     def report_peer_count(kind: str, event: dict[str, Any]) -> None:
-        notifier.status(f"{len(server.connections)} peers connected")
+        notifier.status(f"{plural(len(server.connections), 'peer')} connected")
 
     server.listeners.append(report_peer_count)
     control, events = _control_endpoints(args)
@@ -433,7 +434,9 @@ async def _run(
                     socket_gid=args.socket_group_id, allow=server.config.allow,
                     curve=args.curve_keys, verbose=args.verbose,
                 )  # fmt: skip
-                process = ControlProcess(config, DaemonControlView(server, args.socket), publisher)
+                process = ControlProcess(
+                    config, DaemonControlView(server, args.socket, publisher), publisher
+                )
                 bound = await nursery.start(process.run)
                 control, events = bound.control, bound.events
             log.info("%s", describe)
@@ -509,7 +512,7 @@ def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
     reserved = "sparse" if args.sparse else "reserved"
     return (
         f"listening on {args.socket} (shm {where}, {shm.size} bytes {reserved}, "
-        f"{args.vectors} vectors per peer)"
+        f"{plural(args.vectors, 'vector')} per peer)"
     )
 
 

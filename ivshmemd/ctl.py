@@ -1,6 +1,7 @@
 """``ivshmemctl``: ask a running ivshmemd how it is doing, and tell it what to do.
 
     ivshmemctl [-S SOCK | --control ENDPOINT] status | peers | kick ID | stats | watch
+               | ring PEER [VECTOR] | dump
 
 The daemon is found from its unix socket path (``-S``, the same path given to ``ivshmemd``),
 next to which it serves ``SOCK.ctl`` (requests) and ``SOCK.events`` (the event stream), or
@@ -33,12 +34,13 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
 from ivshmemd import __version__
-from ivshmemd.argtypes import positive_int, seconds
+from ivshmemd.argtypes import int_in, positive_int, seconds
 from ivshmemd.control.client import (
     DEFAULT_TIMEOUT,
     ControlClient,
     EventSubscription,
     NoDaemonError,
+    StreamNotice,
 )
 from ivshmemd.control.schema import (
     ControlError,
@@ -52,7 +54,8 @@ from ivshmemd.control.schema import (
 from ivshmemd.curve import ClientCurve, CurveKeyError, client_keys
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
-from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID
+from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
+from ivshmemd.wording import plural
 
 __all__ = [
     "COMMANDS_GROUP",
@@ -217,7 +220,7 @@ def format_event(event: Event) -> str:
     millis = int((event.time % 1) * 1000)
     line = (
         f"{stamp}.{millis:03d}  #{event.seq:<6d} {event.kind:<11s} "
-        f"peer {event.peer_id} ({event.vectors} vector{'s' if event.vectors != 1 else ''})"
+        f"peer {event.peer_id} ({plural(event.vectors, 'vector')})"
     )
     if event.reason:
         line += f", {event.reason}"
@@ -234,6 +237,8 @@ def event_json(event: Event) -> dict[str, Any]:
     }
     if event.reason is not None:
         body["reason"] = event.reason
+    if event.boot is not None:
+        body["boot"] = event.boot
     return body
 
 
@@ -304,8 +309,49 @@ def _run_kick(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _notice(args: argparse.Namespace, kind: str, text: str, **fields: Any) -> None:
+    """A notice about the stream (not an event) on stderr: a line, or JSON with --json."""
+    if args.json:
+        print(json.dumps({"notice": kind, "message": text, **fields}), file=sys.stderr, flush=True)
+    else:
+        print(f"ivshmemctl: {text}", file=sys.stderr, flush=True)
+
+
+def _missed(first: int, last: int) -> str:
+    return f"{plural(last - first + 1, 'event')} missed (seq {first}..{last})"
+
+
+def _stream_back(args: argparse.Namespace, tracker: SequenceTracker) -> None:
+    """The event stream is back: ask the daemon which instance it is, to tell a restart
+    (and the events the new instance published meanwhile) from a reconnection."""
+    control, _ = resolve_endpoints(args)
+    try:
+        client = ControlClient(control, args.timeout, _curve(args))
+        try:
+            status = client.request("status")
+        finally:
+            client.close()
+    except (NoDaemonError, ControlError, SchemaError):
+        status = {}
+    boot = status.get("boot") if isinstance(status, Mapping) else None
+    seq = status.get("events_seq") if isinstance(status, Mapping) else None
+    if not isinstance(boot, str) or not isinstance(seq, int) or boot == tracker.boot:
+        _notice(args, "stream-back", f"the event stream is back ({args.events_endpoint})")
+        return
+    text = "the daemon restarted (a new instance)"
+    if tracker.last_seq is not None:
+        text += f"; its predecessor's events after #{tracker.last_seq} are unknown"
+    fields: dict[str, Any] = {"boot": boot, "previous_last_seq": tracker.last_seq}
+    if seq > 0:
+        text += f"; the new instance's {_missed(1, seq)} while we were away"
+        fields["missed"] = [1, seq]
+    _notice(args, "daemon-restarted", text, **fields)
+    tracker.restart(boot, seq)
+
+
 def _run_watch(args: argparse.Namespace) -> int:
     _, events_endpoint = resolve_endpoints(args)
+    args.events_endpoint = events_endpoint
     subscription = EventSubscription(events_endpoint, args.timeout, _curve(args))
     tracker = SequenceTracker()
     seen = 0
@@ -313,29 +359,68 @@ def _run_watch(args: argparse.Namespace) -> int:
         print(f"watching events on {events_endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         while args.count is None or seen < args.count:
             try:
-                event = subscription.receive()
+                item = subscription.receive()
             except SchemaError as exc:
                 print(f"ivshmemctl: ignoring a malformed event: {exc}", file=sys.stderr)
                 continue
-            assert event is not None  # no timeout
-            gap = tracker.observe(event.seq)
+            if item is StreamNotice.LOST:
+                _notice(
+                    args, "daemon-stopped",
+                    f"the daemon stopped or went silent (its event stream closed at "
+                    f"{time.strftime('%H:%M:%S')}); waiting for it to come back",
+                )  # fmt: skip
+                continue
+            if item is StreamNotice.BACK:
+                _stream_back(args, tracker)
+                continue
+            assert isinstance(item, Event)  # no timeout given
+            boot = tracker.boot
+            gap = tracker.observe(item.seq, item.boot)
+            if boot is not None and tracker.boot != boot:
+                _notice(args, "daemon-restarted", "the daemon restarted (a new instance)",
+                        boot=tracker.boot)  # fmt: skip
             if gap is not None:
-                first, last = gap
-                count = last - first + 1
-                print(
-                    f"ivshmemctl: gap in the event sequence: {count} event"
-                    f"{'s' if count != 1 else ''} missed (seq {first}..{last})",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _notice(args, "gap", f"gap in the event sequence: {_missed(*gap)}",
+                        missed=list(gap))  # fmt: skip
             if args.json:
-                print(json.dumps(event_json(event)), flush=True)
+                print(json.dumps(event_json(item)), flush=True)
             else:
-                print(format_event(event), flush=True)
+                print(format_event(item), flush=True)
             seen += 1
     finally:
         subscription.close()
     return EXIT_OK
+
+
+def _run_ring(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        result = client.request("ring", {"id": args.peer_id, "vector": args.vector})
+    finally:
+        client.close()
+    if args.json:
+        _print_json(result, sys.stdout)
+    else:
+        print(f"rang peer {args.peer_id}, vector {args.vector}", file=sys.stdout)
+    return EXIT_OK
+
+
+def format_dump(dump: Mapping[str, Any], out: TextIO) -> None:
+    """The fds as the daemon holds them, in the order a joining peer receives them."""
+    shm = dump.get("shm", {})
+    shm = shm if isinstance(shm, Mapping) else {}
+    where = shm.get("path") or shm.get("name") or "?"
+    print(f"shm: fd {shm.get('fd')}, {_human_size(shm.get('size'))} ({where})", file=out)
+    peers = dump.get("peers", [])
+    if not peers:
+        print("no peers connected", file=out)
+        return
+    rows = []
+    for peer in peers:
+        fds = peer.get("eventfds", [])
+        rows.append([str(peer.get("id")), str(len(fds)), " ".join(f"{v}:{fd}" for v, fd in
+                                                                 enumerate(fds))])  # fmt: skip
+    _table(["PEER", "VECTORS", "EVENTFDS (vector:fd)"], rows, out)
 
 
 def _peer_id(text: str) -> int:
@@ -349,7 +434,7 @@ def _peer_id(text: str) -> int:
 
 
 def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentParser) -> None:
-    """Add ``status``, ``peers``, ``kick``, ``stats`` and ``watch``."""
+    """Add ``status``, ``peers``, ``kick``, ``stats``, ``watch``, ``ring`` and ``dump``."""
     p = subparsers.add_parser("status", parents=[common], help="daemon version, shm, peers")
     p.set_defaults(run=_simple("status", format_status))
     p = subparsers.add_parser("peers", parents=[common], help="the connected peers")
@@ -372,6 +457,21 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
     )
     p.add_argument("--count", type=positive_int, default=None, help="exit after N events")
     p.set_defaults(run=_run_watch)
+    p = subparsers.add_parser(
+        "ring",
+        parents=[common],
+        help="ring a peer's doorbell (write its eventfd; daemon's uid or root only)",
+    )
+    p.add_argument("peer_id", metavar="PEER", type=_peer_id, help="the peer id to ring")
+    p.add_argument(
+        "vector", metavar="VECTOR", type=int_in(0, MAX_VECTORS - 1), nargs="?", default=0,
+        help="which of its vectors (default 0)",
+    )  # fmt: skip
+    p.set_defaults(run=_run_ring)
+    p = subparsers.add_parser(
+        "dump", parents=[common], help="the fds as the daemon holds them (shm, eventfds)"
+    )
+    p.set_defaults(run=_simple("dump", format_dump))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(args: argparse.Namespace, code: str, text: str) -> None:
+    """One line on stderr; JSON (``{"error": {"code", "message"}}``) with --json."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": text}}), file=sys.stderr)
+    else:
+        print(f"ivshmemctl: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -459,13 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:  # a subcommand running trio: its error, unwrapped
             raise unwrap(group) from None
     except NoDaemonError as exc:
-        print(f"ivshmemctl: {exc}", file=sys.stderr)
+        _error(args, "no-daemon", str(exc))
         return EXIT_NO_DAEMON
     except ControlError as exc:
-        print(f"ivshmemctl: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
+        _error(args, exc.code, f"the daemon refused: {exc.message} ({exc.code})")
         return EXIT_FAILED
     except SchemaError as exc:
-        print(f"ivshmemctl: unexpected answer from the daemon: {exc}", file=sys.stderr)
+        _error(args, "bad-reply", f"unexpected answer from the daemon: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return signal_exit(signal.SIGINT)

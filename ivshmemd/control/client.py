@@ -11,6 +11,7 @@ not on its allow-list, a CURVE key it does not accept, or busy).
 
 from __future__ import annotations
 
+import enum
 import os
 import time
 from collections.abc import Mapping
@@ -25,12 +26,20 @@ from .schema import (
     EVENTS_WELCOME,
     ControlError,
     Event,
+    SchemaError,
     decode_event,
     decode_reply,
     encode_request,
 )
 
-__all__ = ["DEFAULT_TIMEOUT", "ControlClient", "EventSubscription", "NoDaemonError"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ControlClient",
+    "EventSubscription",
+    "NoDaemonError",
+    "StreamNotice",
+    "departure_reason",
+]
 
 #: how long to wait for the daemon, by default (seconds)
 DEFAULT_TIMEOUT: Final = 2.0
@@ -144,11 +153,30 @@ class ControlClient:
         self._ctx.destroy(linger=0)
 
 
+class StreamNotice(enum.Enum):
+    """What :meth:`EventSubscription.receive` reports besides events."""
+
+    #: the connection to the daemon's event stream closed, or went silent (no heartbeat
+    #: answered): the daemon stopped, or its control plane is stuck
+    LOST = "lost"
+    #: connected again after :attr:`LOST`, and subscribed (the daemon's greeting came)
+    BACK = "back"
+
+
+#: heartbeats on the events connection: a daemon that answers none for this long is gone
+HEARTBEAT_IVL_MS: Final = 1000
+HEARTBEAT_TIMEOUT_MS: Final = 3000
+_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
 class EventSubscription:
     """A subscriber to the daemon's event stream (every topic), connected and live once
     constructed: the daemon's greeting (:data:`~ivshmemd.control.schema.EVENTS_WELCOME`)
     has arrived, so no event published from now on is missed. Raises
-    :class:`NoDaemonError` if no greeting comes within ``timeout``."""
+    :class:`NoDaemonError` if no greeting comes within ``timeout``.
+
+    It outlives the daemon: zmq reconnects by itself, and :meth:`receive` says when the
+    stream was lost and when it came back (:class:`StreamNotice`)."""
 
     def __init__(
         self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, curve: ClientCurve | None = None
@@ -161,31 +189,62 @@ class EventSubscription:
         # never drop on our side: the daemon's queue is the limit
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        monitor = self.socket.get_monitor_socket(_REFUSED)
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self._lost = False
+        # one monitor for its life: refusals while connecting, then losses and returns
+        self._monitor = self.socket.get_monitor_socket(_REFUSED | _WATCHED)
         try:
             _connect(self.socket, endpoint, curve)
-            if not _wait_readable(self.socket, monitor, timeout):
+            if not _wait_readable(self.socket, self._monitor, timeout):
                 raise NoDaemonError(f"no daemon answered on {endpoint} within {timeout:g} s")
         except BaseException:
             self.close()
             raise
-        finally:
-            self.socket.disable_monitor()
-            monitor.close(linger=0)
 
-    def receive(self, timeout: float | None = None) -> Event | None:
-        """The next event (greetings skipped); None if none came within ``timeout`` (None:
-        wait for ever). Raises :class:`~ivshmemd.control.schema.SchemaError` for a
-        malformed one."""
+    def receive(self, timeout: float | None = None) -> Event | StreamNotice | None:
+        """The next event (greetings skipped) or notice; None if nothing came within
+        ``timeout`` (None: wait for ever). Raises
+        :class:`~ivshmemd.control.schema.SchemaError` for a malformed event."""
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if remaining is not None and not self.socket.poll(int(remaining * 1000)):
+            ready = dict(poller.poll(None if remaining is None else int(remaining * 1000)))
+            if not ready:
                 return None
-            frames = self.socket.recv_multipart()
-            if frames != [EVENTS_WELCOME]:
-                return decode_event(frames)
+            if self.socket in ready:  # events first: those sent before a loss
+                frames = self.socket.recv_multipart()
+                if frames != [EVENTS_WELCOME]:
+                    return decode_event(frames)
+                if self._lost:  # subscribed again: the daemon greets us
+                    self._lost = False
+                    return StreamNotice.BACK
+                continue
+            event = recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_DISCONNECTED and not self._lost:
+                self._lost = True
+                return StreamNotice.LOST
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)
         self._ctx.term()
+
+
+def departure_reason(endpoint: str, peer_id: int, timeout: float = DEFAULT_TIMEOUT) -> str | None:
+    """Why the daemon at ``endpoint`` disconnected ``peer_id`` (e.g. ``"kicked by uid 0
+    (ivshmemctl kick)"``), or None when it cannot tell (no control plane, not allowed, no
+    such departure): what a peer asks when its connection closes."""
+    client = ControlClient(endpoint, timeout)
+    try:
+        departure = client.request("departure", {"id": peer_id})
+    except (NoDaemonError, ControlError, SchemaError):
+        return None
+    finally:
+        client.close()
+    reason = departure.get("reason") if isinstance(departure, Mapping) else None
+    return None if reason is None else str(reason)

@@ -12,7 +12,8 @@ Wire format (schema version 1, every message a msgpack map)::
     reply     {"v": 1, "ok": true, "result": {...}}
               {"v": 1, "ok": false, "error": {"code": "...", "message": "..."}}
     event     two frames: topic (b"peer-joined" | b"peer-left") and
-              {"v": 1, "seq": n, "event": "...", "peer_id": id, "vectors": n, "time": unix_s}
+              {"v": 1, "seq": n, "event": "...", "peer_id": id, "vectors": n, "time": unix_s,
+               "reason": text (peer-left, optional), "boot": daemon instance id (optional)}
 
 The events socket greets every new subscriber with the one-frame message
 :data:`EVENTS_WELCOME`, so a subscriber knows when its subscription is live.
@@ -36,7 +37,7 @@ from typing import Any, Final, Protocol
 
 import msgpack
 
-from ivshmemd.protocol import MAX_PEER_ID
+from ivshmemd.protocol import MAX_PEER_ID, MAX_VECTORS
 
 __all__ = [
     "COMMANDS",
@@ -49,6 +50,7 @@ __all__ = [
     "Credentials",
     "ErrorCode",
     "Event",
+    "RequestRefused",
     "SchemaError",
     "SequenceTracker",
     "decode_event",
@@ -70,7 +72,7 @@ MAX_REQUEST_BYTES: Final = 64 * 1024
 #: The one-frame message every new events subscriber receives first.
 EVENTS_WELCOME: Final = b"ivshmem-events-v1"
 
-COMMANDS: Final = ("status", "peers", "kick", "stats")
+COMMANDS: Final = ("status", "peers", "kick", "stats", "departure", "ring", "dump")
 EVENT_KINDS: Final = ("peer-joined", "peer-left")
 
 
@@ -85,6 +87,7 @@ class ErrorCode:
     BAD_ARGS: Final = "bad-args"
     PERMISSION_DENIED: Final = "permission-denied"
     NO_SUCH_PEER: Final = "no-such-peer"
+    NO_SUCH_VECTOR: Final = "no-such-vector"
     INTERNAL: Final = "internal"
 
 
@@ -96,20 +99,32 @@ class ControlView(Protocol):
       ``vectors``, ``peers`` (count), ``limits`` (a map), plus anything else useful.
     - ``peers()``: one map per peer: ``id``, ``pid``, ``uid``, ``gid``, ``connected_at``
       (unix time), ``vectors``.
-    - ``kick(peer_id)``: disconnect that peer (the others get the leave notice); False if
-      there is no such peer.
+    - ``kick(peer_id, reason)``: disconnect that peer (the others get the leave notice),
+      giving ``reason`` as the departure's; False if there is no such peer.
     - ``stats()``: counters: ``joins``, ``leaves``, ``refusals``, ``messages_sent``,
       ``slow_disconnects``.
-    - ``owner_uid``: the daemon's uid, which may kick (as may root).
+    - ``departure(peer_id)``: how a peer that left recently left (``{"id", "reason",
+      "time"}``), None if none is known: a disconnected peer asks why.
+    - ``ring(peer_id, vector)``: write that peer's eventfd of ``vector`` (a doorbell rung
+      from the command line); raises :class:`RequestRefused` (no such peer or vector).
+    - ``dump()``: the fds as the daemon holds them: ``{"shm": {"fd", "size", ...},
+      "peers": [{"id", "eventfds": [fd per vector]}]}``.
+    - ``owner_uid``: the daemon's uid, which may kick and ring (as may root).
     """
 
     def status(self) -> dict[str, Any]: ...
 
     def peers(self) -> list[dict[str, Any]]: ...
 
-    def kick(self, peer_id: int) -> bool: ...
+    def kick(self, peer_id: int, reason: str) -> bool: ...
 
     def stats(self) -> dict[str, int]: ...
+
+    def departure(self, peer_id: int) -> dict[str, Any] | None: ...
+
+    def ring(self, peer_id: int, vector: int) -> None: ...
+
+    def dump(self) -> dict[str, Any]: ...
 
     @property
     def owner_uid(self) -> int: ...
@@ -214,7 +229,10 @@ def error_reply(code: str, message: str) -> bytes:
     return _pack({"v": SCHEMA_VERSION, "ok": False, "error": {"code": code, "message": message}})
 
 
-class _BadRequest(Exception):
+class RequestRefused(Exception):
+    """A request answered with an error reply of ``code`` (raised by the parser, the
+    dispatcher, or a view)."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -226,58 +244,64 @@ def _string_keys(mapping: Mapping[Any, Any], where: str) -> None:
     refused before anything compares or sorts its keys."""
     odd = [key for key in mapping if not isinstance(key, str)]
     if odd:
-        raise _BadRequest(
+        raise RequestRefused(
             ErrorCode.BAD_REQUEST, f"{where} keys must be strings, got {odd[0]!r:.40}"
         )
 
 
 def _no_args(args: Mapping[str, Any]) -> None:
     if args:
-        raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(args)}")
+        raise RequestRefused(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(args)}")
 
 
-def _kick_peer_id(args: Mapping[str, Any]) -> int:
-    extra = set(args) - {"id"}
+def _int_arg(args: Mapping[str, Any], name: str, top: int) -> int:
+    value = args[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestRefused(ErrorCode.BAD_ARGS, f"args.{name} must be an integer")
+    if not 0 <= value <= top:
+        raise RequestRefused(ErrorCode.BAD_ARGS, f"args.{name} must be in 0..{top}")
+    return value
+
+
+def _peer_id_arg(cmd: str, args: Mapping[str, Any], optional: tuple[str, ...] = ()) -> int:
+    extra = set(args) - {"id", *optional}
     if extra:
-        raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(extra)}")
+        raise RequestRefused(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(extra)}")
     if "id" not in args:
-        raise _BadRequest(ErrorCode.BAD_ARGS, "kick needs args.id (the peer id)")
-    peer_id = args["id"]
-    if isinstance(peer_id, bool) or not isinstance(peer_id, int):
-        raise _BadRequest(ErrorCode.BAD_ARGS, "args.id must be an integer")
-    if not 0 <= peer_id <= MAX_PEER_ID:
-        raise _BadRequest(ErrorCode.BAD_ARGS, f"args.id must be in 0..{MAX_PEER_ID}")
-    return peer_id
+        raise RequestRefused(ErrorCode.BAD_ARGS, f"{cmd} needs args.id (the peer id)")
+    return _int_arg(args, "id", MAX_PEER_ID)
 
 
 def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
     if len(raw) > MAX_REQUEST_BYTES:
-        raise _BadRequest(
+        raise RequestRefused(
             ErrorCode.TOO_LARGE,
             f"request of {len(raw)} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit",
         )
     try:
         request = _unpack(raw)
     except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, ...)
-        raise _BadRequest(ErrorCode.BAD_MSGPACK, f"request is not valid msgpack: {exc}") from None
+        raise RequestRefused(
+            ErrorCode.BAD_MSGPACK, f"request is not valid msgpack: {exc}"
+        ) from None
     if not isinstance(request, dict):
-        raise _BadRequest(
+        raise RequestRefused(
             ErrorCode.BAD_REQUEST, f"request must be a map, not {type(request).__name__}"
         )
     _string_keys(request, "request")
     version = request.get("v")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs an integer schema version 'v'")
+        raise RequestRefused(ErrorCode.BAD_REQUEST, "request needs an integer schema version 'v'")
     if version != SCHEMA_VERSION:
-        raise _BadRequest(
+        raise RequestRefused(
             ErrorCode.UNSUPPORTED_VERSION,
             f"schema version {version} is not supported (this daemon speaks {SCHEMA_VERSION})",
         )
     cmd = request.get("cmd")
     if not isinstance(cmd, str):
-        raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs a string 'cmd'")
+        raise RequestRefused(ErrorCode.BAD_REQUEST, "request needs a string 'cmd'")
     if cmd not in COMMANDS:
-        raise _BadRequest(
+        raise RequestRefused(
             ErrorCode.UNKNOWN_COMMAND,
             f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})",
         )
@@ -285,16 +309,22 @@ def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        raise _BadRequest(ErrorCode.BAD_ARGS, "'args' must be a map")
+        raise RequestRefused(ErrorCode.BAD_ARGS, "'args' must be a map")
     _string_keys(args, "'args'")
     unknown = set(request) - {"v", "cmd", "args"}
     if unknown:
-        raise _BadRequest(ErrorCode.BAD_REQUEST, f"unknown request fields: {sorted(unknown)}")
+        raise RequestRefused(ErrorCode.BAD_REQUEST, f"unknown request fields: {sorted(unknown)}")
     return cmd, args
 
 
-def _may_kick(view: ControlView, requester_uid: int | None) -> bool:
-    return requester_uid is not None and requester_uid in (0, view.owner_uid)
+def _check_may_act(cmd: str, view: ControlView, requester_uid: int | None) -> None:
+    """``kick`` and ``ring`` act on peers: the daemon's uid or root only."""
+    if requester_uid is None or requester_uid not in (0, view.owner_uid):
+        who = "an unknown uid" if requester_uid is None else f"uid {requester_uid}"
+        raise RequestRefused(
+            ErrorCode.PERMISSION_DENIED,
+            f"{cmd} needs the daemon's uid ({view.owner_uid}) or root; request came from {who}",
+        )
 
 
 def _dispatch(
@@ -310,17 +340,27 @@ def _dispatch(
         _no_args(args)
         return view.stats()
     if cmd == "kick":
-        peer_id = _kick_peer_id(args)
-        if not _may_kick(view, requester_uid):
-            who = "an unknown uid" if requester_uid is None else f"uid {requester_uid}"
-            raise _BadRequest(
-                ErrorCode.PERMISSION_DENIED,
-                f"kick needs the daemon's uid ({view.owner_uid}) or root; request came from {who}",
-            )
-        if not view.kick(peer_id):
-            raise _BadRequest(ErrorCode.NO_SUCH_PEER, f"no peer with id {peer_id}")
+        peer_id = _peer_id_arg(cmd, args)
+        _check_may_act(cmd, view, requester_uid)
+        if not view.kick(peer_id, f"kicked by uid {requester_uid} (ivshmemctl kick)"):
+            raise RequestRefused(ErrorCode.NO_SUCH_PEER, f"no peer with id {peer_id}")
         return {"kicked": peer_id}
-    raise _BadRequest(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r}")  # pragma: no cover
+    if cmd == "departure":
+        peer_id = _peer_id_arg(cmd, args)
+        departure = view.departure(peer_id)
+        if departure is None:
+            raise RequestRefused(ErrorCode.NO_SUCH_PEER, f"no departure known of peer {peer_id}")
+        return departure
+    if cmd == "ring":
+        peer_id = _peer_id_arg(cmd, args, ("vector",))
+        vector = _int_arg(args, "vector", MAX_VECTORS - 1) if "vector" in args else 0
+        _check_may_act(cmd, view, requester_uid)
+        view.ring(peer_id, vector)
+        return {"rang": peer_id, "vector": vector}
+    if cmd == "dump":
+        _no_args(args)
+        return view.dump()
+    raise RequestRefused(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r}")  # pragma: no cover
 
 
 def handle_request(raw: bytes, view: ControlView, requester_uid: int | None) -> bytes:
@@ -333,7 +373,7 @@ def handle_request(raw: bytes, view: ControlView, requester_uid: int | None) -> 
         cmd, args = _parse_request(raw)
         result = _dispatch(cmd, args, view, requester_uid)
         return _ok(result)
-    except _BadRequest as bad:
+    except RequestRefused as bad:
         return error_reply(bad.code, bad.message)
     except Exception as exc:  # one line for the operator; the traceback only with -v
         log.error("control request failed inside the daemon: %s: %s", type(exc).__name__, exc)
@@ -383,6 +423,9 @@ class Event:
     vectors: int
     time: float
     reason: str | None = None
+    #: the daemon instance that published it (new at every start): a subscriber that sees
+    #: it change knows the daemon restarted and its sequence numbers started again
+    boot: str | None = None
 
     def to_frames(self) -> tuple[bytes, bytes]:
         """The two zmq frames: topic and msgpack body."""
@@ -396,6 +439,8 @@ class Event:
         }
         if self.reason is not None:
             body["reason"] = self.reason
+        if self.boot is not None:
+            body["boot"] = self.boot
         return self.kind.encode(), _pack(body)
 
 
@@ -417,6 +462,7 @@ def decode_event(frames: list[bytes]) -> Event:
             vectors=int(body["vectors"]),
             time=float(body["time"]),
             reason=None if body.get("reason") is None else str(body["reason"]),
+            boot=None if body.get("boot") is None else str(body["boot"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SchemaError(f"event lacks a field or has a wrong type: {exc}") from None
@@ -426,21 +472,40 @@ def decode_event(frames: list[bytes]) -> Event:
 
 
 class SequenceTracker:
-    """Client side: notices gaps in the event sequence numbers."""
+    """Client side: notices gaps in the event sequence numbers, and a new daemon instance
+    (its events carry another :attr:`Event.boot`, their numbers start again at 1)."""
 
     def __init__(self) -> None:
         self.last_seq: int | None = None
+        self.boot: str | None = None
         self.missed = 0
+        #: new daemon instances seen since the first event
+        self.restarts = 0
 
-    def observe(self, seq: int) -> tuple[int, int] | None:
+    def observe(self, seq: int, boot: str | None = None) -> tuple[int, int] | None:
         """Record ``seq``; returns the missing range ``(first, last)`` if there is a gap.
 
         The first event seen starts the sequence (a subscriber that joins late has no gap).
-        A sequence number that goes backwards (the daemon restarted) also starts afresh.
+        An event of a new daemon instance starts afresh from 1 (events 1..seq-1 of the new
+        instance were missed); so does a sequence number that goes backwards, from a daemon
+        that does not say its instance.
         """
+        if boot is not None and self.boot is not None and boot != self.boot:
+            self.restart(boot, 0)
+        elif boot is not None:
+            self.boot = boot
+        elif self.last_seq is not None and seq <= self.last_seq:
+            self.last_seq = None  # backwards, from a daemon that does not say its instance
         gap: tuple[int, int] | None = None
         if self.last_seq is not None and seq > self.last_seq + 1:
             gap = (self.last_seq + 1, seq - 1)
             self.missed += seq - 1 - self.last_seq
-        self.last_seq = seq
+        if self.last_seq is None or seq > self.last_seq:
+            self.last_seq = seq
         return gap
+
+    def restart(self, boot: str, seq: int) -> None:
+        """A new daemon instance ``boot`` whose last event so far is ``seq``."""
+        self.restarts += 1
+        self.boot = boot
+        self.last_seq = seq

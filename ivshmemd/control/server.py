@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -110,7 +111,10 @@ class EventPublisher:
         *,
         max_pending: int = MAX_PENDING_EVENTS,
         clock: Callable[[], float] = time.time,
+        boot: str | None = None,
     ) -> None:
+        #: this daemon instance, stamped on its events (see :attr:`Event.boot`)
+        self.boot = boot if boot is not None else secrets.token_hex(8)
         self._seq = 0
         self._clock = clock
         self._pending: deque[Event] = deque()
@@ -128,7 +132,7 @@ class EventPublisher:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         self._seq += 1
-        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason)
+        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason, self.boot)
         self.forward(event)
         return event
 
@@ -345,10 +349,19 @@ class _NoView:
     def peers(self) -> list[dict[str, Any]]:  # pragma: no cover
         raise AssertionError("unreachable")
 
-    def kick(self, peer_id: int) -> bool:  # pragma: no cover
+    def kick(self, peer_id: int, reason: str) -> bool:  # pragma: no cover
         raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, int]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def departure(self, peer_id: int) -> dict[str, Any] | None:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def ring(self, peer_id: int, vector: int) -> None:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def dump(self) -> dict[str, Any]:  # pragma: no cover
         raise AssertionError("unreachable")
 
     @property
@@ -487,7 +500,6 @@ async def serve_control(
             control=_bind(router.socket, endpoint, socket_mode, socket_gid, created),
             events=_bind(pub.socket, events_endpoint, socket_mode, socket_gid, created),
         )
-        log.debug("control plane on %s, events on %s", bound.control, bound.events)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_zap, zap, _zap_policy(access, counters))
             for domain, monitor_sock in monitors.items():

@@ -9,20 +9,47 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Final
 
 from ivshmemd import __version__
 from ivshmemd.server import IvshmemServer, fd_limit
+from ivshmemd.wording import plural
 
-__all__ = ["DaemonControlView", "state_lines"]
+from .schema import ErrorCode, RequestRefused
+from .server import EventPublisher
+
+__all__ = ["MAX_DEPARTURES", "DaemonControlView", "state_lines"]
+
+#: departures remembered for ``departure`` requests (ids only grow: the oldest go first)
+MAX_DEPARTURES: Final = 4096
 
 
 class DaemonControlView:
     """Answers ``status``, ``peers``, ``stats`` and ``kick`` for one running server."""
 
-    def __init__(self, server: IvshmemServer, socket_path: str) -> None:
+    def __init__(
+        self, server: IvshmemServer, socket_path: str, publisher: EventPublisher | None = None
+    ) -> None:
         self.server = server
         self.socket_path = socket_path
+        self.publisher = publisher
+        #: recent departures, oldest first: peer id -> {"id", "reason", "time"}
+        self.departures: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        server.listeners.append(self._on_server_event)
+
+    def _on_server_event(self, kind: str, event: dict[str, Any]) -> None:
+        if kind != "peer-left":
+            return
+        peer_id = int(event["peer_id"])
+        reason = event.get("reason")
+        self.departures[peer_id] = {
+            "id": peer_id,
+            "reason": "disconnected" if reason is None else str(reason),
+            "time": time.time(),
+        }
+        while len(self.departures) > MAX_DEPARTURES:
+            self.departures.popitem(last=False)
 
     def status(self) -> dict[str, Any]:
         """Version, uptime, shm, vectors, peer count and limits."""
@@ -35,6 +62,7 @@ class DaemonControlView:
             "shm": {"name": shm.name, "path": shm.path, "size": shm.size},
             "vectors": server.config.n_vectors,
             "peers": len(server.connections),
+            **self._events(),
             "limits": {
                 "max_peers": server.config.max_peers,
                 "send_timeout": server.config.send_timeout,
@@ -52,9 +80,53 @@ class DaemonControlView:
             for peer_id, conn in sorted(self.server.connections.items())
         ]
 
-    def kick(self, peer_id: int) -> bool:
+    def _events(self) -> dict[str, Any]:
+        """The event stream's instance id and last sequence number (a subscriber that
+        reconnects learns from them whether the daemon restarted and what it missed)."""
+        if self.publisher is None:
+            return {}
+        return {"boot": self.publisher.boot, "events_seq": self.publisher.last_seq}
+
+    def kick(self, peer_id: int, reason: str) -> bool:
         """Disconnect a peer (the others are told); False if there is no such peer."""
-        return self.server.kick(peer_id, reason="kicked through the control plane")
+        return self.server.kick(peer_id, reason=reason)
+
+    def departure(self, peer_id: int) -> dict[str, Any] | None:
+        """How a recently departed peer left, or None."""
+        return self.departures.get(peer_id)
+
+    def ring(self, peer_id: int, vector: int) -> None:
+        """Ring a peer's doorbell: add 1 to its eventfd of ``vector``, as another peer
+        would (the eventfd is non-blocking: a counter at its maximum is refused)."""
+        conn = self.server.connections.get(peer_id)
+        if conn is None:
+            raise RequestRefused(ErrorCode.NO_SUCH_PEER, f"no peer with id {peer_id}")
+        vectors = conn.peer.vectors
+        if vector >= len(vectors):
+            raise RequestRefused(
+                ErrorCode.NO_SUCH_VECTOR,
+                f"peer {peer_id} has {plural(len(vectors), 'vector')} (0..{len(vectors) - 1}),"
+                f" not {vector}",
+            )
+        try:
+            os.eventfd_write(vectors[vector].fd, 1)
+        except BlockingIOError:
+            raise RequestRefused(
+                ErrorCode.BAD_ARGS, f"peer {peer_id} vector {vector}: its eventfd is full"
+            ) from None
+
+    def dump(self) -> dict[str, Any]:
+        """The fds as the daemon holds them: what a peer joining now would receive (the
+        shm fd, then every peer's eventfds, one per vector)."""
+        shm = self.server.shm
+        return {
+            "shm": {"fd": shm.fd, "size": shm.size, "name": shm.name, "path": shm.path},
+            "vectors": self.server.config.n_vectors,
+            "peers": [
+                {"id": peer_id, "eventfds": [shared.fd for shared in conn.peer.vectors]}
+                for peer_id, conn in sorted(self.server.connections.items())
+            ],
+        }
 
     def stats(self) -> dict[str, int]:
         """The server's counters."""
@@ -84,9 +156,9 @@ def state_lines(server: IvshmemServer, control_pid: int | None, restarts: int) -
         if flight is None
         else f"{flight.total} fds in flight of {flight.limit} (window {flight.window})"
     )
-    control = "none" if control_pid is None else f"pid {control_pid}, {restarts} restarts"
+    control = "none" if control_pid is None else f"pid {control_pid}, {plural(restarts, 'restart')}"
     return [
-        f"state: {len(conns)} peers (ids {', '.join(map(str, sorted(conns))) or 'none'})",
+        f"state: {plural(len(conns), 'peer')} (ids {', '.join(map(str, sorted(conns))) or 'none'})",
         f"state: fds {server.fds_in_use()} in use of {fd_limit()} ({server.config.fd_reserve} "
         f"kept free); {in_flight}; {len(server.lingering)} dropped clients still reading",
         f"state: queued messages per peer, largest: {busiest}",
