@@ -558,9 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         PidFileError,
     ) as exc:  # fmt: skip
         log.error("%s", exc)
+        # release first: the waiting parent exits on the report, and nothing we made may
+        # outlive the error it prints
+        held.release(keep_shm=args.keep_shm)
         if report is not None:
             report(str(exc))
-        held.release(keep_shm=args.keep_shm)
         return 1
     assert held.shm is not None and held.listener is not None
     log.debug("logging to %s", target.description)
@@ -586,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(leaf, ControlSetupError):
                 message = f"fatal: {type(leaf).__name__}: {message}"
             log.error("%s", message)
+            held.release(keep_shm=args.keep_shm)
             if report is not None:
                 report(message)
             return 1
