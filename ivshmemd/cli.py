@@ -31,7 +31,7 @@ from .control.schema import (
 )
 from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
 from .control.view import DaemonControlView, state_lines
-from .curve import CurveKeyError, server_keys
+from .curve import KeyFileError, server_keys
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, LogTarget, configure_logging
 from .errors import one_line, unwrap
@@ -366,7 +366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.curve_secret_key:
         try:
             args.curve_keys = server_keys(args.curve_secret_key, args.curve_clients)
-        except CurveKeyError as exc:
+        except KeyFileError as exc:
             parser.error(str(exc))
     try:
         endpoints = [ep for ep in _control_endpoints(args) if ep is not None]

@@ -51,7 +51,7 @@ from ivshmemd.control.schema import (
     default_events_endpoint,
     events_endpoint_for,
 )
-from ivshmemd.curve import ClientCurve, CurveKeyError, client_keys
+from ivshmemd.curve import ClientCurve, KeyFileError, client_keys
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
 from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
@@ -255,7 +255,7 @@ def _curve(args: argparse.Namespace) -> ClientCurve | None:
         raise NoDaemonError("--curve-key and --curve-server-key go together")
     try:
         return client_keys(key, server)
-    except CurveKeyError as exc:
+    except KeyFileError as exc:
         raise NoDaemonError(str(exc)) from None
 
 

@@ -46,6 +46,7 @@ import msgpack
 import trio
 
 from ivshmemd.access import AllowList
+from ivshmemd.curve import CurveKeys
 from ivshmemd.errors import one_line
 from ivshmemd.ratelimit import LogLimiter
 from ivshmemd.sockpath import unlink_if_ours
@@ -56,7 +57,6 @@ from .server import (
     ControlEndpoints,
     ControlLimits,
     ControlSetupError,
-    CurveKeys,
     EventPublisher,
     serve_control,
 )
