@@ -17,7 +17,7 @@ from ivshmemd.zap import ConnectionCounter, ZapPolicy, ZapRequest, answer
 
 def _keys(tmp_path: Path) -> tuple[Path, Path, Path]:
     """The daemon's secret key, the clients' directory (alice), alice's secret key."""
-    server_public, server_secret = keygen(tmp_path / "keys", "server")
+    _, server_secret = keygen(tmp_path / "keys", "server")
     clients = tmp_path / "clients"
     alice_public, alice_secret = keygen(tmp_path / "keys", "alice")
     clients.mkdir()

@@ -9,17 +9,11 @@ from collections.abc import Sequence
 
 from ..errors import VmmError
 from ..pte import MODES
-from . import check_host_memory, parse_size
+from ..sizes import positive_size_argument as size_type
+from . import check_host_memory
 from .access import ACCESS_ROWS, ROW_TITLES, run_access_bench
 from .dirtylog import compare_with_per_page, run_dirty_log_perf
 from .pagetable import BACKINGS, STAGES, run_page_table_test
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -36,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vmm.bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
     pt = sub.add_parser("pagetable", help="kvm_page_table_test: CREATE/UPDATE/ADJUST stages")
-    pt.add_argument("-b", dest="size", type=_size, default=1 << 30, help="memory size (1G)")
+    pt.add_argument("-b", dest="size", type=size_type, default=1 << 30, help="memory size (1G)")
     pt.add_argument("-v", dest="vcpus", type=_positive, default=1, help="vCPUs (1)")
     pt.add_argument("-s", dest="backing", choices=BACKINGS, default="anonymous")
     pt.add_argument("-m", dest="mode", choices=sorted(MODES), default="sv39x4")
@@ -47,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pt.add_argument("--json", action="store_true", help="print one JSON object")
     dl = sub.add_parser("dirty-log", help="dirty_log_perf_test and the per-page comparison")
-    dl.add_argument("-b", dest="size", type=_size, default=1 << 30, help="memory per vCPU (1G)")
+    dl.add_argument("-b", dest="size", type=size_type, default=1 << 30, help="memory per vCPU (1G)")
     dl.add_argument("-v", dest="vcpus", type=_positive, default=1, help="vCPUs (1)")
     dl.add_argument("-i", dest="iterations", type=_positive, default=2, help="iterations (2)")
     dl.add_argument(
@@ -60,7 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("--no-compare", action="store_true", help="skip the per-page comparison")
     dl.add_argument("--json", action="store_true", help="print one JSON object")
     ac = sub.add_parser("access", help="the per-access path against struct.pack_into")
-    ac.add_argument("-b", dest="size", type=_size, default=256 << 20, help="memslot size (256M)")
+    ac.add_argument(
+        "-b",
+        dest="size",
+        type=size_type,
+        default=256 << 20,
+        help="memslot size (256M)",
+    )
     ac.add_argument("-n", dest="count", type=_positive, default=20_000, help="accesses per batch")
     ac.add_argument("-r", dest="repeats", type=_positive, default=5, help="batches (median)")
     ac.add_argument("--json", action="store_true", help="print one JSON object")
