@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 from ..errors import VmmError
 from ..pte import MODES
@@ -14,6 +15,12 @@ from . import check_host_memory
 from .access import ACCESS_ROWS, ROW_TITLES, run_access_bench
 from .dirtylog import compare_with_per_page, run_dirty_log_perf
 from .pagetable import BACKINGS, STAGES, run_page_table_test
+
+#: The project's exit statuses (``ivshmemd.exitcodes`` owns them; vmm imports nothing of
+#: ours, so it names the three it uses: a test checks they agree).
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
 
 
 def _positive(text: str) -> int:
@@ -104,7 +111,7 @@ def _pagetable(args: argparse.Namespace) -> int:
         print(f"All stages: {result.total:.9f}s; table pages at the end: {result.table_pages}")
         if result.tlb_conflict:
             print(f"TLB conflict: {result.tlb_conflict}")
-    return 1 if result.tlb_conflict and not args.debug_skip_tlbi else 0
+    return EXIT_FAILED if result.tlb_conflict and not args.debug_skip_tlbi else EXIT_OK
 
 
 def _dirty_log(args: argparse.Namespace) -> int:
@@ -135,7 +142,7 @@ def _dirty_log(args: argparse.Namespace) -> int:
                 "memory_ratio": comparison.memory_ratio,
             }
         print(json.dumps(out))
-        return 0
+        return EXIT_OK
     # The lines of tools/testing/selftests/kvm/dirty_log_perf_test.c, same wording.
     print(f"Test iterations: {res.iterations}")
     print(f"Populate memory time: {res.populate:.9f}s")
@@ -171,7 +178,7 @@ def _dirty_log(args: argparse.Namespace) -> int:
             f"{comparison.hardware_bytes} bytes of hardware layout "
             f"({comparison.memory_ratio:.4f}x)"
         )
-    return 0
+    return EXIT_OK
 
 
 def _access(args: argparse.Namespace) -> int:
@@ -182,7 +189,7 @@ def _access(args: argparse.Namespace) -> int:
             for row in ACCESS_ROWS
         }
         print(json.dumps({"bench": "access", "size": res.span, "count": res.count, "rows": rows}))
-        return 0
+        return EXIT_OK
     print(
         f"per-access figures over a {res.span >> 20} MiB memslot (median of {res.repeats} "
         f"batches of {res.count}; raw = struct.pack_into on a bytearray, same offsets):"
@@ -192,7 +199,7 @@ def _access(args: argparse.Namespace) -> int:
             f"  {ROW_TITLES[row]:40s} {res.ours_ns[row] / 1000:8.3f} us   raw "
             f"{res.raw_ns[row] / 1000:6.3f} us   {res.ratio(row):6.1f}x raw"
         )
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,10 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dirty_log(args)
     except (VmmError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except MemoryError:
         print("error: not enough host memory for this size", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
