@@ -47,7 +47,7 @@ import trio
 
 from ivshmemd.access import AllowList
 from ivshmemd.curve import CurveKeys
-from ivshmemd.errors import one_line
+from ivshmemd.errors import one_line, unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.ratelimit import LogLimiter
 from ivshmemd.sockpath import unlink_if_ours
@@ -189,10 +189,13 @@ class ControlProcess:
                 started = trio.current_time()
                 try:
                     outcome = await self._one_life(task_status if first else None)
-                except ControlSetupError as exc:
-                    if first:
+                except Exception as exc:  # trio may have wrapped it in a group: look inside
+                    failure = unwrap(exc)
+                    if not isinstance(failure, ControlSetupError):
                         raise
-                    outcome = str(exc)
+                    if first:  # the daemon's start-up reports it
+                        raise failure from None
+                    outcome = str(failure)  # later: an outage of the control plane only
                 first = False
                 if trio.current_time() - started > STABLE_AFTER:
                     delay = RESTART_DELAYS[0]

@@ -187,6 +187,37 @@ async def test_no_number_of_peers_and_control_clients_aborts_the_daemon(
                 peer.close()
 
 
+async def test_a_control_process_that_cannot_restart_is_retried_and_the_daemon_lives(
+    start_daemon: Any, tmp_path: Path
+) -> None:
+    """A restarted control process that fails before it is ready (here: its socket's name is
+    taken by a directory, which it must not delete) is a control-plane outage, never the
+    daemon's end: peers keep being served, restarts go on, and the control plane comes back
+    once the name is free."""
+    async with start_daemon(vectors=1) as daemon:
+        first = await RawClient.connect(daemon.socket_path)
+        second: RawClient | None = None
+        ctl_path = Path(f"{daemon.socket_path}.ctl")
+        try:
+            await first.read(4)
+            ctl_path.rename(tmp_path / "moved.ctl")  # the bound socket keeps working
+            ctl_path.mkdir()
+            os.kill(control_process_pid(daemon.pid), signal.SIGKILL)
+            await daemon.wait_log(r"control plane process stopped \(.*not a socket.*restarting")
+            assert daemon.process.returncode is None, daemon.log[-10:]
+            second = await RawClient.connect(daemon.socket_path)  # still served
+            assert await first.read(1) == [(1, True)]  # told of the newcomer
+            ctl_path.rmdir()
+            with trio.fail_after(TIMEOUT):
+                while (await ctl("-S", daemon.socket_path, "status", timeout=1)).returncode:
+                    await daemon.wait_log("control plane process (stopped|restarted)")
+            assert daemon.process.returncode is None
+        finally:
+            first.close()
+            if second is not None:
+                second.close()
+
+
 async def test_a_control_process_that_dies_is_restarted_and_peers_never_notice(
     start_daemon: Any,
 ) -> None:
