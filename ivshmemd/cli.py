@@ -567,6 +567,9 @@ def _on_signal(
         pid, restarts = (None, 0) if process is None else (process.pid, process.restarts)
         for line in state_lines(server, pid, restarts):
             log.info("%s", line)
+        if isinstance(server.federation, FederationProcess):
+            for line in server.federation.state_lines():
+                log.info("%s", line)
     else:
         log.warning(
             "%s is reserved for the zero-loss restart, which this version does not do: "

@@ -23,10 +23,8 @@ local peers see only leave and join notices.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -40,6 +38,7 @@ from .federation.process import config_to_wire
 from .ratelimit import LogLimiter
 from .registry import Peer
 from .server import IvshmemServer
+from .supervise.record import exit_text
 
 __all__ = ["FederationProcess", "FederationSetupError"]
 
@@ -58,17 +57,6 @@ MemberListener = Callable[[str, Mapping[str, Any]], None]
 
 class FederationSetupError(Exception):
     """The federation could not start (the message says why)."""
-
-
-def exit_text(returncode: int | None) -> str:
-    """How a child process ended, in words."""
-    if returncode is None:
-        return "its link closed"
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-        return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 class FederationProcess:
@@ -128,6 +116,24 @@ class FederationProcess:
         if self._link is None:
             status["running"] = False
         return status
+
+    def state_lines(self) -> list[str]:
+        """The federation in a few log lines (SIGUSR1)."""
+        status = self.status()
+        process = status["process"]
+        lines = [
+            f"state: federation process: pid {process['pid']}, {process['restarts']} restarts; "
+            f"{status['remote_peers']} remote peers"
+        ]
+        for member in status.get("members", []):
+            rtt = member.get("rtt")
+            lines.append(
+                f"state: member {member['member']} ({member['endpoint']}): {member['state']}, "
+                f"ids {member['id_range'][0]}-{member['id_range'][1]}, {member['peers']} peers"
+                + ("" if rtt is None else f", rtt {rtt * 1e6:.0f} us")
+                + ("" if not member.get("reason") else f" ({member['reason']})")
+            )
+        return lines
 
     # -- running -------------------------------------------------------------------------
 
@@ -303,9 +309,10 @@ class FederationProcess:
             buffer = buffer[-4096:]
 
     def _log(self, level: Any, text: Any) -> None:
+        """A line the process logged (it throttles its own repeats: a flapping member's
+        lines must all be seen)."""
         if isinstance(level, int):
-            text = str(text)
-            self._chatter.log(text, level, "%s", text)
+            log.log(level, "%s", text)
 
 
 def _close_all(fds: list[int]) -> None:
