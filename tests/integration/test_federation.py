@@ -19,6 +19,7 @@ import pytest
 import trio
 import zmq
 
+from ivshmemd.federation.keys import keygen
 from ivshmemd.federation.schema import Hello, encode_frame
 from ivshmemd.supervise import DaemonProcess, daemon_process
 from ivshmemd.supervise.fabric import (
@@ -30,6 +31,7 @@ from ivshmemd.supervise.fabric import (
 )
 from peers.pytest_plugin import PeerSpawner
 from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
+from tests.ivshmemd.federation.proxy import TcpProxy
 from tests.rawclient import RawClient
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins"
@@ -293,3 +295,103 @@ async def test_a_qemu_vm_on_one_host_and_our_peer_on_another_ring_each_other(
             assert done["ok"] and done["summary"] == "mailbox: vector 0: "
         finally:
             await trio.to_thread.run_sync(vm.close)
+
+
+@asynccontextmanager
+async def proxied_host(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    name: str,
+    ids: str,
+    options: Sequence[str],
+) -> AsyncIterator[tuple[DaemonProcess, TcpProxy]]:
+    """A daemon listening on TCP loopback behind a :class:`TcpProxy` it advertises: every
+    frame sent to it passes the proxy (captured; the link can be cut and healed)."""
+    proxy = TcpProxy()
+    await nursery.start(proxy.run)
+    args = ["--peer-ids", ids, "--federation-listen", "tcp://127.0.0.1:0",
+            "--federation-advertise", proxy.endpoint, *options]  # fmt: skip
+    async with daemon_process(tmp_path, args=args, socket_path=str(tmp_path / f"{name}.sock")) as d:
+        (line,) = await d.wait_log(r"federation: .* listening on tcp://127\.0\.0\.1:\d+")
+        proxy.target = int(line.rsplit(":", 1)[1].split()[0])
+        yield d, proxy
+
+
+def curve_options(tmp_path: Path, name: str, allowed: Sequence[str]) -> list[str]:
+    """Keys for ``name`` (made with the library ``ivshmemctl keygen`` runs) and an allow
+    directory holding the public keys of ``allowed``."""
+    keys, allow = tmp_path / "keys", tmp_path / f"allow-{name}"
+    allow.mkdir()
+    for who in {name, *allowed}:
+        if not (keys / f"{who}.key").exists():
+            keygen(keys, who)
+    for who in allowed:
+        (allow / f"{who}.key").write_bytes((keys / f"{who}.key").read_bytes())
+    return ["--federation-key", str(keys / f"{name}.key_secret"), "--federation-allow", str(allow)]
+
+
+@asynccontextmanager
+async def two_proxied_hosts(
+    tmp_path: Path, a_options: Sequence[str], b_options: Sequence[str]
+) -> AsyncIterator[tuple[DaemonProcess, TcpProxy, DaemonProcess, TcpProxy]]:
+    """Hosts A (ids 0-999) and B (1000-1999, told of A), each behind its proxy, once A has B
+    as a member."""
+    async with trio.open_nursery() as nursery:
+        async with proxied_host(tmp_path, nursery, "a", "0-999", a_options) as (a, pa):
+            b_args = [*b_options, "--federation-peer", pa.endpoint]
+            async with proxied_host(tmp_path, nursery, "b", "1000-1999", b_args) as (b, pb):
+                await a.wait_log(MEMBER_UP)
+                yield a, pa, b, pb
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("curve", [True, False], ids=["curve", "plaintext"])
+async def test_curve_encrypts_the_links_and_refuses_a_key_not_allowed(
+    tmp_path: Path, curve: bool
+) -> None:
+    a_keys = curve_options(tmp_path, "a", ["a", "b"]) if curve else []
+    b_keys = curve_options(tmp_path, "b", ["a", "b"]) if curve else []
+    async with (
+        two_proxied_hosts(tmp_path, a_keys, b_keys) as (a, pa, b, pb),
+        clients(a.socket_path, b.socket_path) as (on_a, on_b),
+    ):
+        await sees(on_a, {1000: 1})
+        await sees(on_b, {0: 1})
+        ring(on_a, 1000, count=5)
+        assert await rung(on_b) == 5
+        captured = bytes(pa.captured + pb.captured)
+        # a hello names the sender's endpoint: in the clear only without CURVE
+        names = [pa.endpoint.encode(), pb.endpoint.encode()]
+        assert any(name in captured for name in names) is not curve
+        if curve:  # a daemon whose key the others do not allow is refused
+            c_keys = curve_options(tmp_path, "c", ["a", "b", "c"])
+            c_args = ["--peer-ids", "2000-2999", "--federation-listen", f"ipc://{tmp_path}/c.fed",
+                      "--federation-peer", pa.endpoint, *c_keys]  # fmt: skip
+            async with daemon_process(tmp_path, args=c_args):
+                await a.wait_log(
+                    r"refused a connection from .*: public key .* is not in the allow directory"
+                )
+                assert on_a.view() == {1000: 1}
+
+
+async def test_a_cut_link_makes_each_side_announce_the_others_peers_left_and_healing_rejoins(
+    tmp_path: Path,
+) -> None:
+    timeout = ["--federation-timeout", "1"]
+    async with (
+        two_proxied_hosts(tmp_path, timeout, timeout) as (a, pa, b, pb),
+        clients(a.socket_path, b.socket_path) as (on_a, on_b),
+    ):
+        await sees(on_a, {1000: 1})
+        await sees(on_b, {0: 1})
+        pa.cut()
+        pb.cut()
+        await sees(on_a, {})
+        await sees(on_b, {})
+        await a.wait_log(r"member .* is dead")
+        pa.heal()
+        pb.heal()
+        await sees(on_a, {1000: 1})
+        await sees(on_b, {0: 1})
+        ring(on_b, 0, count=2)
+        assert await rung(on_a) == 2
