@@ -29,7 +29,7 @@ from ivshmemd.supervise.fabric import (
     federation_endpoints,
     host_id_ranges,
 )
-from peers.pytest_plugin import PeerSpawner
+from peers.pytest_plugin import FabricFactory, PeerSpawner
 from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
 from tests.ivshmemd.federation.proxy import TcpProxy
 from tests.rawclient import RawClient
@@ -110,9 +110,9 @@ async def clients(*paths: str) -> AsyncIterator[list[RawClient]]:
 
 
 async def test_three_hosts_ping_between_every_pair_and_monitor_sees_remote_peers(
-    tmp_path: Path, ivshmem_peers: PeerSpawner
+    ivshmem_fabric: FabricFactory, ivshmem_peers: PeerSpawner
 ) -> None:
-    async with fabric_process(tmp_path, 3, timeout=2) as daemons:
+    async with ivshmem_fabric(3, timeout=2) as daemons:
         a, b, c = first_ids(3)
         monitor = await ivshmem_peers(daemons[0], "monitor")
         assert monitor.peer_id == a
