@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -395,3 +397,14 @@ async def test_a_cut_link_makes_each_side_announce_the_others_peers_left_and_hea
         await sees(on_b, {0: 1})
         ring(on_b, 0, count=2)
         assert await rung(on_a) == 2
+
+
+def test_ivshmemctl_keygen_writes_a_pair_once_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "ivshmemd.ctl", "keygen", str(tmp_path / "k"), "a"]
+    made = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "k" / "a.key").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "k" / "a.key_secret").stat().st_mode & 0o777 == 0o600
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0
+    assert again.stderr.startswith("ivshmemctl keygen: ") and len(again.stderr.splitlines()) == 1
