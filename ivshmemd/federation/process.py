@@ -55,6 +55,7 @@ from typing import Any, Final
 import trio
 
 from ivshmemd.errors import one_line
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.fdlink import FdLink, LinkClosed, LinkError
 from ivshmemd.registry import Peer, SharedFd
 
@@ -265,15 +266,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
         print("ivshmemd.federation.process: started by ivshmemd, not by hand", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     for signum in _IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     try:
         trio.run(_serve, int(args[0]))
     except BaseException as exc:  # one line on stderr, which the daemon logs
         print(f"fatal: {one_line(exc)}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
