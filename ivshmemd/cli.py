@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -31,11 +32,14 @@ from .control.schema import (
 )
 from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
 from .control.view import DaemonControlView, state_lines
-from .curve import KeyFileError, server_keys
+from .curve import KeyFileError, load_allowed_keys, load_secret_key, server_keys
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, LogTarget, configure_logging
 from .errors import one_line, unwrap
 from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE_QEMU
+from .federation.config import FederationConfig, FederationConfigError
+from .federation.membership import DEFAULT_TIMEOUT as DEFAULT_FEDERATION_TIMEOUT
+from .fedproc import FederationProcess, FederationSetupError
 from .inflight import budget_for
 from .listener import ListenerError, parse_group
 from .protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
@@ -352,6 +356,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="append log lines to FILE, reopened on SIGHUP (default: stderr; daemonized: "
         "syslog, or SOCKET.log in the runtime directory where there is no /dev/log)",
     )
+    fed = p.add_argument_group(
+        "federation (daemons on several hosts as one fabric; see docs/federation.md)"
+    )
+    fed.add_argument(
+        "--federation-listen",
+        metavar="ENDPOINT",
+        default=None,
+        help="join a federation: accept other daemons at this zmq endpoint "
+        "(tcp://ADDRESS:PORT or ipc://PATH); give this daemon its own --peer-ids",
+    )
+    fed.add_argument(
+        "--federation-peer",
+        metavar="ENDPOINT",
+        action="append",
+        default=[],
+        help="a daemon of the federation to contact (repeatable; one is enough: "
+        "membership spreads)",
+    )
+    fed.add_argument(
+        "--federation-timeout",
+        metavar="SECONDS",
+        type=seconds(),
+        default=DEFAULT_FEDERATION_TIMEOUT,
+        help="a member silent this long is dead: its peers are announced as left "
+        f"(default {DEFAULT_FEDERATION_TIMEOUT:g})",
+    )
+    fed.add_argument(
+        "--federation-advertise",
+        metavar="ENDPOINT",
+        default=None,
+        help="the endpoint other daemons dial to reach this one, when it is not "
+        "--federation-listen (a NAT, a proxy, a listen on every address)",
+    )
+    fed.add_argument(
+        "--federation-key",
+        metavar="FILE",
+        default=None,
+        help="this daemon's CURVE certificate (NAME.key_secret, from ivshmemctl keygen): "
+        "links are encrypted and authenticated",
+    )
+    fed.add_argument(
+        "--federation-allow",
+        metavar="DIR",
+        default=None,
+        help="directory of the public certificates (*.key) of the daemons allowed to join",
+    )
+    fed.add_argument(
+        "--federation-insecure",
+        action="store_true",
+        help="allow a federation without keys on endpoints other than ipc:// and loopback "
+        "(links unencrypted and unauthenticated)",
+    )
     more.add_argument("--version", action="version", version=f"ivshmemd {__version__}")
     p.set_defaults(shm=_ShmChoice("posix", DEFAULT_SHM_NAME))
     return p
@@ -385,7 +441,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     else:
         args.socket_group_id = None
+    try:
+        args.federation = _federation_config(args)
+    except (FederationConfigError, KeyFileError) as exc:
+        parser.error(str(exc))
     return args
+
+
+def _federation_config(args: argparse.Namespace) -> FederationConfig | None:
+    """The federation settings from the flags (None without --federation-listen); the
+    keys are loaded once here so that a bad one stops the daemon before it starts."""
+    listen = args.federation_listen
+    others = (args.federation_peer, args.federation_key, args.federation_allow,
+              args.federation_insecure, args.federation_advertise)  # fmt: skip
+    if listen is None:
+        if any(others):
+            raise FederationConfigError(
+                "the --federation-* options need --federation-listen ENDPOINT"
+            )
+        return None
+    config = FederationConfig(
+        listen=listen,
+        id_range=args.peer_ids,
+        shm_size=round_shm_size(args.size, MIN_SHM_SIZE),
+        vectors=args.vectors,
+        peers=tuple(args.federation_peer),
+        timeout=args.federation_timeout,
+        key_file=None if args.federation_key is None else Path(args.federation_key),
+        allow_dir=None if args.federation_allow is None else Path(args.federation_allow),
+        insecure=args.federation_insecure,
+        advertise=args.federation_advertise,
+    )
+    config.check()
+    if config.key_file is not None and config.allow_dir is not None:
+        load_secret_key(config.key_file)
+        load_allowed_keys(config.allow_dir)
+    return config
 
 
 def _raise_fd_limit() -> None:
@@ -442,6 +533,10 @@ async def _run(
                 )
                 bound = await nursery.start(process.run)
                 control, events = bound.control, bound.events
+            federation: FederationProcess | None = None
+            if args.federation is not None:
+                federation = FederationProcess(args.federation, server, verbose=args.verbose)
+                await nursery.start(federation.run)
             log.info("%s", describe)
             if control is not None:
                 explicit = args.control is not None or args.events is not None
@@ -474,6 +569,9 @@ def _on_signal(
         pid, restarts = (None, 0) if process is None else (process.pid, process.restarts)
         for line in state_lines(server, pid, restarts):
             log.info("%s", line)
+        if isinstance(server.federation, FederationProcess):
+            for line in server.federation.state_lines():
+                log.info("%s", line)
     else:
         log.warning(
             "%s is reserved for the zero-loss restart, which this version does not do: "
@@ -588,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("interrupted, shutting down")
         else:
             message = one_line(leaf)
-            if not isinstance(leaf, ControlSetupError):
+            if not isinstance(leaf, ControlSetupError | FederationSetupError):
                 message = f"fatal: {type(leaf).__name__}: {message}"
             log.error("%s", message)
             held.release(keep_shm=args.keep_shm)

@@ -51,7 +51,7 @@ from ivshmemd.control.schema import (
     default_events_endpoint,
     events_endpoint_for,
 )
-from ivshmemd.curve import ClientCurve, KeyFileError, client_keys
+from ivshmemd.curve import ClientCurve, KeyFileError, client_keys, keygen
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
 from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
@@ -315,6 +315,18 @@ def _stream_back(args: argparse.Namespace, tracker: SequenceTracker) -> None:
     tracker.restart(boot, seq)
 
 
+def _run_keygen(args: argparse.Namespace) -> int:
+    """``keygen DIR NAME``: a CURVE certificate pair for a federated daemon."""
+    try:
+        public, secret = keygen(args.directory, args.name)
+    except KeyFileError as exc:
+        print(f"ivshmemctl keygen: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {public} (public: put it in the others' --federation-allow directory) "
+          f"and {secret} (this daemon's --federation-key)")  # fmt: skip
+    return EXIT_OK
+
+
 def _run_watch(args: argparse.Namespace) -> int:
     _, events_endpoint = resolve_endpoints(args)
     args.events_endpoint = events_endpoint
@@ -431,6 +443,12 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
         "dump", parents=[common], help="the fds as the daemon holds them (shm, eventfds)"
     )
     p.set_defaults(run=_simple("dump", format_dump))
+    p = subparsers.add_parser(
+        "keygen", parents=[common], help="write a CURVE certificate pair for a federated daemon"
+    )
+    p.add_argument("directory", metavar="DIR", help="where to write (created if missing)")
+    p.add_argument("name", metavar="NAME", help="NAME.key (public) and NAME.key_secret")
+    p.set_defaults(run=_run_keygen)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -57,6 +57,7 @@ from .shm import SharedMemoryRegion
 
 __all__ = [
     "Connection",
+    "FederationSeam",
     "IvshmemServer",
     "ServerConfig",
     "ServerStats",
@@ -73,6 +74,17 @@ _FLIGHT_TICK = 0.05
 _LINGER_TICK = 0.5
 
 EventListener = Callable[[str, dict[str, Any]], None]
+
+
+class FederationSeam(Protocol):
+    """What the server tells its federation (:class:`ivshmemd.fedproc.FederationProcess`):
+    a local peer was admitted (called *before* its handshake is sent, so that the
+    federation knows it before it can ring anyone) or has left (after its socket closed,
+    so that every ring it sent is in the eventfds). Neither may block or raise."""
+
+    def local_peer_joined(self, peer: Peer) -> None: ...
+
+    def local_peer_left(self, peer_id: int) -> None: ...
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -244,6 +256,10 @@ class IvshmemServer:
         self.registry = Registry(config.n_vectors, config.max_peers, IdAllocator(*config.peer_ids))
         self.stats = ServerStats()
         self.connections: dict[int, Connection] = {}
+        #: peers of other daemons of a federation, by id: their members (their eventfds
+        #: are in the registry, watched by the federation process; no socket)
+        self.remote: dict[int, str] = {}
+        self.federation: FederationSeam | None = None
         self.listeners: list[EventListener] = []
         self.started_at = time.time()
         self.limits = limits(config.n_vectors, config.max_peers)
@@ -280,7 +296,10 @@ class IvshmemServer:
                 self._reserve_fd = None
 
     def shutdown_peers(self, reason: str) -> None:
-        """Free every peer in connection order, telling the rest (as QEMU's server does)."""
+        """Free every peer in connection order, telling the rest (as QEMU's server does);
+        remote peers are forgotten first (without notices: nobody is left to tell)."""
+        for peer_id in list(self.remote):
+            self.remove_remote(peer_id, notify=False)
         for conn in [self.connections[pid] for pid in self.registry.ids()]:
             self.drop(conn, reason, linger=False)
 
@@ -293,7 +312,8 @@ class IvshmemServer:
         """The daemon's open fds as it accounts them: its own, and per peer its socket and
         eventfds (after coalescing, queues hold fds of live peers only), and lingerers."""
         per_peer = 1 + self.config.n_vectors
-        return self._base_fds + per_peer * len(self.connections) + len(self._lingering)
+        remote = self.config.n_vectors * len(self.remote)
+        return self._base_fds + per_peer * len(self.connections) + remote + len(self._lingering)
 
     # -- admission ------------------------------------------------------------------------
 
@@ -412,12 +432,21 @@ class IvshmemServer:
         if flight is not None:
             conn.flight, conn.ledger = flight, Ledger()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, flight.sndbuf())
+        if self.federation is not None:  # before its handshake: before it can ring
+            self.federation.local_peer_joined(peer)
         existing = [p.as_protocol() for p in self.registry]
+        connections = self.connections
         crowded: list[Connection] = []
         for recipient, messages, announces in join_messages(
             peer.as_protocol(), existing, self._shm_fd
         ):
-            target = conn if recipient == peer_id else self.connections[recipient]
+            if recipient == peer_id:
+                target = conn
+            else:
+                other = connections.get(recipient)
+                if other is None:  # a remote peer: its daemon tells it
+                    continue
+                target = other
             target.enqueue(messages, announces)
             if target is not conn and target.outbox.exceeds(self.limits):
                 crowded.append(target)
@@ -562,24 +591,78 @@ class IvshmemServer:
         if registered:
             del self.connections[peer_id]
             self.registry.remove(peer_id)
-            notices: list[Delivery[SharedFd]] = leave_messages(peer_id, self.registry.ids())
-            for recipient, messages, _ in notices:
-                other = self.connections[recipient]
-                withdrawn, needed = other.outbox.withdraw_announcement(peer_id)
-                for shared in withdrawn:
-                    shared.release()
-                if withdrawn and not needed:
-                    self.stats.notices_withdrawn += 1
-                if needed:
-                    other.enqueue(messages)
+            self._announce_leave(peer_id)
         self._close(conn, linger)
         if registered:
+            if self.federation is not None:  # its rings are in the eventfds now
+                self.federation.local_peer_left(peer_id)
             self.stats.leaves += 1
             if reason is None:
                 log.info("peer %d left", peer_id)
             else:
                 log.info("peer %d left: %s", peer_id, reason)
             self._emit("peer-left", conn.peer, reason)
+
+    def _announce_leave(self, peer_id: int) -> None:
+        """Queue ``peer_id``'s leave for every local peer (withdrawing what is unsent of
+        its join notice instead, where that is all they would hear of it)."""
+        connections = self.connections
+        notices: list[Delivery[SharedFd]] = leave_messages(peer_id, list(connections))
+        for recipient, messages, _ in notices:
+            other = connections[recipient]
+            withdrawn, needed = other.outbox.withdraw_announcement(peer_id)
+            for shared in withdrawn:
+                shared.release()
+            if withdrawn and not needed:
+                self.stats.notices_withdrawn += 1
+            if needed:
+                other.enqueue(messages)
+
+    # -- remote peers (a federation) ------------------------------------------------------
+
+    def add_remote(self, member: str, peer_id: int) -> tuple[SharedFd, ...]:
+        """Register ``member``'s peer ``peer_id``: make its eventfds, queue its join notice
+        for every local peer (as for a local newcomer, in connection order), and return the
+        eventfds (the registry keeps its reference; the caller hands them to the federation,
+        which watches them). Raises ValueError or OSError (out of fds) to refuse."""
+        if peer_id in self.registry:
+            raise ValueError(f"peer id {peer_id} is already registered")
+        lo, hi = self.config.peer_ids
+        if lo <= peer_id <= hi:
+            raise ValueError(f"peer id {peer_id} is in this daemon's own range {lo}-{hi}")
+        cfg = self.config
+        if self.fds_in_use() + cfg.n_vectors + cfg.fd_reserve > fd_limit():
+            raise OSError(errno.EMFILE, f"out of file descriptors (limit {fd_limit()})")
+        vectors = self.registry.create_vectors()
+        peer = Peer(peer_id, vectors, info={"member": member, "connected_at": time.time()})
+        crowded: list[Connection] = []
+        notice = peer.as_protocol().announcement  # what join_messages sends existing peers
+        if notice:
+            for conn in self.connections.values():
+                conn.enqueue(notice, peer_id)
+                if conn.outbox.exceeds(self.limits):
+                    crowded.append(conn)
+        self.registry.add(peer)
+        self.remote[peer_id] = member
+        self.stats.joins += 1
+        log.info("peer %d of member %s joined", peer_id, member)
+        self._emit("peer-joined", peer)
+        for slow in crowded:
+            self._too_slow(slow)
+        return vectors
+
+    def remove_remote(self, peer_id: int, *, notify: bool = True) -> bool:
+        """Unregister a remote peer and queue its leave for local peers; False if unknown."""
+        member = self.remote.pop(peer_id, None)
+        if member is None:
+            return False
+        peer = self.registry.remove(peer_id)
+        self.stats.leaves += 1
+        if notify:
+            self._announce_leave(peer_id)
+            log.info("peer %d of member %s left", peer_id, member)
+            self._emit("peer-left", peer)
+        return True
 
     def _close(self, conn: Connection, linger: bool) -> None:
         """Push out what the socket takes now, free the rest, close the socket. Its tasks

@@ -78,6 +78,7 @@ from ivshmemd.supervise import (
     open_supervisor,
     unique_name,
 )
+from ivshmemd.supervise.fabric import MEMBER_UP, federation_args, federation_endpoints
 from ivshmemd.wording import plural
 
 from . import report
@@ -88,6 +89,7 @@ from .harness import peer_command
 from .peerstate import Peer, PeerState
 from .plugin import PluginError, load_plugin
 from .topology import (
+    MAX_HOSTS,
     MAX_PEERS,
     PeerGroup,
     RegionSpec,
@@ -118,7 +120,7 @@ TICK: Final = 0.5
 #: The one region of a command-line ``up``.
 CLI_REGION: Final = "main"
 #: Options that describe the one region of the command line; a topology file says them.
-_REGION_OPTIONS: Final = ("peers", "vectors", "size", "socket", "shm_name")
+_REGION_OPTIONS: Final = ("peers", "vectors", "hosts", "size", "socket", "shm_name")
 
 
 def _process_started() -> float:
@@ -170,6 +172,14 @@ def build_up_parser() -> argparse.ArgumentParser:
     parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     parser.add_argument(
         "--peers", type=int_in(1, MAX_PEERS), metavar="N", help="how many peer processes to run"
+    )
+    parser.add_argument(
+        "--hosts",
+        type=int_in(1, MAX_HOSTS),
+        metavar="H",
+        default=None,
+        help="run H federated daemons on this machine, each its own host (its own shm, "
+        "its own peer ids), and spread the peers across them (default 1)",
     )
     parser.add_argument(
         "--vectors",
@@ -306,6 +316,7 @@ def parse_up_argv(argv: Sequence[str], socket: str | None = None) -> UpConfig | 
             1 if args.vectors is None else args.vectors,
             args.shm_name,
             args.socket,
+            hosts=args.hosts or 1,
         )
         topology = Topology((region,))
         try:
@@ -326,6 +337,28 @@ def parse_up_argv(argv: Sequence[str], socket: str | None = None) -> UpConfig | 
 # ---------------------------------------------------------------------------------------------
 
 
+def _per_host(value: str | None, spec: RegionSpec, host: int) -> str | None:
+    """A region's socket or shm name, made unique per host when it spans several."""
+    if value is None or spec.hosts == 1:
+        return value
+    return f"{value}-host{host + 1}"
+
+
+def _label(spec: RegionSpec, host: int, several: bool) -> str:
+    """How a region's peers are named: "" alone, else its name and/or its host."""
+    where = f"host{host + 1}" if spec.hosts > 1 else ""
+    if several:
+        return f"{spec.name}/{where}" if where else spec.name
+    return where
+
+
+def _pairs(plugin: str) -> bool:
+    try:
+        return load_plugin(plugin).pairing
+    except PluginError:
+        return False
+
+
 @dataclass
 class RegionRun:
     """One region of the run: its daemon, where it listens, its peers."""
@@ -336,6 +369,10 @@ class RegionRun:
     label: str  # how its peers are named ("" for a lone region)
     daemon: DaemonProcess | None = None
     peers: list[Peer] = field(default_factory=list)
+    #: which of the region's hosts (federated daemons) this is
+    host: int = 0
+    #: the daemon's federation options (none for a region on one host)
+    federation: list[str] = field(default_factory=list)
 
 
 class Launcher:
@@ -351,11 +388,13 @@ class Launcher:
         self.regions = [
             RegionRun(
                 spec,
-                spec.socket or "",
-                spec.shm_name or unique_name("ivshmem-up"),
-                spec.name if several else "",
+                _per_host(spec.socket, spec, host) or "",
+                _per_host(spec.shm_name, spec, host) or unique_name("ivshmem-up"),
+                _label(spec, host, several),
+                host=host,
             )
             for spec in config.topology.regions
+            for host in range(spec.hosts)
         ]
         self.supervisor: Supervisor | None = None
         self.forkserver: ForkServer | None = None
@@ -434,7 +473,9 @@ class Launcher:
 
     async def _start_daemon(self, supervisor: Supervisor, region: RegionRun) -> DaemonProcess:
         spec = region.spec
-        argv = daemon_command(region.socket_path, region.shm_name, spec.vectors, spec.size)
+        argv = daemon_command(
+            region.socket_path, region.shm_name, spec.vectors, spec.size, region.federation
+        )
         daemon = DaemonProcess(argv, region.socket_path, region.shm_name, spec.vectors)
         name = f"{region.label} daemon" if region.label else "daemon"
         daemon.on_log = self._verbose(lambda: name)
@@ -656,13 +697,59 @@ class Launcher:
         return self._finish()
 
     def _place_sockets(self) -> None:
-        """A socket path for every region that has none: in one private directory."""
+        """A socket path for every region that has none, and the federation endpoints of
+        regions on several hosts: in one private directory."""
         for region in self.regions:
             if not region.socket_path:
-                if self.own_dir is None:
-                    self.own_dir = tempfile.mkdtemp(prefix="ivshmem-up-")
-                name = f"{region.spec.name}.sock" if region.label else "ivshmem.sock"
-                region.socket_path = os.path.join(self.own_dir, name)
+                name = f"{region.label.replace('/', '-')}.sock" if region.label else "ivshmem.sock"
+                region.socket_path = os.path.join(self._own_dir(), name)
+        for spec in self.config.topology.regions:
+            if spec.hosts > 1:
+                endpoints = federation_endpoints(self._own_dir(), spec.hosts)
+                for region in self._hosts_of(spec):
+                    region.federation = federation_args(endpoints, region.host)
+
+    def _own_dir(self) -> str:
+        if self.own_dir is None:
+            self.own_dir = tempfile.mkdtemp(prefix="ivshmem-up-")
+        return self.own_dir
+
+    def _hosts_of(self, spec: RegionSpec) -> list[RegionRun]:
+        return [region for region in self.regions if region.spec is spec]
+
+    async def _wait_federations(self) -> bool:
+        """Wait until the daemons of every region on several hosts are all members of one
+        another (so that every peer sees the peers of every host); False if one failed."""
+        for region in self.regions:
+            hosts, daemon = region.spec.hosts, region.daemon
+            if hosts > 1 and daemon is not None:
+                try:
+                    await daemon.wait_log(MEMBER_UP, hosts - 1, DAEMON_READY_TIMEOUT)
+                except ChildError:
+                    self.daemon_failed = self.daemon_failed or (
+                        f"the daemons of {region.spec.name} did not federate, "
+                        f"{self._daemon_failure(daemon)}"
+                    )
+                    return False
+        if any(spec.hosts > 1 for spec in self.config.topology.regions):
+            self.display.line(f"federated after {self._ms():.0f} ms")
+        return True
+
+    def _placements(self) -> list[tuple[RegionRun, PeerGroup]]:
+        """Where each peer runs: a group's peers spread across its region's hosts, one by
+        one (two by two for a plugin that pairs its partners through the shared memory,
+        which each host has its own copy of)."""
+        placed: list[tuple[RegionRun, PeerGroup]] = []
+        for spec in self.config.topology.regions:
+            hosts = self._hosts_of(spec)
+            turn = 0
+            for group in spec.groups:
+                step = 2 if len(hosts) > 1 and _pairs(group.plugin) else 1
+                for index in range(group.count):
+                    placed.append((hosts[turn % len(hosts)], group))
+                    if index % step == step - 1:
+                        turn += 1
+        return placed
 
     async def _run(self, supervisor: Supervisor, nursery: trio.Nursery) -> None:
         config = self.config
@@ -675,13 +762,13 @@ class Launcher:
         for region in self.regions:
             if not await self._open_region(supervisor, nursery, region):
                 return
+        if not await self._wait_federations():
+            return
         if self.forkserver is not None:
             await self._wait_fork_server()
         async with trio.open_nursery() as starting:
-            for region in self.regions:
-                for group in region.spec.groups:
-                    for _ in range(group.count):
-                        starting.start_soon(self._start_peer, region, group, supervisor, nursery)
+            for region, group in self._placements():
+                starting.start_soon(self._start_peer, region, group, supervisor, nursery)
         await self._wait_until(self._should_stop)
         if config.keep and not self.stopping:
             self.kept = True

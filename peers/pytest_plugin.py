@@ -17,6 +17,15 @@ test pytest-trio does not run fails at once with that explanation.
     ``log``, ``await daemon.wait_log("peer 3 left")``. Keyword arguments: ``vectors``
     (default 1), ``size`` (default ``"1M"``), ``args`` (more ``ivshmemd`` options).
 
+``ivshmem_fabric``
+    A federation on one machine: ``async with ivshmem_fabric(hosts=3, vectors=1) as
+    daemons`` runs three federated ``ivshmemd`` (each its own "host": its own shm, its own
+    range of peer ids, see :func:`ivshmemd.supervise.fabric.host_id_ranges`) and yields
+    them once every one has every other as a member, so that a peer started on any of them
+    sees the peers of all. Keyword arguments as ``ivshmem_daemon``, and ``timeout`` (the
+    daemons' ``--federation-timeout``). Peers on different hosts find each other by id
+    (``ping --partner ID``): each host has its own copy of the shared memory.
+
 ``ivshmem_session_daemon``
     One daemon for the whole test session (started on first use, stopped at the end):
     cheaper than a daemon per test when tests only add peers. Its settings come from the
@@ -92,6 +101,7 @@ from ivshmemd.supervise import (
     sync_daemon_process,
     sync_supervisor,
 )
+from ivshmemd.supervise.fabric import fabric_process
 
 from .forkserver import ForkServer
 from .harness import (
@@ -107,6 +117,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "STOP_GRACE",
     "DaemonFactory",
+    "FabricFactory",
     "PeerError",
     "PeerOptions",
     "PeerProcess",
@@ -117,6 +128,7 @@ __all__ = [
     "SyncPeerSpawner",
     "ivshmem_daemon",
     "ivshmem_daemon_sync",
+    "ivshmem_fabric",
     "ivshmem_peers",
     "ivshmem_peers_sync",
     "ivshmem_session_daemon",
@@ -129,13 +141,15 @@ __all__ = [
 #: ``ivshmem_timeout`` / ``--ivshmem-timeout`` says otherwise).
 DEFAULT_TIMEOUT: Final = WAIT_TIMEOUT
 #: The async fixtures (they need a trio test).
-ASYNC_FIXTURES: Final = ("ivshmem_peers", "ivshmem_daemon")
+ASYNC_FIXTURES: Final = ("ivshmem_peers", "ivshmem_daemon", "ivshmem_fabric")
 #: Lines of each log attached to a failed test's report.
 REPORT_LINES: Final = 200
 
 Daemon = DaemonProcess | SyncDaemon | str
 #: The ``ivshmem_daemon`` fixture: ``async with ivshmem_daemon(vectors=2) as daemon``.
 DaemonFactory = Callable[..., AbstractAsyncContextManager[DaemonProcess]]
+#: The ``ivshmem_fabric`` fixture: ``async with ivshmem_fabric(hosts=3) as daemons``.
+FabricFactory = Callable[..., AbstractAsyncContextManager[list[DaemonProcess]]]
 #: The processes a test started, for its report.
 _STARTED = pytest.StashKey[list[ChildRecord]]()
 
@@ -430,6 +444,23 @@ def ivshmem_daemon(tmp_path: Path, request: pytest.FixtureRequest) -> DaemonFact
         async with daemon_process(tmp_path, **kwargs) as daemon:
             started.append(daemon)
             yield daemon
+
+    return start
+
+
+@pytest.fixture
+def ivshmem_fabric(tmp_path: Path, request: pytest.FixtureRequest) -> FabricFactory:
+    """Factory: ``async with ivshmem_fabric(hosts=3) as daemons`` runs federated daemons
+    under ``tmp_path`` (see the module docstring) and always cleans them up."""
+    started = _started(request)
+    timeout = fixture_timeout(request.config)
+
+    @asynccontextmanager
+    async def start(hosts: int = 2, **kwargs: Any) -> AsyncIterator[list[DaemonProcess]]:
+        kwargs.setdefault("wait", timeout)
+        async with fabric_process(tmp_path, hosts, **kwargs) as daemons:
+            started.extend(daemons)
+            yield daemons
 
     return start
 

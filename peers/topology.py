@@ -7,6 +7,7 @@ topology file (``up -f topology.toml``) describes any number::
     name = "pingpong"              # optional (default region1, region2, ...)
     size = "4M"                    # optional: the shm size (default: the daemon's, 4M)
     vectors = 1                    # optional: interrupt vectors per peer (default 1)
+    # hosts = 3                    # optional: federated daemons, each its own shm (default 1)
     # shm_name = "vmshm"           # optional: a POSIX shm name (default: a unique one)
     # socket = "/run/pp.sock"      # optional (default: in a private temporary directory)
 
@@ -18,9 +19,10 @@ topology file (``up -f topology.toml``) describes any number::
 Everything is checked before anything starts, and every mistake is reported, each in one
 line that names the file, the line and the key: unknown keys, values of the wrong type or
 out of range, an unknown plugin, plugin options the plugin refuses, an odd number of peers
-of a plugin that works in pairs. The file format leaves room for what a federation of
-daemons will add: a top-level ``[hosts.NAME]`` table and ``hosts``/``host`` keys in regions
-and groups (refused, with that explanation, until then).
+of a plugin that works in pairs. ``hosts = N`` makes a region N federated daemons on this
+machine (each its own "host": its own shm, its own range of ids); a top-level
+``[hosts.NAME]`` table and a group's ``host`` key are reserved for daemons on other
+machines (refused, with that explanation, until then).
 
 TOML is read with the standard library's :mod:`tomllib`; it gives no line numbers, so
 :class:`_Lines` finds each key's line in the text (tables, arrays of tables, ``key =``).
@@ -43,6 +45,7 @@ from .cmdline import PluginCommandLine, UsageError, parse_plugin_options
 from .plugin import Plugin, PluginError, load_plugin
 
 __all__ = [
+    "MAX_HOSTS",
     "MAX_PEERS",
     "PeerGroup",
     "RegionSpec",
@@ -55,9 +58,14 @@ __all__ = [
 
 MAX_PEERS: Final = 4096
 _NAME: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_REGION_KEYS: Final = ("name", "size", "vectors", "shm_name", "socket", "peers")
+_REGION_KEYS: Final = ("name", "size", "vectors", "hosts", "shm_name", "socket", "peers")
+#: daemons one region may span (each its own host, federated)
+MAX_HOSTS: Final = 64
 _GROUP_KEYS: Final = ("plugin", "count", "options")
-_FUTURE: Final = "reserved for daemons federated across hosts (not supported yet)"
+_FUTURE: Final = (
+    "reserved for daemons on other machines (not supported yet: 'hosts = N' in a region "
+    "runs N federated daemons on this one)"
+)
 
 
 class TopologyError(Exception):
@@ -89,6 +97,8 @@ class RegionSpec:
     shm_name: str | None = None
     socket: str | None = None
     line: int | None = None
+    #: federated daemons the region spans, each its own "host" with its own shm
+    hosts: int = 1
 
     @property
     def peers(self) -> int:
@@ -211,7 +221,7 @@ class _Checker:
         for key in table:
             if key in known:
                 continue
-            if key in ("hosts", "host"):
+            if key == "host":
                 self.problem((*path, key), f"{what}: {key!r} is {_FUTURE}")
             else:
                 self.problem(
@@ -309,6 +319,13 @@ def _region(check: _Checker, index: int, table: Any) -> RegionSpec | None:
             f"{what}: 'vectors' must be an integer 0..{MAX_VECTORS}, got {vectors!r}",
         )
         ok = False
+    hosts = table.get("hosts", 1)
+    if not isinstance(hosts, int) or isinstance(hosts, bool) or not 1 <= hosts <= MAX_HOSTS:
+        check.problem(
+            (*path, "hosts"),
+            f"{what}: 'hosts' must be an integer 1..{MAX_HOSTS}, got {hosts!r}",
+        )
+        ok = False
     texts: dict[str, str | None] = {}
     for key in ("shm_name", "socket"):
         value = table.get(key)
@@ -329,10 +346,11 @@ def _region(check: _Checker, index: int, table: Any) -> RegionSpec | None:
                 found.append(made)
     if not ok:
         return None
-    assert isinstance(name, str) and isinstance(vectors, int)
+    assert isinstance(name, str) and isinstance(vectors, int) and isinstance(hosts, int)
     return RegionSpec(
-        name, tuple(found), size, vectors, texts["shm_name"], texts["socket"], check.where(path)
-    )
+        name, tuple(found), size, vectors, texts["shm_name"], texts["socket"], check.where(path),
+        hosts,
+    )  # fmt: skip
 
 
 def parse_topology(text: str, source: str = "topology") -> Topology:

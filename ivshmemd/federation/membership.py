@@ -956,26 +956,26 @@ class Membership:
             self._send(member, Bye(False, f"dropped: {why}"[:200]))
 
     def _restarted(self, member: Member, now: float, hello: Hello) -> None:
-        """A new incarnation of ``member``: the old one's peers are gone."""
+        """A new incarnation of ``member``: the old one's peers are gone. Our stream to it
+        goes on as it is: the new incarnation either took it from its hello (a knock that
+        found it) or asks for a new session; restarting ours here would make it see two
+        sessions, the second older than the first."""
         log.info(
             "federation: member %s restarted (incarnation %s -> %s)",
             member.identity,
             member.incarnation,
             hello.incarnation,
         )
-        state = member.state
-        if state in (MemberState.UP, MemberState.RESTARTING, MemberState.CONNECTING):
-            self._end_member(member, MemberState.CONNECTING, "it restarted")
-        else:
-            self._forget_peers(member)
-            member.in_session = 0
-            member.out_open = False
-            if member.link is not None:
-                self._actions.append(Reset(member.link))
-            member.state = MemberState.CONNECTING
+        was_present = member.state in (MemberState.UP, MemberState.RESTARTING)
+        self._forget_peers(member)
+        member.in_session = 0
+        member.state = MemberState.CONNECTING
+        member.reason = "it restarted"
+        if was_present:
+            info = {**member.info(), "reason": "it restarted"}
+            self._actions.append(MemberEvent("member-left", info))
         member.incarnation = hello.incarnation
         member.has_been_up = False
-        member.out_session = 0
         member.rtt = None
 
     def _refuse(self, member: Member, now: float, code: str, reason: str) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import trio
@@ -64,12 +65,18 @@ class FederationHost(Protocol):
       its join notices to local peers exactly as for a local newcomer, and return the
       eventfds (the federation takes its own reference on each and watches them). Raise
       (OSError when out of fds) to refuse: the remote peer then stays invisible here.
+      A host that registers elsewhere (the daemon, seen from the federation process)
+      returns None and later calls :meth:`Federation.remote_registered` with the eventfds
+      or :meth:`Federation.remote_refused`, in the order of the joins; until it has, rings
+      from members are held (a local peer hears of a remote peer before its first ring).
     - ``remote_peer_left(member, peer_id)``: unregister it and queue its leave notices.
     - ``member_event(kind, info)``: ``member-joined``, ``member-left`` or ``member-refused``
       for the event stream (``info`` has ``member``, ``endpoint``, ``id_range``, ...).
     """
 
-    def remote_peer_joined(self, member: str, peer_id: int, vectors: int) -> Sequence[SharedFd]: ...
+    def remote_peer_joined(
+        self, member: str, peer_id: int, vectors: int
+    ) -> Sequence[SharedFd] | None: ...
 
     def remote_peer_left(self, member: str, peer_id: int) -> None: ...
 
@@ -101,6 +108,16 @@ class Federation:
         self.endpoint: str | None = None
         self._transport: Transport | None = None
         self._overflowed: list[int] = []
+        #: remote peers whose registration the host has not confirmed yet, and their members
+        self._awaiting: dict[int, str] = {}
+        #: confirmations still to come (one per join handed to an asynchronous host)
+        self._unconfirmed = 0
+        #: what waits behind an unconfirmed join, in arrival order: rings to deliver,
+        #: remote joins and leaves to pass on
+        self._held: deque[Deliver | RemoteJoined | RemoteLeft] = deque()
+        #: fds the data path also waits on, and what to call when one is readable (before
+        #: frames and rings are handled: the federation process reads its daemon's link)
+        self.wakeups: list[tuple[int, Callable[[], None]]] = []
 
     # -- the server's calls ----------------------------------------------------------------
 
@@ -123,6 +140,29 @@ class Federation:
             self._relay_rings()
             self._apply(self.membership.local_peer_left(peer_id))
         self.relay.remove_local(peer_id)
+
+    def remote_registered(self, peer_id: int, vectors: Sequence[SharedFd]) -> None:
+        """An asynchronous host registered remote peer ``peer_id`` (see
+        :class:`FederationHost`): watch its ``vectors`` (the relay takes its own
+        references) and deliver what waited for it. A peer that left meanwhile is not
+        watched (the host heard of its leave after its join, and unregisters it)."""
+        self._confirmed()
+        member = self._awaiting.pop(peer_id, None)
+        if member is not None:
+            self._watch(member, peer_id, vectors)
+        self._release_held()
+
+    def remote_refused(self, peer_id: int) -> None:
+        """An asynchronous host could not register remote peer ``peer_id``: it stays
+        invisible here."""
+        self._confirmed()
+        self._awaiting.pop(peer_id, None)
+        self._release_held()
+
+    def _confirmed(self) -> None:
+        if self._unconfirmed <= 0:
+            raise ValueError("a registration was confirmed that was never asked for")
+        self._unconfirmed -= 1
 
     def remote_peers(self) -> dict[int, str]:
         """Remote peers registered here, and their members (for ``ivshmemctl peers``)."""
@@ -239,9 +279,14 @@ class Federation:
 
         relay = self.relay
         incoming = transport.incoming_fd()
-        relay.add_wakeup_fd(incoming)
+        extra = [fd for fd, _ in self.wakeups]
+        callbacks = [callback for _, callback in self.wakeups]
+        for fd in (incoming, *extra):
+            relay.add_wakeup_fd(fd)
         try:
             while True:
+                for callback in callbacks:
+                    callback()
                 more = transport.receive_ready(handle)
                 self._relay_rings()
                 if more:
@@ -249,7 +294,8 @@ class Federation:
                 else:
                     await trio.lowlevel.wait_readable(relay.fileno())
         finally:
-            relay.remove_wakeup_fd(incoming)
+            for fd in (incoming, *extra):
+                relay.remove_wakeup_fd(fd)
 
     async def _tick_loop(self, machine: Membership) -> None:
         while True:
@@ -284,11 +330,17 @@ class Federation:
                         self._overflowed.append(action.link)
                 elif kind is Deliver:
                     assert isinstance(action, Deliver)
-                    relay.deliver(action.peer_id, action.vector, action.count)
-                elif isinstance(action, RemoteJoined):
-                    self._remote_joined(action)
-                elif isinstance(action, RemoteLeft):
-                    self._remote_left(action.member, action.peer_id)
+                    if self._unconfirmed or self._held:
+                        self._held.append(action)
+                    else:
+                        relay.deliver(action.peer_id, action.vector, action.count)
+                elif isinstance(action, RemoteJoined | RemoteLeft):
+                    if self._held:
+                        self._held.append(action)
+                    elif isinstance(action, RemoteJoined):
+                        self._remote_joined(action)
+                    else:
+                        self._remote_left(action.member, action.peer_id)
                 elif isinstance(action, Dial):
                     transport.dial(
                         action.link, action.endpoint, action.server_key, action.routing_id
@@ -310,6 +362,22 @@ class Federation:
             )
             actions = machine.link_overflow(trio.current_time(), link)
 
+    def _release_held(self) -> None:
+        """Pass on what waited behind confirmations, in order, up to the first ring that
+        must still wait (joins and leaves go on: the host handles them in order)."""
+        held, relay = self._held, self.relay
+        while held:
+            action = held[0]
+            if isinstance(action, Deliver):
+                if self._unconfirmed:
+                    return
+                relay.deliver(action.peer_id, action.vector, action.count)
+            elif isinstance(action, RemoteJoined):
+                self._remote_joined(action)
+            else:
+                self._remote_left(action.member, action.peer_id)
+            held.popleft()
+
     def _remote_joined(self, action: RemoteJoined) -> None:
         try:
             vectors = self.host.remote_peer_joined(action.member, action.peer_id, action.vectors)
@@ -321,16 +389,21 @@ class Federation:
                 exc,
             )
             return
+        if vectors is None:  # the host confirms later
+            self._unconfirmed += 1
+            self._awaiting[action.peer_id] = action.member
+            return
+        self._watch(action.member, action.peer_id, vectors)
+
+    def _watch(self, member: str, peer_id: int, vectors: Sequence[SharedFd]) -> None:
         try:
-            self.relay.watch(action.member, action.peer_id, vectors)
+            self.relay.watch(member, peer_id, vectors)
         except (OSError, ValueError) as exc:
-            log.error(
-                "federation: cannot watch %s's peer %d: %s", action.member, action.peer_id, exc
-            )
-            self._call_host_left(action.member, action.peer_id)
+            log.error("federation: cannot watch %s's peer %d: %s", member, peer_id, exc)
+            self._call_host_left(member, peer_id)
 
     def _remote_left(self, member: str, peer_id: int) -> None:
-        if self.relay.unwatch(peer_id) is not None:
+        if self._awaiting.pop(peer_id, None) is not None or self.relay.unwatch(peer_id) is not None:
             self._call_host_left(member, peer_id)
 
     def _call_host_left(self, member: str, peer_id: int) -> None:
@@ -346,5 +419,6 @@ class Federation:
             log.exception("federation: the host failed on event %s", event.kind)
 
     def _forget_remote_peers(self) -> None:
-        for peer_id, member in self.relay.remote_peers().items():
+        self._held.clear()
+        for peer_id, member in [*self.relay.remote_peers().items(), *self._awaiting.items()]:
             self._remote_left(member, peer_id)

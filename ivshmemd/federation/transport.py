@@ -74,6 +74,8 @@ class _Link:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     sending: bool = False
     sent: int = 0
+    #: the scope of the send waiting for zmq to take a frame (a reset cancels it)
+    send_scope: trio.CancelScope | None = None
 
 
 class Transport:
@@ -224,10 +226,13 @@ class Transport:
         return True
 
     def reset(self, link: int) -> None:
-        """Discard the frames ``link`` has not handed to zmq yet."""
+        """Discard the frames ``link`` has not handed to zmq yet (including one a sender
+        task is waiting to hand over: a stale frame must not reach a restarted member)."""
         entry = self._links.get(link)
         if entry is not None:
             entry.outbox.clear()
+            if entry.send_scope is not None:  # the frame waiting for zmq goes too
+                entry.send_scope.cancel()
 
     def close_link(self, link: int) -> None:
         """Close a link; unsent frames are dropped."""
@@ -258,9 +263,14 @@ class Transport:
                 data = outbox.popleft()
                 entry.sending = True
                 try:
-                    await entry.sock.send_multipart((data,))
+                    with trio.CancelScope() as scope:
+                        entry.send_scope = scope
+                        await entry.sock.send_multipart((data,))
                 finally:
                     entry.sending = False
+                    entry.send_scope = None
+                if scope.cancelled_caught:  # reset while zmq would not take it: not sent
+                    continue
                 entry.sent += 1
                 while outbox and entry.sock.try_send_multipart((outbox[0],)):
                     outbox.popleft()

@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ivshmemd.shm import MIN_SHM_SIZE
+from ivshmemd.supervise import DaemonProcess
+from ivshmemd.supervise.fabric import fabric_process
 from tests.rawclient import RawClient
 
 TRACES_PATH = (
@@ -40,6 +44,21 @@ TRACES = _load() if TRACES_PATH.exists() else {}
 
 def _as_stream(recorded: list[list[Any]]) -> list[tuple[int, bool]]:
     return [(int(value), bool(fd)) for value, fd in recorded]
+
+
+@pytest.fixture(params=["alone", "federated"])
+def golden_daemon(request: pytest.FixtureRequest, start_daemon: Any, tmp_path: Path) -> Any:
+    """A daemon alone, or host 0 of a federation of two (with no peers on host 1): its
+    local peers' ids and message order must be QEMU's either way."""
+    if request.param == "alone":
+        return start_daemon
+
+    @asynccontextmanager
+    async def start(vectors: int = 1) -> AsyncIterator[DaemonProcess]:
+        async with fabric_process(tmp_path, 2, vectors=vectors) as daemons:
+            yield daemons[0]
+
+    return start
 
 
 class Replay:
@@ -105,9 +124,9 @@ async def _run_steps(replay: Replay, steps: str) -> None:
     ("scenario", "vectors"),
     [("join_leave_2_vectors", 2), ("zero_vectors", 0), ("client_writes_is_dropped", 1)],
 )
-async def test_streams_match_qemu(start_daemon: Any, scenario: str, vectors: int) -> None:
+async def test_streams_match_qemu(golden_daemon: Any, scenario: str, vectors: int) -> None:
     trace = TRACES[scenario]
-    async with start_daemon(vectors=vectors) as daemon:
+    async with golden_daemon(vectors=vectors) as daemon:
         replay = Replay(daemon.socket_path, vectors)
         try:
             await _run_steps(replay, trace["steps"])
@@ -145,9 +164,9 @@ async def test_vector_fds_connect_as_in_qemu(start_daemon: Any) -> None:
             replay.close()
 
 
-async def test_id_allocation_matches_qemu(start_daemon: Any) -> None:
+async def test_id_allocation_matches_qemu(golden_daemon: Any) -> None:
     """3 join; the 2nd leaves; one joins; all leave; one joins -> QEMU's ids."""
-    async with start_daemon(vectors=1) as daemon:
+    async with golden_daemon(vectors=1) as daemon:
         replay = Replay(daemon.socket_path, 1)
         try:
             for name in "abc":

@@ -89,8 +89,9 @@ def test_every_bad_key_and_value_is_named_with_its_line() -> None:
     with pytest.raises(TopologyError) as refused:
         parse_topology(BAD, "bad.toml")
     assert refused.value.problems == [
-        "bad.toml:18: 'hosts' is reserved for daemons federated across hosts (not supported yet)",
-        "bad.toml:3: region 'a': unknown key 'sise' (known keys: name, size, vectors, "
+        "bad.toml:18: 'hosts' is reserved for daemons on other machines (not supported yet: "
+        "'hosts = N' in a region runs N federated daemons on this one)",
+        "bad.toml:3: region 'a': unknown key 'sise' (known keys: name, size, vectors, hosts, "
         "shm_name, socket, peers)",
         "bad.toml:4: region 'a': 'vectors' must be an integer 0..64, got 99",
         "bad.toml:8: region 'a', peers #1: 'count' must be an integer 1..4096, got 0",
@@ -117,8 +118,12 @@ def test_every_bad_key_and_value_is_named_with_its_line() -> None:
         ("[[region]\n", "t.toml: not valid TOML: "),
         (
             "[[region]]\n[[region.peers]]\nplugin = 'monitor'\nhost = 'b'\n",
-            "t.toml:4: region #1, peers #1: 'host' is reserved for daemons federated across "
-            "hosts (not supported yet)",
+            "t.toml:4: region #1, peers #1: 'host' is reserved for daemons on other machines "
+            "(not supported yet: 'hosts = N' in a region runs N federated daemons on this one)",
+        ),
+        (
+            "[[region]]\nhosts = 0\n[[region.peers]]\nplugin = 'monitor'\n",
+            "t.toml:2: region #1: 'hosts' must be an integer 1..64, got 0",
         ),
         (
             "[[region]]\nname='a'\n[[region.peers]]\nplugin='monitor'\n"
