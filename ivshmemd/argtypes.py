@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from .sizes import SizeError, parse_size
 
-__all__ = ["int_in", "positive_int", "positive_size", "seconds", "size"]
+__all__ = ["int_in", "metrics_address", "positive_int", "positive_size", "seconds", "size"]
 
 
 def positive_int(text: str) -> int:
@@ -72,3 +72,19 @@ def positive_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
     return value
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to serve metrics at; ``:PORT`` (or ``PORT``) is localhost, ``[::1]:P``
+    an IPv6 address."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 1..65535")
+    return host, number

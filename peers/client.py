@@ -37,6 +37,7 @@ import fcntl
 import os
 import socket
 import stat
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -157,10 +158,13 @@ def read_vector(fd: int) -> int:
     return int.from_bytes(_counter, "little")
 
 
-def vector_handler(fd: int, interrupt: Callable[[], object]) -> Callable[[], bool]:
+def vector_handler(
+    fd: int, interrupt: Callable[[], object], counts: array[int] | None = None, index: int = 0
+) -> Callable[[], bool]:
     """An event loop's handler for our own eventfd ``fd``: consume it as :func:`read_vector`
     does (never blocking) and call ``interrupt()`` if it had been rung; it returns whether
-    it had. Everything is bound once: the per-ring path is this one frame and the read."""
+    it had. With ``counts``, each ring adds one to ``counts[index]`` (telemetry).
+    Everything is bound once: the per-ring path is this one frame and the read."""
     preadv, views, nowait = os.preadv, [memoryview(bytearray(8))], os.RWF_NOWAIT
 
     def handle() -> bool:
@@ -171,7 +175,16 @@ def vector_handler(fd: int, interrupt: Callable[[], object]) -> Callable[[], boo
         interrupt()
         return True
 
-    return handle
+    def handle_counted() -> bool:
+        try:
+            preadv(fd, views, -1, nowait)
+        except BlockingIOError:
+            return False
+        counts[index] += 1  # type: ignore[index]
+        interrupt()
+        return True
+
+    return handle if counts is None else handle_counted
 
 
 def ring_eventfd(fd: int) -> bool:

@@ -114,9 +114,19 @@ async def _supervise(
         _drain_server(machine)
         machine.start()
         nursery.start_soon(watch_server, nursery)
+        link = machine.telemetry_link
+        if link is not None:
+            nursery.start_soon(_watch_telemetry, link.fd, link.on_readable)
         if not machine.done:
             await finished.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _watch_telemetry(fd: int, on_readable: Callable[[], bool]) -> None:
+    """Answer the control process's ticks (see :class:`peers.telemetry.TelemetryLink`)."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        on_readable()
 
 
 async def _started(
@@ -170,6 +180,10 @@ def run_blocking(
         poll, on_vector = poller.poll, machine.on_vector
         # fd -> what its readiness means: a vector's handler (consume, interrupt), or None
         handler_of: dict[int, Callable[[], bool] | None] = {server_fd: None, wake_fd: None}
+        link = machine.telemetry_link
+        if link is not None:  # ticks from the control process: one report each
+            poller.register(link.fd, select.POLLIN)
+            handler_of[link.fd] = link.on_readable
         spin_ns = int(spin_us * 1000)
         clock = time.perf_counter_ns
         while machine.outcome is None and not caught:

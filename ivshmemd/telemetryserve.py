@@ -1,0 +1,272 @@
+"""The telemetry sockets of the control process: peers' reports in, ticks and snapshots out.
+
+Two zmq sockets, next to the control plane's and guarded the same way (the ZAP handler of
+:mod:`ivshmemd.zap`: the allow-list over ipc, CURVE over tcp, a cap on live connections):
+
+* a ROUTER (``SOCK.telemetry``) where our peers send ``report`` requests (no reply) and
+  watchers (``ivshmemctl top``, the Prometheus collector) send ``watch`` requests, answered
+  with a snapshot (:meth:`ivshmemd.telemetry.Aggregator.snapshot`) in the control plane's
+  reply schema; a ``watch`` is also a *lease*: ticks go out for a few seconds after it;
+* a PUB (``SOCK.ticks``) on which a tick goes out every interval while a lease is live,
+  and nothing otherwise: peers report only when asked, so nobody watching costs nothing.
+
+Peers are clients like any other: a report is checked against the schema and against the
+sender (over ipc its pid must be the SO_PEERCRED pid of its connection, so no peer speaks
+for another), each connection gets a token bucket (a peer that floods loses its excess
+reports, counted and logged at most once a second), and queues are bounded by high-water
+marks: a flood costs the flooder, never the daemon or the other peers.
+
+The daemon's side of a snapshot (its registry and counters) comes through ``ask``, a
+coroutine that sends a control request over the control process's link to the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import msgpack
+import trio
+import zmq
+
+from .control import (
+    ControlAccess,
+    ControlLimits,
+    ControlSetupError,
+    ErrorCode,
+    _bind,
+    _error,
+    _ok,
+    _secure,
+    _split_envelope,
+    _zap_policy,
+    parse_peer_address,
+    tcp_needs_curve,
+)
+from .ratelimit import LogLimiter
+from .telemetry import (
+    MAX_REPORT_BYTES,
+    TICK_TOPIC,
+    Aggregator,
+    ReportError,
+    TelemetryEndpoints,
+    validate_report,
+)
+from .zap import ConnectionCounter, bind_handler, serve_zap, watch_connections
+from .zap import monitor as zap_monitor
+from .zmqtrio import TrioSocket
+
+__all__ = ["Ask", "TelemetryService"]
+
+log = logging.getLogger("ivshmemd")
+
+#: a daemon request from here: ``await ask("peers")`` -> its result
+Ask = Callable[[str], Awaitable[Any]]
+
+_REPORTS_DOMAIN: Final = b"ivshmemd-telemetry"
+_TICKS_DOMAIN: Final = b"ivshmemd-ticks"
+#: reports a connection may send in a burst, and per second after it
+BUCKET_BURST: Final = 8.0
+BUCKET_RATE: Final = 12.0
+#: connections remembered for their buckets (the oldest are forgotten past this)
+MAX_BUCKETS: Final = 8192
+#: live connections to each telemetry socket
+MAX_TELEMETRY_CLIENTS: Final = 4096
+QUEUE_HWM: Final = 256
+
+
+class _Buckets:
+    """One token bucket per connection (routing id)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._state: dict[bytes, tuple[float, float]] = {}
+
+    def take(self, who: bytes) -> bool:
+        now = self._clock()
+        tokens, at = self._state.pop(who, (BUCKET_BURST, now))
+        tokens = min(BUCKET_BURST, tokens + (now - at) * BUCKET_RATE)
+        allowed = tokens >= 1.0
+        self._state[who] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._state) > MAX_BUCKETS:
+            del self._state[next(iter(self._state))]
+        return allowed
+
+
+class TelemetryService:
+    """Serves the telemetry sockets (see the module docstring) until cancelled."""
+
+    def __init__(self, endpoints: TelemetryEndpoints, ask: Ask, aggregator: Aggregator) -> None:
+        self.endpoints = endpoints
+        self.ask = ask
+        self.aggregator = aggregator
+        self.flooded = 0
+        self._chatter = LogLimiter(log)
+        self._buckets = _Buckets(trio.current_time)
+        self._watched = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    # -- what watchers get ----------------------------------------------------------------
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The snapshot as of now, with the daemon's registry, status and counters."""
+        registry = (await self.ask("peers")).get("peers", [])
+        status = await self.ask("status")
+        self.aggregator.add_daemon_stats(await self.ask("stats"))
+        snap = self.aggregator.snapshot(registry, status)
+        snap["telemetry"]["flooded"] = self.flooded
+        return snap
+
+    def watch(self, who: str, interval: float, seconds: float | None = None) -> None:
+        """``who`` watches (a lease): ticks start now if nobody did."""
+        if seconds is None:
+            self.aggregator.watch(who, interval)
+        else:
+            self.aggregator.watch(who, interval, seconds)
+        self._watched.set()
+
+    def snapshot_from_thread(self, who: str, interval: float, seconds: float) -> dict[str, Any]:
+        """For another thread (the Prometheus server): lease and snapshot, run in trio."""
+        if self._token is None:
+            raise RuntimeError("the telemetry service is not running")
+
+        async def lease_and_snapshot() -> dict[str, Any]:
+            self.watch(who, interval, seconds)
+            return await self.snapshot()
+
+        return trio.from_thread.run(lease_and_snapshot, trio_token=self._token)
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        *,
+        access: ControlAccess | None = None,
+        socket_mode: int = 0o600,
+        socket_gid: int | None = None,
+        task_status: trio.TaskStatus[TelemetryEndpoints] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind both sockets, report the bound endpoints, and serve until cancelled; the
+        ipc socket files are removed on the way out."""
+        access = access or ControlAccess()
+        eps = self.endpoints
+        problem = tcp_needs_curve((eps.reports, eps.ticks), access)
+        if problem is not None:
+            raise ControlSetupError(problem)
+        self._token = trio.lowlevel.current_trio_token()
+        ctx: zmq.Context[Any] = zmq.Context()
+        created: dict[str, tuple[int, int]] = {}
+        sockets: list[TrioSocket] = []
+        try:
+            zap = bind_handler(ctx)
+            sockets.append(zap)
+            counters = {
+                _REPORTS_DOMAIN: ConnectionCounter("telemetry", MAX_TELEMETRY_CLIENTS),
+                _TICKS_DOMAIN: ConnectionCounter("ticks", MAX_TELEMETRY_CLIENTS),
+            }
+            router = TrioSocket(ctx.socket(zmq.ROUTER))
+            sockets.append(router)
+            pub = TrioSocket(ctx.socket(zmq.PUB))
+            sockets.append(pub)
+            for raw in (router.socket, pub.socket):
+                raw.setsockopt(zmq.LINGER, 0)
+                raw.setsockopt(zmq.SNDHWM, ControlLimits().reply_hwm)
+                raw.setsockopt(zmq.RCVHWM, QUEUE_HWM)
+            router.socket.setsockopt(zmq.MAXMSGSIZE, MAX_REPORT_BYTES)
+            pub.socket.setsockopt(zmq.MAXMSGSIZE, 4096)
+            monitors = {}
+            for sock, domain in ((router, _REPORTS_DOMAIN), (pub, _TICKS_DOMAIN)):
+                monitors[domain] = zap_monitor(sock.socket)
+                sockets.append(monitors[domain])
+            _secure(router.socket, eps.reports, _REPORTS_DOMAIN, access)
+            _secure(pub.socket, eps.ticks, _TICKS_DOMAIN, access)
+            bound = TelemetryEndpoints(
+                reports=_bind(router.socket, eps.reports, socket_mode, socket_gid, created),
+                ticks=_bind(pub.socket, eps.ticks, socket_mode, socket_gid, created),
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_zap, zap, _zap_policy(access, counters))
+                for domain, monitor_sock in monitors.items():
+                    nursery.start_soon(watch_connections, monitor_sock, counters[domain])
+                nursery.start_soon(self._serve_requests, router, eps.reports.startswith("ipc://"))
+                nursery.start_soon(self._tick, pub)
+                task_status.started(bound)
+        finally:
+            self._token = None
+            for sock in reversed(sockets):
+                sock.close()
+            ctx.term()
+            from .sockpath import unlink_if_ours
+
+            for path, ident in created.items():
+                unlink_if_ours(path, ident)
+
+    async def _tick(self, pub: TrioSocket) -> None:
+        """A tick every interval while someone watches; asleep otherwise."""
+        while True:
+            interval = self.aggregator.interval()
+            if interval is None:
+                self._watched = trio.Event()
+                await self._watched.wait()
+                continue
+            tick = msgpack.packb({"interval": interval}, use_bin_type=True)
+            pub.try_send_multipart([TICK_TOPIC, tick])
+            await trio.sleep(interval)
+
+    async def _serve_requests(self, router: TrioSocket, ipc: bool) -> None:
+        while True:
+            envelope, body = _split_envelope(await router.recv_frames())
+            if len(body) != 1:
+                continue
+            reply = await self._handle(envelope[0], body[0], ipc)
+            if reply is not None and not router.try_send_multipart([*envelope, reply]):
+                self._chatter.log("reply", logging.INFO, "telemetry reply dropped: client gone")
+
+    async def _handle(self, who: bytes, frame: zmq.Frame, ipc: bool) -> bytes | None:
+        try:
+            request = msgpack.unpackb(frame.bytes, raw=False)
+        except Exception:
+            return _error(ErrorCode.BAD_MSGPACK, "request is not valid msgpack")
+        if not isinstance(request, dict) or request.get("v") != 1:
+            return _error(ErrorCode.BAD_REQUEST, "request must be a schema-1 map")
+        cmd, args = request.get("cmd"), request.get("args") or {}
+        if cmd == "report":
+            self._report(who, frame, args, ipc)
+            return None
+        if cmd == "watch":
+            interval = args.get("interval", 0.25) if isinstance(args, dict) else None
+            if isinstance(interval, bool) or not isinstance(interval, int | float):
+                return _error(ErrorCode.BAD_ARGS, "args.interval must be a number (seconds)")
+            self.watch(who.hex(), float(interval))
+            try:
+                return _ok(await self.snapshot())
+            except Exception as exc:  # the daemon's link broke: say so, keep serving
+                return _error(ErrorCode.INTERNAL, f"cannot reach the daemon: {exc}")
+        return _error(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r:.40} (report, watch)")
+
+    def _report(self, who: bytes, frame: zmq.Frame, args: Any, ipc: bool) -> None:
+        if not self._buckets.take(who):
+            self.flooded += 1
+            self._chatter.log("flood", logging.WARNING,
+                              "telemetry: a client sends reports faster than it is asked; "
+                              "the excess is dropped")  # fmt: skip
+            return
+        try:
+            report = validate_report(args)
+        except ReportError as exc:
+            self.aggregator.rejected += 1
+            self._chatter.log("bad", logging.WARNING, "telemetry: bad report: %s", exc)
+            return
+        if ipc:
+            creds = None
+            with contextlib.suppress(zmq.ZMQError):
+                creds = parse_peer_address(str(frame.get("Peer-Address")))
+            if creds is None or creds.pid != report.pid:
+                self.aggregator.rejected += 1
+                self._chatter.log("pid", logging.WARNING,
+                                  "telemetry: a report for pid %d came from another process",
+                                  report.pid)  # fmt: skip
+                return
+        self.aggregator.add_report(report)
