@@ -76,7 +76,7 @@ def positive_size(text: str) -> int:
 
 def metrics_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` to serve metrics at; ``:PORT`` (or ``PORT``) is localhost, ``[::1]:P``
-    an IPv6 address."""
+    an IPv6 address; port 0 takes any free port (the daemon logs which)."""
     host, sep, port = text.rpartition(":")
     if not sep:
         host, port = "", text
@@ -85,6 +85,6 @@ def metrics_address(text: str) -> tuple[str, int]:
         number = int(port)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
-    if not 0 < number < 65536:
-        raise argparse.ArgumentTypeError(f"port {number} is outside 1..65535")
+    if not 0 <= number < 65536:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 0..65535")
     return host, number

@@ -69,8 +69,9 @@ MAX_INTERVAL: Final = 10.0
 #: A peer that left stays in the snapshot (its last counts) this long.
 LEFT_RETENTION: Final = 60.0
 MAX_LEFT: Final = 256
-#: A peer without a report this long after watching started has none to give.
-FIRST_REPORT_GRACE: Final = 1.5
+#: A peer without a report this long (plus 3 tick intervals) after watching started has
+#: none to give.
+FIRST_REPORT_GRACE: Final = 0.5
 #: Why a registry peer has no figures.
 NO_TELEMETRY: Final = "no telemetry (not an ivshmem-emu peer?)"
 WAITING: Final = "waiting for its first report"
@@ -334,7 +335,7 @@ class Aggregator:
             else:
                 waiting = (
                     self.watching_since is not None
-                    and now - self.watching_since < FIRST_REPORT_GRACE
+                    and now - self.watching_since < FIRST_REPORT_GRACE + 3 * (interval or 0.0)
                 )
                 row = {"telemetry": False, "silent": WAITING if waiting else NO_TELEMETRY}
             connected = entry.get("connected_at")

@@ -47,6 +47,7 @@ from .control import (
 )
 from .ratelimit import LogLimiter
 from .telemetry import (
+    LEASE_SECONDS,
     MAX_REPORT_BYTES,
     TICK_TOPIC,
     Aggregator,
@@ -75,6 +76,8 @@ MAX_BUCKETS: Final = 8192
 #: live connections to each telemetry socket
 MAX_TELEMETRY_CLIENTS: Final = 4096
 QUEUE_HWM: Final = 256
+#: the longest lease one watch request may take
+MAX_LEASE_SECONDS: Final = 600.0
 
 
 class _Buckets:
@@ -236,10 +239,14 @@ class TelemetryService:
             self._report(who, frame, args, ipc)
             return None
         if cmd == "watch":
-            interval = args.get("interval", 0.25) if isinstance(args, dict) else None
-            if isinstance(interval, bool) or not isinstance(interval, int | float):
-                return _error(ErrorCode.BAD_ARGS, "args.interval must be a number (seconds)")
-            self.watch(who.hex(), float(interval))
+            if not isinstance(args, dict):
+                return _error(ErrorCode.BAD_ARGS, "'args' must be a map")
+            interval, lease = args.get("interval", 0.25), args.get("seconds", LEASE_SECONDS)
+            for value in (interval, lease):
+                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                    problem = "args.interval and args.seconds must be positive numbers"
+                    return _error(ErrorCode.BAD_ARGS, problem)
+            self.watch(who.hex(), float(interval), min(float(lease), MAX_LEASE_SECONDS))
             try:
                 return _ok(await self.snapshot())
             except Exception as exc:  # the daemon's link broke: say so, keep serving

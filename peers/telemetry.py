@@ -240,13 +240,14 @@ class TelemetryLink:
         return True
 
     def close(self, final: bool = True) -> None:
-        """Close both sockets; with ``final`` and a watcher, send a last report first (so
-        the counts of a peer that finishes are seen whole)."""
+        """Close both sockets; with ``final``, send a last report first, so that the counts
+        of a peer that finishes are seen whole (one message in the peer's life, sent even
+        if no tick came yet: a peer may finish before its first tick, watched or not)."""
         if self._closed:
             return
         self._closed = True
         linger = 0
-        if final and self._clock() < self.watched_until:
+        if final:
             with contextlib.suppress(zmq.ZMQError):
                 if self.send_report():
                     linger = FINAL_LINGER_MS
