@@ -120,6 +120,8 @@ class TopLoop:
         self.footer = footer
         self.stop = stop or threading.Event()
         self.frames = 0
+        #: the user quit (q or Ctrl-C), rather than ``stop``
+        self.quit = False
 
     def _view(self, snap: Mapping[str, Any] | None, problem: str | None) -> Any:
         from rich.text import Text
@@ -171,9 +173,10 @@ class TopLoop:
                     if stdin is not None and stdin in ready:
                         keys = os.read(stdin, 64)
                         if not keys or b"q" in keys.lower():
+                            self.quit = True
                             break
         except KeyboardInterrupt:
-            pass
+            self.quit = True
         finally:
             if main and previous is not None:
                 signal.signal(signal.SIGWINCH, previous)

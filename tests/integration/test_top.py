@@ -320,3 +320,35 @@ def test_report_schema_refuses_unknown_fields() -> None:
     with pytest.raises(ReportError):
         validate_report({"peer": 1, "pid": 2, "t": 1.0, "evil": 1})
     assert msgpack.unpackb(encode_report({"peer": 1}))["cmd"] == "report"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+async def test_up_top_shows_the_launched_peers_and_q_stops_the_run(tmp_path: Path) -> None:
+    tmux = _Tmux(tmp_path)
+    socket_path = tmp_path / "up.sock"
+    env = f"PS1='READY$ ' PATH={os.path.dirname(sys.executable)}:$PATH"
+    started = tmux.run("new-session", "-d", "-s", "top", "-x", "100", "-y", "40",
+                       "env", "-i", f"HOME={tmp_path}", "TERM=xterm-256color",
+                       "bash", "--norc", "--noprofile")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        tmux.run("send-keys", "-t", "top", f"export {env}; python -m ivshmemd.ctl up --top "
+                 f"-S {socket_path} --peers 2 --plugin ping --count 100000000; echo exit=$?",
+                 "Enter")  # fmt: skip
+
+        def both_ringing(pane: str) -> bool:
+            try:
+                cells = _cell(pane, 0) + _cell(pane, 1)
+            except (AssertionError, StopIteration):
+                return False  # not drawn yet
+            return sum(cell.endswith("k") for cell in cells) == 2
+
+        pane = await _pane_until(tmux, both_ringing, "the launched pair in the matrix")
+        assert pane.count(" ping ") >= 2
+        tmux.run("send-keys", "-t", "top", "q")
+        pane = await _pane_until(tmux, lambda p: re.search(r"exit=\d", p) is not None, "exit")
+        assert "exit=130" in pane  # stopped as Ctrl-C stops it
+        assert "doorbells/s" not in pane
+        assert not socket_path.exists()  # the run cleaned up after itself
+    finally:
+        tmux.run("kill-server")
