@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -35,6 +36,7 @@ from .control import encode_request
 
 __all__ = [
     "HEATMAP_BUCKETS",
+    "KNOCK_SIGNAL",
     "LEASE_SECONDS",
     "MAX_COUNTERS",
     "MAX_PAIRS",
@@ -50,6 +52,8 @@ __all__ = [
     "heatmap_bucket_bytes",
     "telemetry_endpoints_for",
     "validate_report",
+    "watched_flag",
+    "watched_now",
 ]
 
 #: The shared memory is shown as this many equal regions.
@@ -79,6 +83,13 @@ WAITING: Final = "waiting for its first report"
 
 #: The topic of the ticks the control process publishes while someone watches.
 TICK_TOPIC: Final = b"tick"
+#: The knock: the control process sends it to a registry peer that does not report yet,
+#: while someone watches. Its default action is to ignore it, so a process that is not one
+#: of our peers (a QEMU VM) is unaffected; ours connect their telemetry link then.
+KNOCK_SIGNAL: Final = signal.SIGURG
+#: While someone watches, the control process keeps ``SOCK.telemetry.watched`` touched
+#: (its mtime at most this old): a peer starting then connects at once, without a knock.
+WATCHED_FRESH: Final = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +117,24 @@ def telemetry_endpoints_for(reports: str) -> TelemetryEndpoints:
         if sep and port.isdigit() and 0 < int(port) < 65535:
             return TelemetryEndpoints(reports, f"tcp://{host}:{int(port) + 1}")
     raise ValueError(f"cannot derive a ticks endpoint from {reports!r}")
+
+
+def watched_flag(endpoints: TelemetryEndpoints) -> str | None:
+    """The file whose fresh mtime says someone watches (None: the endpoint is not ipc)."""
+    if not endpoints.reports.startswith("ipc://") or endpoints.reports.startswith("ipc://@"):
+        return None
+    return endpoints.reports[len("ipc://") :] + ".watched"
+
+
+def watched_now(endpoints: TelemetryEndpoints) -> bool:
+    """Whether someone watches the daemon of ``endpoints`` now (its flag file is fresh)."""
+    path = watched_flag(endpoints)
+    if path is None:
+        return False
+    try:
+        return time.time() - os.stat(path).st_mtime < WATCHED_FRESH
+    except OSError:
+        return False
 
 
 def encode_report(args: Mapping[str, Any]) -> bytes:
@@ -277,6 +306,10 @@ class Aggregator:
             track.previous, track.last = track.last, report
             track.left_at = None
         self.reports += 1
+
+    def reporting_pids(self) -> set[int]:
+        """The pids of the peers that report (and have not left)."""
+        return {t.last.pid for t in self._tracks.values() if t.left_at is None}
 
     def add_daemon_stats(self, stats: Mapping[str, int]) -> None:
         """The daemon's counters as of now (rates come from two of them)."""

@@ -10,6 +10,11 @@ Two zmq sockets, next to the control plane's and guarded the same way (the ZAP h
 * a PUB (``SOCK.ticks``) on which a tick goes out every interval while a lease is live,
   and nothing otherwise: peers report only when asked, so nobody watching costs nothing.
 
+Our peers connect to these sockets only once someone watches (until then they only count):
+while a lease is live the service keeps the flag file ``SOCK.telemetry.watched`` fresh (a
+peer starting then connects at once) and, each tick, knocks (:data:`KNOCK_SIGNAL`, ignored
+by default) on every registry peer that does not report yet.
+
 Peers are clients like any other: a report is checked against the schema and against the
 sender (over ipc its pid must be the SO_PEERCRED pid of its connection, so no peer speaks
 for another), each connection gets a token bucket (a peer that floods loses its excess
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -47,6 +54,7 @@ from .control import (
 )
 from .ratelimit import LogLimiter
 from .telemetry import (
+    KNOCK_SIGNAL,
     LEASE_SECONDS,
     MAX_REPORT_BYTES,
     TICK_TOPIC,
@@ -54,6 +62,7 @@ from .telemetry import (
     ReportError,
     TelemetryEndpoints,
     validate_report,
+    watched_flag,
 )
 from .zap import ConnectionCounter, bind_handler, serve_zap, watch_connections
 from .zap import monitor as zap_monitor
@@ -76,6 +85,10 @@ MAX_BUCKETS: Final = 8192
 #: live connections to each telemetry socket
 MAX_TELEMETRY_CLIENTS: Final = 4096
 QUEUE_HWM: Final = 256
+#: a peer that does not report is knocked on again after this long
+KNOCK_AGAIN: Final = 2.0
+#: the flag file is touched at most this often
+FLAG_EVERY: Final = 1.0
 #: the longest lease one watch request may take
 MAX_LEASE_SECONDS: Final = 600.0
 
@@ -110,6 +123,10 @@ class TelemetryService:
         self._buckets = _Buckets(trio.current_time)
         self._watched = trio.Event()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._knocked: dict[int, float] = {}
+        self._flag: tuple[str, tuple[int, int]] | None = None
+        self._flag_at = -FLAG_EVERY
+        self.knocks = 0
 
     # -- what watchers get ----------------------------------------------------------------
 
@@ -207,16 +224,72 @@ class TelemetryService:
                 unlink_if_ours(path, ident)
 
     async def _tick(self, pub: TrioSocket) -> None:
-        """A tick every interval while someone watches; asleep otherwise."""
-        while True:
-            interval = self.aggregator.interval()
-            if interval is None:
-                self._watched = trio.Event()
-                await self._watched.wait()
+        """A tick every interval while someone watches (with the flag kept fresh and the
+        knocks); asleep otherwise."""
+        try:
+            while True:
+                interval = self.aggregator.interval()
+                if interval is None:
+                    self._lower_flag()
+                    self._watched = trio.Event()
+                    await self._watched.wait()
+                    continue
+                self._raise_flag()
+                tick = msgpack.packb({"interval": interval}, use_bin_type=True)
+                pub.try_send_multipart([TICK_TOPIC, tick])
+                await self._knock()
+                await trio.sleep(interval)
+        finally:
+            self._lower_flag()
+
+    def _raise_flag(self) -> None:
+        """Create or touch ``SOCK.telemetry.watched`` (at most once a second)."""
+        path = watched_flag(self.endpoints)
+        now = time.monotonic()
+        if path is None or now - self._flag_at < FLAG_EVERY:
+            return
+        self._flag_at = now
+        try:
+            if self._flag is None:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                self._flag = (path, (st.st_dev, st.st_ino))
+            else:
+                os.utime(self._flag[0], follow_symlinks=False)
+        except OSError as exc:  # a file we did not create, or no room: peers wait for a knock
+            self._chatter.log("flag", logging.INFO, "telemetry: no flag file %s: %s", path,
+                              exc.strerror or exc)  # fmt: skip
+
+    def _lower_flag(self) -> None:
+        if self._flag is not None:
+            from .sockpath import unlink_if_ours
+
+            unlink_if_ours(*self._flag)
+            self._flag = None
+            self._flag_at = -FLAG_EVERY
+
+    async def _knock(self) -> None:
+        """Knock on the registry peers that do not report yet (again every few seconds)."""
+        try:
+            registry = (await self.ask("peers")).get("peers", [])
+        except Exception:
+            return
+        now = time.monotonic()
+        reporting = self.aggregator.reporting_pids()
+        pids = {p.get("pid") for p in registry if isinstance(p, dict)}
+        self._knocked = {pid: at for pid, at in self._knocked.items() if pid in pids}
+        for pid in pids:
+            if not isinstance(pid, int) or pid <= 1 or pid == os.getpid() or pid in reporting:
                 continue
-            tick = msgpack.packb({"interval": interval}, use_bin_type=True)
-            pub.try_send_multipart([TICK_TOPIC, tick])
-            await trio.sleep(interval)
+            if now - self._knocked.get(pid, -KNOCK_AGAIN) < KNOCK_AGAIN:
+                continue
+            self._knocked[pid] = now
+            with contextlib.suppress(OSError):
+                os.kill(pid, KNOCK_SIGNAL)
+                self.knocks += 1
 
     async def _serve_requests(self, router: TrioSocket, ipc: bool) -> None:
         while True:

@@ -5,7 +5,7 @@
 1. **The route, alone**: calls per second of the three ways to ring a peer's eventfd
    (a real eventfd, read back now and then so it never saturates): the plain route
    ``partial(ring_eventfd, fd)`` (telemetry off), the route with its count in a
-   preallocated ``array('Q')`` slot (``partial(ring_counted, counts, slot, fd)``, what the
+   preallocated ``array('Q')`` slot (``partial(ring_eventfd, fd, counts, slot)``, what the
    runtime uses), and a closure that keeps its count in a cell (the alternative).
 2. **Ping, pinned, interleaved**: rounds of the :mod:`peers.bench_ping` ping-pong (both
    peers on one core) with telemetry off (``--no-telemetry``), on but nobody watching, and
@@ -34,7 +34,6 @@ from ivshmemd.telemetry import default_telemetry_endpoints
 
 from .bench_ping import _default_cpu, _run_ping
 from .client import ring_eventfd
-from .telemetry import ring_counted
 
 __all__ = ["bench_routes", "bench_telemetry", "main"]
 
@@ -59,7 +58,7 @@ def bench_routes(calls: int = 200_000, repeat: int = 5) -> dict[str, float]:
         counts: array[int] = array("Q", [0])
         routes: dict[str, Callable[[], bool]] = {
             "plain": partial(ring_eventfd, fd),
-            "array_slot": partial(ring_counted, counts, 0, fd),
+            "array_slot": partial(ring_eventfd, fd, counts, 0),
             "closure": _closure_route(fd),
         }
         result = {}

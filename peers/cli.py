@@ -191,27 +191,24 @@ async def _connect(args: argparse.Namespace) -> Any:
     return await connect_with_retry(args.socket, vectors=args.vectors, timeout=args.wait)
 
 
-def _telemetry_link(args: argparse.Namespace, machine: Any) -> Any:
-    """The peer's link to the telemetry socket (None: off, or no daemon of ours serves one:
-    QEMU's ivshmem-server has none)."""
+def _telemetry_endpoints(args: argparse.Namespace) -> Any:
+    """Where the peer reports once watched (None: off, or no daemon of ours serves
+    telemetry there: QEMU's ivshmem-server has none)."""
     from ivshmemd.control import ipc_path
     from ivshmemd.telemetry import default_telemetry_endpoints, telemetry_endpoints_for
-
-    from .telemetry import TelemetryLink
 
     if args.no_telemetry:
         return None
     if args.telemetry:
         try:
-            endpoints = telemetry_endpoints_for(args.telemetry)
+            return telemetry_endpoints_for(args.telemetry)
         except ValueError as exc:
             raise ClientError(f"--telemetry: {exc}") from None
-    else:
-        endpoints = default_telemetry_endpoints(args.socket)
-        path = ipc_path(endpoints.reports)
-        if path is None or not os.path.exists(path):
-            return None
-    return TelemetryLink(endpoints, machine.telemetry_report)
+    endpoints = default_telemetry_endpoints(args.socket)
+    path = ipc_path(endpoints.reports)
+    if path is None or not os.path.exists(path):
+        return None
+    return endpoints
 
 
 def _run_once(
@@ -233,7 +230,7 @@ def _run_once(
             client, plugin, vectors=args.vectors, report=reporter, log=reporter.log,
             plugin_name=args.plugin, telemetry=not args.no_telemetry,
         )  # fmt: skip
-        machine.telemetry_link = _telemetry_link(args, machine)
+        machine.telemetry_endpoints = _telemetry_endpoints(args)
     except BaseException:
         client.close()
         raise

@@ -187,10 +187,13 @@ def vector_handler(
     return handle if counts is None else handle_counted
 
 
-def ring_eventfd(fd: int) -> bool:
+def ring_eventfd(fd: int, counts: array[int] | None = None, slot: int = 0) -> bool:
     """Add 1 to a peer's eventfd; False if its counter is full (the ring is dropped, as a
     ring to a saturated counter means nothing more). Never waits: ``O_NONBLOCK`` is put
-    back first if another holder cleared it."""
+    back first if another holder cleared it. With ``counts`` (telemetry), the ring is
+    counted in ``counts[slot]`` too, in the same frame."""
+    if counts is not None:
+        counts[slot] += 1
     if os.get_blocking(fd):
         os.set_blocking(fd, False)
     try:

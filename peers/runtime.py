@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from ivshmemd.telemetry import TelemetryEndpoints, watched_now
 from vmm import Backing, Vm
 from vmm.ivshmem import IvshmemDevice
 
@@ -42,7 +43,7 @@ from .client import (
 from .pairing import PartnerSearch
 from .plugin import Guest, Plugin
 from .shmdir import ShmDirectory
-from .telemetry import DirtyHeat, PeerCounters, TelemetryLink, ring_counted, telemetry_identity
+from .telemetry import DirtyHeat, PeerCounters, TelemetryLink, telemetry_identity
 
 __all__ = ["Layout", "PeerMachine", "PeerOutcome"]
 
@@ -108,7 +109,9 @@ class PeerMachine:
         self._joined_at = min(self.vectors, self.server_vectors)
         #: what the hot paths count (None: telemetry off, nothing counted)
         self.counters = PeerCounters(self.vectors) if telemetry else None
-        #: the link to the control process's telemetry (set by whoever runs the peer)
+        #: where to report once someone watches (set by whoever runs the peer; None: never)
+        self.telemetry_endpoints: TelemetryEndpoints | None = None
+        #: the link to the control process's telemetry, made by :meth:`start_telemetry`
         self.telemetry_link: TelemetryLink | None = None
         self.shm = mmap.mmap(client.shm_fd, client.shm_size, mmap.MAP_SHARED)
         self.vm = Vm()
@@ -165,13 +168,13 @@ class PeerMachine:
     def _route(self, peer_id: int, vector: int) -> Callable[[], bool]:
         """What rings ``peer_id``'s ``vector``: :func:`ring_eventfd` bound to its eventfd
         (the device keeps it until its peer table changes, which the server events below
-        always do when a peer's eventfds come or go); with telemetry, :func:`ring_counted`
-        bound to the pair's counter slot as well."""
+        always do when a peer's eventfds come or go); with telemetry, bound to the pair's
+        counter slot as well."""
         fd = self.peer_fds[peer_id][vector]
         counters = self.counters
         if counters is None:
             return partial(ring_eventfd, fd)
-        return partial(ring_counted, counters.rung, counters.slot(peer_id, vector), fd)
+        return partial(ring_eventfd, fd, counters.rung, counters.slot(peer_id, vector))
 
     def on_vector(self, vector: int) -> bool:
         """Our eventfd ``vector`` may be readable: consume it and interrupt the guest once.
@@ -192,6 +195,19 @@ class PeerMachine:
         )
 
     # -- telemetry ------------------------------------------------------------------------
+
+    def start_telemetry(self) -> TelemetryLink | None:
+        """Connect the telemetry link (once): someone watches (the control process knocked,
+        or its flag said so at start). Until then nothing but the counters runs: no zmq
+        context, no thread, no fd in the event loop."""
+        if self.telemetry_link is None and self.telemetry_endpoints is not None:
+            self.telemetry_link = TelemetryLink(self.telemetry_endpoints, self.telemetry_report)
+        return self.telemetry_link
+
+    def watched_at_start(self) -> bool:
+        """Whether someone already watches (the control process's flag file is fresh)."""
+        endpoints = self.telemetry_endpoints
+        return endpoints is not None and watched_now(endpoints)
 
     def telemetry_report(self) -> dict[str, Any]:
         """This peer's report (:mod:`ivshmemd.telemetry`): its counts, and the shm pages

@@ -4,7 +4,8 @@ Doorbells go from peer to peer through eventfds, so only the peers can count the
 our peers counts, always and cheaply:
 
 * the doorbells it rings, per (destination, vector): one ``array('Q')`` increment inside the
-  route the device binds once per (peer, vector) (:func:`ring_counted`), a slot per pair;
+  route the device binds once per (peer, vector) (``partial(ring_eventfd, fd, counts,
+  slot)``, :func:`peers.client.ring_eventfd`: no extra frame), a slot per pair;
 * the interrupts it receives, per vector (one increment in the vector's handler);
 * its plugin's own counters (``guest.count("messages", n)``);
 * the pages it dirtied in the shared memory, per heatmap region, from the shm memslot's
@@ -41,21 +42,13 @@ from ivshmemd.telemetry import (
     heatmap_bucket_bytes,
 )
 
-from .client import ring_eventfd
-
-__all__ = ["DirtyHeat", "PeerCounters", "TelemetryLink", "ring_counted"]
+__all__ = ["DirtyHeat", "PeerCounters", "TelemetryLink"]
 
 #: reports queued towards the control process before the newest are dropped
 REPORT_HWM: Final = 4
 #: how long a final report may take to leave when the peer stops
 FINAL_LINGER_MS: Final = 500
 PAGE_SIZE: Final = 4096
-
-
-def ring_counted(counts: array[int], slot: int, fd: int) -> bool:
-    """A doorbell route with its count: ``counts[slot] += 1``, then :func:`ring_eventfd`."""
-    counts[slot] += 1
-    return ring_eventfd(fd)
 
 
 class PeerCounters:

@@ -216,6 +216,29 @@ async def test_a_flooding_telemetry_client_is_bounded_and_the_others_go_on(
         assert daemon.returncode is None
 
 
+@pytest.mark.parametrize("loop", ["--fast-path", "--trio"])
+async def test_a_peer_reports_nothing_until_watched_then_the_knock_connects_it(
+    ivshmem_daemon: DaemonFactory, ivshmem_peers: PeerSpawner, loop: str
+) -> None:
+    async with ivshmem_daemon(vectors=1) as daemon:
+        peer = await ivshmem_peers(daemon, "monitor", [], peer_args=[loop])
+
+        def zmq_threads() -> int:
+            tasks = f"/proc/{peer.pid}/task"
+            names = [Path(tasks, tid, "comm").read_text() for tid in os.listdir(tasks)]
+            return sum(name.startswith("ZMQbg") for name in names)
+
+        assert zmq_threads() == 0  # nobody watches: no zmq context, no socket, no thread
+        snap = await _until(
+            lambda: _top_json(daemon),
+            lambda s: any(p["id"] == peer.peer_id and p["telemetry"] for p in s["peers"]),
+            "the knocked peer's report",
+        )
+        (row,) = [p for p in snap["peers"] if p["id"] == peer.peer_id]
+        assert row["plugin"] == "monitor" and row["pid"] == peer.pid
+        assert zmq_threads() > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The live view in a real terminal
 # ---------------------------------------------------------------------------------------------

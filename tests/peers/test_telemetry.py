@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from peers.client import vector_handler
-from peers.telemetry import DirtyHeat, PeerCounters, ring_counted
+from peers.client import ring_eventfd, vector_handler
+from peers.telemetry import DirtyHeat, PeerCounters
 from vmm import KVM_MEM_LOG_DIRTY_PAGES, Backing, Vm
 
 SLOT, GPA, SIZE = 1, 0x1_0000_0000, 1 << 20
@@ -24,7 +24,7 @@ def test_routes_and_handlers_count_exactly() -> None:
         slot = counters.slot(5, 1)
         assert counters.slot(5, 1) == slot  # one slot per pair, kept
         for _ in range(7):
-            assert ring_counted(counters.rung, slot, fd)
+            assert ring_eventfd(fd, counters.rung, slot)
         fired: list[int] = []
         handle = vector_handler(fd, lambda: fired.append(1), counters.interrupts, 1)
         assert handle() and not handle()  # one read consumes the 7 rings
