@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from .argtypes import seconds
+from .control import ipc_path
 from .ctl import ControlClient, NoDaemonError, _curve, _jsonable
 from .exitcodes import EXIT_OK, EXIT_USAGE
 from .protocol import DEFAULT_SOCKET
@@ -190,6 +191,15 @@ def _poke(fd: int) -> None:
         os.write(fd, b"w")
 
 
+def _must_exist(endpoint: str) -> None:
+    path = ipc_path(endpoint)
+    if path is not None and not os.path.exists(path):
+        raise NoDaemonError(
+            f"no daemon: {path} does not exist (is ivshmemd running, with this -S, and with "
+            "its control plane?)"
+        )
+
+
 def _client(args: argparse.Namespace) -> ControlClient:
     return ControlClient(_telemetry_endpoint(args), args.timeout, _curve(args))
 
@@ -224,7 +234,7 @@ def _run_top(args: argparse.Namespace) -> int:
                 console = Console()
                 console.print(render(snap, console.size.width, 10_000))
             return EXIT_OK
-        fetch()  # fail now, with the usual message, if nobody answers
+        _must_exist(client.endpoint)  # no daemon at all: say so now (a slow one: in the view)
         return TopLoop(fetch, interval).run()
     finally:
         client.close()

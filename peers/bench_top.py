@@ -3,11 +3,12 @@
 ``python -m peers.bench_top [--peers 64] [--seconds 30] [--interval 0.5] [--json]``
 
 Starts ``ivshmemctl up --peers N --plugin ping`` (a daemon and N/2 pinging pairs, running
-until stopped), waits until every peer has joined, then runs ``ivshmemctl top`` in a real
-pseudo-terminal (160 x 50) and reads its screen for ``--seconds``. Its CPU time over that
-window comes from ``/proc/PID/stat`` (user + system, after a warm-up of 5 s, so start-up
-imports do not count), as a share of one core; so does the control process's (which
-aggregates the peers' reports and answers top). Then ``q``: top must exit 0.
+until stopped; ``--plugin monitor``: N idle peers), waits until every peer has joined,
+then runs ``ivshmemctl top`` in a real pseudo-terminal (160 x 50) and reads its screen
+for ``--seconds``. Its CPU time over that window comes from ``/proc/PID/stat`` (user +
+system, after a warm-up of 5 s, so start-up imports do not count), as a share of one core;
+so does the control process's (which aggregates the peers' reports and answers top).
+Then ``q``: top must exit 0.
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ def _control_process(daemon_pid: int) -> int | None:
     return None
 
 
-def _wait_peers(socket_path: str, peers: int, timeout: float = 120.0) -> dict[str, Any]:
-    client = ControlClient(default_control_endpoint(socket_path), 2.0)
+def _wait_peers(
+    socket_path: str, peers: int, up: subprocess.Popen[bytes], log_path: str,
+    timeout: float = 300.0,
+) -> dict[str, Any]:  # fmt: skip
+    client = ControlClient(default_control_endpoint(socket_path), 5.0)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            if up.poll() is not None:
+                with open(log_path, errors="replace") as log:
+                    raise SystemExit(f"ivshmemctl up ended: {log.read()[-2000:]}")
             with contextlib.suppress(NoDaemonError, OSError):
                 status = client.request("status")
                 if status.get("peers", 0) >= peers:
@@ -91,18 +98,23 @@ def _drain(fd: int, until: float) -> int:
     return total
 
 
-def bench_top(peers: int = 64, duration: float = 30.0, interval: float = 0.5) -> dict[str, Any]:
+def bench_top(
+    peers: int = 64, duration: float = 30.0, interval: float = 0.5, plugin: str = "ping"
+) -> dict[str, Any]:
     """Run the measurement (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="bench-top-") as directory:
         socket_path = os.path.join(directory, "iv.sock")
+        log_path = os.path.join(directory, "up.log")
+        log = open(log_path, "wb")  # noqa: SIM115 (closed below, after the run)
         up = subprocess.Popen(
             [sys.executable, "-m", "ivshmemd.ctl", "up", "-S", socket_path, "--peers",
-             str(peers), "--plugin", "ping", "--count", "1000000000"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             str(peers), "--plugin", plugin,
+             *(["--count", "1000000000"] if plugin == "ping" else [])],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
             start_new_session=True,
         )  # fmt: skip
         try:
-            status = _wait_peers(socket_path, peers)
+            status = _wait_peers(socket_path, peers, up, log_path)
             control = _control_process(int(status["pid"]))
             pid, master = pty.fork()
             if pid == 0:  # the child: top on the pseudo-terminal
@@ -140,9 +152,11 @@ def bench_top(peers: int = 64, duration: float = 30.0, interval: float = 0.5) ->
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
+            log.close()
     return {
         "bench": "top",
         "peers": peers,
+        "plugin": plugin,
         "interval": interval,
         "seconds": elapsed,
         "top_cpu_seconds": top1 - top0,
@@ -162,17 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=positive_int, default=64)
     parser.add_argument("--seconds", type=seconds(), default=30.0)
     parser.add_argument("--interval", type=seconds(), default=0.5, help="top's --interval")
+    parser.add_argument(
+        "--plugin", choices=("ping", "monitor"), default="ping",
+        help="what the peers run: ping pairs (busy) or monitors (idle)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.peers % 2:
+    if args.peers % 2 and args.plugin == "ping":
         parser.error("--peers must be even (ping peers work in pairs)")
-    result = bench_top(args.peers, args.seconds, args.interval)
+    result = bench_top(args.peers, args.seconds, args.interval, args.plugin)
     if args.json:
         print(json.dumps(result))
         return 0
     control = result["control_process_core_share"]
-    print(f"ivshmemctl top watching {result['peers']} peers (interval {result['interval']:g} s, "
-          f"160x50 terminal), {result['seconds']:.1f} s after a {WARMUP:g} s warm-up:")  # fmt: skip
+    print(f"ivshmemctl top watching {result['peers']} {result['plugin']} peers (interval "
+          f"{result['interval']:g} s, 160x50 terminal), {result['seconds']:.1f} s after a "
+          f"{WARMUP:g} s warm-up:")  # fmt: skip
     print(f"  top: {result['top_cpu_seconds']:.2f} s CPU, {100 * result['top_core_share']:.1f}% "
           "of a core")  # fmt: skip
     if control is not None:
