@@ -12,7 +12,7 @@ fabric redraws in about a millisecond, so a live view costs little CPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from rich.console import Group, RenderableType
@@ -78,7 +78,7 @@ def _header(snapshot: Mapping[str, Any]) -> Text:
     daemon = snapshot.get("daemon", {})
     status, stats, rates = daemon.get("status", {}), daemon.get("stats", {}), daemon.get("rates")
     rates = rates or {}
-    text = Text()
+    text = Text(no_wrap=True, overflow="crop")
     text.append("ivshmemd", style="bold")
     text.append(f" pid {status.get('pid', '?')}  up {_duration(status.get('uptime'))}  ")
     text.append(f"shm {_size(status.get('shm', {}).get('size'))}  ")
@@ -96,7 +96,7 @@ def _header(snapshot: Mapping[str, Any]) -> Text:
 
 
 def _peer_rows(peers: Sequence[Mapping[str, Any]], width: int, limit: int) -> Text:
-    text = Text()
+    text = Text(no_wrap=True, overflow="crop")
     head = f"{'id':>5} {'pid':>7} {'host':<8} {'plugin':<10} {'up':>7} {'rings/s':>8} "
     head += f"{'irq/s':>8} {'dirty/s':>8}  counters"
     text.append(head[:width] + "\n", style="bold reverse")
@@ -139,7 +139,7 @@ def _matrix(snapshot: Mapping[str, Any], width: int, limit: int) -> Text:
     ids = sorted(set(ids) | {s for s, _ in rates} | {d for _, d in rates})
     columns = max(1, (width - 8) // CELL)
     cols, rows = ids[:columns], ids[:limit]
-    text = Text()
+    text = Text(no_wrap=True, overflow="crop")
     text.append("doorbells/s  ", style="bold")
     text.append("(row rings column)\n", style="dim")
     text.append(f"{'':>6} ", style="bold")
@@ -148,15 +148,29 @@ def _matrix(snapshot: Mapping[str, Any], width: int, limit: int) -> Text:
     text.append("\n")
     for src in rows:
         text.append(f"{src:>6} ", style="bold")
-        for dst in cols:
-            value = rates.get((src, dst), 0.0)
-            text.append(f"{format_rate(value):>{CELL}}", style=rate_style(value))
+        _append_runs(text, ((f"{format_rate(v):>{CELL}}", rate_style(v))
+                            for v in (rates.get((src, dst), 0.0) for dst in cols)))  # fmt: skip
         text.append("\n")
     hidden_rows, hidden_cols = len(ids) - len(rows), len(ids) - len(cols)
     if hidden_rows > 0 or hidden_cols > 0:
         text.append(f"  ({len(ids)} peers: {len(cols)} columns and {len(rows)} rows shown; "
                     "enlarge the terminal for more)\n", style="dim")  # fmt: skip
     return text
+
+
+def _append_runs(text: Text, cells: Iterable[tuple[str, str]]) -> None:
+    """Append styled cells, one span per run of equal style (what makes a redraw cheap:
+    rich's cost is per span, and most cells of a big fabric are idle and alike)."""
+    run: list[str] = []
+    style = None
+    for cell, cell_style in cells:
+        if cell_style != style and run:
+            text.append("".join(run), style=style)
+            run = []
+        style = cell_style
+        run.append(cell)
+    if run:
+        text.append("".join(run), style=style)
 
 
 def _heatmap(snapshot: Mapping[str, Any], width: int) -> Text:
@@ -166,14 +180,13 @@ def _heatmap(snapshot: Mapping[str, Any], width: int) -> Text:
     size = int(heat.get("shm_size", 0) or 0)
     used = max(1, min(len(rates), -(-size // bucket) if bucket else len(rates)))
     rates = rates[:used]
-    text = Text()
+    text = Text(no_wrap=True, overflow="crop")
     text.append("shared memory written, pages/s per region  ", style="bold")
     text.append(f"({used} regions of {_size(bucket)})\n", style="dim")
     per_line = max(8, min(used, (width - 12) // 2))
     for start in range(0, used, per_line):
         text.append(f"{_size(start * bucket):>9}  ", style="dim")
-        for value in rates[start : start + per_line]:
-            text.append("██", style=rate_style(value))
+        _append_runs(text, (("██", rate_style(v)) for v in rates[start : start + per_line]))
         text.append("\n")
     peak = max(rates, default=0.0)
     total = sum(rates)

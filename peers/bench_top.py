@@ -41,8 +41,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU of a process so far (``/proc/PID/stat`` fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        raise SystemExit(f"process {pid} is gone") from None
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
@@ -73,7 +76,8 @@ def _wait_peers(
         while time.monotonic() < deadline:
             if up.poll() is not None:
                 with open(log_path, errors="replace") as log:
-                    raise SystemExit(f"ivshmemctl up ended: {log.read()[-2000:]}")
+                    lines = [ln for ln in log.read().splitlines() if "still running" not in ln]
+                    raise SystemExit("ivshmemctl up ended:\n" + "\n".join(lines[-20:]))
             with contextlib.suppress(NoDaemonError, OSError):
                 status = client.request("status")
                 if status.get("peers", 0) >= peers:
@@ -107,7 +111,7 @@ def bench_top(
         log_path = os.path.join(directory, "up.log")
         log = open(log_path, "wb")  # noqa: SIM115 (closed below, after the run)
         up = subprocess.Popen(
-            [sys.executable, "-m", "ivshmemd.ctl", "up", "-S", socket_path, "--peers",
+            [sys.executable, "-m", "ivshmemd.ctl", "up", "-v", "-S", socket_path, "--peers",
              str(peers), "--plugin", plugin,
              *(["--count", "1000000000"] if plugin == "ping" else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
@@ -153,6 +157,9 @@ def bench_top(
                 up.kill()
                 up.wait()
             log.close()
+            with open(log_path, errors="replace") as text:
+                lines = [ln for ln in text.read().splitlines() if "control" in ln]
+            print("\n".join(lines[-10:]), file=sys.stderr)
     return {
         "bench": "top",
         "peers": peers,
