@@ -183,7 +183,8 @@ def _heatmap(snapshot: Mapping[str, Any], width: int) -> Text:
     text = Text(no_wrap=True, overflow="crop")
     text.append("shared memory written, pages/s per region  ", style="bold")
     text.append(f"({used} regions of {_size(bucket)})\n", style="dim")
-    per_line = max(8, min(used, (width - 12) // 2))
+    room = max(8, (width - 12) // 2)
+    per_line = next((n for n in (64, 32, 16, 8) if n <= room), 8)
     for start in range(0, used, per_line):
         text.append(f"{_size(start * bucket):>9}  ", style="dim")
         _append_runs(text, (("██", rate_style(v)) for v in rates[start : start + per_line]))
