@@ -24,17 +24,14 @@ from . import __version__, signals
 from .access import AllowList
 from .activation import ActivationError
 from .argtypes import metrics_address, positive_int, seconds, size
-from .control import (
-    ControlAccess,
-    ControlSetupError,
-    EventPublisher,
+from .control.process import ControlConfig, ControlProcess
+from .control.schema import (
     default_control_endpoint,
     default_events_endpoint,
     events_endpoint_for,
-    tcp_needs_curve,
 )
-from .controlproc import ControlConfig, ControlProcess
-from .controlview import DaemonControlView, state_lines
+from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
+from .control.view import DaemonControlView, state_lines
 from .curve import CurveKeyError, server_keys
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, LogTarget, configure_logging
@@ -53,6 +50,7 @@ from .telemetry import (
     default_telemetry_endpoints,
     telemetry_endpoints_for,
 )
+from .wording import plural
 
 __all__ = ["main", "parse_args"]
 
@@ -468,7 +466,7 @@ async def _run(
     server.listeners.append(publisher.on_server_event)
 
     def report_peer_count(kind: str, event: dict[str, Any]) -> None:
-        notifier.status(f"{len(server.connections)} peers connected")
+        notifier.status(f"{plural(len(server.connections), 'peer')} connected")
 
     server.listeners.append(report_peer_count)
     control, events = _control_endpoints(args)
@@ -484,7 +482,9 @@ async def _run(
                     telemetry=_telemetry_endpoints(args), metrics=args.metrics,
                     metrics_max_peers=args.metrics_max_peers,
                 )  # fmt: skip
-                process = ControlProcess(config, DaemonControlView(server, args.socket), publisher)
+                process = ControlProcess(
+                    config, DaemonControlView(server, args.socket, publisher), publisher
+                )
                 bound = await nursery.start(process.run)
                 control, events = bound.control, bound.events
             log.info("%s", describe)
@@ -560,7 +560,7 @@ def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
     reserved = "sparse" if args.sparse else "reserved"
     return (
         f"listening on {args.socket} (shm {where}, {shm.size} bytes {reserved}, "
-        f"{args.vectors} vectors per peer)"
+        f"{plural(args.vectors, 'vector')} per peer)"
     )
 
 
@@ -606,9 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         PidFileError,
     ) as exc:  # fmt: skip
         log.error("%s", exc)
+        # release first: the waiting parent exits on the report, and nothing we made may
+        # outlive the error it prints
+        held.release(keep_shm=args.keep_shm)
         if report is not None:
             report(str(exc))
-        held.release(keep_shm=args.keep_shm)
         return 1
     assert held.shm is not None and held.listener is not None
     log.debug("logging to %s", target.description)
@@ -634,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(leaf, ControlSetupError):
                 message = f"fatal: {type(leaf).__name__}: {message}"
             log.error("%s", message)
+            held.release(keep_shm=args.keep_shm)
             if report is not None:
                 report(message)
             return 1

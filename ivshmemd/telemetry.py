@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-from .control import encode_request
+from .control.schema import encode_request
 
 __all__ = [
     "HEATMAP_BUCKETS",

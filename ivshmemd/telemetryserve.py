@@ -38,18 +38,15 @@ import msgpack
 import trio
 import zmq
 
-from .control import (
+from .control.schema import ErrorCode, _ok, error_reply, parse_peer_address
+from .control.server import (
     ControlAccess,
     ControlLimits,
     ControlSetupError,
-    ErrorCode,
     _bind,
-    _error,
-    _ok,
     _secure,
     _split_envelope,
     _zap_policy,
-    parse_peer_address,
     tcp_needs_curve,
 )
 from .ratelimit import LogLimiter
@@ -304,27 +301,29 @@ class TelemetryService:
         try:
             request = msgpack.unpackb(frame.bytes, raw=False)
         except Exception:
-            return _error(ErrorCode.BAD_MSGPACK, "request is not valid msgpack")
+            return error_reply(ErrorCode.BAD_MSGPACK, "request is not valid msgpack")
         if not isinstance(request, dict) or request.get("v") != 1:
-            return _error(ErrorCode.BAD_REQUEST, "request must be a schema-1 map")
+            return error_reply(ErrorCode.BAD_REQUEST, "request must be a schema-1 map")
         cmd, args = request.get("cmd"), request.get("args") or {}
         if cmd == "report":
             self._report(who, frame, args, ipc)
             return None
         if cmd == "watch":
             if not isinstance(args, dict):
-                return _error(ErrorCode.BAD_ARGS, "'args' must be a map")
+                return error_reply(ErrorCode.BAD_ARGS, "'args' must be a map")
             interval, lease = args.get("interval", 0.25), args.get("seconds", LEASE_SECONDS)
             for value in (interval, lease):
                 if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                     problem = "args.interval and args.seconds must be positive numbers"
-                    return _error(ErrorCode.BAD_ARGS, problem)
+                    return error_reply(ErrorCode.BAD_ARGS, problem)
             self.watch(who.hex(), float(interval), min(float(lease), MAX_LEASE_SECONDS))
             try:
                 return _ok(await self.snapshot())
             except Exception as exc:  # the daemon's link broke: say so, keep serving
-                return _error(ErrorCode.INTERNAL, f"cannot reach the daemon: {exc}")
-        return _error(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r:.40} (report, watch)")
+                return error_reply(ErrorCode.INTERNAL, f"cannot reach the daemon: {exc}")
+        return error_reply(
+            ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r:.40} (report, watch)"
+        )
 
     def _report(self, who: bytes, frame: zmq.Frame, args: Any, ipc: bool) -> None:
         if not self._buckets.take(who):

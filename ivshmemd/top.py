@@ -31,10 +31,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from .argtypes import seconds
-from .control import ipc_path
-from .ctl import ControlClient, NoDaemonError, _curve, _jsonable
+from .control.client import ControlClient, NoDaemonError
+from .ctl import _curve, _jsonable
 from .exitcodes import EXIT_OK, EXIT_USAGE
 from .protocol import DEFAULT_SOCKET
+from .sockpath import ipc_path
 from .telemetry import MAX_INTERVAL, MIN_INTERVAL, default_telemetry_endpoints
 
 __all__ = ["DEFAULT_INTERVAL", "TopLoop", "register_top_commands", "take_snapshot"]

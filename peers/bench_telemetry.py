@@ -29,7 +29,7 @@ from functools import partial
 from typing import Any
 
 from ivshmemd.argtypes import positive_int
-from ivshmemd.ctl import ControlClient
+from ivshmemd.control.client import ControlClient
 from ivshmemd.telemetry import default_telemetry_endpoints
 
 from .bench_ping import _default_cpu, _run_ping

@@ -30,8 +30,8 @@ import time
 from typing import Any
 
 from ivshmemd.argtypes import positive_int, seconds
-from ivshmemd.control import default_control_endpoint
-from ivshmemd.ctl import ControlClient, NoDaemonError
+from ivshmemd.control.client import ControlClient, NoDaemonError
+from ivshmemd.control.schema import default_control_endpoint
 
 __all__ = ["bench_top", "main"]
 
@@ -61,7 +61,7 @@ def _children(pid: int) -> list[int]:
 def _control_process(daemon_pid: int) -> int | None:
     for child in _children(daemon_pid):
         with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as cmd:
-            if b"ivshmemd.controlproc" in cmd.read():
+            if b"ivshmemd.control.process" in cmd.read():
                 return child
     return None
 

@@ -80,6 +80,7 @@ from ivshmemd.supervise import (
     open_supervisor,
     unique_name,
 )
+from ivshmemd.wording import plural
 
 from . import report
 from .cmdline import UsageError, format_help, split_at_plugin
@@ -97,7 +98,6 @@ from .topology import (
     check_plugins,
     load_topology,
 )
-from .wording import plural
 
 __all__ = [
     "EXIT_FAILED",
@@ -710,7 +710,7 @@ class Launcher:
         """``--top``: the live view in a thread, until the run ends (or ``q``, which stops
         the run as Ctrl-C does); the display's lines meanwhile go under the view, and to
         the terminal once it is gone."""
-        from ivshmemd.ctl import ControlClient
+        from ivshmemd.control.client import ControlClient
         from ivshmemd.telemetry import default_telemetry_endpoints
         from ivshmemd.top import DEFAULT_INTERVAL, TopLoop, fetcher
 

@@ -21,7 +21,7 @@ import trio
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from ivshmemd.ctl import ControlClient
+from ivshmemd.control.client import ControlClient
 from ivshmemd.supervise import DaemonProcess
 from ivshmemd.telemetry import default_telemetry_endpoints, encode_report
 from ivshmemd.telemetryserve import BUCKET_BURST, BUCKET_RATE

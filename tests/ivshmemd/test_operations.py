@@ -77,7 +77,7 @@ async def test_sigusr1_logs_the_state_and_sigusr2_is_ignored(start_daemon: Any) 
             await client.read(5)
             daemon.process.send_signal(signal.SIGUSR1)
             lines = await daemon.wait_log("state: ", count=5)
-            assert "1 peers (ids 0)" in lines[0]
+            assert "1 peer (ids 0)" in lines[0]
             assert "control plane process: pid" in lines[-1]
             daemon.process.send_signal(signal.SIGUSR2)
             assert "reserved for the zero-loss restart" in (await daemon.wait_log("SIGUSR2"))[0]
