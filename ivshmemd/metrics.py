@@ -94,9 +94,9 @@ def metric_families(snapshot: Mapping[str, Any], max_peers: int) -> Iterator[Any
         "1 if the peer reports telemetry (0: QEMU or silent)",
         labels=["peer"],
     )
-    irq: dict[tuple[str, str], float] = defaultdict(float)
+    irq: dict[tuple[str, ...], float] = defaultdict(float)
     dirty: dict[str, float] = defaultdict(float)
-    plugin: dict[tuple[str, str], float] = defaultdict(float)
+    plugin: dict[tuple[str, ...], float] = defaultdict(float)
     up_v: dict[tuple[str, str], float] = defaultdict(float)
     uptime_v: dict[str, float] = {}
     reporting_v: dict[str, float] = {}
@@ -134,27 +134,29 @@ def metric_families(snapshot: Mapping[str, Any], max_peers: int) -> Iterator[Any
     for pair, value in sorted(rings.items()):
         doorbells.add_metric(list(pair), value)
     yield doorbells
-    interrupts = CounterMetricFamily("ivshmem_interrupts", "interrupts a peer received",
-                                     labels=["peer", "vector"])  # fmt: skip
-    for labels, value in sorted(irq.items()):
-        interrupts.add_metric(list(labels), value)
-    yield interrupts
-    pages = CounterMetricFamily("ivshmem_peer_dirty_pages",
-                                "shared-memory pages a peer dirtied (from its dirty log)",
-                                labels=["peer"])  # fmt: skip
-    for who, value in sorted(dirty.items()):
-        pages.add_metric([who], value)
-    yield pages
-    events = CounterMetricFamily("ivshmem_plugin_events", "a plugin's own counters",
-                                 labels=["peer", "name"])  # fmt: skip
-    for labels, value in sorted(plugin.items()):
-        events.add_metric(list(labels), value)
-    yield events
+    yield _counters("ivshmem_interrupts", "interrupts a peer received", ["peer", "vector"], irq)
+    yield _counters("ivshmem_peer_dirty_pages",
+                    "shared-memory pages a peer dirtied (from its dirty log)", ["peer"],
+                    {(who,): value for who, value in dirty.items()})  # fmt: skip
+    yield _counters("ivshmem_plugin_events", "a plugin's own counters", ["peer", "name"],
+                    plugin)  # fmt: skip
     tel = snapshot.get("telemetry", {})
     for key in ("reports", "rejected", "flooded"):
         if isinstance(tel.get(key), int):
             yield CounterMetricFamily(f"ivshmem_telemetry_{key}",
                                       f"telemetry reports {key}", value=tel[key])  # fmt: skip
+
+
+def _counters(
+    name: str, doc: str, labels: list[str], values: Mapping[tuple[str, ...], float]
+) -> Any:
+    """A counter family with one sample per label tuple, in label order."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
 
 
 def render(snapshot: Mapping[str, Any], max_peers: int = DEFAULT_MAX_LABELLED_PEERS) -> bytes:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 from .control.schema import encode_request
+from .protocol import MAX_PEER_ID, MAX_VECTORS
 
 __all__ = [
     "HEATMAP_BUCKETS",
@@ -60,7 +61,6 @@ __all__ = [
 HEATMAP_BUCKETS: Final = 64
 #: Bounds on one report (a peer is a client: nothing it sends is unbounded).
 MAX_PAIRS: Final = 4096
-MAX_VECTORS_REPORTED: Final = 1024
 MAX_COUNTERS: Final = 64
 MAX_COUNTER_NAME: Final = 48
 MAX_PLUGIN_NAME: Final = 64
@@ -192,7 +192,7 @@ class Report:
     received: float = 0.0
 
 
-def validate_report(args: Any, max_peer_id: int = 65535) -> Report:
+def validate_report(args: Any, max_peer_id: int = MAX_PEER_ID) -> Report:
     """The :class:`Report` in a request's ``args``; :class:`ReportError` if it is malformed."""
     if not isinstance(args, dict):
         raise ReportError("a report is a map")
@@ -205,11 +205,11 @@ def validate_report(args: Any, max_peer_id: int = 65535) -> Report:
         if not isinstance(item, list) or len(item) != 3:
             raise ReportError("rung entries are [dst, vector, total]")
         dst = _int(item[0], "rung dst", 0, max_peer_id)
-        vector = _int(item[1], "rung vector", 0, MAX_VECTORS_REPORTED - 1)
+        vector = _int(item[1], "rung vector", 0, MAX_VECTORS - 1)
         rung[(dst, vector)] = _int(item[2], "rung total")
     interrupts = tuple(
         _int(v, "interrupts") for v in _list(args.get("interrupts", []), "interrupts",
-                                             MAX_VECTORS_REPORTED)
+                                             MAX_VECTORS)
     )  # fmt: skip
     raw_counters = args.get("counters", {})
     if not isinstance(raw_counters, dict) or len(raw_counters) > MAX_COUNTERS:

@@ -205,21 +205,18 @@ def _client(args: argparse.Namespace) -> ControlClient:
     return ControlClient(_telemetry_endpoint(args), args.timeout, _curve(args))
 
 
-def _interval(args: argparse.Namespace) -> float:
-    value = float(args.interval)
+def _interval(text: str) -> float:
+    """``--interval``: seconds, within what a watcher may ask for."""
+    value = seconds()(text)
     if not MIN_INTERVAL <= value <= MAX_INTERVAL:
         raise argparse.ArgumentTypeError(
-            f"--interval must be in {MIN_INTERVAL:g}..{MAX_INTERVAL:g} seconds"
+            f"must be in {MIN_INTERVAL:g}..{MAX_INTERVAL:g} seconds, not {text!r}"
         )
     return value
 
 
 def _run_top(args: argparse.Namespace) -> int:
-    try:
-        interval = _interval(args)
-    except argparse.ArgumentTypeError as exc:
-        print(f"ivshmemctl top: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    interval = args.interval
     client = _client(args)
     try:
         fetch = fetcher(client, interval)
@@ -272,11 +269,7 @@ def snapshot_data(svg: str) -> dict[str, Any]:
 
 
 def _run_snapshot(args: argparse.Namespace) -> int:
-    try:
-        interval = _interval(args)
-    except argparse.ArgumentTypeError as exc:
-        print(f"ivshmemctl snapshot: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    interval = args.interval
     client = _client(args)
     try:
         snap = take_snapshot(fetcher(client, interval), interval)
@@ -309,7 +302,7 @@ def _view_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--interval",
-        type=seconds(),
+        type=_interval,
         metavar="SECONDS",
         default=DEFAULT_INTERVAL,
         help=f"how often to ask for figures (default {DEFAULT_INTERVAL:g})",

@@ -252,6 +252,15 @@ class _Tmux:
         return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True,
                               text=True, timeout=20)  # fmt: skip
 
+    def start_shell(self, home: Path) -> None:
+        """A 100 x 40 session ``top`` running a bare bash (prompt ``READY$``) with this
+        environment's commands first on PATH."""
+        path = f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+        started = self.run("new-session", "-d", "-s", "top", "-x", "100", "-y", "40",
+                           "env", "-i", f"HOME={home}", "TERM=xterm-256color", "PS1=READY$ ",
+                           f"PATH={path}", "bash", "--norc", "--noprofile")  # fmt: skip
+        assert started.returncode == 0, started.stderr
+
     def pane(self) -> str:
         return self.run("capture-pane", "-p", "-t", "top").stdout
 
@@ -292,14 +301,9 @@ async def test_top_renders_in_a_real_terminal_resizes_and_q_restores_it(
         a = await ivshmem_peers(daemon, "ping", ["--partner", "1", "--count", "100000000"])
         b = await ivshmem_peers(daemon, "ping", ["--partner", "0", "--count", "100000000"])
         assert (a.peer_id, b.peer_id) == (0, 1)
-        env = f"PS1='READY$ ' PATH={os.path.dirname(sys.executable)}:$PATH"
-        started = tmux.run("new-session", "-d", "-s", "top", "-x", "100", "-y", "40",
-                           "env", "-i", f"HOME={tmp_path}", "TERM=xterm-256color",
-                           "bash", "--norc", "--noprofile")  # fmt: skip
-        assert started.returncode == 0, started.stderr
+        tmux.start_shell(tmp_path)
         try:
-            tmux.run("send-keys", "-t", "top", f"export {env}; stty -a | grep -o -- '-*icanon'",
-                     "Enter")  # fmt: skip
+            tmux.run("send-keys", "-t", "top", "stty -a | grep -o -- '-*icanon'", "Enter")
             canonical = _stty(await _pane_until(tmux, lambda p: _stty(p) is not None, "stty"))
             assert canonical == "icanon"
             tmux.run("send-keys", "-t", "top", "clear; python -m ivshmemd.ctl -S "
@@ -349,13 +353,9 @@ def test_report_schema_refuses_unknown_fields() -> None:
 async def test_up_top_shows_the_launched_peers_and_q_stops_the_run(tmp_path: Path) -> None:
     tmux = _Tmux(tmp_path)
     socket_path = tmp_path / "up.sock"
-    env = f"PS1='READY$ ' PATH={os.path.dirname(sys.executable)}:$PATH"
-    started = tmux.run("new-session", "-d", "-s", "top", "-x", "100", "-y", "40",
-                       "env", "-i", f"HOME={tmp_path}", "TERM=xterm-256color",
-                       "bash", "--norc", "--noprofile")  # fmt: skip
-    assert started.returncode == 0, started.stderr
+    tmux.start_shell(tmp_path)
     try:
-        tmux.run("send-keys", "-t", "top", f"export {env}; python -m ivshmemd.ctl up --top "
+        tmux.run("send-keys", "-t", "top", "python -m ivshmemd.ctl up --top "
                  f"-S {socket_path} --peers 2 --plugin ping --count 100000000; echo exit=$?",
                  "Enter")  # fmt: skip
 
