@@ -79,7 +79,7 @@ BUCKET_BURST: Final = 8.0
 BUCKET_RATE: Final = 12.0
 #: connections remembered for their buckets (the oldest are forgotten past this)
 MAX_BUCKETS: Final = 8192
-#: live connections to each telemetry socket
+#: live connections to each telemetry socket (fewer if the fd table is smaller)
 MAX_TELEMETRY_CLIENTS: Final = 4096
 QUEUE_HWM: Final = 256
 #: a peer that does not report is knocked on again after this long
@@ -111,8 +111,15 @@ class _Buckets:
 class TelemetryService:
     """Serves the telemetry sockets (see the module docstring) until cancelled."""
 
-    def __init__(self, endpoints: TelemetryEndpoints, ask: Ask, aggregator: Aggregator) -> None:
+    def __init__(
+        self,
+        endpoints: TelemetryEndpoints,
+        ask: Ask,
+        aggregator: Aggregator,
+        max_clients: int = MAX_TELEMETRY_CLIENTS,
+    ) -> None:
         self.endpoints = endpoints
+        self.max_clients = max_clients
         self.ask = ask
         self.aggregator = aggregator
         self.flooded = 0
@@ -180,8 +187,8 @@ class TelemetryService:
             zap = bind_handler(ctx)
             sockets.append(zap)
             counters = {
-                _REPORTS_DOMAIN: ConnectionCounter("telemetry", MAX_TELEMETRY_CLIENTS),
-                _TICKS_DOMAIN: ConnectionCounter("ticks", MAX_TELEMETRY_CLIENTS),
+                _REPORTS_DOMAIN: ConnectionCounter("telemetry", self.max_clients),
+                _TICKS_DOMAIN: ConnectionCounter("ticks", self.max_clients),
             }
             router = TrioSocket(ctx.socket(zmq.ROUTER))
             sockets.append(router)

@@ -46,7 +46,7 @@ import msgpack
 import trio
 
 from ivshmemd.access import AllowList
-from ivshmemd.errors import one_line
+from ivshmemd.errors import one_line, unwrap
 from ivshmemd.metrics import DEFAULT_MAX_LABELLED_PEERS, MetricsServer
 from ivshmemd.ratelimit import LogLimiter
 from ivshmemd.sockpath import unlink_if_ours
@@ -253,6 +253,14 @@ class ControlProcess:
                 nursery.start_soon(self._pump_events, link)
                 await self._serve(link)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # a start-up failure (e.g. a control process killed by a flood while it binds)
+            # is a ControlSetupError for run(), which restarts; never a group that would
+            # end the daemon
+            setup, rest = group.split(ControlSetupError)
+            if setup is not None and rest is None:
+                raise unwrap(setup) from None
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await link.aclose()  # EOF: the control process cleans up and exits
@@ -405,6 +413,7 @@ async def _serve_link(link_fd: int) -> None:
         return config.allow.check(creds.uid, creds.gid, creds.pid)
 
     access = ControlAccess(allow=allow, curve=config.curve)
+    limits = _limits()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ship_logs)
         try:
@@ -412,7 +421,7 @@ async def _serve_link(link_fd: int) -> None:
                 lambda task_status: serve_control(
                     None, config.control, config.events, publisher,
                     socket_mode=config.socket_mode, socket_gid=config.socket_gid,
-                    access=access, limits=_limits(), handler=forward, task_status=task_status,
+                    access=access, limits=limits, handler=forward, task_status=task_status,
                 )
             )  # fmt: skip
         except ControlSetupError as exc:
@@ -421,7 +430,9 @@ async def _serve_link(link_fd: int) -> None:
             return
         metrics = None
         if config.telemetry is not None:
-            service = TelemetryService(config.telemetry, ask, Aggregator())
+            service = TelemetryService(
+                config.telemetry, ask, Aggregator(), max_clients=limits.max_clients
+            )
             try:
                 await nursery.start(
                     lambda task_status: service.serve(
