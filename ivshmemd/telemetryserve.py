@@ -141,6 +141,7 @@ class TelemetryService:
         self.aggregator.add_daemon_stats(await self.ask("stats"))
         snap = self.aggregator.snapshot(registry, status)
         snap["telemetry"]["flooded"] = self.flooded
+        snap["telemetry"]["knocks"] = self.knocks
         return snap
 
     def watch(self, who: str, interval: float, seconds: float | None = None) -> None:

@@ -27,6 +27,7 @@ from ivshmemd.telemetry import default_telemetry_endpoints, encode_report
 from ivshmemd.telemetryserve import BUCKET_BURST, BUCKET_RATE
 from ivshmemd.top import snapshot_data
 from peers.pytest_plugin import DaemonFactory, PeerSpawner
+from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
 
 COUNT = 400
 DEADLINE = 30.0
@@ -237,6 +238,33 @@ async def test_a_peer_reports_nothing_until_watched_then_the_knock_connects_it(
         (row,) = [p for p in snap["peers"] if p["id"] == peer.peer_id]
         assert row["plugin"] == "monitor" and row["pid"] == peer.pid
         assert zmq_threads() > 0
+
+
+@pytest.mark.skipif(not qemu_available(), reason=f"{QEMU_BINARY} is not on PATH")
+async def test_a_qemu_vm_is_shown_silent_and_the_knocks_leave_it_alone(
+    ivshmem_daemon: DaemonFactory, ivshmem_peers: PeerSpawner
+) -> None:
+    async with ivshmem_daemon(vectors=1) as daemon:
+        vm = await trio.to_thread.run_sync(lambda: QemuIvshmemVm.doorbell(daemon.socket_path))
+        try:
+            qemu_id = await trio.to_thread.run_sync(vm.iv_position)
+            peer = await ivshmem_peers(daemon, "monitor", [])
+            snap = await _until(
+                lambda: _top_json(daemon),
+                lambda s: (
+                    s["telemetry"]["knocks"] >= 2
+                    and any(p["id"] == peer.peer_id and p["telemetry"] for p in s["peers"])
+                ),
+                "knocks, and our peer's report",
+            )
+            (row,) = [p for p in snap["peers"] if p["id"] == qemu_id]
+            assert row["telemetry"] is False
+            assert row["silent"] == "no telemetry (not an ivshmem-emu peer?)"
+            assert row["pid"] == vm.pid
+            # the knock (SIGURG, ignored by default) did QEMU no harm: it still answers
+            assert await trio.to_thread.run_sync(vm.iv_position) == qemu_id
+        finally:
+            await trio.to_thread.run_sync(vm.close)
 
 
 # ---------------------------------------------------------------------------------------------
