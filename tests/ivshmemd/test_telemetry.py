@@ -189,3 +189,19 @@ def test_an_svg_carries_its_snapshot() -> None:
     svg = svg_of(snap)
     assert svg.startswith("<svg") and "</svg>" in svg
     assert snapshot_data(svg)["doorbells"] == snap["doorbells"]
+
+
+def test_federation_members_are_exported_once_the_status_has_them() -> None:
+    agg = Aggregator(Clock())
+    status = {**STATUS, "federation": {"members": [
+        {"endpoint": "tcp://10.0.0.2:7300", "state": "up"},
+        {"endpoint": "tcp://10.0.0.3:7300", "state": "dead"},
+    ]}}  # fmt: skip
+    text = render_metrics(agg.snapshot([], status)).decode()
+    members = {
+        s.labels["member"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "ivshmem_federation_member_up"
+    }
+    assert members == {"tcp://10.0.0.2:7300": 1.0, "tcp://10.0.0.3:7300": 0.0}
