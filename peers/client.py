@@ -37,7 +37,6 @@ import fcntl
 import os
 import socket
 import stat
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -159,7 +158,7 @@ def read_vector(fd: int) -> int:
 
 
 def vector_handler(
-    fd: int, interrupt: Callable[[], object], counts: array[int] | None = None, index: int = 0
+    fd: int, interrupt: Callable[[], object], counts: list[int] | None = None, index: int = 0
 ) -> Callable[[], bool]:
     """An event loop's handler for our own eventfd ``fd``: consume it as :func:`read_vector`
     does (never blocking) and call ``interrupt()`` if it had been rung; it returns whether
@@ -187,7 +186,7 @@ def vector_handler(
     return handle if counts is None else handle_counted
 
 
-def ring_eventfd(fd: int, counts: array[int] | None = None, slot: int = 0) -> bool:
+def ring_eventfd(fd: int, counts: list[int] | None = None, slot: int = 0) -> bool:
     """Add 1 to a peer's eventfd; False if its counter is full (the ring is dropped, as a
     ring to a saturated counter means nothing more). Never waits: ``O_NONBLOCK`` is put
     back first if another holder cleared it. With ``counts`` (telemetry), the ring is
