@@ -103,7 +103,11 @@ def _drain(fd: int, until: float) -> int:
 
 
 def bench_top(
-    peers: int = 64, duration: float = 30.0, interval: float = 0.5, plugin: str = "ping"
+    peers: int = 64,
+    duration: float = 30.0,
+    interval: float = 0.5,
+    plugin: str = "ping",
+    warmup: float = WARMUP,
 ) -> dict[str, Any]:
     """Run the measurement (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="bench-top-") as directory:
@@ -137,7 +141,7 @@ def bench_top(
                 )
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
             os.kill(pid, signal.SIGWINCH)
-            read = _drain(master, time.monotonic() + WARMUP)
+            read = _drain(master, time.monotonic() + warmup)
             top0 = _cpu_seconds(pid)
             ctl0 = _cpu_seconds(control) if control else 0.0
             t0 = time.monotonic()
