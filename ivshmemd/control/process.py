@@ -51,7 +51,7 @@ from ivshmemd.metrics import DEFAULT_MAX_LABELLED_PEERS, MetricsServer
 from ivshmemd.ratelimit import LogLimiter
 from ivshmemd.sockpath import unlink_if_ours
 from ivshmemd.telemetry import Aggregator, TelemetryEndpoints
-from ivshmemd.telemetryserve import TelemetryService
+from ivshmemd.telemetryserve import MAX_TELEMETRY_CLIENTS, TelemetryService
 
 from .schema import (
     MAX_REQUEST_BYTES,
@@ -352,15 +352,19 @@ class _LinkLog(logging.Handler):
             self.handleError(record)
 
 
-def _limits() -> ControlLimits:
-    """Connection caps that fit this process's fd table (each connection is one fd)."""
+def _spare_fds() -> int:
+    """The fds this process can give to connections (its soft limit raised to the hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if (hard != resource.RLIM_INFINITY and hard > soft) or hard == resource.RLIM_INFINITY:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-    spare = max(4, soft - len(os.listdir("/proc/self/fd")) - 32)
+    return max(4, soft - len(os.listdir("/proc/self/fd")) - 32)
+
+
+def _limits(spare: int) -> ControlLimits:
+    """Connection caps that fit ``spare`` fds (each connection is one fd)."""
     defaults = ControlLimits()
     return ControlLimits(
         max_clients=min(defaults.max_clients, max(2, spare * 2 // 3)),
@@ -413,7 +417,11 @@ async def _serve_link(link_fd: int) -> None:
         return config.allow.check(creds.uid, creds.gid, creds.pid)
 
     access = ControlAccess(allow=allow, curve=config.curve)
-    limits = _limits()
+    # the fds: the control plane's sockets share them with the telemetry's (a peer that
+    # reports holds two connections: reports and ticks)
+    spare = _spare_fds()
+    telemetry_share = spare // 2 if config.telemetry is not None else 0
+    limits = _limits(spare - telemetry_share)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ship_logs)
         try:
@@ -431,8 +439,9 @@ async def _serve_link(link_fd: int) -> None:
         metrics = None
         if config.telemetry is not None:
             service = TelemetryService(
-                config.telemetry, ask, Aggregator(), max_clients=limits.max_clients
-            )
+                config.telemetry, ask, Aggregator(),
+                max_clients=min(MAX_TELEMETRY_CLIENTS, max(2, telemetry_share // 2)),
+            )  # fmt: skip
             try:
                 await nursery.start(
                     lambda task_status: service.serve(
