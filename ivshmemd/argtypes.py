@@ -1,5 +1,6 @@
 """argparse value types shared by the commands and benchmarks: bad values become one clear
-usage error instead of a traceback deep inside."""
+usage error instead of a traceback deep inside. Sizes (``size``, ``positive_size``) are the
+one grammar's own types, :mod:`vmm.sizes` (the VMM's benchmarks take them from there)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import argparse
 import math
 from collections.abc import Callable
 
-from .sizes import SizeError, parse_size
+from vmm.sizes import positive_size_argument as positive_size
+from vmm.sizes import size_argument as size
 
 __all__ = ["int_in", "metrics_address", "positive_int", "positive_size", "seconds", "size"]
 
@@ -55,23 +57,6 @@ def seconds(*, zero: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
-
-
-def size(text: str) -> int:
-    """A byte count in the project's one size grammar (``64K``, ``1.5M``, ...); the
-    grammar's own message is the usage error."""
-    try:
-        return parse_size(text)
-    except SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive_size(text: str) -> int:
-    """A :func:`size` of at least one byte."""
-    value = size(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
-    return value
 
 
 def metrics_address(text: str) -> tuple[str, int]:

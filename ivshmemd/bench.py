@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_worker"]:
         path, count, vectors, total = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
         trio.run(_worker, path, count, vectors, total)
-        return 0
+        return EXIT_OK
     parser = argparse.ArgumentParser(
         prog="python -m ivshmemd.bench",
         description=__doc__,

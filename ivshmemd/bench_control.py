@@ -40,6 +40,7 @@ from ivshmemd.control.schema import (
     encode_request,
 )
 from ivshmemd.control.server import EventPublisher, serve_control
+from ivshmemd.exitcodes import EXIT_OK
 from ivshmemd.sdnotify import notify
 from ivshmemd.supervise import SyncChild, sync_supervisor
 
@@ -220,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         trio.run(_serve, args.serve)
-        return 0
+        return EXIT_OK
     result = run(args.requests, args.cycles)
     if args.json:
         print(json.dumps(result))
-        return 0
+        return EXIT_OK
     rt, fresh, ev = (
         result["status_round_trip_us"],
         result["status_fresh_client_us"],
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'in sequence, no gaps' if ev['in_sequence_no_gaps'] else 'GAPS OR DISORDER'}, "
         f"{ev['events_per_s']:.0f} events/s"
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def _flood_subscriptions(endpoint: str, seconds: float, uid: int) -> None:
         sub.poll(100)
         sub.close(linger=0)
         round_ += 1
-    os._exit(0)
+    os._exit(EXIT_OK)
 
 
 def bench_subscription_flood(seconds: float, processes: int, uid: int) -> dict[str, Any]:

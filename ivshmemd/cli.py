@@ -32,10 +32,11 @@ from .control.schema import (
 )
 from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
 from .control.view import DaemonControlView, state_lines
-from .curve import CurveKeyError, server_keys
+from .curve import KeyFileError, server_keys
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, LogTarget, configure_logging
 from .errors import one_line, unwrap
+from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE_QEMU
 from .inflight import budget_for
 from .listener import ListenerError, parse_group
 from .metrics import DEFAULT_MAX_LABELLED_PEERS
@@ -95,7 +96,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors look like QEMU's server's: a line, a hint, exit status 1."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(1, f"{self.prog}: {message}\nTry '{self.prog} -h' for more information.\n")
+        self.exit(
+            EXIT_USAGE_QEMU, f"{self.prog}: {message}\nTry '{self.prog} -h' for more information.\n"
+        )
 
 
 @dataclass
@@ -396,7 +399,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.curve_secret_key:
         try:
             args.curve_keys = server_keys(args.curve_secret_key, args.curve_clients)
-        except CurveKeyError as exc:
+        except KeyFileError as exc:
             parser.error(str(exc))
     try:
         endpoints = [ep for ep in _control_endpoints(args) if ep is not None]
@@ -575,12 +578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     except LogSetupError as exc:
         print(f"ivshmemd: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     _raise_fd_limit()
     problem = _check_fd_limit(args.vectors)
     if problem is not None:
         log.error("%s", problem)
-        return 1
+        return EXIT_FAILED
     size = round_shm_size(args.size, MIN_SHM_SIZE)
     if size != args.size:
         log.debug("size %d rounded up to %d", args.size, size)
@@ -611,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.release(keep_shm=args.keep_shm)
         if report is not None:
             report(str(exc))
-        return 1
+        return EXIT_FAILED
     assert held.shm is not None and held.listener is not None
     log.debug("logging to %s", target.description)
     config = ServerConfig(
@@ -639,8 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             held.release(keep_shm=args.keep_shm)
             if report is not None:
                 report(message)
-            return 1
+            return EXIT_FAILED
     finally:
         held.release(keep_shm=args.keep_shm)
     log.info("shut down")
-    return 0
+    return EXIT_OK

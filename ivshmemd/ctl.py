@@ -51,7 +51,7 @@ from ivshmemd.control.schema import (
     default_events_endpoint,
     events_endpoint_for,
 )
-from ivshmemd.curve import ClientCurve, CurveKeyError, client_keys
+from ivshmemd.curve import ClientCurve, KeyFileError, client_keys
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
 from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
@@ -227,21 +227,6 @@ def format_event(event: Event) -> str:
     return line
 
 
-def event_json(event: Event) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "seq": event.seq,
-        "event": event.kind,
-        "peer_id": event.peer_id,
-        "vectors": event.vectors,
-        "time": event.time,
-    }
-    if event.reason is not None:
-        body["reason"] = event.reason
-    if event.boot is not None:
-        body["boot"] = event.boot
-    return body
-
-
 # ---------------------------------------------------------------------------------------------
 # Subcommands
 # ---------------------------------------------------------------------------------------------
@@ -255,58 +240,44 @@ def _curve(args: argparse.Namespace) -> ClientCurve | None:
         raise NoDaemonError("--curve-key and --curve-server-key go together")
     try:
         return client_keys(key, server)
-    except CurveKeyError as exc:
+    except KeyFileError as exc:
         raise NoDaemonError(str(exc)) from None
 
 
-def _client(args: argparse.Namespace) -> ControlClient:
+def _ask(args: argparse.Namespace, cmd: str, params: Mapping[str, Any] | None = None) -> Any:
+    """One request to the daemon (the client closed after it); its result."""
     control, _ = resolve_endpoints(args)
-    return ControlClient(control, args.timeout, _curve(args))
+    with ControlClient(control, args.timeout, _curve(args)) as client:
+        return client.request(cmd, params)
+
+
+def _show(args: argparse.Namespace, result: Any, human: Callable[[Any, TextIO], None]) -> int:
+    """A result as JSON under ``--json``, else as ``human`` writes it."""
+    if args.json:
+        _print_json(result, sys.stdout)
+    else:
+        human(result, sys.stdout)
+    return EXIT_OK
 
 
 def _simple(
     cmd: str, formatter: Callable[[Any, TextIO], None]
 ) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        client = _client(args)
-        try:
-            result = client.request(cmd)
-        finally:
-            client.close()
-        if args.json:
-            _print_json(result, sys.stdout)
-        else:
-            formatter(result, sys.stdout)
-        return EXIT_OK
+        return _show(args, _ask(args, cmd), formatter)
 
     return run
 
 
 def _run_peers(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        result = client.request("peers")
-    finally:
-        client.close()
+    result = _ask(args, "peers")
     peers = result.get("peers", []) if isinstance(result, Mapping) else []
-    if args.json:
-        _print_json(peers, sys.stdout)
-    else:
-        format_peers(peers, sys.stdout)
-    return EXIT_OK
+    return _show(args, peers, format_peers)
 
 
 def _run_kick(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        result = client.request("kick", {"id": args.peer_id})
-    finally:
-        client.close()
-    if args.json:
-        _print_json(result, sys.stdout)
-    else:
-        print(f"peer {args.peer_id} kicked", file=sys.stdout)
-    return EXIT_OK
+    result = _ask(args, "kick", {"id": args.peer_id})
+    return _show(args, result, lambda _, out: print(f"peer {args.peer_id} kicked", file=out))
 
 
 def _notice(args: argparse.Namespace, kind: str, text: str, **fields: Any) -> None:
@@ -324,13 +295,8 @@ def _missed(first: int, last: int) -> str:
 def _stream_back(args: argparse.Namespace, tracker: SequenceTracker) -> None:
     """The event stream is back: ask the daemon which instance it is, to tell a restart
     (and the events the new instance published meanwhile) from a reconnection."""
-    control, _ = resolve_endpoints(args)
     try:
-        client = ControlClient(control, args.timeout, _curve(args))
-        try:
-            status = client.request("status")
-        finally:
-            client.close()
+        status = _ask(args, "status")
     except (NoDaemonError, ControlError, SchemaError):
         status = {}
     boot = status.get("boot") if isinstance(status, Mapping) else None
@@ -383,7 +349,7 @@ def _run_watch(args: argparse.Namespace) -> int:
                 _notice(args, "gap", f"gap in the event sequence: {_missed(*gap)}",
                         missed=list(gap))  # fmt: skip
             if args.json:
-                print(json.dumps(event_json(item)), flush=True)
+                print(json.dumps(item.to_dict()), flush=True)
             else:
                 print(format_event(item), flush=True)
             seen += 1
@@ -393,16 +359,9 @@ def _run_watch(args: argparse.Namespace) -> int:
 
 
 def _run_ring(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        result = client.request("ring", {"id": args.peer_id, "vector": args.vector})
-    finally:
-        client.close()
-    if args.json:
-        _print_json(result, sys.stdout)
-    else:
-        print(f"rang peer {args.peer_id}, vector {args.vector}", file=sys.stdout)
-    return EXIT_OK
+    result = _ask(args, "ring", {"id": args.peer_id, "vector": args.vector})
+    said = f"rang peer {args.peer_id}, vector {args.vector}"
+    return _show(args, result, lambda _, out: print(said, file=out))
 
 
 def format_dump(dump: Mapping[str, Any], out: TextIO) -> None:

@@ -9,30 +9,35 @@ that peer leaves before it was sent (:mod:`ivshmemd.outbox`). They are generic o
 and the tests (handles are labels).
 
 Client side: :class:`ClientParser` consumes ``(value, fd)`` messages strictly and turns them
-into events (:class:`Welcome`, :class:`PeerVector`, :class:`PeerLeft`), raising
+into events (:class:`Welcome`, :class:`PeerVector`, :class:`PeerLeft`) by an explicit state
+machine (:class:`ClientState`, :data:`CLIENT_TRANSITIONS`), raising
 :class:`ProtocolError` for anything QEMU's device would reject. It owns no fds: every fd it is
 handed ends up in an event or in the error's ``fds`` list, so the caller can close it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 __all__ = [
+    "CLIENT_TRANSITIONS",
     "DEFAULT_SOCKET",
     "MAX_PEER_ID",
     "MAX_VECTORS",
     "PROTOCOL_VERSION",
     "SHM_MESSAGE_VALUE",
     "ClientParser",
+    "ClientState",
     "Delivery",
     "Message",
     "PeerLeft",
     "PeerVector",
     "PeerVectors",
     "ProtocolError",
+    "ServerMessage",
     "Welcome",
     "join_messages",
     "leave_messages",
@@ -146,9 +151,44 @@ class PeerLeft:
 ClientEvent = Welcome | PeerVector | PeerLeft
 
 
+class ClientState(enum.Enum):
+    """Where a client stands in the server's stream (:data:`CLIENT_TRANSITIONS`)."""
+
+    AWAIT_VERSION = "awaiting the protocol version"
+    AWAIT_PEER_ID = "awaiting our peer id"
+    AWAIT_SHM = "awaiting the shared memory"
+    JOINED = "joined"
+
+
+class ServerMessage(enum.Enum):
+    """What a message from the server is, once its state has judged it."""
+
+    VERSION = "the protocol version"
+    PEER_ID = "our peer id"
+    SHM = "the shared-memory fd"
+    PEER_VECTOR = "a peer's vector"
+    PEER_LEFT = "a peer's leave"
+
+
+#: The client's state machine: in each state, the messages it takes and the state each one
+#: leads to (as h11's ``_state.py`` keeps its transitions). A message that is none of those
+#: of its state is a :class:`ProtocolError`. Once joined, the client stays joined.
+CLIENT_TRANSITIONS: Final[Mapping[ClientState, Mapping[ServerMessage, ClientState]]] = {
+    ClientState.AWAIT_VERSION: {ServerMessage.VERSION: ClientState.AWAIT_PEER_ID},
+    ClientState.AWAIT_PEER_ID: {ServerMessage.PEER_ID: ClientState.AWAIT_SHM},
+    ClientState.AWAIT_SHM: {ServerMessage.SHM: ClientState.JOINED},
+    ClientState.JOINED: {
+        ServerMessage.PEER_VECTOR: ClientState.JOINED,
+        ServerMessage.PEER_LEFT: ClientState.JOINED,
+    },
+}
+
+_Step: TypeAlias = tuple[ServerMessage, "ClientEvent | None"]
+
+
 @dataclass
 class ClientParser:
-    """Strict client-side state machine for the server's stream.
+    """Strict client-side state machine for the server's stream (:data:`CLIENT_TRANSITIONS`).
 
     Feed it one decoded message at a time with :meth:`feed`. ``max_vectors`` bounds the fds
     accepted per peer (QEMU closes the extra ones with a warning; here they are an error when
@@ -157,38 +197,48 @@ class ClientParser:
 
     max_vectors: int = MAX_VECTORS
     strict_vectors: bool = False
+    state: ClientState = ClientState.AWAIT_VERSION
     peer_id: int | None = None
-    _version_seen: bool = False
-    _welcomed: bool = False
     vector_counts: dict[int, int] = field(default_factory=dict)
     extra_fds: list[int] = field(default_factory=list)
 
     def feed(self, value: int, fd: int | None) -> ClientEvent | None:
         """Consume one message; return the event it completes, if any."""
+        state = self.state
+        message, event = _STEPS[state](self, value, fd)
+        self.state = CLIENT_TRANSITIONS[state][message]
+        return event
+
+    # One step per state: judge the message (raising ProtocolError), say what it is.
+
+    def _version(self, value: int, fd: int | None) -> _Step:
+        if fd is not None:
+            raise ProtocolError("protocol version message carries an fd", [fd])
+        if value != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"unsupported protocol version {value} (expected {PROTOCOL_VERSION})"
+            )
+        return ServerMessage.VERSION, None
+
+    def _peer_id(self, value: int, fd: int | None) -> _Step:
+        if fd is not None:
+            raise ProtocolError("peer id message carries an fd", [fd])
+        if not 0 <= value <= MAX_PEER_ID:
+            raise ProtocolError(f"peer id {value} out of range 0..{MAX_PEER_ID}")
+        self.peer_id = value
+        return ServerMessage.PEER_ID, None
+
+    def _shm(self, value: int, fd: int | None) -> _Step:
+        if value != SHM_MESSAGE_VALUE:
+            fds = [] if fd is None else [fd]
+            raise ProtocolError(f"expected the shared-memory message (-1), got {value}", fds)
+        if fd is None:
+            raise ProtocolError("shared-memory message without its fd")
+        assert self.peer_id is not None  # AWAIT_PEER_ID set it
+        return ServerMessage.SHM, Welcome(self.peer_id, fd)
+
+    def _joined(self, value: int, fd: int | None) -> _Step:
         fds = [] if fd is None else [fd]
-        if not self._version_seen:
-            if fd is not None:
-                raise ProtocolError("protocol version message carries an fd", fds)
-            if value != PROTOCOL_VERSION:
-                raise ProtocolError(
-                    f"unsupported protocol version {value} (expected {PROTOCOL_VERSION})"
-                )
-            self._version_seen = True
-            return None
-        if self.peer_id is None:
-            if fd is not None:
-                raise ProtocolError("peer id message carries an fd", fds)
-            if not 0 <= value <= MAX_PEER_ID:
-                raise ProtocolError(f"peer id {value} out of range 0..{MAX_PEER_ID}")
-            self.peer_id = value
-            return None
-        if not self._welcomed:
-            if value != SHM_MESSAGE_VALUE:
-                raise ProtocolError(f"expected the shared-memory message (-1), got {value}", fds)
-            if fd is None:
-                raise ProtocolError("shared-memory message without its fd")
-            self._welcomed = True
-            return Welcome(self.peer_id, fd)
         if value == SHM_MESSAGE_VALUE:
             raise ProtocolError("a second shared-memory message", fds)
         if not 0 <= value <= MAX_PEER_ID:
@@ -199,12 +249,20 @@ class ClientParser:
             # With zero vectors a join is never announced but its leave still is, so a leave
             # for a peer we hold no vectors of is normal.
             self.vector_counts.pop(value, None)
-            return PeerLeft(value)
+            return ServerMessage.PEER_LEFT, PeerLeft(value)
         index = self.vector_counts.get(value, 0)
         if index >= self.max_vectors:
             if self.strict_vectors:
                 raise ProtocolError(f"peer {value} sent more than {self.max_vectors} vectors", fds)
             self.extra_fds.append(fd)
-            return None
+            return ServerMessage.PEER_VECTOR, None
         self.vector_counts[value] = index + 1
-        return PeerVector(value, index, fd, value == self.peer_id)
+        return ServerMessage.PEER_VECTOR, PeerVector(value, index, fd, value == self.peer_id)
+
+
+_STEPS: Final[Mapping[ClientState, Callable[[ClientParser, int, int | None], _Step]]] = {
+    ClientState.AWAIT_VERSION: ClientParser._version,
+    ClientState.AWAIT_PEER_ID: ClientParser._peer_id,
+    ClientState.AWAIT_SHM: ClientParser._shm,
+    ClientState.JOINED: ClientParser._joined,
+}

@@ -3,7 +3,8 @@
 A hostile or broken client can make the daemon refuse thousands of connections a second;
 logging each one would fill the disk (and cost more than the refusal). :class:`LogLimiter`
 lets the first line of each kind through, then at most one per ``interval`` seconds, which
-says how many were suppressed since the last one.
+says how many were suppressed since the last one. Its memory is bounded: past ``max_keys``
+kinds (a flood of distinct refused keys or addresses), it forgets them all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 __all__ = ["LogLimiter"]
 
 DEFAULT_INTERVAL = 1.0
+DEFAULT_MAX_KEYS = 1024
 
 
 class LogLimiter:
@@ -25,10 +27,12 @@ class LogLimiter:
         logger: logging.Logger,
         interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        max_keys: int = DEFAULT_MAX_KEYS,
     ) -> None:
         self.logger = logger
         self.interval = interval
         self._clock = clock
+        self.max_keys = max_keys
         #: key -> (time of the last line, lines suppressed since)
         self._state: dict[str, tuple[float, int]] = {}
 
@@ -42,6 +46,8 @@ class LogLimiter:
         if suppressed and last is not None:
             fmt += " (and %d more like it in the last %.0f s)"
             args = (*args, suppressed, now - last)
+        if key not in self._state and len(self._state) >= self.max_keys:
+            self._state.clear()
         self._state[key] = (now, 0)
         self.logger.log(level, fmt, *args)
         return True

@@ -61,7 +61,7 @@ from .telemetry import (
     validate_report,
     watched_flag,
 )
-from .zap import ConnectionCounter, bind_handler, serve_zap, watch_connections
+from .zap import ConnectionCounter, ZapHandler, watch_connections
 from .zap import monitor as zap_monitor
 from .zmqtrio import TrioSocket
 
@@ -184,13 +184,14 @@ class TelemetryService:
         ctx: zmq.Context[Any] = zmq.Context()
         created: dict[str, tuple[int, int]] = {}
         sockets: list[TrioSocket] = []
+        zap: ZapHandler | None = None
         try:
-            zap = bind_handler(ctx)
-            sockets.append(zap)
             counters = {
                 _REPORTS_DOMAIN: ConnectionCounter("telemetry", self.max_clients),
                 _TICKS_DOMAIN: ConnectionCounter("ticks", self.max_clients),
             }
+            # bound before any socket that needs it
+            zap = ZapHandler(ctx, _zap_policy(access, counters), "telemetry")
             router = TrioSocket(ctx.socket(zmq.ROUTER))
             sockets.append(router)
             pub = TrioSocket(ctx.socket(zmq.PUB))
@@ -212,7 +213,7 @@ class TelemetryService:
                 ticks=_bind(pub.socket, eps.ticks, socket_mode, socket_gid, created),
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_zap, zap, _zap_policy(access, counters))
+                nursery.start_soon(zap.serve)
                 for domain, monitor_sock in monitors.items():
                     nursery.start_soon(watch_connections, monitor_sock, counters[domain])
                 nursery.start_soon(self._serve_requests, router, eps.reports.startswith("ipc://"))
@@ -222,6 +223,8 @@ class TelemetryService:
             self._token = None
             for sock in reversed(sockets):
                 sock.close()
+            if zap is not None:
+                zap.close()
             ctx.term()
             from .sockpath import unlink_if_ours
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ivshmemd.argtypes import positive_int
+from ivshmemd.exitcodes import EXIT_OK
 from ivshmemd.supervise import sync_daemon_process, sync_supervisor
 
 from .harness import SyncPeerProcess, peer_command
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     if args.json:
         print(json.dumps(result))
-        return 0
+        return EXIT_OK
     where_text = "unpinned" if result["pinned_cpu"] is None else f"cpu {result['pinned_cpu']}"
     print(f"doorbell ping-pong, {args.count} round trips per run, {where_text}, {args.loop} loop:")
     for i, (ref, ping) in enumerate(
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median: C {result['reference_p50_us']:.2f} us, ours {result['ping_p50_us']:.2f} us, "
         f"ratio (p50) {result['ratio_p50']:.2f}x"
     )
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

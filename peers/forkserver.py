@@ -54,6 +54,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK
 from ivshmemd.supervise import Child, Supervisor
 
 from .harness import PEER_MODULE
@@ -136,7 +137,7 @@ class _Server:
 
     def _become_peer(self, argv: list[str], stdout_fd: int, stderr_fd: int) -> None:
         """In the forked child: set up as an exec'ed process would be, run, never return."""
-        status = 1
+        status = EXIT_FAILED
         try:
             os.setpgid(0, 0)
             signal.set_wakeup_fd(-1)
@@ -158,15 +159,15 @@ class _Server:
             from .cli import main
 
             result = main(argv)
-            status = result if isinstance(result, int) else 0
+            status = result if isinstance(result, int) else EXIT_OK
         except SystemExit as exc:
             code = exc.code
-            status = code if isinstance(code, int) else (0 if code is None else 1)
+            status = code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_FAILED)
         except KeyboardInterrupt:
-            status = 0
+            status = EXIT_OK
         except BaseException:
             traceback.print_exc()
-            status = 1
+            status = EXIT_FAILED
         finally:
             for stream in (sys.stdout, sys.stderr):
                 try:
@@ -527,7 +528,7 @@ def serve(fd: int, preload: Sequence[str] = ()) -> int:
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     _Server(sock).run()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

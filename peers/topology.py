@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ivshmemd.protocol import MAX_VECTORS
-from ivshmemd.sizes import SizeError, parse_size
 from ivshmemd.wording import plural
+from vmm.sizes import SizeError, parse_size
 
 from .cmdline import PluginCommandLine, UsageError, parse_plugin_options
 from .plugin import Plugin, PluginError, load_plugin

@@ -16,15 +16,26 @@ refusal is a :class:`SizeError` (a ``ValueError``) whose message names the text 
 what is wrong, so a command line can print it as its one error line.
 
 This module imports nothing of the project and nothing heavy: the daemon, the launcher and
-the benchmarks all parse sizes with it.
+the benchmarks all parse sizes with it, and every command line takes sizes through its
+argparse types (:func:`size_argument`, :func:`positive_size_argument`; ``ivshmemd.argtypes``
+offers them as ``size`` and ``positive_size``).
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Final
 
-__all__ = ["SIZE_LIMIT", "SUFFIXES", "SizeError", "parse_size"]
+__all__ = [
+    "SIZE_LIMIT",
+    "SUFFIXES",
+    "SizeError",
+    "parse_positive_size",
+    "parse_size",
+    "positive_size_argument",
+    "size_argument",
+]
 
 #: Suffix letter -> its power of 1024 as a shift (``B`` is bytes).
 SUFFIXES: Final[dict[str, int]] = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
@@ -83,3 +94,28 @@ def _checked(text: str, value: int) -> int:
     if value > SIZE_LIMIT:
         raise SizeError(f"size {text!r} is too large: the limit is 2^64 - 1 bytes (16 EiB)")
     return value
+
+
+def parse_positive_size(text: str) -> int:
+    """A :func:`parse_size` of at least one byte."""
+    value = parse_size(text)
+    if value < 1:
+        raise SizeError(f"size must be positive (at least 1 byte), got {text!r}")
+    return value
+
+
+def size_argument(text: str) -> int:
+    """argparse type: a byte count in this grammar; the grammar's message is the usage
+    error (one line, no traceback)."""
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_size_argument(text: str) -> int:
+    """argparse type: a :func:`size_argument` of at least one byte."""
+    try:
+        return parse_positive_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

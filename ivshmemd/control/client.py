@@ -152,6 +152,12 @@ class ControlClient:
     def close(self) -> None:
         self._ctx.destroy(linger=0)
 
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class StreamNotice(enum.Enum):
     """What :meth:`EventSubscription.receive` reports besides events."""

@@ -46,7 +46,9 @@ import msgpack
 import trio
 
 from ivshmemd.access import AllowList
+from ivshmemd.curve import CurveKeys
 from ivshmemd.errors import one_line, unwrap
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.metrics import DEFAULT_MAX_LABELLED_PEERS, MetricsServer
 from ivshmemd.ratelimit import LogLimiter
 from ivshmemd.sockpath import unlink_if_ours
@@ -67,7 +69,6 @@ from .server import (
     ControlEndpoints,
     ControlLimits,
     ControlSetupError,
-    CurveKeys,
     EventPublisher,
     serve_control,
 )
@@ -508,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
         print("ivshmemd.control.process: started by ivshmemd, not by hand", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     for signum in _IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     with contextlib.suppress(OSError):
@@ -517,8 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(_serve_link, int(args[0]))
     except BaseException as exc:  # one line on stderr, which the daemon logs
         print(f"fatal: {one_line(exc)}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

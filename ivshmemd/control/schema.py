@@ -429,8 +429,12 @@ class Event:
 
     def to_frames(self) -> tuple[bytes, bytes]:
         """The two zmq frames: topic and msgpack body."""
+        return self.kind.encode(), _pack({"v": SCHEMA_VERSION, **self.to_dict()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event's fields as the wire carries them (``reason`` and ``boot`` only when
+        known): the msgpack body, and ``ivshmemctl watch --json``'s lines."""
         body: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
             "seq": self.seq,
             "event": self.kind,
             "peer_id": self.peer_id,
@@ -441,7 +445,7 @@ class Event:
             body["reason"] = self.reason
         if self.boot is not None:
             body["boot"] = self.boot
-        return self.kind.encode(), _pack(body)
+        return body
 
 
 def decode_event(frames: list[bytes]) -> Event:

@@ -33,8 +33,8 @@ from typing import Any, Final
 
 import trio
 import zmq
-from zmq.utils import z85
 
+from ivshmemd.curve import CurveKeys
 from ivshmemd.sockpath import (
     SUN_PATH_MAX,
     SocketPathError,
@@ -42,13 +42,7 @@ from ivshmemd.sockpath import (
     place_socket,
     unlink_if_ours,
 )
-from ivshmemd.zap import (
-    ConnectionCounter,
-    ZapPolicy,
-    bind_handler,
-    serve_zap,
-    watch_connections,
-)
+from ivshmemd.zap import ConnectionCounter, ZapHandler, ZapPolicy, watch_connections
 from ivshmemd.zap import monitor as zap_monitor
 from ivshmemd.zmqtrio import TrioSocket
 
@@ -195,16 +189,6 @@ class ControlEndpoints:
 
 
 @dataclasses.dataclass(frozen=True)
-class CurveKeys:
-    """CURVE for tcp endpoints: the server's key pair and the authorised client public keys
-    (all z85-encoded, as ``zmq.auth`` certificate files hold them)."""
-
-    public: bytes
-    secret: bytes
-    clients: frozenset[bytes]
-
-
-@dataclasses.dataclass(frozen=True)
 class ControlAccess:
     """Who may connect (checked once per connection, during the handshake, by the ZAP
     handler of :mod:`ivshmemd.zap`): over ipc, ``allow`` judges the client's credentials
@@ -300,7 +284,7 @@ def _zap_policy(access: ControlAccess, counters: dict[bytes, ConnectionCounter])
 
     clients = None
     if access.curve is not None:
-        clients = frozenset(z85.decode(key) for key in access.curve.clients)
+        clients = {key.decode("ascii"): "client" for key in access.curve.clients}
     return ZapPolicy(allow=judge, curve_clients=clients, counters=counters)
 
 
@@ -478,13 +462,14 @@ async def serve_control(
     ctx: zmq.Context[Any] = zmq.Context()
     created: dict[str, tuple[int, int]] = {}
     sockets: list[TrioSocket] = []
+    zap: ZapHandler | None = None
     try:
-        zap = bind_handler(ctx)  # before any socket that needs it
-        sockets.append(zap)
         counters = {
             _CONTROL_DOMAIN: ConnectionCounter("control", limits.max_clients),
             _EVENTS_DOMAIN: ConnectionCounter("events", limits.max_subscribers),
         }
+        # bound before any socket that needs it
+        zap = ZapHandler(ctx, _zap_policy(access, counters), "control plane")
         router = TrioSocket(ctx.socket(zmq.ROUTER))
         sockets.append(router)
         pub = TrioSocket(ctx.socket(zmq.XPUB))
@@ -501,7 +486,7 @@ async def serve_control(
             events=_bind(pub.socket, events_endpoint, socket_mode, socket_gid, created),
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_zap, zap, _zap_policy(access, counters))
+            nursery.start_soon(zap.serve)
             for domain, monitor_sock in monitors.items():
                 nursery.start_soon(watch_connections, monitor_sock, counters[domain])
             nursery.start_soon(_serve_requests, router, handler, endpoint.startswith("ipc://"))
@@ -511,6 +496,8 @@ async def serve_control(
         # every task of the nursery has ended: nothing waits on or uses these sockets now
         for sock in reversed(sockets):
             sock.close()
+        if zap is not None:
+            zap.close()
         ctx.term()
         # libzmq leaves the ipc socket files behind: remove ours (and only ours)
         for path, ident in created.items():

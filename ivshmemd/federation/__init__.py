@@ -17,7 +17,8 @@ Modules, one job each:
 - :mod:`~ivshmemd.federation.transport`: the zmq sockets (one ROUTER in, one DEALER per
   link out) driven from trio through :class:`ivshmemd.zmqtrio.TrioSocket`; bounded outboxes.
 - :mod:`~ivshmemd.federation.keys` and :mod:`~ivshmemd.federation.zap`: CURVE certificates
-  (``ivshmemctl keygen``) and the ZAP authenticator (allow directory), driven from trio.
+  (owned by :mod:`ivshmemd.curve`, re-exported) and the federation's use of the daemon's
+  ZAP handler (:mod:`ivshmemd.zap`: CURVE only, the allow directory's keys).
 - :mod:`~ivshmemd.federation.config`: :class:`~.config.FederationConfig` and the rule for
   which endpoints may be used without keys.
 - :mod:`~ivshmemd.federation.node`: :class:`~.node.Federation`, the object the daemon owns.
@@ -77,8 +78,9 @@ What the next issues build on
 
 from __future__ import annotations
 
+from ivshmemd.curve import CurveKeyPair, KeyFileError, keygen, load_allowed_keys, load_secret_key
+
 from .config import FederationConfig, FederationConfigError
-from .keys import CurveKeyPair, KeyFileError, keygen, load_allowed_keys, load_secret_key
 from .membership import DEFAULT_TIMEOUT
 from .node import Federation, FederationHost
 from .transport import TransportError

@@ -41,6 +41,7 @@ import trio
 import zmq
 
 from ivshmemd.argtypes import positive_int, seconds
+from ivshmemd.exitcodes import EXIT_OK
 from ivshmemd.registry import IdAllocator, Peer, Registry, SharedFd
 from ivshmemd.zmqtrio import TrioSocket
 
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         _pin(args.cpu)
         with contextlib.suppress(KeyboardInterrupt):
             trio.run(_child, args)
-        return 0
+        return EXIT_OK
     figures = run_bench(
         args.rounds, args.per_round, args.seconds, args.timeout, pin=not args.no_pin
     )
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(figures))
     else:
         _print_human(figures)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from typing import Any, Final, Protocol
 import trio
 import zmq
 
+from ivshmemd.curve import CurveKeyPair, load_allowed_keys, load_secret_key
 from ivshmemd.registry import Peer, SharedFd
 
 from .config import FederationConfig, endpoint_refusal
-from .keys import CurveKeyPair, load_allowed_keys, load_secret_key
 from .membership import (
     Action,
     Close,
@@ -81,7 +81,7 @@ class Federation:
 
     Construction checks the configuration and loads the keys (raising
     :class:`~ivshmemd.federation.config.FederationConfigError` or
-    :class:`~ivshmemd.federation.keys.KeyFileError`), so a bad setting stops the daemon at
+    :class:`~ivshmemd.curve.KeyFileError`), so a bad setting stops the daemon at
     start with one clear line. Nothing touches the network before :meth:`run`.
     """
 

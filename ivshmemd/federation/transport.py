@@ -39,10 +39,10 @@ from typing import Any, Final
 import trio
 import zmq
 
+from ivshmemd.curve import CurveKeyPair
 from ivshmemd.sockpath import SocketPathError, ipc_path, place_socket, unlink_if_ours
 from ivshmemd.zmqtrio import TrioSocket
 
-from .keys import CurveKeyPair
 from .schema import HARD_MAX_FRAME_BYTES
 from .zap import ZAP_DOMAIN
 

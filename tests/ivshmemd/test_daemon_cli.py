@@ -33,7 +33,7 @@ def shm_name() -> Any:
         (["-l", "12Q"], "invalid size"),
         (["-l", "-5"], "invalid size"),
         (["-l", "1.5"], "a fraction needs a suffix"),
-        (["-l", "16E"], "below 2^64"),
+        (["-l", "16E"], "too large"),
         (["-l", "8E"], "too large"),
         (["-l", "15E"], "too large"),
         (["-l", "9223372036854775808"], "too large"),

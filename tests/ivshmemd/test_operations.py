@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import trio
-import zmq.auth
 
+from ivshmemd.curve import keygen
 from ivshmemd.shm import unlink_posix_shm
 from ivshmemd.supervise import Child, open_supervisor, unique_name
 from tests.daemoncli import one_clear_line, run_daemon_cli, shm_exists
@@ -98,15 +98,14 @@ async def test_sigusr1_logs_the_state_and_sigusr2_is_ignored(start_daemon: Any) 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, str]:
-    """zmq.auth certificates: the daemon's, an allowed client's, and a stranger's."""
+    """CURVE certificates (``keygen``): the daemon's, an allowed client's, and a stranger's."""
     directory = tmp_path / "keys"
     clients = tmp_path / "clients"
-    directory.mkdir()
     clients.mkdir()
     paths = {}
     for name in ("server", "alice", "mallory"):
-        public, secret = zmq.auth.create_certificates(str(directory), name)
-        paths[name], paths[f"{name}_secret"] = public, secret
+        public, secret = keygen(directory, name)
+        paths[name], paths[f"{name}_secret"] = str(public), str(secret)
     Path(paths["alice"]).rename(clients / "alice.key")
     paths["alice"] = str(clients / "alice.key")
     paths["clients"] = str(clients)

@@ -9,13 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ivshmemd.protocol import (
+    CLIENT_TRANSITIONS,
     ClientParser,
+    ClientState,
     Delivery,
     Message,
     PeerLeft,
     PeerVector,
     PeerVectors,
     ProtocolError,
+    ServerMessage,
     Welcome,
     join_messages,
     leave_messages,
@@ -145,6 +148,69 @@ def test_parser_bounds_vectors_per_peer() -> None:
         strict.feed(value, fd)
     with pytest.raises(ProtocolError, match="more than 1 vectors"):
         strict.feed(2, 7)
+
+
+#: One message of each kind, as the server sends it to peer 7.
+EXAMPLE: dict[ServerMessage, tuple[int, int | None]] = {
+    ServerMessage.VERSION: (0, None),
+    ServerMessage.PEER_ID: (7, None),
+    ServerMessage.SHM: (-1, 100),
+    ServerMessage.PEER_VECTOR: (3, 101),
+    ServerMessage.PEER_LEFT: (3, None),
+}
+#: Messages of one kind that a state reads, by their value, as a kind it takes.
+READ_AS: dict[tuple[ClientState, ServerMessage], ServerMessage] = {
+    (ClientState.AWAIT_PEER_ID, ServerMessage.VERSION): ServerMessage.PEER_ID,
+    (ClientState.AWAIT_PEER_ID, ServerMessage.PEER_LEFT): ServerMessage.PEER_ID,
+    (ClientState.JOINED, ServerMessage.VERSION): ServerMessage.PEER_LEFT,
+}
+
+
+def _paths() -> dict[ClientState, list[ServerMessage]]:
+    """The shortest message path from the start to each state, through the table."""
+    paths = {ClientState.AWAIT_VERSION: []}
+    frontier = [ClientState.AWAIT_VERSION]
+    while frontier:
+        state = frontier.pop(0)
+        for message, target in CLIENT_TRANSITIONS[state].items():
+            if target not in paths:
+                paths[target] = [*paths[state], message]
+                frontier.append(target)
+    return paths
+
+
+def _parser_in(state: ClientState) -> ClientParser:
+    parser = ClientParser()
+    for message in _paths()[state]:
+        parser.feed(*EXAMPLE[message])
+    assert parser.state is state
+    return parser
+
+
+def test_the_client_state_table_is_walked_edge_by_edge() -> None:
+    """Every state is reachable; each message a state takes leads where the table says;
+    any other is refused and leaves the state as it was."""
+    assert set(_paths()) == set(ClientState) == set(CLIENT_TRANSITIONS)
+    walked = refused = 0
+    for state in ClientState:
+        for message in ServerMessage:
+            parser = _parser_in(state)
+            taken = READ_AS.get((state, message), message)
+            if taken in CLIENT_TRANSITIONS[state]:
+                parser.feed(*EXAMPLE[message])
+                assert parser.state is CLIENT_TRANSITIONS[state][taken], (state, message)
+                walked += 1
+            else:
+                with pytest.raises(ProtocolError):
+                    parser.feed(*EXAMPLE[message])
+                assert parser.state is state
+                refused += 1
+    assert walked == sum(map(len, CLIENT_TRANSITIONS.values())) + len(READ_AS)
+    assert refused == len(ClientState) * len(ServerMessage) - walked
+    assert CLIENT_TRANSITIONS[ClientState.JOINED].keys() == {
+        ServerMessage.PEER_VECTOR,
+        ServerMessage.PEER_LEFT,
+    }  # once joined, the client stays joined
 
 
 # -- a model of the whole system: registry + protocol + every client's view --------------

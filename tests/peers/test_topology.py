@@ -98,7 +98,9 @@ def test_every_bad_key_and_value_is_named_with_its_line() -> None:
         "boolean",
         "bad.toml:15: region 'a b': 'name' must be 1..64 letters, digits, '_', '.' or '-', "
         "got 'a b'",
-        "bad.toml:16: region 'a b': 'size': invalid size 'lots'",
+        "bad.toml:16: region 'a b': 'size': invalid size 'lots': expected digits with an "
+        "optional fraction and a suffix B, K, M, G, T, P or E (optionally followed by iB), "
+        "or 0x-hex bytes",
         "bad.toml:14: region 'a b': needs at least one [[region.peers]] group",
     ]
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .. import sizes
-from ..sizes import SizeError
+from ..sizes import parse_positive_size as parse_size
 
 __all__ = ["check_host_memory", "parse_size"]
 
@@ -28,11 +27,3 @@ def check_host_memory(size: int) -> None:
             f"{size / (1 << 30):.1f} GiB of guest memory does not fit in the host's "
             f"{free / (1 << 30):.1f} GiB of free memory"
         )
-
-
-def parse_size(text: str) -> int:
-    """A positive size in the project's grammar (:func:`vmm.sizes.parse_size`): ``"1G"``."""
-    value = sizes.parse_size(text)
-    if value <= 0:
-        raise SizeError(f"size must be positive, got {text!r}")
-    return value

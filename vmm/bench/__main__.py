@@ -6,20 +6,21 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 from ..errors import VmmError
 from ..pte import MODES
-from . import check_host_memory, parse_size
+from ..sizes import positive_size_argument as size_type
+from . import check_host_memory
 from .access import ACCESS_ROWS, ROW_TITLES, run_access_bench
 from .dirtylog import compare_with_per_page, run_dirty_log_perf
 from .pagetable import BACKINGS, STAGES, run_page_table_test
 
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+#: The project's exit statuses (``ivshmemd.exitcodes`` owns them; vmm imports nothing of
+#: ours, so it names the three it uses: a test checks they agree).
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
 
 
 def _positive(text: str) -> int:
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vmm.bench", description=__doc__)
     sub = parser.add_subparsers(dest="bench", required=True)
     pt = sub.add_parser("pagetable", help="kvm_page_table_test: CREATE/UPDATE/ADJUST stages")
-    pt.add_argument("-b", dest="size", type=_size, default=1 << 30, help="memory size (1G)")
+    pt.add_argument("-b", dest="size", type=size_type, default=1 << 30, help="memory size (1G)")
     pt.add_argument("-v", dest="vcpus", type=_positive, default=1, help="vCPUs (1)")
     pt.add_argument("-s", dest="backing", choices=BACKINGS, default="anonymous")
     pt.add_argument("-m", dest="mode", choices=sorted(MODES), default="sv39x4")
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     pt.add_argument("--json", action="store_true", help="print one JSON object")
     dl = sub.add_parser("dirty-log", help="dirty_log_perf_test and the per-page comparison")
-    dl.add_argument("-b", dest="size", type=_size, default=1 << 30, help="memory per vCPU (1G)")
+    dl.add_argument("-b", dest="size", type=size_type, default=1 << 30, help="memory per vCPU (1G)")
     dl.add_argument("-v", dest="vcpus", type=_positive, default=1, help="vCPUs (1)")
     dl.add_argument("-i", dest="iterations", type=_positive, default=2, help="iterations (2)")
     dl.add_argument(
@@ -60,7 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     dl.add_argument("--no-compare", action="store_true", help="skip the per-page comparison")
     dl.add_argument("--json", action="store_true", help="print one JSON object")
     ac = sub.add_parser("access", help="the per-access path against struct.pack_into")
-    ac.add_argument("-b", dest="size", type=_size, default=256 << 20, help="memslot size (256M)")
+    ac.add_argument(
+        "-b",
+        dest="size",
+        type=size_type,
+        default=256 << 20,
+        help="memslot size (256M)",
+    )
     ac.add_argument("-n", dest="count", type=_positive, default=20_000, help="accesses per batch")
     ac.add_argument("-r", dest="repeats", type=_positive, default=5, help="batches (median)")
     ac.add_argument("--json", action="store_true", help="print one JSON object")
@@ -104,7 +111,7 @@ def _pagetable(args: argparse.Namespace) -> int:
         print(f"All stages: {result.total:.9f}s; table pages at the end: {result.table_pages}")
         if result.tlb_conflict:
             print(f"TLB conflict: {result.tlb_conflict}")
-    return 1 if result.tlb_conflict and not args.debug_skip_tlbi else 0
+    return EXIT_FAILED if result.tlb_conflict and not args.debug_skip_tlbi else EXIT_OK
 
 
 def _dirty_log(args: argparse.Namespace) -> int:
@@ -135,7 +142,7 @@ def _dirty_log(args: argparse.Namespace) -> int:
                 "memory_ratio": comparison.memory_ratio,
             }
         print(json.dumps(out))
-        return 0
+        return EXIT_OK
     # The lines of tools/testing/selftests/kvm/dirty_log_perf_test.c, same wording.
     print(f"Test iterations: {res.iterations}")
     print(f"Populate memory time: {res.populate:.9f}s")
@@ -171,7 +178,7 @@ def _dirty_log(args: argparse.Namespace) -> int:
             f"{comparison.hardware_bytes} bytes of hardware layout "
             f"({comparison.memory_ratio:.4f}x)"
         )
-    return 0
+    return EXIT_OK
 
 
 def _access(args: argparse.Namespace) -> int:
@@ -182,7 +189,7 @@ def _access(args: argparse.Namespace) -> int:
             for row in ACCESS_ROWS
         }
         print(json.dumps({"bench": "access", "size": res.span, "count": res.count, "rows": rows}))
-        return 0
+        return EXIT_OK
     print(
         f"per-access figures over a {res.span >> 20} MiB memslot (median of {res.repeats} "
         f"batches of {res.count}; raw = struct.pack_into on a bytearray, same offsets):"
@@ -192,7 +199,7 @@ def _access(args: argparse.Namespace) -> int:
             f"  {ROW_TITLES[row]:40s} {res.ours_ns[row] / 1000:8.3f} us   raw "
             f"{res.raw_ns[row] / 1000:6.3f} us   {res.ratio(row):6.1f}x raw"
         )
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,10 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dirty_log(args)
     except (VmmError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except MemoryError:
         print("error: not enough host memory for this size", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -146,26 +146,16 @@ def compare_with_per_page(size: int = 1 << 30, mode: str = "sv39x4") -> WalkerCo
     out.table_bytes = pt.pool.in_use * PAGE_SIZE
     out.hardware_bytes = _hardware_table_bytes(mode, size)
 
-    start = time.perf_counter()
-    pt.wp_range(gpa, size)
-    out.bulk["wp"] = time.perf_counter() - start
     pt.free()
-    pt = fresh_table()
-    start = time.perf_counter()
-    PerPageWalker(pt).wp_range(gpa, size)
-    out.per_page["wp"] = time.perf_counter() - start
-    pt.free()
-
-    pt = fresh_table()
-    start = time.perf_counter()
-    pt.unmap_range(gpa, size)
-    out.bulk["unmap"] = time.perf_counter() - start
-    pt.free()
-    pt = fresh_table()
-    start = time.perf_counter()
-    PerPageWalker(pt).unmap_range(gpa, size)
-    out.per_page["unmap"] = time.perf_counter() - start
-    pt.free()
+    # each operation on a fresh fully mapped table, once in bulk and once page by page
+    for op in ("wp", "unmap"):
+        for times, walker in ((out.bulk, lambda t: t), (out.per_page, PerPageWalker)):
+            pt = fresh_table()
+            run = getattr(walker(pt), f"{op}_range")
+            start = time.perf_counter()
+            run(gpa, size)
+            times[op] = time.perf_counter() - start
+            pt.free()
 
     # Dirty harvest: every page dirty and writable, as after a guest wrote them all.
     backing = Backing.anonymous(size)

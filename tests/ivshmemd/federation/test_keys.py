@@ -13,7 +13,7 @@ import trio
 import zmq
 import zmq.auth
 
-from ivshmemd.federation.keys import KeyFileError, keygen, load_allowed_keys, load_secret_key
+from ivshmemd.curve import KeyFileError, keygen, load_allowed_keys, load_secret_key
 from ivshmemd.federation.zap import ZAP_DOMAIN, ZapAuthenticator, zap_answer
 from ivshmemd.zmqtrio import TrioSocket
 
