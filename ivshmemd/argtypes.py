@@ -11,7 +11,7 @@ from collections.abc import Callable
 from vmm.sizes import positive_size_argument as positive_size
 from vmm.sizes import size_argument as size
 
-__all__ = ["int_in", "positive_int", "positive_size", "seconds", "size"]
+__all__ = ["int_in", "metrics_address", "positive_int", "positive_size", "seconds", "size"]
 
 
 def positive_int(text: str) -> int:
@@ -57,3 +57,19 @@ def seconds(*, zero: bool = False) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def metrics_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to serve metrics at; ``:PORT`` (or ``PORT``) is localhost, ``[::1]:P``
+    an IPv6 address; port 0 takes any free port (the daemon logs which)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}") from None
+    if not 0 <= number < 65536:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 0..65535")
+    return host, number

@@ -9,6 +9,7 @@ clear line and exit 1 (as QEMU's server does), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import resource
 import signal
@@ -23,7 +24,7 @@ import trio
 from . import __version__, signals
 from .access import AllowList
 from .activation import ActivationError
-from .argtypes import positive_int, seconds, size
+from .argtypes import metrics_address, positive_int, seconds, size
 from .control.process import ControlConfig, ControlProcess
 from .control.schema import (
     default_control_endpoint,
@@ -42,12 +43,18 @@ from .federation.membership import DEFAULT_TIMEOUT as DEFAULT_FEDERATION_TIMEOUT
 from .fedproc import FederationProcess, FederationSetupError
 from .inflight import budget_for
 from .listener import ListenerError, parse_group
+from .metrics import DEFAULT_MAX_LABELLED_PEERS
 from .protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
 from .resources import DaemonResources, StartupError
 from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig, fd_limit
 from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegion
 from .sizes import round_shm_size
+from .telemetry import (
+    TelemetryEndpoints,
+    default_telemetry_endpoints,
+    telemetry_endpoints_for,
+)
 from .wording import plural
 
 __all__ = ["main", "parse_args"]
@@ -345,6 +352,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the public CURVE certificates (*.key) of the clients allowed over tcp",
     )
     more.add_argument(
+        "--telemetry",
+        metavar="ENDPOINT",
+        default=None,
+        help="zmq endpoint where our peers report their counts when someone watches "
+        "(default ipc://SOCKET.telemetry, ticks on ipc://SOCKET.ticks; ivshmemctl top)",
+    )
+    more.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=metrics_address,
+        default=None,
+        help="serve Prometheus metrics over HTTP at HOST:PORT (off by default; ':PORT' "
+        "binds localhost)",
+    )
+    more.add_argument(
+        "--metrics-max-peers",
+        metavar="N",
+        type=positive_int,
+        default=DEFAULT_MAX_LABELLED_PEERS,
+        help="label at most N peers in the metrics; the others are summed as "
+        f'"other" (default {DEFAULT_MAX_LABELLED_PEERS})',
+    )
+    more.add_argument(
         "--no-control",
         action="store_true",
         help="serve no control plane (ivshmemctl status and friends will not answer)",
@@ -431,6 +461,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         endpoints = [ep for ep in _control_endpoints(args) if ep is not None]
     except ValueError as exc:  # no events endpoint can be derived from --control
         parser.error(f"{exc} (--events ENDPOINT)")
+    if args.telemetry:
+        if args.no_control:
+            parser.error("--no-control contradicts --telemetry")
+        try:
+            endpoints += list(dataclasses.astuple(telemetry_endpoints_for(args.telemetry)))
+        except ValueError as exc:
+            parser.error(f"--telemetry: {exc}")
+    if args.metrics and args.no_control:
+        parser.error("--no-control contradicts --metrics (the control process serves them)")
     problem = tcp_needs_curve(endpoints, ControlAccess(curve=args.curve_keys))
     if problem is not None:
         parser.error(problem)
@@ -502,6 +541,13 @@ def _control_endpoints(args: argparse.Namespace) -> tuple[str | None, str | None
     )
 
 
+def _telemetry_endpoints(args: argparse.Namespace) -> TelemetryEndpoints:
+    """Where peers report: ``--telemetry``, or beside the socket."""
+    if args.telemetry:
+        return telemetry_endpoints_for(args.telemetry)
+    return default_telemetry_endpoints(args.socket)
+
+
 async def _run(
     server: IvshmemServer,
     describe: str,
@@ -527,6 +573,8 @@ async def _run(
                     control=control, events=events, socket_mode=args.socket_mode,
                     socket_gid=args.socket_group_id, allow=server.config.allow,
                     curve=args.curve_keys, verbose=args.verbose,
+                    telemetry=_telemetry_endpoints(args), metrics=args.metrics,
+                    metrics_max_peers=args.metrics_max_peers,
                 )  # fmt: skip
                 process = ControlProcess(
                     config, DaemonControlView(server, args.socket, publisher), publisher

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -85,15 +85,25 @@ def _pinned(cpu: int | None) -> Iterator[None]:
 
 
 def _run_ping(
-    directory: str, count: int, loop: str, spin_us: float, cpu: int | None
+    directory: str,
+    count: int,
+    loop: str,
+    spin_us: float,
+    cpu: int | None,
+    peer_extra: Sequence[str] = (),
+    on_daemon: Callable[[str], None] | None = None,
 ) -> tuple[float, float]:
+    """One ping run; ``peer_extra`` are more peer options, ``on_daemon(socket_path)`` runs
+    once the daemon listens (e.g. to start watching its telemetry)."""
     args = ["--count", str(count)]
-    peer_args = [f"--{loop}", "--spin-us", str(spin_us)]
+    peer_args = [f"--{loop}", "--spin-us", str(spin_us), *peer_extra]
     with (
         _pinned(cpu),
         sync_daemon_process(directory, vectors=1) as daemon,
         sync_supervisor() as supervisor,
     ):
+        if on_daemon is not None:
+            on_daemon(daemon.socket_path)
         argv = peer_command(daemon.socket_path, "ping", args, peer_args=peer_args)
         peers = [supervisor.start(SyncPeerProcess(argv), events=True) for _ in range(2)]
         finished = [p.wait_event(event="finished", timeout=PEER_TIMEOUT) for p in peers]

@@ -127,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast path: poll for the next ring this long before sleeping (lower latency, "
         "a busy core meanwhile; default: the plugin's choice, usually 0)",
     )
+    tel = p.add_mutually_exclusive_group()
+    tel.add_argument(
+        "--telemetry",
+        metavar="ENDPOINT",
+        default=None,
+        help="report counts to the daemon's telemetry socket at this zmq endpoint when "
+        "someone watches (default: SOCKET.telemetry next to the daemon's socket, if it "
+        "serves one)",
+    )
+    tel.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="count nothing and report nothing (ivshmemctl top shows the peer as silent)",
+    )
     p.add_argument(
         "--report",
         choices=("human", "json"),
@@ -179,6 +193,26 @@ async def _connect(args: argparse.Namespace) -> Any:
     return await connect_with_retry(args.socket, vectors=args.vectors, timeout=args.wait)
 
 
+def _telemetry_endpoints(args: argparse.Namespace) -> Any:
+    """Where the peer reports once watched (None: off, or no daemon of ours serves
+    telemetry there: QEMU's ivshmem-server has none)."""
+    from ivshmemd.sockpath import ipc_path
+    from ivshmemd.telemetry import default_telemetry_endpoints, telemetry_endpoints_for
+
+    if args.no_telemetry:
+        return None
+    if args.telemetry:
+        try:
+            return telemetry_endpoints_for(args.telemetry)
+        except ValueError as exc:
+            raise ClientError(f"--telemetry: {exc}") from None
+    endpoints = default_telemetry_endpoints(args.socket)
+    path = ipc_path(endpoints.reports)
+    if path is None or not os.path.exists(path):
+        return None
+    return endpoints
+
+
 def _run_once(
     args: argparse.Namespace,
     plugin_cls: type[Plugin],
@@ -196,8 +230,9 @@ def _run_once(
     try:
         machine = PeerMachine(
             client, plugin, vectors=args.vectors, report=reporter, log=reporter.log,
-            plugin_name=args.plugin,
+            plugin_name=args.plugin, telemetry=not args.no_telemetry,
         )  # fmt: skip
+        machine.telemetry_endpoints = _telemetry_endpoints(args)
     except BaseException:
         client.close()
         raise

@@ -157,10 +157,13 @@ def read_vector(fd: int) -> int:
     return int.from_bytes(_counter, "little")
 
 
-def vector_handler(fd: int, interrupt: Callable[[], object]) -> Callable[[], bool]:
+def vector_handler(
+    fd: int, interrupt: Callable[[], object], counts: list[int] | None = None, index: int = 0
+) -> Callable[[], bool]:
     """An event loop's handler for our own eventfd ``fd``: consume it as :func:`read_vector`
     does (never blocking) and call ``interrupt()`` if it had been rung; it returns whether
-    it had. Everything is bound once: the per-ring path is this one frame and the read."""
+    it had. With ``counts``, each ring adds one to ``counts[index]`` (telemetry).
+    Everything is bound once: the per-ring path is this one frame and the read."""
     preadv, views, nowait = os.preadv, [memoryview(bytearray(8))], os.RWF_NOWAIT
 
     def handle() -> bool:
@@ -171,13 +174,25 @@ def vector_handler(fd: int, interrupt: Callable[[], object]) -> Callable[[], boo
         interrupt()
         return True
 
-    return handle
+    def handle_counted() -> bool:
+        try:
+            preadv(fd, views, -1, nowait)
+        except BlockingIOError:
+            return False
+        counts[index] += 1  # type: ignore[index]
+        interrupt()
+        return True
+
+    return handle if counts is None else handle_counted
 
 
-def ring_eventfd(fd: int) -> bool:
+def ring_eventfd(fd: int, counts: list[int] | None = None, slot: int = 0) -> bool:
     """Add 1 to a peer's eventfd; False if its counter is full (the ring is dropped, as a
     ring to a saturated counter means nothing more). Never waits: ``O_NONBLOCK`` is put
-    back first if another holder cleared it."""
+    back first if another holder cleared it. With ``counts`` (telemetry), the ring is
+    counted in ``counts[slot]`` too, in the same frame."""
+    if counts is not None:
+        counts[slot] += 1
     if os.get_blocking(fd):
         os.set_blocking(fd, False)
     try:

@@ -68,6 +68,13 @@ class Display:
         self._write(self.out, text + "\n")
         self._draw()
 
+    def write_held(self, results: str, lines: str) -> None:
+        """What was held back while a full-screen view had the terminal, written now."""
+        if results:
+            self._write(self.out, results)
+        if lines:
+            self._write(self.err, lines)
+
     def close(self) -> None:
         self._clear()
         self._status = ""

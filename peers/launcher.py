@@ -49,6 +49,7 @@ wait is on a child's output, its exit, or a signal (the live line is redrawn on 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +239,12 @@ def build_up_parser() -> argparse.ArgumentParser:
         help="also show the daemons' logs, every peer's log lines and a failing plugin's traceback",
     )
     parser.add_argument(
+        "--top",
+        action="store_true",
+        help="show the live view of ivshmemctl top over the peers (of the first region) "
+        "instead of the progress line; q stops the run as Ctrl-C does",
+    )
+    parser.add_argument(
         "--plugin",
         metavar="NAME",
         help="the plugin every peer runs; every option after it is the plugin's",
@@ -272,6 +280,7 @@ class UpConfig:
     verbose: bool = False
     fork_server: bool = True
     timeout: float | None = None
+    top: bool = False
 
 
 def parse_up_argv(argv: Sequence[str], socket: str | None = None) -> UpConfig | None:
@@ -329,6 +338,7 @@ def parse_up_argv(argv: Sequence[str], socket: str | None = None) -> UpConfig | 
         verbose=args.verbose,
         fork_server=args.fork_server,
         timeout=args.timeout,
+        top=args.top,
     )
 
 
@@ -764,6 +774,8 @@ class Launcher:
                 return
         if not await self._wait_federations():
             return
+        if config.top:
+            nursery.start_soon(self._run_top, self.regions[0].socket_path)
         if self.forkserver is not None:
             await self._wait_fork_server()
         async with trio.open_nursery() as starting:
@@ -780,6 +792,45 @@ class Launcher:
                 f"{sockets} (shm {shms}); Ctrl-C to stop"
             )
             await self._wait_until(lambda: self.daemon_failed is not None)
+
+    async def _run_top(self, socket_path: str) -> None:
+        """``--top``: the live view in a thread, until the run ends (or ``q``, which stops
+        the run as Ctrl-C does); the display's lines meanwhile go under the view, and to
+        the terminal once it is gone."""
+        from ivshmemd.control.client import ControlClient
+        from ivshmemd.telemetry import default_telemetry_endpoints
+        from ivshmemd.top import DEFAULT_INTERVAL, TopLoop, fetcher
+
+        display = self.display
+        real_out, real_err = display.out, display.err
+        held_out, held = io.StringIO(), io.StringIO()
+        display.out, display.err = held_out, held
+        stop = threading.Event()
+        client = ControlClient(default_telemetry_endpoints(socket_path).reports)
+
+        def footer() -> list[str]:
+            return held.getvalue().splitlines()[-3:]
+
+        view = TopLoop(fetcher(client, DEFAULT_INTERVAL), DEFAULT_INTERVAL, footer=footer,
+                       stop=stop)  # fmt: skip
+
+        async def stop_on_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                stop.set()
+
+        try:
+            async with trio.open_nursery() as watching:
+                watching.start_soon(stop_on_cancel)
+                await trio.to_thread.run_sync(view.run)
+                watching.cancel_scope.cancel()
+            if view.quit:  # q: stop the run as Ctrl-C would
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            client.close()
+            display.out, display.err = real_out, real_err
+            display.write_held(held_out.getvalue(), held.getvalue())
 
     async def _wait_fork_server(self) -> None:
         assert self.forkserver is not None
@@ -877,7 +928,11 @@ def run_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if config is None:
         return EXIT_OK
-    display = Display(sys.stdout, sys.stderr)
+    if config.top and not (sys.stdout.isatty() and sys.stdin.isatty()):
+        print(f"{PROG}: --top needs a terminal (use ivshmemctl top --once for a script)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    display = Display(sys.stdout, sys.stderr, live=False if config.top else None)
     launcher = Launcher(config, display)
     try:
         return trio.run(launcher.run)

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from ivshmemd.errors import unwrap
+from ivshmemd.telemetry import KNOCK_SIGNAL
 
 from .client import ClientError
 from .runtime import PeerMachine
@@ -114,9 +115,27 @@ async def _supervise(
         _drain_server(machine)
         machine.start()
         nursery.start_soon(watch_server, nursery)
+        nursery.start_soon(_watch_knocks, machine)
         if not machine.done:
             await finished.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _watch_knocks(machine: PeerMachine) -> None:
+    """Connect the telemetry once someone watches (now, or at the control process's knock),
+    then answer its ticks (see :class:`peers.telemetry.TelemetryLink`)."""
+    if machine.telemetry_endpoints is None:
+        return
+    if not machine.watched_at_start():
+        with trio.open_signal_receiver(KNOCK_SIGNAL) as knocks:
+            async for _ in knocks:
+                break
+    link = machine.start_telemetry()
+    if link is None:
+        return
+    while True:
+        await trio.lowlevel.wait_readable(link.fd)
+        link.on_readable()
 
 
 async def _started(
@@ -126,18 +145,24 @@ async def _started(
 
 
 @contextmanager
-def _signal_wakeup() -> Iterator[tuple[int, list[int]]]:
-    """Signal handlers that only record the signal, and a pipe that wakes epoll."""
+def _signal_wakeup() -> Iterator[tuple[int, list[int], list[int]]]:
+    """Signal handlers that only record the signal (a stop, or the telemetry's knock), and
+    a pipe that wakes poll."""
     read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     caught: list[int] = []
+    knocked: list[int] = []
 
     def handler(signum: int, _frame: object) -> None:
         caught.append(signum)
 
+    def knock(signum: int, _frame: object) -> None:
+        knocked.append(signum)
+
     previous = {sig: signal.signal(sig, handler) for sig in _SIGNALS}
+    previous[KNOCK_SIGNAL] = signal.signal(KNOCK_SIGNAL, knock)
     old_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     try:
-        yield read_end, caught
+        yield read_end, caught, knocked
     finally:
         signal.set_wakeup_fd(old_fd)
         for sig, old in previous.items():
@@ -156,7 +181,7 @@ def run_blocking(
     comes within microseconds, and catching it awake saves the wake-up latency of a sleeping
     process, at the price of a busy core during the spin (bounded; off by default).
     """
-    with _signal_wakeup() as (wake_fd, caught):
+    with _signal_wakeup() as (wake_fd, caught, knocked):
         # poll(2), not epoll: for these few fds its wait-and-wake is cheaper per ring
         poller = select.poll()
         on_ready()
@@ -170,6 +195,15 @@ def run_blocking(
         poll, on_vector = poller.poll, machine.on_vector
         # fd -> what its readiness means: a vector's handler (consume, interrupt), or None
         handler_of: dict[int, Callable[[], bool] | None] = {server_fd: None, wake_fd: None}
+
+        def watch_telemetry() -> None:  # someone watches: the link's ticks, a report each
+            link = machine.start_telemetry()
+            if link is not None and link.fd not in handler_of:
+                poller.register(link.fd, select.POLLIN)
+                handler_of[link.fd] = link.on_readable
+
+        if machine.watched_at_start():
+            watch_telemetry()
         spin_ns = int(spin_us * 1000)
         clock = time.perf_counter_ns
         while machine.outcome is None and not caught:
@@ -198,6 +232,9 @@ def run_blocking(
                             pass
                     except BlockingIOError:
                         pass
+                    if knocked:
+                        knocked.clear()
+                        watch_telemetry()
                 if machine.outcome is not None:
                     break
         if caught and not machine.done:

@@ -22,10 +22,13 @@ vector), and a ring puts ``O_NONBLOCK`` back first if it was cleared
 from __future__ import annotations
 
 import mmap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
+from ivshmemd.telemetry import TelemetryEndpoints, watched_now
 from vmm import Backing, Vm
 from vmm.ivshmem import IvshmemDevice
 
@@ -40,6 +43,7 @@ from .client import (
 from .pairing import PartnerSearch
 from .plugin import Guest, Plugin
 from .shmdir import ShmDirectory
+from .telemetry import DirtyHeat, PeerCounters, TelemetryLink, telemetry_identity
 
 __all__ = ["Layout", "PeerMachine", "PeerOutcome"]
 
@@ -88,6 +92,7 @@ class PeerMachine:
         report: Callable[..., None] = lambda **fields: None,
         log: Callable[[str], None] = lambda message: None,
         plugin_name: str | None = None,
+        telemetry: bool = True,
     ) -> None:
         self.client = client
         self.plugin = plugin
@@ -102,6 +107,12 @@ class PeerMachine:
         self.vectors = vectors if vectors is not None else max(1, self.server_vectors)
         #: a peer counts as joined once this many of its vectors are connected
         self._joined_at = min(self.vectors, self.server_vectors)
+        #: what the hot paths count (None: telemetry off, nothing counted)
+        self.counters = PeerCounters(self.vectors) if telemetry else None
+        #: where to report once someone watches (set by whoever runs the peer; None: never)
+        self.telemetry_endpoints: TelemetryEndpoints | None = None
+        #: the link to the control process's telemetry, made by :meth:`start_telemetry`
+        self.telemetry_link: TelemetryLink | None = None
         self.shm = mmap.mmap(client.shm_fd, client.shm_size, mmap.MAP_SHARED)
         self.vm = Vm()
         self.vm.set_user_memory_region(
@@ -138,7 +149,10 @@ class PeerMachine:
             bar1_gpa=layout.bar1_gpa, shm_gpa=layout.shm_gpa,
             finish=self._finish, report=report, log=log, directory=directory,
             find_partner=self._find_partner,
+            count=self.counters.count if self.counters is not None else None,
         )  # fmt: skip
+        self.dirty_heat = DirtyHeat(self.vm, layout.shm_slot, client.shm_size)
+        self._identity = telemetry_identity(client.peer_id, self.plugin_name)
         #: a ``guest.find_partner()`` under way (None once paired)
         self.partner_search: PartnerSearch | None = None
         self._started = False
@@ -147,26 +161,68 @@ class PeerMachine:
     # -- the hot paths --------------------------------------------------------------------
 
     def _doorbell(self, peer_id: int, vector: int) -> None:
+        if self.counters is not None:
+            self.counters.rung[self.counters.slot(peer_id, vector)] += 1
         ring_eventfd(self.peer_fds[peer_id][vector])
 
     def _route(self, peer_id: int, vector: int) -> Callable[[], bool]:
         """What rings ``peer_id``'s ``vector``: :func:`ring_eventfd` bound to its eventfd
         (the device keeps it until its peer table changes, which the server events below
-        always do when a peer's eventfds come or go)."""
-        return partial(ring_eventfd, self.peer_fds[peer_id][vector])
+        always do when a peer's eventfds come or go); with telemetry, bound to the pair's
+        counter slot as well."""
+        fd = self.peer_fds[peer_id][vector]
+        counters = self.counters
+        if counters is None:
+            return partial(ring_eventfd, fd)
+        return partial(ring_eventfd, fd, counters.rung, counters.slot(peer_id, vector))
 
     def on_vector(self, vector: int) -> bool:
         """Our eventfd ``vector`` may be readable: consume it and interrupt the guest once.
         Returns whether it had been rung. Never blocks (see :func:`read_vector`)."""
         if not read_vector(self._own_fds[vector]):
             return False
+        if self.counters is not None:
+            self.counters.interrupts[vector] += 1
         self.device.ring(vector)
         return True
 
     def vector_handler(self, vector: int) -> Callable[[], bool]:
         """:meth:`on_vector` for one vector, bound once (an event loop's per-fd handler,
         :func:`peers.client.vector_handler`)."""
-        return vector_handler(self._own_fds[vector], partial(self.device.ring, vector))
+        counts = self.counters.interrupts if self.counters is not None else None
+        return vector_handler(
+            self._own_fds[vector], partial(self.device.ring, vector), counts, vector
+        )
+
+    # -- telemetry ------------------------------------------------------------------------
+
+    def start_telemetry(self) -> TelemetryLink | None:
+        """Connect the telemetry link (once): someone watches (the control process knocked,
+        or its flag said so at start). Until then nothing but the counters runs: no zmq
+        context, no thread, no fd in the event loop."""
+        if self.telemetry_link is None and self.telemetry_endpoints is not None:
+            self.telemetry_link = TelemetryLink(self.telemetry_endpoints, self.telemetry_report)
+        return self.telemetry_link
+
+    def watched_at_start(self) -> bool:
+        """Whether someone already watches (the control process's flag file is fresh)."""
+        endpoints = self.telemetry_endpoints
+        return endpoints is not None and watched_now(endpoints)
+
+    def telemetry_report(self) -> dict[str, Any]:
+        """This peer's report (:mod:`ivshmemd.telemetry`): its counts, and the shm pages
+        dirtied since the last report (harvested now, in bulk)."""
+        counters = self.counters
+        self.dirty_heat.harvest()
+        report: dict[str, Any] = {**self._identity, "t": time.monotonic()}
+        if counters is not None:
+            report.update(
+                rung=counters.rung_list(), interrupts=list(counters.interrupts),
+                counters=dict(counters.plugin),
+            )  # fmt: skip
+        if self.dirty_heat.usable:
+            report["dirty"] = self.dirty_heat.report()
+        return report
 
     @property
     def own_fds(self) -> list[int]:
@@ -249,6 +305,8 @@ class PeerMachine:
             if self._started:
                 self.plugin.stop()
         finally:
+            if self.telemetry_link is not None:
+                self.telemetry_link.close(final=True)
             self.vm.close()
             try:
                 self.shm.close()

@@ -49,10 +49,21 @@ from ivshmemd.access import AllowList
 from ivshmemd.curve import CurveKeys
 from ivshmemd.errors import one_line, unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from ivshmemd.metrics import DEFAULT_MAX_LABELLED_PEERS, MetricsServer
 from ivshmemd.ratelimit import LogLimiter
 from ivshmemd.sockpath import unlink_if_ours
+from ivshmemd.telemetry import Aggregator, TelemetryEndpoints
+from ivshmemd.telemetryserve import MAX_TELEMETRY_CLIENTS, TelemetryService
 
-from .schema import MAX_REQUEST_BYTES, ControlView, Credentials, Event, handle_request
+from .schema import (
+    MAX_REQUEST_BYTES,
+    ControlView,
+    Credentials,
+    Event,
+    decode_reply,
+    encode_request,
+    handle_request,
+)
 from .server import (
     ControlAccess,
     ControlEndpoints,
@@ -93,10 +104,18 @@ class ControlConfig:
     allow: AllowList = dataclasses.field(default_factory=AllowList)
     curve: CurveKeys | None = None
     verbose: bool = False
+    #: where peers report telemetry (None: nowhere), Prometheus (host, port) (None: off)
+    telemetry: TelemetryEndpoints | None = None
+    metrics: tuple[str, int] | None = None
+    metrics_max_peers: int = DEFAULT_MAX_LABELLED_PEERS
 
     def to_wire(self) -> dict[str, Any]:
         curve = self.curve
+        telemetry = self.telemetry
         return {
+            "telemetry": None if telemetry is None else [telemetry.reports, telemetry.ticks],
+            "metrics": None if self.metrics is None else list(self.metrics),
+            "metrics_max_peers": self.metrics_max_peers,
             "control": self.control,
             "events": self.events,
             "socket_mode": self.socket_mode,
@@ -118,6 +137,9 @@ class ControlConfig:
             allow=AllowList(frozenset(raw["allow_uids"]), frozenset(raw["allow_gids"])),
             curve=None if curve is None else CurveKeys(curve[0], curve[1], frozenset(curve[2])),
             verbose=raw["verbose"],
+            telemetry=None if raw["telemetry"] is None else TelemetryEndpoints(*raw["telemetry"]),
+            metrics=None if raw["metrics"] is None else (raw["metrics"][0], raw["metrics"][1]),
+            metrics_max_peers=raw["metrics_max_peers"],
         )
 
 
@@ -235,6 +257,14 @@ class ControlProcess:
                 nursery.start_soon(self._pump_events, link)
                 await self._serve(link)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # a start-up failure (e.g. a control process killed by a flood while it binds)
+            # is a ControlSetupError for run(), which restarts; never a group that would
+            # end the daemon
+            setup, rest = group.split(ControlSetupError)
+            if setup is not None and rest is None:
+                raise unwrap(setup) from None
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 await link.aclose()  # EOF: the control process cleans up and exits
@@ -326,15 +356,19 @@ class _LinkLog(logging.Handler):
             self.handleError(record)
 
 
-def _limits() -> ControlLimits:
-    """Connection caps that fit this process's fd table (each connection is one fd)."""
+def _spare_fds() -> int:
+    """The fds this process can give to connections (its soft limit raised to the hard)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if (hard != resource.RLIM_INFINITY and hard > soft) or hard == resource.RLIM_INFINITY:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-    spare = max(4, soft - len(os.listdir("/proc/self/fd")) - 32)
+    return max(4, soft - len(os.listdir("/proc/self/fd")) - 32)
+
+
+def _limits(spare: int) -> ControlLimits:
+    """Connection caps that fit ``spare`` fds (each connection is one fd)."""
     defaults = ControlLimits()
     return ControlLimits(
         max_clients=min(defaults.max_clients, max(2, spare * 2 // 3)),
@@ -359,15 +393,21 @@ async def _serve_link(link_fd: int) -> None:
     replies: trio.MemorySendChannel[tuple[int, bytes]]
     replies, incoming = trio.open_memory_channel(1)
     counter = 0
+    one_at_a_time = trio.Lock()  # the control socket's and the telemetry's requests
 
     async def forward(raw: bytes, creds: Credentials | None) -> bytes:
         nonlocal counter
-        counter += 1
-        await link.send("request", counter, None if creds is None else creds.uid, raw)
-        while True:
-            request_id, reply = await incoming.receive()
-            if request_id == counter:
-                return bytes(reply)
+        async with one_at_a_time:
+            counter += 1
+            await link.send("request", counter, None if creds is None else creds.uid, raw)
+            while True:
+                request_id, reply = await incoming.receive()
+                if request_id == counter:
+                    return bytes(reply)
+
+    async def ask(cmd: str) -> Any:
+        """A request of our own to the daemon (the telemetry's view of its registry)."""
+        return decode_reply(await forward(encode_request(cmd), None))
 
     async def ship_logs() -> None:
         while True:
@@ -381,6 +421,11 @@ async def _serve_link(link_fd: int) -> None:
         return config.allow.check(creds.uid, creds.gid, creds.pid)
 
     access = ControlAccess(allow=allow, curve=config.curve)
+    # the fds: the control plane's sockets share them with the telemetry's (a peer that
+    # reports holds two connections: reports and ticks)
+    spare = _spare_fds()
+    telemetry_share = spare // 2 if config.telemetry is not None else 0
+    limits = _limits(spare - telemetry_share)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ship_logs)
         try:
@@ -388,30 +433,71 @@ async def _serve_link(link_fd: int) -> None:
                 lambda task_status: serve_control(
                     None, config.control, config.events, publisher,
                     socket_mode=config.socket_mode, socket_gid=config.socket_gid,
-                    access=access, limits=_limits(), handler=forward, task_status=task_status,
+                    access=access, limits=limits, handler=forward, task_status=task_status,
                 )
             )  # fmt: skip
         except ControlSetupError as exc:
             await link.send("failed", str(exc))
             nursery.cancel_scope.cancel()
             return
+        metrics = None
+        if config.telemetry is not None:
+            service = TelemetryService(
+                config.telemetry, ask, Aggregator(),
+                max_clients=min(MAX_TELEMETRY_CLIENTS, max(2, telemetry_share // 2)),
+            )  # fmt: skip
+            try:
+                await nursery.start(
+                    lambda task_status: service.serve(
+                        access=access, socket_mode=config.socket_mode,
+                        socket_gid=config.socket_gid, task_status=task_status,
+                    )
+                )  # fmt: skip
+                if config.metrics is not None:
+                    metrics = _start_metrics(config, service)
+            except (ControlSetupError, OSError) as exc:
+                await link.send("failed", str(exc))
+                nursery.cancel_scope.cancel()
+                return
         files = [[path, *ident] for path, ident in _created_files(config)]
         await link.send("ready", {"control": bound.control, "events": bound.events,
                                   "files": files})  # fmt: skip
-        async for message in messages:
-            if message[0] == "reply" and len(message) == 3:
-                await replies.send((int(message[1]), bytes(message[2])))
-            elif message[0] == "events":
-                for fields in message[1]:
-                    with contextlib.suppress(TypeError, ValueError):
-                        publisher.forward(Event(*fields))
+        try:
+            async for message in messages:
+                if message[0] == "reply" and len(message) == 3:
+                    await replies.send((int(message[1]), bytes(message[2])))
+                elif message[0] == "events":
+                    for fields in message[1]:
+                        with contextlib.suppress(TypeError, ValueError):
+                            publisher.forward(Event(*fields))
+        finally:
+            if metrics is not None:
+                await trio.to_thread.run_sync(metrics.close)
         nursery.cancel_scope.cancel()  # the daemon closed the link: stop serving
+
+
+def _start_metrics(config: ControlConfig, service: TelemetryService) -> MetricsServer:
+    """Prometheus over HTTP, each scrape a fresh snapshot (and a lease on the peers'
+    reports); :class:`OSError` if the address cannot be bound."""
+    from ivshmemd.metrics import SCRAPE_INTERVAL, SCRAPE_LEASE
+
+    assert config.metrics is not None
+    host, port = config.metrics
+
+    def take() -> dict[str, Any]:
+        return service.snapshot_from_thread("prometheus", SCRAPE_INTERVAL, SCRAPE_LEASE)
+
+    server = MetricsServer(host, port, take, config.metrics_max_peers)
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)
+    return server
 
 
 def _created_files(config: ControlConfig) -> list[tuple[str, tuple[int, int]]]:
     """The ipc socket files now serving (so that the daemon can remove them if we die)."""
     found = []
-    for endpoint in (config.control, config.events):
+    telemetry = config.telemetry
+    extra = () if telemetry is None else (telemetry.reports, telemetry.ticks)
+    for endpoint in (config.control, config.events, *extra):
         if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
             path = endpoint[len("ipc://") :]
             with contextlib.suppress(OSError):

@@ -411,6 +411,8 @@ class RingPlugin(Plugin):
         build_records(self.stage, self.stage_words, k, length, first_seq, kind, unstamped)
         self.seq += k
         self.messages += k
+        self.guest.count("messages", k)  # type: ignore[union-attr]
+        self.guest.count("bytes", k * length)  # type: ignore[union-attr]
         return self._corrupt(first_seq, k, length, rec)
 
     def _corrupt(self, first_seq: int, k: int, length: int, rec: int) -> list[int]:
@@ -584,6 +586,8 @@ class RingPlugin(Plugin):
                 )
         self.messages += window.count
         self.moved += window.payload
+        self.guest.count("messages", window.count)  # type: ignore[union-attr]
+        self.guest.count("bytes", window.payload)  # type: ignore[union-attr]
 
     def _release(self, size: int) -> None:
         """Release ``size`` bytes (publish ``tail``), fence, and ring the producer if it

@@ -245,6 +245,31 @@ async def test_a_control_process_that_dies_is_restarted_and_peers_never_notice(
             first.close()
 
 
+async def test_a_control_process_that_cannot_start_again_is_retried_not_fatal(
+    start_daemon: Any,
+) -> None:
+    """A restarted control process that fails at start-up (here: its events path is now a
+    regular file it will not replace) is retried later; the daemon keeps serving."""
+    async with start_daemon(vectors=1) as daemon:
+        events = f"{daemon.socket_path}.events"
+        os.kill(control_process_pid(daemon.pid), signal.SIGKILL)
+        os.unlink(events)  # the dead process's socket file, replaced by a file not ours
+        with open(events, "w"):
+            pass
+        await daemon.wait_log("control plane process stopped .*exists|not a socket|cannot")
+        assert daemon.process.returncode is None
+        first = await RawClient.connect(daemon.socket_path)
+        try:
+            await first.read(3)  # still serving peers
+        finally:
+            first.close()
+        os.unlink(events)
+        await daemon.wait_log("control plane process restarted")
+        status = await ctl("-S", daemon.socket_path, "status")
+        assert status.returncode == 0, status.stderr
+        assert daemon.process.returncode is None
+
+
 # --- the events socket (point 8) ---------------------------------------------------------------
 
 
