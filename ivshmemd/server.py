@@ -396,10 +396,12 @@ class IvshmemServer:
         handles: dict[int, SharedFd] = {self._shm_fd.fd: self._shm_fd}
         flight = self.config.flight
         gone = gone or {}
+        peers = []
         for entry in state["peers"]:
             vectors = tuple(SharedFd(fd) for fd in entry["vectors"])
             handles.update((shared.fd, shared) for shared in vectors)
-            peer = Peer(entry["id"], vectors, info=dict(entry["info"]))
+            peers.append((entry, Peer(entry["id"], vectors, info=dict(entry["info"]))))
+        for entry, peer in peers:
             self.registry.add(peer)
             if entry["conn"] is None:
                 self._departed.append((peer.peer_id, gone.get(peer.peer_id, "gone")))
