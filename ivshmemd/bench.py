@@ -8,6 +8,11 @@
     Two observers stay connected while a client joins and leaves CYCLES times; reports the
     daemon's open fds and RSS before and after, and whether the observers saw every event.
 
+``python -m ivshmemd.bench handover --peers 10 --upgrades 5``
+    Upgrades in place (SIGUSR2) with PEERS peers: signal to serving again, and a doorbell
+    ping-pong's p50/p99 through a handover against without, interleaved in one run
+    (:mod:`ivshmemd.bench_handover`).
+
 ``--json`` prints one JSON object instead of the human lines.
 """
 
@@ -26,6 +31,7 @@ import trio
 
 from . import wire
 from .argtypes import int_in, positive_int
+from .bench_handover import bench_handover, print_handover
 from .exitcodes import EXIT_FAILED, EXIT_OK
 from .supervise import (
     ChildError,
@@ -210,7 +216,9 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
         return
-    if result["bench"] == "join":
+    if result["bench"] == "handover":
+        print_handover(result)
+    elif result["bench"] == "join":
         print(
             f"join: {result['peers']} peers x {result['vectors']} vectors: all saw each other "
             f"in {result['seconds'] * 1000:.1f} ms; {result['fd_messages']} fd messages, "
@@ -250,10 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     churn = sub.add_parser("churn", help="join/leave cycles: fds and RSS before and after")
     churn.add_argument("--cycles", type=positive_int, default=1000)
     churn.add_argument("--json", action="store_true")
+    handover = sub.add_parser("handover", help="upgrade in place: its time, ping p99 through it")
+    handover.add_argument("--peers", type=int_in(1, 4000), default=10)
+    handover.add_argument("--upgrades", type=positive_int, default=5)
+    handover.add_argument("--cpu", type=int_in(0, 4095), default=0,
+                          help="the core the ping-pong pair is pinned to (default 0)")  # fmt: skip
+    handover.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.bench == "join":
             result = bench_join(args.peers, args.vectors, args.workers)
+        elif args.bench == "handover":
+            result = bench_handover(args.peers, args.upgrades, args.cpu)
         else:
             result = bench_churn(args.cycles)
     except ChildError as exc:  # the daemon or a worker failed: say so in one line

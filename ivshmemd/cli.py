@@ -478,11 +478,14 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
             if inherited is None:
                 log.info("%s", describe)
             else:
-                took = (time.monotonic() - inherited["signalled_at"]) * 1000
+                now = time.monotonic()
                 log.info(
                     "upgraded in place from ivshmemd %s: %d peers carried over, serving again "
-                    "%.1f ms after the signal", inherited.get("version"), len(server.connections),
-                    took,
+                    "%.1f ms after the signal (pre-flight check %.1f ms, then %.1f ms not "
+                    "accepting)", inherited.get("version"), len(server.connections),
+                    (now - inherited["signalled_at"]) * 1000,
+                    (inherited["checked_at"] - inherited["signalled_at"]) * 1000,
+                    (now - inherited["checked_at"]) * 1000,
                 )  # fmt: skip
             if control is not None:
                 explicit = args.control is not None or args.events is not None

@@ -97,6 +97,7 @@ class Upgrader:
         try:
             signalled_at = time.monotonic() if signalled_at is None else signalled_at
             problem = await self._preflight(signalled_at)
+            checked_at = time.monotonic()
             if problem is not None:
                 return self._refused(problem)
             if self.control is not None:
@@ -110,6 +111,8 @@ class Upgrader:
                 self.notifier.reloading("upgrading")
                 self.server.close_lingering()
                 state, fds = self.snapshot(signalled_at)
+                state["checked_at"] = checked_at
+                state["exec_at"] = time.monotonic()
                 execute(new_image_command(self.argv), state, fds)
             except OSError as exc:
                 if self.control is not None:
