@@ -29,18 +29,17 @@ import trio
 import zmq
 
 from ivshmemd.argtypes import positive_int
-from ivshmemd.control import (
+from ivshmemd.control.client import ControlClient
+from ivshmemd.control.schema import (
     EVENTS_WELCOME,
-    EventPublisher,
     SequenceTracker,
     decode_event,
     decode_reply,
     default_control_endpoint,
     default_events_endpoint,
     encode_request,
-    serve_control,
 )
-from ivshmemd.ctl import ControlClient
+from ivshmemd.control.server import EventPublisher, serve_control
 from ivshmemd.sdnotify import notify
 from ivshmemd.supervise import SyncChild, sync_supervisor
 

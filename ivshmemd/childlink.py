@@ -1,7 +1,7 @@
 """Child processes the daemon keeps across an in-place re-exec (:mod:`ivshmemd.handover`).
 
 The daemon runs helpers in child processes linked to it by a unix socket pair (the control
-plane, :mod:`ivshmemd.controlproc`; a federation process would be another). An ``execve``
+plane, :mod:`ivshmemd.control.process`; a federation process would be another). An ``execve``
 keeps the pid, so they stay our children: the new image adopts each one from its entry in
 the state's ``children`` list::
 

@@ -9,7 +9,6 @@ clear line and exit 1 (as QEMU's server does), never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import resource
@@ -26,18 +25,14 @@ from . import __version__, signals
 from .access import AllowList
 from .activation import ActivationError, listen_fds
 from .argtypes import positive_int, seconds, size
-from .control import (
-    ControlAccess,
-    ControlSetupError,
-    Event,
-    EventPublisher,
+from .control.process import ControlConfig, ControlProcess
+from .control.schema import (
     default_control_endpoint,
     default_events_endpoint,
     events_endpoint_for,
-    tcp_needs_curve,
 )
-from .controlproc import ControlConfig, ControlProcess
-from .controlview import DaemonControlView, state_lines
+from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
+from .control.view import DaemonControlView, state_lines
 from .crashsafe import CrashJournal, recover
 from .curve import CurveKeyError, server_keys
 from .daemon import PidFileError, daemonize
@@ -55,6 +50,7 @@ from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegi
 from .sizes import round_shm_size
 from .statefile import StateFile, StateFileError, state_path
 from .upgrade import Upgrader, check_upgrade
+from .wording import plural
 
 __all__ = ["main", "parse_args"]
 
@@ -447,7 +443,7 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
     server.listeners.append(publisher.on_server_event)
 
     def report_peer_count(kind: str, event: dict[str, Any]) -> None:
-        notifier.status(f"{len(server.connections)} peers connected")
+        notifier.status(f"{plural(len(server.connections), 'peer')} connected")
 
     server.listeners.append(report_peer_count)
     control, events = _control_endpoints(args)
@@ -455,8 +451,8 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
     with trio.open_signal_receiver(*signals.HANDLED) as received:
         unblock_signals()  # blocked across a re-exec: delivered now that we handle them
         async with trio.open_nursery() as nursery:
-            if inherited is not None:
-                _resume_events(publisher, inherited.get("events"))
+            if inherited is not None and inherited.get("events"):
+                publisher.resume(inherited["events"])
             await nursery.start(server.serve)
             if launch.journal is not None:
                 launch.journal.write()
@@ -467,14 +463,16 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                     socket_gid=args.socket_group_id, allow=server.config.allow,
                     curve=args.curve_keys, verbose=args.verbose,
                 )  # fmt: skip
-                process = ControlProcess(config, DaemonControlView(server, args.socket), publisher)
+                process = ControlProcess(
+                    config, DaemonControlView(server, args.socket, publisher), publisher
+                )
                 for child in (inherited or {}).get("children", []):
                     if child.get("kind") == "control":
                         process.adopt(child)
                 bound = await nursery.start(process.run)
                 control, events = bound.control, bound.events
             upgrader = Upgrader(launch.argv, server, launch.held, notifier, process)
-            upgrader.extras["events"] = lambda: _export_events(publisher)
+            upgrader.extras["events"] = publisher.export
             if inherited is None:
                 log.info("%s", describe)
             else:
@@ -509,21 +507,6 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                     nursery.start_soon(upgrader.upgrade, time.monotonic())
                     continue
                 _on_signal(signum, server, process, logs)
-
-
-def _export_events(publisher: EventPublisher) -> dict[str, Any]:
-    """The event stream's position and unsent events, for the next image."""
-    pending = [list(dataclasses.astuple(event)) for event in publisher._pending]
-    return {"seq": publisher.last_seq, "pending": pending}
-
-
-def _resume_events(publisher: EventPublisher, events: dict[str, Any] | None) -> None:
-    """Go on numbering events where the previous image stopped."""
-    if not events:
-        return
-    publisher._seq = max(publisher._seq, int(events["seq"]))
-    for fields in events["pending"]:
-        publisher.forward(Event(*fields))
 
 
 def _on_signal(
@@ -635,7 +618,7 @@ def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
     reserved = "sparse" if args.sparse else "reserved"
     return (
         f"listening on {args.socket} (shm {where}, {shm.size} bytes {reserved}, "
-        f"{args.vectors} vectors per peer)"
+        f"{plural(args.vectors, 'vector')} per peer)"
     )
 
 
@@ -707,9 +690,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             PidFileError,
         ) as exc:  # fmt: skip
             log.error("%s", exc)
+            # release first: the waiting parent exits on the report, and nothing we made may
+            # outlive the error it prints
+            held.release(keep_shm=args.keep_shm)
             if launch.report is not None:
                 launch.report(str(exc))
-            held.release(keep_shm=args.keep_shm)
             return 1
     assert held.shm is not None and held.listener is not None
     log.debug("logging to %s", target.description)
@@ -738,6 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not isinstance(leaf, ControlSetupError):
                 message = f"fatal: {type(leaf).__name__}: {message}"
             log.error("%s", message)
+            held.release(keep_shm=args.keep_shm)
             if launch.report is not None:
                 launch.report(message)
             return 1

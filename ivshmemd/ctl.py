@@ -1,6 +1,7 @@
 """``ivshmemctl``: ask a running ivshmemd how it is doing, and tell it what to do.
 
     ivshmemctl [-S SOCK | --control ENDPOINT] status | peers | kick ID | stats | watch
+               | ring PEER [VECTOR] | dump
 
 The daemon is found from its unix socket path (``-S``, the same path given to ``ivshmemd``),
 next to which it serves ``SOCK.ctl`` (requests) and ``SOCK.events`` (the event stream), or
@@ -32,39 +33,37 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, TextIO, TypeAlias
 
-import zmq
-
 from ivshmemd import __version__
-from ivshmemd.argtypes import positive_int, seconds
-from ivshmemd.control import (
-    EVENTS_WELCOME,
+from ivshmemd.argtypes import int_in, positive_int, seconds
+from ivshmemd.control.client import (
+    DEFAULT_TIMEOUT,
+    ControlClient,
+    EventSubscription,
+    NoDaemonError,
+    StreamNotice,
+)
+from ivshmemd.control.schema import (
     ControlError,
     Event,
-    ProtocolError,
+    SchemaError,
     SequenceTracker,
-    decode_event,
-    decode_reply,
     default_control_endpoint,
     default_events_endpoint,
-    encode_request,
     events_endpoint_for,
 )
 from ivshmemd.curve import ClientCurve, CurveKeyError, client_keys
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
-from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID
+from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
+from ivshmemd.wording import plural
 
 __all__ = [
     "COMMANDS_GROUP",
-    "ControlClient",
-    "NoDaemonError",
     "build_parser",
     "main",
     "register_control_commands",
     "resolve_endpoints",
 ]
-
-DEFAULT_TIMEOUT: Final = 2.0
 
 #: Entry-point group of subcommand providers: each names a function called as
 #: ``function(subparsers, common)`` that adds its subcommands; a subcommand sets
@@ -73,116 +72,6 @@ COMMANDS_GROUP: Final = "ivshmemctl.commands"
 
 if TYPE_CHECKING:  # not subscriptable at run time on 3.11
     SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-class NoDaemonError(Exception):
-    """No daemon answered (not running, wrong path, no permission, timeout)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Talking to the daemon
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_ipc_path(endpoint: str, what: str) -> None:
-    """Turn the common ipc failures into clear messages before waiting for a timeout."""
-    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
-        return
-    path = endpoint[len("ipc://") :]
-    if not os.path.exists(path):
-        raise NoDaemonError(
-            f"no daemon: {path} does not exist (is ivshmemd running, and with this -S?)"
-        )
-    if not os.access(path, os.R_OK | os.W_OK):
-        st = os.stat(path)
-        raise NoDaemonError(
-            f"permission denied on {what} socket {path} (mode {st.st_mode & 0o777:04o}, "
-            f"owner uid {st.st_uid}); run as the daemon's user or root"
-        )
-
-
-#: the handshake outcomes that mean the daemon turned this connection away
-_REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-_REFUSAL = (
-    "the daemon refused the connection: this user is not on its allow-list, or (over "
-    "tcp) the CURVE keys do not match"
-)
-#: the ZAP status of a refusal for now (the daemon has all the connections it takes)
-_ZAP_BUSY = 300
-_BUSY = "the daemon has all the control connections it takes; try again"
-
-
-def _connect(sock: zmq.Socket[bytes], endpoint: str, curve: ClientCurve | None) -> None:
-    if endpoint.startswith("tcp://"):
-        if curve is None:
-            raise NoDaemonError(
-                f"{endpoint} is tcp: the daemon serves tcp only with CURVE; give --curve-key "
-                "and --curve-server-key"
-            )
-        curve.apply(sock)
-    try:
-        sock.connect(endpoint)
-    except zmq.ZMQError as exc:
-        raise NoDaemonError(f"cannot connect to {endpoint}: {exc}") from None
-
-
-def _wait_readable(sock: zmq.Socket[bytes], monitor: zmq.Socket[bytes], timeout: float) -> bool:
-    """Wait for ``sock`` to have a message; raise a permission error if the daemon turned
-    the connection away during the handshake (seen on ``monitor``)."""
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    poller.register(monitor, zmq.POLLIN)
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        ready = dict(poller.poll(int(remaining * 1000) + 1))
-        if sock in ready:
-            return True
-        if monitor in ready:
-            from zmq.utils.monitor import recv_monitor_message
-
-            event = recv_monitor_message(monitor)
-            if event["event"] & _REFUSED and event.get("value") == _ZAP_BUSY:
-                raise ControlError("busy", _BUSY)
-            if event["event"] & _REFUSED:
-                raise ControlError("permission-denied", _REFUSAL)
-    return False
-
-
-class ControlClient:
-    """A blocking request/reply client: one zmq REQ socket per request, so that a request
-    that timed out never confuses the next one."""
-
-    def __init__(
-        self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, curve: ClientCurve | None = None
-    ) -> None:
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.curve = curve
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-
-    def request(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Send one request; return its result. Raises :class:`NoDaemonError` when nothing
-        answers within the timeout and :class:`ControlError` for an error reply (or a
-        connection the daemon refused)."""
-        _check_ipc_path(self.endpoint, "control")
-        sock = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        monitor = sock.get_monitor_socket(_REFUSED)
-        try:
-            _connect(sock, self.endpoint, self.curve)
-            sock.send(encode_request(cmd, args))
-            if not _wait_readable(sock, monitor, self.timeout):
-                raise NoDaemonError(
-                    f"no daemon answered on {self.endpoint} within {self.timeout:g} s"
-                )
-            return decode_reply(sock.recv())
-        finally:
-            sock.disable_monitor()
-            monitor.close(linger=0)
-            sock.close(linger=0)
-
-    def close(self) -> None:
-        self._ctx.destroy(linger=0)
 
 
 def resolve_endpoints(args: argparse.Namespace) -> tuple[str, str]:
@@ -331,7 +220,7 @@ def format_event(event: Event) -> str:
     millis = int((event.time % 1) * 1000)
     line = (
         f"{stamp}.{millis:03d}  #{event.seq:<6d} {event.kind:<11s} "
-        f"peer {event.peer_id} ({event.vectors} vector{'s' if event.vectors != 1 else ''})"
+        f"peer {event.peer_id} ({plural(event.vectors, 'vector')})"
     )
     if event.reason:
         line += f", {event.reason}"
@@ -348,6 +237,8 @@ def event_json(event: Event) -> dict[str, Any]:
     }
     if event.reason is not None:
         body["reason"] = event.reason
+    if event.boot is not None:
+        body["boot"] = event.boot
     return body
 
 
@@ -418,54 +309,118 @@ def _run_kick(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _notice(args: argparse.Namespace, kind: str, text: str, **fields: Any) -> None:
+    """A notice about the stream (not an event) on stderr: a line, or JSON with --json."""
+    if args.json:
+        print(json.dumps({"notice": kind, "message": text, **fields}), file=sys.stderr, flush=True)
+    else:
+        print(f"ivshmemctl: {text}", file=sys.stderr, flush=True)
+
+
+def _missed(first: int, last: int) -> str:
+    return f"{plural(last - first + 1, 'event')} missed (seq {first}..{last})"
+
+
+def _stream_back(args: argparse.Namespace, tracker: SequenceTracker) -> None:
+    """The event stream is back: ask the daemon which instance it is, to tell a restart
+    (and the events the new instance published meanwhile) from a reconnection."""
+    control, _ = resolve_endpoints(args)
+    try:
+        client = ControlClient(control, args.timeout, _curve(args))
+        try:
+            status = client.request("status")
+        finally:
+            client.close()
+    except (NoDaemonError, ControlError, SchemaError):
+        status = {}
+    boot = status.get("boot") if isinstance(status, Mapping) else None
+    seq = status.get("events_seq") if isinstance(status, Mapping) else None
+    if not isinstance(boot, str) or not isinstance(seq, int) or boot == tracker.boot:
+        _notice(args, "stream-back", f"the event stream is back ({args.events_endpoint})")
+        return
+    text = "the daemon restarted (a new instance)"
+    if tracker.last_seq is not None:
+        text += f"; its predecessor's events after #{tracker.last_seq} are unknown"
+    fields: dict[str, Any] = {"boot": boot, "previous_last_seq": tracker.last_seq}
+    if seq > 0:
+        text += f"; the new instance's {_missed(1, seq)} while we were away"
+        fields["missed"] = [1, seq]
+    _notice(args, "daemon-restarted", text, **fields)
+    tracker.restart(boot, seq)
+
+
 def _run_watch(args: argparse.Namespace) -> int:
     _, events_endpoint = resolve_endpoints(args)
-    _check_ipc_path(events_endpoint, "events")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.RCVHWM, 0)  # never drop on our side: the daemon's queue is the limit
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    monitor = sub.get_monitor_socket(_REFUSED)
+    args.events_endpoint = events_endpoint
+    subscription = EventSubscription(events_endpoint, args.timeout, _curve(args))
     tracker = SequenceTracker()
     seen = 0
     try:
-        _connect(sub, events_endpoint, _curve(args))
-        if not _wait_readable(sub, monitor, args.timeout):
-            raise NoDaemonError(
-                f"no daemon answered on {events_endpoint} within {args.timeout:g} s"
-            )
-        sub.disable_monitor()
         print(f"watching events on {events_endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         while args.count is None or seen < args.count:
-            frames = sub.recv_multipart()
-            if frames == [EVENTS_WELCOME]:
-                continue
             try:
-                event = decode_event(frames)
-            except ProtocolError as exc:
+                item = subscription.receive()
+            except SchemaError as exc:
                 print(f"ivshmemctl: ignoring a malformed event: {exc}", file=sys.stderr)
                 continue
-            gap = tracker.observe(event.seq)
+            if item is StreamNotice.LOST:
+                _notice(
+                    args, "daemon-stopped",
+                    f"the daemon stopped or went silent (its event stream closed at "
+                    f"{time.strftime('%H:%M:%S')}); waiting for it to come back",
+                )  # fmt: skip
+                continue
+            if item is StreamNotice.BACK:
+                _stream_back(args, tracker)
+                continue
+            assert isinstance(item, Event)  # no timeout given
+            boot = tracker.boot
+            gap = tracker.observe(item.seq, item.boot)
+            if boot is not None and tracker.boot != boot:
+                _notice(args, "daemon-restarted", "the daemon restarted (a new instance)",
+                        boot=tracker.boot)  # fmt: skip
             if gap is not None:
-                first, last = gap
-                count = last - first + 1
-                print(
-                    f"ivshmemctl: gap in the event sequence: {count} event"
-                    f"{'s' if count != 1 else ''} missed (seq {first}..{last})",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _notice(args, "gap", f"gap in the event sequence: {_missed(*gap)}",
+                        missed=list(gap))  # fmt: skip
             if args.json:
-                print(json.dumps(event_json(event)), flush=True)
+                print(json.dumps(event_json(item)), flush=True)
             else:
-                print(format_event(event), flush=True)
+                print(format_event(item), flush=True)
             seen += 1
     finally:
-        monitor.close(linger=0)
-        sub.close(linger=0)
-        ctx.term()
+        subscription.close()
     return EXIT_OK
+
+
+def _run_ring(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        result = client.request("ring", {"id": args.peer_id, "vector": args.vector})
+    finally:
+        client.close()
+    if args.json:
+        _print_json(result, sys.stdout)
+    else:
+        print(f"rang peer {args.peer_id}, vector {args.vector}", file=sys.stdout)
+    return EXIT_OK
+
+
+def format_dump(dump: Mapping[str, Any], out: TextIO) -> None:
+    """The fds as the daemon holds them, in the order a joining peer receives them."""
+    shm = dump.get("shm", {})
+    shm = shm if isinstance(shm, Mapping) else {}
+    where = shm.get("path") or shm.get("name") or "?"
+    print(f"shm: fd {shm.get('fd')}, {_human_size(shm.get('size'))} ({where})", file=out)
+    peers = dump.get("peers", [])
+    if not peers:
+        print("no peers connected", file=out)
+        return
+    rows = []
+    for peer in peers:
+        fds = peer.get("eventfds", [])
+        rows.append([str(peer.get("id")), str(len(fds)), " ".join(f"{v}:{fd}" for v, fd in
+                                                                 enumerate(fds))])  # fmt: skip
+    _table(["PEER", "VECTORS", "EVENTFDS (vector:fd)"], rows, out)
 
 
 def _peer_id(text: str) -> int:
@@ -479,7 +434,7 @@ def _peer_id(text: str) -> int:
 
 
 def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentParser) -> None:
-    """Add ``status``, ``peers``, ``kick``, ``stats`` and ``watch``."""
+    """Add ``status``, ``peers``, ``kick``, ``stats``, ``watch``, ``ring`` and ``dump``."""
     p = subparsers.add_parser("status", parents=[common], help="daemon version, shm, peers")
     p.set_defaults(run=_simple("status", format_status))
     p = subparsers.add_parser("peers", parents=[common], help="the connected peers")
@@ -502,6 +457,21 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
     )
     p.add_argument("--count", type=positive_int, default=None, help="exit after N events")
     p.set_defaults(run=_run_watch)
+    p = subparsers.add_parser(
+        "ring",
+        parents=[common],
+        help="ring a peer's doorbell (write its eventfd; daemon's uid or root only)",
+    )
+    p.add_argument("peer_id", metavar="PEER", type=_peer_id, help="the peer id to ring")
+    p.add_argument(
+        "vector", metavar="VECTOR", type=int_in(0, MAX_VECTORS - 1), nargs="?", default=0,
+        help="which of its vectors (default 0)",
+    )  # fmt: skip
+    p.set_defaults(run=_run_ring)
+    p = subparsers.add_parser(
+        "dump", parents=[common], help="the fds as the daemon holds them (shm, eventfds)"
+    )
+    p.set_defaults(run=_simple("dump", format_dump))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(args: argparse.Namespace, code: str, text: str) -> None:
+    """One line on stderr; JSON (``{"error": {"code", "message"}}``) with --json."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": text}}), file=sys.stderr)
+    else:
+        print(f"ivshmemctl: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -589,13 +567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseExceptionGroup as group:  # a subcommand running trio: its error, unwrapped
             raise unwrap(group) from None
     except NoDaemonError as exc:
-        print(f"ivshmemctl: {exc}", file=sys.stderr)
+        _error(args, "no-daemon", str(exc))
         return EXIT_NO_DAEMON
     except ControlError as exc:
-        print(f"ivshmemctl: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
+        _error(args, exc.code, f"the daemon refused: {exc.message} ({exc.code})")
         return EXIT_FAILED
-    except ProtocolError as exc:
-        print(f"ivshmemctl: unexpected answer from the daemon: {exc}", file=sys.stderr)
+    except SchemaError as exc:
+        _error(args, "bad-reply", f"unexpected answer from the daemon: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return signal_exit(signal.SIGINT)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.auth
 
-from .control import CurveKeys
+from .control.server import CurveKeys
 
 __all__ = ["ClientCurve", "CurveKeyError", "client_keys", "server_keys"]
 

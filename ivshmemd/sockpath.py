@@ -34,6 +34,7 @@ __all__ = [
     "SocketPathError",
     "check_socket_path",
     "clear_stale_socket",
+    "ipc_path",
     "is_listening",
     "place_socket",
     "unlink_if_ours",
@@ -47,6 +48,16 @@ _ACCEPTCON = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags column
 
 class SocketPathError(Exception):
     """The socket path cannot be used (the message says why)."""
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The filesystem path of an ``ipc://`` endpoint; None for abstract or non-ipc ones."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    if path.startswith("@"):
+        return None
+    return path
 
 
 def check_socket_path(path: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Final
 import trio
 
 from . import __version__
-from .controlproc import ControlProcess
+from .control.process import ControlProcess
 from .handover import (
     STATE_FD_ENV,
     HandoverError,

@@ -26,15 +26,17 @@ import trio
 
 from ivshmemd import __version__
 from ivshmemd.argtypes import seconds, size
+from ivshmemd.control.client import departure_reason
+from ivshmemd.control.schema import default_control_endpoint
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.protocol import DEFAULT_SOCKET
+from ivshmemd.wording import exception_line, plural, traceback_lines
 
 from . import report
 from .client import ClientError, ServerGone, connect_with_retry
 from .cmdline import UsageError, format_help, parse_plugin_options, split_at_plugin
 from .plugin import Plugin, PluginError, ShmDirectoryError, available_plugins, load_plugin
-from .wording import exception_line, plural, traceback_lines
 
 __all__ = ["main"]
 
@@ -259,6 +261,17 @@ def _plugin_failed(exc: BaseException, args: argparse.Namespace, reporter: Repor
     return EXIT_FAILED
 
 
+def _why_gone(socket_path: str, peer_id: int | None, error: ServerGone) -> str:
+    """What to say when the connection closed: the daemon's reason for disconnecting us
+    (asked of its control plane, e.g. ``kicked by uid 0 (ivshmemctl kick)``) if it can
+    tell, else that it went away."""
+    if peer_id is not None:
+        reason = departure_reason(default_control_endpoint(socket_path), peer_id, timeout=1.0)
+        if reason is not None:
+            return f"disconnected by the daemon: {reason}"
+    return f"the daemon went away ({error})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ivshmem-peer`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -289,11 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException as raised:  # trio may wrap what a task raised: unwrap it
             error = unwrap(raised)
             if isinstance(error, ServerGone):
+                gone = _why_gone(args.socket, reporter.peer_id, error)
                 if not args.reconnect:
-                    reporter.log(f"the daemon went away ({error}); exiting")
-                    reporter.emit(report.ServerGone(str(error)))
+                    reporter.log(f"{gone}; exiting")
+                    reporter.emit(report.ServerGone(gone))
                     return EXIT_FAILED
-                reporter.log(f"the daemon went away ({error}); reconnecting")
+                reporter.log(f"{gone}; reconnecting")
                 reporter.emit(report.Reconnecting())
                 time.sleep(RECONNECT_PAUSE)
             elif isinstance(error, ClientError):

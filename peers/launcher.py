@@ -78,6 +78,7 @@ from ivshmemd.supervise import (
     open_supervisor,
     unique_name,
 )
+from ivshmemd.wording import plural
 
 from . import report
 from .cmdline import UsageError, format_help, split_at_plugin
@@ -95,7 +96,6 @@ from .topology import (
     check_plugins,
     load_topology,
 )
-from .wording import plural
 
 __all__ = [
     "EXIT_FAILED",

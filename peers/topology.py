@@ -37,10 +37,10 @@ from typing import Any, Final
 
 from ivshmemd.protocol import MAX_VECTORS
 from ivshmemd.sizes import SizeError, parse_size
+from ivshmemd.wording import plural
 
 from .cmdline import PluginCommandLine, UsageError, parse_plugin_options
 from .plugin import Plugin, PluginError, load_plugin
-from .wording import plural
 
 __all__ = [
     "MAX_PEERS",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ivshmemd.control import EventPublisher
+from ivshmemd.control.schema import ErrorCode, RequestRefused
+from ivshmemd.control.server import EventPublisher
 
 
 class FakeDaemon:
@@ -22,6 +23,8 @@ class FakeDaemon:
             "slow_disconnects": 0,
         }
         self.next_id = 0
+        self.departures: dict[int, str] = {}
+        self.rung: list[tuple[int, int]] = []
 
     def join(self, vectors: int = 2) -> int:
         peer_id = self.next_id
@@ -42,6 +45,7 @@ class FakeDaemon:
 
     def leave(self, peer_id: int, reason: str = "disconnected") -> None:
         peer = self.table.pop(peer_id)
+        self.departures[peer_id] = reason
         self.counters["leaves"] += 1
         if self.publisher is not None:
             self.publisher.peer_left(peer_id, peer["vectors"], reason)
@@ -60,11 +64,23 @@ class FakeDaemon:
     def peers(self) -> list[dict[str, Any]]:
         return list(self.table.values())
 
-    def kick(self, peer_id: int) -> bool:
+    def kick(self, peer_id: int, reason: str = "kicked") -> bool:
         if peer_id not in self.table:
             return False
-        self.leave(peer_id, "kicked")
+        self.leave(peer_id, reason)
         return True
+
+    def departure(self, peer_id: int) -> dict[str, Any] | None:
+        reason = self.departures.get(peer_id)
+        return None if reason is None else {"id": peer_id, "reason": reason, "time": 0.0}
+
+    def ring(self, peer_id: int, vector: int) -> None:
+        if peer_id not in self.table:
+            raise RequestRefused(ErrorCode.NO_SUCH_PEER, f"no peer with id {peer_id}")
+        self.rung.append((peer_id, vector))
+
+    def dump(self) -> dict[str, Any]:
+        return {"shm": {"fd": 3, "size": 4 << 20}, "peers": []}
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)

@@ -50,3 +50,14 @@ def ring_reaches(sender: RawClient, receiver: RawClient, receiver_id: int, vecto
 async def no_eof(client: RawClient) -> None:
     """Read forever; an EOF fails the test (run it as a task)."""
     await client.drain()
+
+
+async def read_greeting(client: RawClient, vectors: int) -> int:
+    """Read a newcomer's whole greeting, however many peers it lists (they may come and go
+    meanwhile: the greeting is queued at once, and it ends with the newcomer's own vectors);
+    returns its id."""
+    await client.read(3)
+    own = client.stream[1][0]
+    while client.stream.count((own, True)) < vectors:
+        await client.read(1)
+    return own

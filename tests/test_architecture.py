@@ -46,6 +46,17 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
 #: The sans-I/O modules: they may import only these (and their own package's pure modules).
 PURE: dict[str, tuple[str, ...]] = {
     "ivshmemd/protocol.py": ("__future__", "collections", "dataclasses", "typing", "enum"),
+    # the control plane's schema: bytes in, bytes out; its server and client move them
+    "ivshmemd/control/schema.py": (
+        "__future__",
+        "collections",
+        "dataclasses",
+        "typing",
+        "logging",
+        "os",
+        "msgpack",
+        "ivshmemd.protocol",
+    ),
 }
 #: In ivshmemd/wire.py only these functions may touch a socket; the rest encodes and decodes.
 WIRE_IO_FUNCTIONS = {"send_message", "recv_message"}
@@ -165,7 +176,8 @@ def test_the_protocol_is_sans_io(path: str) -> None:
     name = module_name(ROOT / path, ROOT)
     allowed = PURE[path]
     for found in imports_of((ROOT / path).read_text(), name, False):
-        assert found.top() in allowed or found.module.startswith(name), found
+        allowed_here = any(found.module == a or found.module.startswith(a + ".") for a in allowed)
+        assert allowed_here or found.module.startswith(name), found
     tree = ast.parse((ROOT / path).read_text())
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call)
              and isinstance(n.func, ast.Name)}  # fmt: skip

@@ -39,8 +39,7 @@ from typing import Any, Final
 import trio
 import zmq
 
-from ivshmemd.control import ipc_path
-from ivshmemd.sockpath import SocketPathError, place_socket, unlink_if_ours
+from ivshmemd.sockpath import SocketPathError, ipc_path, place_socket, unlink_if_ours
 from ivshmemd.zmqtrio import TrioSocket
 
 from .keys import CurveKeyPair

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from ivshmemd.wording import plural
+
 from ..plugin import Guest, Plugin
-from ..wording import plural
 
 
 class MonitorPlugin(Plugin):

@@ -19,9 +19,9 @@ import time
 from typing import Final
 
 from ivshmemd.argtypes import size
+from ivshmemd.wording import plural
 
 from ..plugin import Guest, Plugin
-from ..wording import plural
 
 __all__ = ["PagetablePlugin", "format_result"]
 

@@ -22,7 +22,8 @@ import trio
 import zmq
 
 from ivshmemd.cli import minimum_fds
-from ivshmemd.control import EVENTS_SNDHWM, EVENTS_WELCOME, decode_event
+from ivshmemd.control.schema import EVENTS_WELCOME, decode_event
+from ivshmemd.control.server import EVENTS_SNDHWM
 from ivshmemd.supervise import rss_bytes, unique_name
 from tests.asuser import NOBODY, daemon_as, run_as
 from tests.rawclient import RawClient
@@ -284,11 +285,32 @@ async def test_subscribers_topics_and_a_stalled_subscriber_are_bounded(
                     stalled.close(linger=0)
                     stalled = stalled_subscriber(context)
                     subscribers.append(stalled)
+            # a subscriber that keeps up (its receive queue unbounded) tells when the
+            # control process has published the last event: the daemon's log comes first
+            with trio.fail_after(TIMEOUT):
+                while True:
+                    healthy = context.socket(zmq.SUB)
+                    subscribers.append(healthy)
+                    healthy.setsockopt(zmq.LINGER, 0)
+                    healthy.setsockopt(zmq.RCVHWM, 0)
+                    healthy.setsockopt(zmq.SUBSCRIBE, b"")
+                    if await wait_welcome(healthy, endpoint, 0.5):
+                        break
+                    healthy.close(linger=0)
             cycles = EVENTS_SNDHWM  # twice as many events as it may queue
             for done in range(0, cycles, 500):  # batches within the listen backlog
                 for _ in range(500):
                     await connect_and_close(daemon.socket_path)
                 await daemon.wait_log(rf"peer {done + 499} left")
+            with trio.fail_after(TIMEOUT):
+                last = 0
+                while last < 2 * cycles:
+                    if healthy.poll(0):
+                        frames = healthy.recv_multipart()
+                        if frames != [EVENTS_WELCOME]:
+                            last = decode_event(frames).seq
+                    else:
+                        await trio.sleep(0.01)
             seqs = []
             while stalled.poll(500):
                 frames = stalled.recv_multipart()

@@ -16,18 +16,14 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ivshmemd import control
-from ivshmemd.control import (
+from ivshmemd.control.schema import (
+    EVENTS_WELCOME,
     MAX_REQUEST_BYTES,
     SCHEMA_VERSION,
-    ControlAccess,
-    ControlEndpoints,
     ControlError,
-    ControlSetupError,
     Credentials,
-    CurveKeys,
     ErrorCode,
-    EventPublisher,
+    SchemaError,
     SequenceTracker,
     decode_event,
     decode_reply,
@@ -37,6 +33,14 @@ from ivshmemd.control import (
     events_endpoint_for,
     handle_request,
     parse_peer_address,
+)
+from ivshmemd.control.server import (
+    HARD_MAX_MESSAGE_BYTES,
+    ControlAccess,
+    ControlEndpoints,
+    ControlSetupError,
+    CurveKeys,
+    EventPublisher,
     serve_control,
 )
 from ivshmemd.zmqtrio import TrioSocket
@@ -261,7 +265,7 @@ def test_publisher_drops_oldest_when_nobody_drains() -> None:
 def test_decode_event_rejects_garbage() -> None:
     good = list(EventPublisher().peer_joined(1, 1).to_frames())
     for frames in ([good[1]], [b"peer-left", good[1]], [good[0], b"\xc1"], [good[0], req({})]):
-        with pytest.raises(control.ProtocolError):
+        with pytest.raises(SchemaError):
             decode_event(frames)
 
 
@@ -386,7 +390,7 @@ async def test_serve_survives_bad_and_vanishing_clients(
     # a message above the hard limit: libzmq drops that connection, others carry on
     huge = ctx.socket(zmq.DEALER)
     huge.connect(bound.control)
-    huge.send_multipart([b"", b"\x00" * (control.HARD_MAX_MESSAGE_BYTES + 1)])
+    huge.send_multipart([b"", b"\x00" * (HARD_MAX_MESSAGE_BYTES + 1)])
     assert decode_reply(await ask(bound.control, "stats"))["joins"] == 0
     huge.close(linger=0)
 
@@ -402,7 +406,7 @@ async def test_thousand_join_leave_cycles_arrive_in_sequence(
     sub = TrioSocket(sub_raw)
     cycles = 1000
     with trio.fail_after(30):
-        assert await sub.recv_multipart() == [control.EVENTS_WELCOME]
+        assert await sub.recv_multipart() == [EVENTS_WELCOME]
         for _ in range(cycles):
             daemon.leave(daemon.join())
         tracker = SequenceTracker()
@@ -433,8 +437,8 @@ async def test_stalled_subscriber_and_garbage_clients_do_not_stall_the_daemon(
     stalled, healthy = TrioSocket(stalled_raw), TrioSocket(healthy_raw)
     cycles = 2000
     with trio.fail_after(30):
-        assert await stalled.recv_multipart() == [control.EVENTS_WELCOME]
-        assert await healthy.recv_multipart() == [control.EVENTS_WELCOME]
+        assert await stalled.recv_multipart() == [EVENTS_WELCOME]
+        assert await healthy.recv_multipart() == [EVENTS_WELCOME]
         # not zmq at all: raw bytes on both unix sockets; libzmq drops these connections
         for suffix in (".ctl", ".events"):
             with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM) as junk:
@@ -447,7 +451,7 @@ async def test_stalled_subscriber_and_garbage_clients_do_not_stall_the_daemon(
         seqs: list[int] = []
         while len(seqs) < 2 * cycles:
             frames = await healthy.recv_multipart()
-            if frames != [control.EVENTS_WELCOME]:  # another subscriber's greeting
+            if frames != [EVENTS_WELCOME]:  # another subscriber's greeting
                 seqs.append(decode_event(frames).seq)
     assert seqs == list(range(1, 2 * cycles + 1))
     stalled.close()
@@ -465,7 +469,7 @@ async def test_idle_control_plane_does_not_spin(
     sub_raw.connect(bound.events)
     sub = TrioSocket(sub_raw)
     with trio.fail_after(10):
-        assert await sub.recv_multipart() == [control.EVENTS_WELCOME]
+        assert await sub.recv_multipart() == [EVENTS_WELCOME]
     await trio.testing.wait_all_tasks_blocked()
     me = trio.lowlevel.current_task()
     parked = task_steps.besides(me)

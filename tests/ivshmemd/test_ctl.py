@@ -20,15 +20,13 @@ import trio
 import zmq
 
 from ivshmemd import ctl, exitcodes
-from ivshmemd.control import (
+from ivshmemd.control.schema import (
     EVENTS_WELCOME,
-    ControlEndpoints,
     Event,
-    EventPublisher,
     default_control_endpoint,
     default_events_endpoint,
-    serve_control,
 )
+from ivshmemd.control.server import ControlEndpoints, EventPublisher, serve_control
 from ivshmemd.supervise import SyncChild, SyncSupervisor
 from tests.asuser import NOBODY, run_as
 from tests.controlview import FakeDaemon

@@ -77,7 +77,7 @@ async def test_sigusr1_logs_the_state(start_daemon: Any) -> None:
             await client.read(5)
             daemon.process.send_signal(signal.SIGUSR1)
             lines = await daemon.wait_log("state: ", count=5)
-            assert "1 peers (ids 0)" in lines[0]
+            assert "1 peer (ids 0)" in lines[0]
             assert "control plane process: pid" in lines[-1]
             assert daemon.process.returncode is None
         finally:

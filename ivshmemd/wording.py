@@ -1,9 +1,9 @@
 """How things are said to the user, in one place: plurals, and an exception in one line.
 
-Every command of ``peers`` reports a failure as one line (``TYPE: message``, and where it
-was raised); the traceback is for ``-v``. trio wraps what a task raised in
-``ExceptionGroup``\\ s: :func:`ivshmemd.errors.unwrap` finds the exception that matters
-inside.
+Every command (``ivshmemd``, ``ivshmemctl``, ``peers``) reports a failure as one line
+(``TYPE: message``, and where it was raised); the traceback is for ``-v``. trio wraps what
+a task raised in ``ExceptionGroup``\\ s: :func:`ivshmemd.errors.unwrap` finds the exception
+that matters inside.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-from ivshmemd.errors import unwrap
+from .errors import unwrap
 
 __all__ = ["exception_line", "plural", "traceback_lines"]
 

@@ -4,13 +4,13 @@ libzmq aborts the whole process when it runs out of file descriptors while accep
 connection (``ipc_listener.cpp``: an assertion that tolerates ``ENFILE`` but not
 ``EMFILE``), and a flood of clients can make it do so: no amount of headroom in a shared fd
 table makes a daemon safe from *any number* of control clients. So the daemon never runs
-libzmq itself. :class:`ControlProcess` starts ``python -m ivshmemd.controlproc`` (the
-*control process*), which serves :func:`ivshmemd.control.serve_control` with its own fd
+libzmq itself. :class:`ControlProcess` starts ``python -m ivshmemd.control.process`` (the
+*control process*), which serves :func:`ivshmemd.control.server.serve_control` with its own fd
 table, at a lower CPU priority (``nice`` 10: the peers' protocol path comes first), and
 relays over one unix socket pair (the *link*):
 
 * each request, with the client's credentials, to the daemon, which answers it from its
-  registry (:func:`ivshmemd.control.handle_request`) one at a time, between its other work;
+  registry (:func:`ivshmemd.control.schema.handle_request`) one at a time, between its other work;
 * the daemon's stamped peer events to the events socket;
 * its log lines (and anything it prints on stderr) to the daemon's log.
 
@@ -45,25 +45,22 @@ from typing import Any
 import msgpack
 import trio
 
-from .access import AllowList
-from .childlink import AdoptedProcess, ChildLinkEntry
-from .control import (
-    MAX_REQUEST_BYTES,
+from ivshmemd.access import AllowList
+from ivshmemd.childlink import AdoptedProcess, ChildLinkEntry
+from ivshmemd.errors import one_line
+from ivshmemd.ratelimit import LogLimiter
+from ivshmemd.sockpath import unlink_if_ours
+
+from .schema import MAX_REQUEST_BYTES, ControlView, Credentials, Event, handle_request
+from .server import (
     ControlAccess,
     ControlEndpoints,
     ControlLimits,
     ControlSetupError,
-    ControlView,
-    Credentials,
     CurveKeys,
-    Event,
     EventPublisher,
-    handle_request,
     serve_control,
 )
-from .errors import one_line
-from .ratelimit import LogLimiter
-from .sockpath import unlink_if_ours
 
 __all__ = ["ControlConfig", "ControlProcess", "main"]
 
@@ -281,7 +278,7 @@ class ControlProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "ivshmemd.controlproc", str(theirs.fileno())],
+                [sys.executable, "-m", "ivshmemd.control.process", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
@@ -513,11 +510,11 @@ def _created_files(config: ControlConfig) -> list[tuple[str, tuple[int, int]]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ivshmemd.controlproc LINK_FD``: the control process (started by the
+    """``python -m ivshmemd.control.process LINK_FD``: the control process (started by the
     daemon, not by people)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
-        print("ivshmemd.controlproc: started by ivshmemd, not by hand", file=sys.stderr)
+        print("ivshmemd.control.process: started by ivshmemd, not by hand", file=sys.stderr)
         return 2
     for signum in _IGNORED_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)

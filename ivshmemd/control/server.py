@@ -1,43 +1,23 @@
-"""The daemon's control plane: a msgpack request/reply protocol and a peer event stream.
+"""The control plane's trio server: a zmq ROUTER for requests, an XPUB for events.
 
-Two layers, kept apart as h11 keeps HTTP apart from sockets:
-
-1. The protocol, pure and synchronous (no sockets): :func:`handle_request` turns the raw bytes
-   of one request into the raw bytes of its reply and never raises; :class:`EventPublisher`
-   stamps ``peer-joined``/``peer-left`` events with a monotonically increasing sequence number
-   and encodes them; :func:`encode_request`, :func:`decode_reply`, :func:`decode_event` and
-   :class:`SequenceTracker` are the client side that ``ivshmemctl`` uses.
-2. :func:`serve_control`, the thin trio driver: a zmq ROUTER socket for requests and a zmq
-   XPUB socket for events, driven through :mod:`ivshmemd.zmqtrio`.
-
-Wire format (schema version 1, every message a msgpack map)::
-
-    request   {"v": 1, "cmd": "status" | "peers" | "stats" | "kick", "args": {...}}
-    reply     {"v": 1, "ok": true, "result": {...}}
-              {"v": 1, "ok": false, "error": {"code": "...", "message": "..."}}
-    event     two frames: topic (b"peer-joined" | b"peer-left") and
-              {"v": 1, "seq": n, "event": "...", "peer_id": id, "vectors": n, "time": unix_s}
-
-The events socket is an XPUB that greets every new subscriber with the one-frame message
-:data:`EVENTS_WELCOME`, so a subscriber knows when its subscription is live.
-
-Resources and errors: a bad request (not msgpack, not a map, keys that are not strings,
-wrong types, unknown command, larger than :data:`MAX_REQUEST_BYTES`) gets an error reply with
-a code; requests beyond :data:`HARD_MAX_MESSAGE_BYTES` make libzmq drop that client's
-connection. Replies and events are sent with NOBLOCK and dropped, never waited on, when a
-client is slow or gone, so no client can stall the daemon; what a client can make the
-server hold is bounded (:class:`ControlLimits`: connections, queued requests, replies and
-events per client, subscriptions applied only for topics that exist).
+The thin driver around :mod:`ivshmemd.control.schema`, through :mod:`ivshmemd.zmqtrio`.
+Replies and events are sent with NOBLOCK and dropped, never waited on, when a client is
+slow or gone, so no client can stall the daemon; requests beyond
+:data:`HARD_MAX_MESSAGE_BYTES` make libzmq drop that client's connection; what a client can
+make the server hold is bounded (:class:`ControlLimits`: connections, queued requests,
+replies and events per client, subscriptions applied only for topics that exist).
 
 Access (:class:`ControlAccess`, enforced per connection by the ZAP handler of
 :mod:`ivshmemd.zap`, on both sockets): the ipc socket files get mode 0600 unless told
-otherwise, the allow-lists judge each client's SO_PEERCRED credentials, tcp is served only
-with CURVE and authorised client keys, and ``kick`` needs the daemon's uid or root (read
-from the zmq ``Peer-Address`` metadata of each request, so never over tcp).
+otherwise, the allow-lists judge each client's SO_PEERCRED credentials, and tcp is served
+only with CURVE and authorised client keys.
 
-In the daemon, :func:`serve_control` runs in a process of its own (:mod:`ivshmemd.controlproc`),
-so that nothing libzmq does (it aborts its process when it runs out of file descriptors
-while accepting a connection) can take the daemon down.
+:class:`EventPublisher` is the daemon's side of the event stream: it stamps peer events with
+a sequence number and queues them for :func:`serve_control`.
+
+In the daemon, :func:`serve_control` runs in a process of its own
+(:mod:`ivshmemd.control.process`), so that nothing libzmq does (it aborts its process when
+it runs out of file descriptors while accepting a connection) can take the daemon down.
 """
 
 from __future__ import annotations
@@ -45,18 +25,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-import msgpack
 import trio
 import zmq
 from zmq.utils import z85
 
-from ivshmemd.protocol import MAX_PEER_ID
-from ivshmemd.sockpath import SUN_PATH_MAX, SocketPathError, place_socket, unlink_if_ours
+from ivshmemd.sockpath import (
+    SUN_PATH_MAX,
+    SocketPathError,
+    ipc_path,
+    place_socket,
+    unlink_if_ours,
+)
 from ivshmemd.zap import (
     ConnectionCounter,
     ZapPolicy,
@@ -67,35 +52,30 @@ from ivshmemd.zap import (
 from ivshmemd.zap import monitor as zap_monitor
 from ivshmemd.zmqtrio import TrioSocket
 
+from .schema import (
+    EVENT_KINDS,
+    EVENTS_WELCOME,
+    MAX_REQUEST_BYTES,
+    ControlView,
+    Credentials,
+    ErrorCode,
+    Event,
+    error_reply,
+    handle_request,
+    parse_peer_address,
+)
+
 __all__ = [
-    "COMMANDS",
-    "EVENTS_WELCOME",
-    "MAX_REQUEST_BYTES",
-    "SCHEMA_VERSION",
+    "EVENTS_SNDHWM",
+    "HARD_MAX_MESSAGE_BYTES",
     "ControlAccess",
     "ControlEndpoints",
-    "ControlError",
     "ControlLimits",
     "ControlSetupError",
-    "ControlView",
-    "Credentials",
     "CurveKeys",
-    "ErrorCode",
-    "Event",
     "EventPublisher",
-    "ProtocolError",
     "RequestHandler",
-    "SequenceTracker",
-    "decode_event",
-    "decode_reply",
-    "default_control_endpoint",
-    "default_events_endpoint",
-    "encode_request",
-    "events_endpoint_for",
-    "handle_request",
-    "ipc_path",
     "local_handler",
-    "parse_peer_address",
     "serve_control",
     "subscribable",
     "tcp_needs_curve",
@@ -103,9 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
-#: Requests above this size get a ``too-large`` error reply.
-MAX_REQUEST_BYTES: Final = 64 * 1024
 #: libzmq drops a connection that sends a message above this (ZMQ_MAXMSGSIZE).
 HARD_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Events kept for the publisher task before the oldest are dropped (and counted).
@@ -114,374 +91,10 @@ MAX_PENDING_EVENTS: Final = 65536
 #: Enough for a burst of thousands of joins to reach a subscriber that reads; a subscriber
 #: that stops reading costs at most this many events (about 1 MiB) plus socket buffers.
 EVENTS_SNDHWM: Final = 10_000
-#: The one-frame message every new events subscriber receives first.
-EVENTS_WELCOME: Final = b"ivshmem-events-v1"
-
-COMMANDS: Final = ("status", "peers", "kick", "stats")
-EVENT_KINDS: Final = ("peer-joined", "peer-left")
-
-
-class ErrorCode:
-    """The ``error.code`` strings a reply can carry."""
-
-    TOO_LARGE: Final = "too-large"
-    BAD_MSGPACK: Final = "bad-msgpack"
-    BAD_REQUEST: Final = "bad-request"
-    UNSUPPORTED_VERSION: Final = "unsupported-version"
-    UNKNOWN_COMMAND: Final = "unknown-command"
-    BAD_ARGS: Final = "bad-args"
-    PERMISSION_DENIED: Final = "permission-denied"
-    NO_SUCH_PEER: Final = "no-such-peer"
-    INTERNAL: Final = "internal"
-
-
-class ControlView(Protocol):
-    """What the daemon exposes to the control plane. Every method is called from the trio
-    thread, between two awaits, and must not block.
-
-    - ``status()``: ``version``, ``uptime`` (s), ``shm`` (``{"name", "path", "size"}``),
-      ``vectors``, ``peers`` (count), ``limits`` (a map), plus anything else useful.
-    - ``peers()``: one map per peer: ``id``, ``pid``, ``uid``, ``gid``, ``connected_at``
-      (unix time), ``vectors``.
-    - ``kick(peer_id)``: disconnect that peer (the others get the leave notice); False if
-      there is no such peer.
-    - ``stats()``: counters: ``joins``, ``leaves``, ``refusals``, ``messages_sent``,
-      ``slow_disconnects``.
-    - ``owner_uid``: the daemon's uid, which may kick (as may root).
-    """
-
-    def status(self) -> dict[str, Any]: ...
-
-    def peers(self) -> list[dict[str, Any]]: ...
-
-    def kick(self, peer_id: int) -> bool: ...
-
-    def stats(self) -> dict[str, int]: ...
-
-    @property
-    def owner_uid(self) -> int: ...
-
-
-class ProtocolError(Exception):
-    """A reply or event that does not follow the schema (client side)."""
-
-
-class ControlError(Exception):
-    """An error reply from the daemon (client side)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 class ControlSetupError(Exception):
     """The control plane cannot start (bad endpoint, cannot bind, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Endpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def default_control_endpoint(socket_path: str | os.PathLike[str]) -> str:
-    """``ipc://<socket_path>.ctl``: next to the daemon's unix socket, so ``-S`` finds it."""
-    return f"ipc://{os.path.abspath(os.fspath(socket_path))}.ctl"
-
-
-def default_events_endpoint(socket_path: str | os.PathLike[str]) -> str:
-    """``ipc://<socket_path>.events``: the peer event stream next to the daemon's socket."""
-    return f"ipc://{os.path.abspath(os.fspath(socket_path))}.events"
-
-
-def events_endpoint_for(control_endpoint: str) -> str:
-    """The events endpoint that goes with a control endpoint by convention:
-    ``ipc://X.ctl`` -> ``ipc://X.events``, ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1``."""
-    if control_endpoint.startswith("ipc://") and control_endpoint.endswith(".ctl"):
-        return control_endpoint[: -len(".ctl")] + ".events"
-    if control_endpoint.startswith("tcp://"):
-        host, sep, port = control_endpoint[len("tcp://") :].rpartition(":")
-        if sep and port.isdigit() and 0 < int(port) < 65535:
-            return f"tcp://{host}:{int(port) + 1}"
-    raise ValueError(
-        f"cannot derive an events endpoint from {control_endpoint!r}; give it explicitly"
-    )
-
-
-def ipc_path(endpoint: str) -> str | None:
-    """The filesystem path of an ``ipc://`` endpoint; None for abstract or non-ipc ones."""
-    if not endpoint.startswith("ipc://"):
-        return None
-    path = endpoint[len("ipc://") :]
-    if path.startswith("@"):
-        return None
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Requester credentials
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Credentials:
-    """SO_PEERCRED of the process that connected to the control socket."""
-
-    pid: int
-    uid: int
-    gid: int
-
-
-def parse_peer_address(peer_address: str | None) -> Credentials | None:
-    """Credentials from libzmq's ``Peer-Address`` of an ipc connection.
-
-    For unix-domain connections libzmq appends ``:uid:gid:pid`` (read with SO_PEERCRED when
-    the connection was accepted) to the address, e.g. ``"localhost:1000:1000:4242"``. Only
-    call this for ipc endpoints: a tcp IPv6 address also contains colons.
-    """
-    if not peer_address:
-        return None
-    parts = peer_address.rsplit(":", 3)
-    if len(parts) != 4:
-        return None
-    try:
-        uid, gid, pid = int(parts[1]), int(parts[2]), int(parts[3])
-    except ValueError:
-        return None
-    return Credentials(pid=pid, uid=uid, gid=gid)
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests and replies (pure)
-# ---------------------------------------------------------------------------------------------
-
-
-def _pack(obj: Any) -> bytes:
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
-    return packed
-
-
-def _unpack(raw: bytes) -> Any:
-    return msgpack.unpackb(raw, raw=False, strict_map_key=True)
-
-
-def _ok(result: Any) -> bytes:
-    return _pack({"v": SCHEMA_VERSION, "ok": True, "result": result})
-
-
-def _error(code: str, message: str) -> bytes:
-    return _pack({"v": SCHEMA_VERSION, "ok": False, "error": {"code": code, "message": message}})
-
-
-class _BadRequest(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _string_keys(mapping: Mapping[Any, Any], where: str) -> None:
-    """A map whose keys are not all text (msgpack also has bytes keys) is a bad request,
-    refused before anything compares or sorts its keys."""
-    odd = [key for key in mapping if not isinstance(key, str)]
-    if odd:
-        raise _BadRequest(
-            ErrorCode.BAD_REQUEST, f"{where} keys must be strings, got {odd[0]!r:.40}"
-        )
-
-
-def _no_args(args: Mapping[str, Any]) -> None:
-    if args:
-        raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(args)}")
-
-
-def _kick_peer_id(args: Mapping[str, Any]) -> int:
-    extra = set(args) - {"id"}
-    if extra:
-        raise _BadRequest(ErrorCode.BAD_ARGS, f"unexpected arguments: {sorted(extra)}")
-    if "id" not in args:
-        raise _BadRequest(ErrorCode.BAD_ARGS, "kick needs args.id (the peer id)")
-    peer_id = args["id"]
-    if isinstance(peer_id, bool) or not isinstance(peer_id, int):
-        raise _BadRequest(ErrorCode.BAD_ARGS, "args.id must be an integer")
-    if not 0 <= peer_id <= MAX_PEER_ID:
-        raise _BadRequest(ErrorCode.BAD_ARGS, f"args.id must be in 0..{MAX_PEER_ID}")
-    return peer_id
-
-
-def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise _BadRequest(
-            ErrorCode.TOO_LARGE,
-            f"request of {len(raw)} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit",
-        )
-    try:
-        request = _unpack(raw)
-    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, ...)
-        raise _BadRequest(ErrorCode.BAD_MSGPACK, f"request is not valid msgpack: {exc}") from None
-    if not isinstance(request, dict):
-        raise _BadRequest(
-            ErrorCode.BAD_REQUEST, f"request must be a map, not {type(request).__name__}"
-        )
-    _string_keys(request, "request")
-    version = request.get("v")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs an integer schema version 'v'")
-    if version != SCHEMA_VERSION:
-        raise _BadRequest(
-            ErrorCode.UNSUPPORTED_VERSION,
-            f"schema version {version} is not supported (this daemon speaks {SCHEMA_VERSION})",
-        )
-    cmd = request.get("cmd")
-    if not isinstance(cmd, str):
-        raise _BadRequest(ErrorCode.BAD_REQUEST, "request needs a string 'cmd'")
-    if cmd not in COMMANDS:
-        raise _BadRequest(
-            ErrorCode.UNKNOWN_COMMAND,
-            f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})",
-        )
-    args = request.get("args", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise _BadRequest(ErrorCode.BAD_ARGS, "'args' must be a map")
-    _string_keys(args, "'args'")
-    unknown = set(request) - {"v", "cmd", "args"}
-    if unknown:
-        raise _BadRequest(ErrorCode.BAD_REQUEST, f"unknown request fields: {sorted(unknown)}")
-    return cmd, args
-
-
-def _may_kick(view: ControlView, requester_uid: int | None) -> bool:
-    return requester_uid is not None and requester_uid in (0, view.owner_uid)
-
-
-def _dispatch(
-    cmd: str, args: Mapping[str, Any], view: ControlView, requester_uid: int | None
-) -> Any:
-    if cmd == "status":
-        _no_args(args)
-        return view.status()
-    if cmd == "peers":
-        _no_args(args)
-        return {"peers": view.peers()}
-    if cmd == "stats":
-        _no_args(args)
-        return view.stats()
-    if cmd == "kick":
-        peer_id = _kick_peer_id(args)
-        if not _may_kick(view, requester_uid):
-            who = "an unknown uid" if requester_uid is None else f"uid {requester_uid}"
-            raise _BadRequest(
-                ErrorCode.PERMISSION_DENIED,
-                f"kick needs the daemon's uid ({view.owner_uid}) or root; request came from {who}",
-            )
-        if not view.kick(peer_id):
-            raise _BadRequest(ErrorCode.NO_SUCH_PEER, f"no peer with id {peer_id}")
-        return {"kicked": peer_id}
-    raise _BadRequest(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r}")  # pragma: no cover
-
-
-def handle_request(raw: bytes, view: ControlView, requester_uid: int | None) -> bytes:
-    """Answer one control request. Pure apart from calling ``view``; never raises.
-
-    ``requester_uid`` is the uid of the requesting process when the transport can tell it
-    (SO_PEERCRED over ipc), else None; None is never allowed to ``kick``.
-    """
-    try:
-        cmd, args = _parse_request(raw)
-        result = _dispatch(cmd, args, view, requester_uid)
-        return _ok(result)
-    except _BadRequest as bad:
-        return _error(bad.code, bad.message)
-    except Exception as exc:  # one line for the operator; the traceback only with -v
-        log.error("control request failed inside the daemon: %s: %s", type(exc).__name__, exc)
-        log.debug("control request failure", exc_info=True)
-        return _error(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def encode_request(cmd: str, args: Mapping[str, Any] | None = None) -> bytes:
-    """Client side: the bytes of one request."""
-    request: dict[str, Any] = {"v": SCHEMA_VERSION, "cmd": cmd}
-    if args:
-        request["args"] = dict(args)
-    return _pack(request)
-
-
-def decode_reply(raw: bytes) -> Any:
-    """Client side: the ``result`` of a reply; raises :class:`ControlError` for an error reply
-    and :class:`ProtocolError` for anything that is not a valid reply."""
-    try:
-        reply = _unpack(raw)
-    except Exception as exc:
-        raise ProtocolError(f"reply is not valid msgpack: {exc}") from None
-    if not isinstance(reply, dict) or reply.get("v") != SCHEMA_VERSION:
-        raise ProtocolError(f"reply is not a schema-{SCHEMA_VERSION} map: {reply!r:.200}")
-    if reply.get("ok") is True and "result" in reply:
-        return reply["result"]
-    error = reply.get("error")
-    if reply.get("ok") is False and isinstance(error, dict):
-        return_code = error.get("code")
-        message = error.get("message")
-        raise ControlError(str(return_code), str(message))
-    raise ProtocolError(f"malformed reply: {reply!r:.200}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Events (pure encoding, plus a queue the serving task drains)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """One peer event as published: ``seq`` starts at 1 and grows by 1 per event."""
-
-    seq: int
-    kind: str
-    peer_id: int
-    vectors: int
-    time: float
-    reason: str | None = None
-
-    def to_frames(self) -> tuple[bytes, bytes]:
-        """The two zmq frames: topic and msgpack body."""
-        body: dict[str, Any] = {
-            "v": SCHEMA_VERSION,
-            "seq": self.seq,
-            "event": self.kind,
-            "peer_id": self.peer_id,
-            "vectors": self.vectors,
-            "time": self.time,
-        }
-        if self.reason is not None:
-            body["reason"] = self.reason
-        return self.kind.encode(), _pack(body)
-
-
-def decode_event(frames: list[bytes]) -> Event:
-    """Client side: an :class:`Event` from the frames of one events message."""
-    if len(frames) != 2:
-        raise ProtocolError(f"an event has 2 frames, got {len(frames)}")
-    try:
-        body = _unpack(frames[1])
-    except Exception as exc:
-        raise ProtocolError(f"event body is not valid msgpack: {exc}") from None
-    if not isinstance(body, dict) or body.get("v") != SCHEMA_VERSION:
-        raise ProtocolError(f"event is not a schema-{SCHEMA_VERSION} map")
-    try:
-        event = Event(
-            seq=int(body["seq"]),
-            kind=str(body["event"]),
-            peer_id=int(body["peer_id"]),
-            vectors=int(body["vectors"]),
-            time=float(body["time"]),
-            reason=None if body.get("reason") is None else str(body["reason"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"event lacks a field or has a wrong type: {exc}") from None
-    if event.kind.encode() != frames[0]:
-        raise ProtocolError(f"event topic {frames[0]!r} does not match {event.kind!r}")
-    return event
 
 
 class EventPublisher:
@@ -498,7 +111,10 @@ class EventPublisher:
         *,
         max_pending: int = MAX_PENDING_EVENTS,
         clock: Callable[[], float] = time.time,
+        boot: str | None = None,
     ) -> None:
+        #: this daemon instance, stamped on its events (see :attr:`Event.boot`)
+        self.boot = boot if boot is not None else secrets.token_hex(8)
         self._seq = 0
         self._clock = clock
         self._pending: deque[Event] = deque()
@@ -516,9 +132,22 @@ class EventPublisher:
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         self._seq += 1
-        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason)
+        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason, self.boot)
         self.forward(event)
         return event
+
+    def export(self) -> dict[str, Any]:
+        """The stream's instance, last number and unsent events: an upgrade in place
+        (:mod:`ivshmemd.handover`) carries them, so the stream goes on without a gap."""
+        pending = [list(dataclasses.astuple(event)) for event in self._pending]
+        return {"boot": self.boot, "seq": self._seq, "pending": pending}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Go on where :meth:`export` left off (in the next image of the daemon)."""
+        self.boot = str(state["boot"])
+        self._seq = max(self._seq, int(state["seq"]))
+        for fields in state["pending"]:
+            self.forward(Event(*fields))
 
     def forward(self, event: Event) -> None:
         """Queue an event stamped elsewhere (the control process relays the daemon's)."""
@@ -563,27 +192,6 @@ class EventPublisher:
             await trio.lowlevel.checkpoint()
             return
         await self._lot.park()
-
-
-class SequenceTracker:
-    """Client side: notices gaps in the event sequence numbers."""
-
-    def __init__(self) -> None:
-        self.last_seq: int | None = None
-        self.missed = 0
-
-    def observe(self, seq: int) -> tuple[int, int] | None:
-        """Record ``seq``; returns the missing range ``(first, last)`` if there is a gap.
-
-        The first event seen starts the sequence (a subscriber that joins late has no gap).
-        A sequence number that goes backwards (the daemon restarted) also starts afresh.
-        """
-        gap: tuple[int, int] | None = None
-        if self.last_seq is not None and seq > self.last_seq + 1:
-            gap = (self.last_seq + 1, seq - 1)
-            self.missed += seq - 1 - self.last_seq
-        self.last_seq = seq
-        return gap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,7 +343,7 @@ async def _serve_requests(router: TrioSocket, handler: RequestHandler, ipc: bool
         if ipc and body:
             creds = parse_peer_address(str(body[0].get("Peer-Address")))
         if len(body) != 1:
-            reply = _error(ErrorCode.BAD_REQUEST, "a request is exactly one frame")
+            reply = error_reply(ErrorCode.BAD_REQUEST, "a request is exactly one frame")
         elif len(body[0].bytes) > MAX_REQUEST_BYTES:  # answered here, never passed on
             reply = handle_request(body[0].bytes, _NO_VIEW, None)
         else:
@@ -754,10 +362,19 @@ class _NoView:
     def peers(self) -> list[dict[str, Any]]:  # pragma: no cover
         raise AssertionError("unreachable")
 
-    def kick(self, peer_id: int) -> bool:  # pragma: no cover
+    def kick(self, peer_id: int, reason: str) -> bool:  # pragma: no cover
         raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, int]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def departure(self, peer_id: int) -> dict[str, Any] | None:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def ring(self, peer_id: int, vector: int) -> None:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def dump(self) -> dict[str, Any]:  # pragma: no cover
         raise AssertionError("unreachable")
 
     @property
@@ -896,7 +513,6 @@ async def serve_control(
             control=_bind(router.socket, endpoint, socket_mode, socket_gid, created),
             events=_bind(pub.socket, events_endpoint, socket_mode, socket_gid, created),
         )
-        log.debug("control plane on %s, events on %s", bound.control, bound.events)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_zap, zap, _zap_policy(access, counters))
             for domain, monitor_sock in monitors.items():
