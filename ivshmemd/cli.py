@@ -473,6 +473,12 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                 control, events = bound.control, bound.events
             upgrader = Upgrader(launch.argv, server, launch.held, notifier, process)
             upgrader.extras["events"] = publisher.export
+            upgrader.nursery = nursery
+            if inherited is not None:
+                upgrader.done = int(inherited.get("upgrades_done", 0)) + 1
+            if process is not None:
+                assert isinstance(process.view, DaemonControlView)
+                process.view.upgrader = upgrader
             if inherited is None:
                 log.info("%s", describe)
             else:

@@ -66,6 +66,28 @@ class Upgrader:
     #: more state to carry, by key (e.g. the event stream's sequence number)
     extras: dict[str, Callable[[], Any]] = field(default_factory=dict)
     busy: bool = False
+    #: upgrades done in this process's life (carried), failed in this image, and why
+    done: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    #: where :meth:`request` starts upgrades (the daemon's nursery)
+    nursery: trio.Nursery | None = None
+
+    def status(self) -> dict[str, Any]:
+        """How upgrades stand (``ivshmemctl status``, ``ivshmemctl upgrade``)."""
+        return {"running": self.busy, "done": self.done, "failed": self.failed,
+                "last_error": self.last_error}  # fmt: skip
+
+    def request(self) -> dict[str, Any]:
+        """``ivshmemctl upgrade``: start one (unless one runs); how upgrades stand."""
+        if not self.busy and self.nursery is not None:
+            self.busy = True  # at once: a second request sees it running
+            self.nursery.start_soon(self._requested)
+        return self.status()
+
+    async def _requested(self) -> None:
+        self.busy = False
+        await self.upgrade()
 
     def snapshot(self, signalled_at: float) -> tuple[dict[str, Any], list[int]]:
         """The state and the fds it names (see :mod:`ivshmemd.handover`)."""
@@ -85,6 +107,7 @@ class Upgrader:
             "resources": self.held.export(),
             "server": self.server.export(),
             "children": children,
+            "upgrades_done": self.done,
             **{key: get() for key, get in self.extras.items()},
         }
         return state, fds
@@ -124,6 +147,8 @@ class Upgrader:
 
     def _refused(self, why: str) -> str:
         log.error("upgrade not done: %s; still serving", why)
+        self.failed += 1
+        self.last_error = why
         return why
 
     async def _preflight(self, signalled_at: float) -> str | None:

@@ -19,11 +19,7 @@ UPGRADED = "upgraded in place"
 
 def peer_table(socket_path: str) -> list[dict[str, Any]]:
     """``ivshmemctl peers --json`` for the daemon on ``socket_path``."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ivshmemd.ctl", "-S", socket_path, "--timeout", "20", "--json",
-         "peers"],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    result = ctl(socket_path, "--json", "peers")
     assert result.returncode == 0, result.stderr
     table: list[dict[str, Any]] = json.loads(result.stdout)
     return table
@@ -61,3 +57,11 @@ async def read_greeting(client: RawClient, vectors: int) -> int:
     while client.stream.count((own, True)) < vectors:
         await client.read(1)
     return own
+
+
+def ctl(socket_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ivshmemctl -S SOCKET ARGS...`` run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "ivshmemd.ctl", "-S", socket_path, "--timeout", "20", *args],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip

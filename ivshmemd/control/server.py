@@ -377,6 +377,9 @@ class _NoView:
     def dump(self) -> dict[str, Any]:  # pragma: no cover
         raise AssertionError("unreachable")
 
+    def upgrade(self) -> dict[str, Any]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
     @property
     def owner_uid(self) -> int:  # pragma: no cover
         raise AssertionError("unreachable")

@@ -4,6 +4,7 @@ serving; an unknown state format is refused before the old image is gone."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ from ivshmemd.handover import (
 )
 from ivshmemd.supervise import DaemonProcess
 from peers.pytest_plugin import DaemonFactory, PeerSpawner
-from tests.handover_tools import peer_table, read_greeting, ring_reaches, upgrade
+from tests.handover_tools import ctl, peer_table, read_greeting, ring_reaches, upgrade
 from tests.rawclient import RawClient
 
 #: upgrades in a row in the leak test: each starts two interpreters (the check, then the new
@@ -141,6 +142,22 @@ async def test_queued_messages_cross_the_upgrade_exactly_once(start_daemon: Daem
             client.close()
 
 
+async def test_ivshmemctl_upgrade_upgrades_in_place(start_daemon: DaemonFactory) -> None:
+    async with start_daemon(vectors=1) as daemon:
+        client = await _join(daemon, 1, [])
+        result = await trio.to_thread.run_sync(ctl, daemon.socket_path, "upgrade")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"upgraded in place (pid {daemon.pid}, 1 peers kept)\n"
+        await daemon.wait_log("upgraded in place")
+        status = json.loads(ctl(daemon.socket_path, "--json", "status").stdout)
+        assert status["upgrades"] == {"running": False, "done": 1, "failed": 0,
+                                      "last_error": None}  # fmt: skip
+        other = await _join(daemon, 1, [client])
+        ring_reaches(other, client, 0, 0)
+        for each in (client, other):
+            each.close()
+
+
 def _failing_program(tmp_path: Path) -> str:
     script = tmp_path / "broken-ivshmemd"
     script.write_text("#!/bin/sh\necho 'ivshmemd: this build is broken' >&2\nexit 1\n")
@@ -162,6 +179,14 @@ async def test_a_failed_upgrade_leaves_the_old_daemon_serving(
         second = await _join(daemon, 1, [first])
         assert daemon.pid == pid and daemon.process.returncode is None
         ring_reaches(second, first, 0, 0)
+        # the same through the control plane: the command says why, and fails
+        result = await trio.to_thread.run_sync(ctl, daemon.socket_path, "upgrade")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            "ivshmemctl: upgrade not done: the new ivshmemd failed its check (exit status 1): "
+            "ivshmemd: this build is broken"
+        ]
+        assert daemon.count("upgrade not done") == 2 and daemon.pid == pid
         first.close()
         second.close()
 
