@@ -115,12 +115,15 @@ def _worker_argv(path: str, share: int, vectors: int, peers: int) -> list[str]:
             str(peers)]  # fmt: skip
 
 
-def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
-    """Time until ``peers`` clients have all seen each other."""
+def bench_join(peers: int, vectors: int, workers: int, fd_store: bool = False) -> dict[str, Any]:
+    """Time until ``peers`` clients have all seen each other (``fd_store``: with the crash
+    journal on, as under systemd with FileDescriptorStoreMax=: every join pushes its fds to
+    the notify socket and rewrites the state file)."""
     shares = [peers // workers + (1 if i < peers % workers else 0) for i in range(workers)]
+    env = {**os.environ, "FDSTORE": "1000000"} if fd_store else None
     with (
         tempfile.TemporaryDirectory() as directory,
-        sync_daemon_process(directory, vectors=vectors, args=DAEMON_ARGS) as daemon,
+        sync_daemon_process(directory, vectors=vectors, args=DAEMON_ARGS, env=env) as daemon,
         sync_supervisor() as supervisor,
     ):
         started = [
@@ -150,6 +153,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
     fd_messages = 1 * peers + vectors * peers * peers
     return {
         "bench": "join",
+        "fd_store": fd_store,
         "peers": peers,
         "vectors": vectors,
         "workers": len(started),
@@ -220,7 +224,8 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
         print_handover(result)
     elif result["bench"] == "join":
         print(
-            f"join: {result['peers']} peers x {result['vectors']} vectors: all saw each other "
+            f"join{' (fd store)' if result['fd_store'] else ''}: {result['peers']} peers x "
+            f"{result['vectors']} vectors: all saw each other "
             f"in {result['seconds'] * 1000:.1f} ms; {result['fd_messages']} fd messages, "
             f"{result['fd_messages_per_s']:,.0f} fd messages/s "
             f"(daemon fds: {result['daemon_fds_before']} idle, "
@@ -254,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     join.add_argument("--peers", type=int_in(1, 65536), default=64)
     join.add_argument("--vectors", type=int_in(1, 64), default=4)
     join.add_argument("--workers", type=positive_int, default=os.cpu_count() or 2)
+    join.add_argument(
+        "--fd-store", action="store_true",
+        help="with the crash journal (systemd's fd store, the state file)",
+    )  # fmt: skip
     join.add_argument("--json", action="store_true")
     churn = sub.add_parser("churn", help="join/leave cycles: fds and RSS before and after")
     churn.add_argument("--cycles", type=positive_int, default=1000)
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.bench == "join":
-            result = bench_join(args.peers, args.vectors, args.workers)
+            result = bench_join(args.peers, args.vectors, args.workers, args.fd_store)
         elif args.bench == "handover":
             result = bench_handover(args.peers, args.upgrades, args.cpu)
         else:

@@ -37,6 +37,9 @@ __all__ = ["CrashJournal", "recover"]
 
 log = logging.getLogger("ivshmemd")
 
+#: records appended before the state file is compacted into a snapshot (at least)
+COMPACT_AFTER = 64
+
 
 class CrashJournal:
     """Keeps systemd's fd store and the state file current as peers join and leave."""
@@ -64,32 +67,44 @@ class CrashJournal:
         self.store.push_all(zip(peer_names(peer.peer_id, len(peer.vectors)), fds, strict=True))
 
     def joined(self, conn: Connection) -> None:
-        self.write()
+        peer = conn.peer
+        next_id = self.server.registry.allocator.next_id
+        self._record(["join", peer.peer_id, peer.info, next_id, self._scan()])
 
     def left(self, peer: Peer) -> None:
         self.store.remove(peer_names(peer.peer_id, len(peer.vectors)))
-        self._unsettled.discard(peer.peer_id)
-        self.write()
+        self._record(["leave", peer.peer_id, self._scan()])
 
     def drained(self, conn: Connection) -> None:
         if conn.peer.peer_id in self._unsettled:
+            self._record(["unsettled", self._scan()])
+
+    def _scan(self) -> list[int]:
+        """The peers with messages queued (what a crash now would lose)."""
+        unsettled = [pid for pid, conn in self.server.connections.items() if conn.outbox]
+        self._unsettled = set(unsettled)
+        return unsettled
+
+    def _record(self, record: list[Any]) -> None:
+        """Append a record, or compact into a snapshot once records outnumber peers."""
+        if self._closing:
+            return
+        if self.statefile.records >= max(COMPACT_AFTER, 2 * len(self.server.registry)):
             self.write()
+            return
+        try:
+            self.statefile.append(record)
+        except OSError as exc:
+            log.error("cannot write the state file %s: %s", self.statefile.path, exc.strerror)
 
     def write(self) -> None:
-        """Rewrite the state file (atomically); a failure is logged, never raised."""
+        """Write a snapshot of the state (atomically); a failure is logged, never raised."""
         if self._closing:
             return
         server = self.server
-        peers = []
-        unsettled = set()
-        for peer_id in server.registry.ids():
-            conn = server.connections.get(peer_id)
-            info = server.registry.get(peer_id).info  # type: ignore[union-attr]
-            settled = conn is not None and not conn.outbox
-            if not settled:
-                unsettled.add(peer_id)
-            peers.append([peer_id, info, settled])
-        self._unsettled = unsettled
+        unsettled = set(self._scan())
+        peers = [[peer.peer_id, peer.info, peer.peer_id not in unsettled
+                  and peer.peer_id in server.connections] for peer in server.registry]  # fmt: skip
         try:
             self.statefile.write({
                 "n_vectors": server.config.n_vectors,
@@ -100,6 +115,27 @@ class CrashJournal:
             self.writes += 1
         except OSError as exc:
             log.error("cannot write the state file %s: %s", self.statefile.path, exc.strerror)
+
+
+def replay(state: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot with the records written after it applied: ``peers`` as
+    ``[id, info, settled]`` in connection order, ``next_id``."""
+    peers: dict[int, list[Any]] = {entry[0]: list(entry) for entry in state.get("peers", [])}
+    next_id = state.get("next_id")
+    for record in state.get("records", []):
+        kind = record[0] if record else None
+        if kind == "join" and len(record) == 5:
+            peers[record[1]] = [record[1], record[2], True]
+            next_id = record[3]
+        elif kind == "leave" and len(record) == 3:
+            peers.pop(record[1], None)
+        else:
+            if kind != "unsettled" or len(record) != 2:
+                continue
+        unsettled = set(record[-1])
+        for entry in peers.values():
+            entry[2] = entry[0] not in unsettled
+    return {**state, "peers": list(peers.values()), "next_id": next_id}
 
 
 def _hung_up(fd: int) -> bool:
@@ -123,6 +159,7 @@ def recover(
     peers: list[dict[str, Any]] = []
     gone: dict[int, str] = {}
     listed: set[int] = set()
+    state = None if state is None else replay(state)
     for peer_id, info, settled in (state or {}).get("peers", []):
         found = stored.peers.get(peer_id)
         listed.add(peer_id)
