@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -26,6 +26,7 @@ from . import __version__, signals
 from .access import AllowList
 from .activation import ActivationError, listen_fds
 from .argtypes import positive_int, seconds, size
+from .childlink import LinkedChild, reap
 from .control.process import ControlConfig, ControlProcess
 from .control.schema import (
     default_control_endpoint,
@@ -547,9 +548,6 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
         async with trio.open_nursery() as nursery:
             if inherited is not None and inherited.get("events"):
                 publisher.resume(inherited["events"])
-            await nursery.start(server.serve)
-            if launch.journal is not None:
-                launch.journal.write()
             process: ControlProcess | None = None
             if control is not None and events is not None:
                 config = ControlConfig(
@@ -560,16 +558,21 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                 process = ControlProcess(
                     config, DaemonControlView(server, args.socket, publisher), publisher
                 )
-                for child in (inherited or {}).get("children", []):
-                    if child.get("kind") == "control":
-                        process.adopt(child)
-                bound = await nursery.start(process.run)
-                control, events = bound.control, bound.events
             federation: FederationProcess | None = None
             if args.federation is not None:
                 federation = FederationProcess(args.federation, server, verbose=args.verbose)
+            if inherited is not None:
+                _adopt_children(inherited, nursery, control=process, federation=federation)
+            await nursery.start(server.serve)
+            if launch.journal is not None:
+                launch.journal.write()
+            if process is not None:
+                bound = await nursery.start(process.run)
+                control, events = bound.control, bound.events
+            if federation is not None:
                 await nursery.start(federation.run)
-            upgrader = Upgrader(launch.argv, server, launch.held, notifier, process)
+            children: list[LinkedChild] = [c for c in (process, federation) if c is not None]
+            upgrader = Upgrader(launch.argv, server, launch.held, notifier, children)
             upgrader.extras["events"] = publisher.export
             upgrader.nursery = nursery
             if inherited is not None:
@@ -611,6 +614,34 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                     nursery.start_soon(upgrader.upgrade, time.monotonic())
                     continue
                 _on_signal(signum, server, process, logs)
+
+
+#: how long a child an earlier image did not hand over has to exit before it is killed
+STRAY_GRACE: Final = 5.0
+
+
+def _adopt_children(
+    inherited: dict[str, Any],
+    nursery: trio.Nursery,
+    *,
+    control: ControlProcess | None,
+    federation: FederationProcess | None,
+) -> None:
+    """Serve on with the child processes the earlier image handed over (the federation's
+    before the server serves: it hears of every local join and leave); reap the rest (a
+    child caught starting or stopping, or of a kind this command line no longer runs)."""
+    handles: dict[str, ControlProcess | FederationProcess | None] = {
+        "control": control, "federation": federation,
+    }  # fmt: skip
+    for entry in inherited.get("children", []):
+        handle = handles.get(str(entry.get("kind")))
+        if handle is not None and entry.get("link") is not None:
+            handle.adopt(entry)
+            continue
+        for fd in (entry.get("link"), entry.get("stderr")):
+            if fd is not None:
+                os.close(fd)
+        nursery.start_soon(reap, int(entry["pid"]), STRAY_GRACE)
 
 
 def _on_signal(

@@ -18,6 +18,11 @@ left once the daemon serves:
   would miss part of the protocol), and one whose fds are not all in the store;
 * a peer whose fds are stored but that the state file does not list (the daemon died between
   storing them and recording it): its join may have reached some peers.
+
+Remote peers (a federation's) are stored by their vectors and recorded with their member;
+they are restored as remote peers, and the new federation process confirms each as the
+members announce it again (:class:`ivshmemd.fedproc.FederationProcess`): local peers see
+no leave and no join of a remote peer that is still there.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import socket
 import time
 from typing import Any
 
-from .fdstore import LISTEN, SHM, FdStore, StoredFds, peer_names
+from .fdstore import LISTEN, SHM, FdStore, StoredFds, peer_names, remote_names
 from .registry import Peer
 from .server import Connection, IvshmemServer
 from .statefile import StateFile
@@ -71,8 +76,14 @@ class CrashJournal:
         next_id = self.server.registry.allocator.next_id
         self._record(["join", peer.peer_id, peer.info, next_id, self._scan()])
 
+    def remote_joined(self, peer: Peer) -> None:
+        names = remote_names(peer.peer_id, len(peer.vectors))
+        self.store.push_all(zip(names, (shared.fd for shared in peer.vectors), strict=True))
+        self._record(["remote", peer.peer_id, peer.info])
+
     def left(self, peer: Peer) -> None:
-        self.store.remove(peer_names(peer.peer_id, len(peer.vectors)))
+        names = remote_names if "member" in peer.info else peer_names
+        self.store.remove(names(peer.peer_id, len(peer.vectors)))
         self._record(["leave", peer.peer_id, self._scan()])
 
     def drained(self, conn: Connection) -> None:
@@ -103,8 +114,9 @@ class CrashJournal:
             return
         server = self.server
         unsettled = set(self._scan())
+        served = server.connections.keys() | server.remote.keys()
         peers = [[peer.peer_id, peer.info, peer.peer_id not in unsettled
-                  and peer.peer_id in server.connections] for peer in server.registry]  # fmt: skip
+                  and peer.peer_id in served] for peer in server.registry]  # fmt: skip
         try:
             self.statefile.write({
                 "n_vectors": server.config.n_vectors,
@@ -129,6 +141,9 @@ def replay(state: dict[str, Any]) -> dict[str, Any]:
             next_id = record[3]
         elif kind == "leave" and len(record) == 3:
             peers.pop(record[1], None)
+        elif kind == "remote" and len(record) == 3:
+            peers[record[1]] = [record[1], record[2], True]
+            continue
         else:
             if kind != "unsettled" or len(record) != 2:
                 continue
@@ -161,8 +176,18 @@ def recover(
     listed: set[int] = set()
     state = None if state is None else replay(state)
     for peer_id, info, settled in (state or {}).get("peers", []):
-        found = stored.peers.get(peer_id)
         listed.add(peer_id)
+        if isinstance(info, dict) and "member" in info:
+            remote = stored.remote.pop(peer_id, None)
+            vectors = [] if remote is None else [remote.vectors[v] for v in sorted(remote.vectors)]
+            if len(vectors) == n_vectors:
+                peers.append({"id": peer_id, "vectors": vectors, "info": info, "conn": None,
+                              "member": info["member"]})  # fmt: skip
+            else:  # its local peers cannot ring it: a leave, then the federation's join
+                gone[peer_id] = "not all its vectors were in systemd's fd store"
+                peers.append({"id": peer_id, "vectors": vectors, "info": info, "conn": None})
+            continue
+        found = stored.peers.get(peer_id)
         if found is None:
             gone[peer_id] = "its fds were not in systemd's fd store"
             peers.append({"id": peer_id, "vectors": [], "info": info, "conn": None})
@@ -185,7 +210,11 @@ def recover(
         if found.conn is not None:
             os.close(found.conn)
         peers.append({"id": peer_id, "vectors": vectors, "info": {}, "conn": None})
-    first_free = max((p["id"] for p in peers), default=-1) + 1
+    for remote in stored.remote.values():  # stored, never recorded: nobody was told of it
+        for fd in remote.vectors.values():
+            os.close(fd)
+    local = [p["id"] for p in peers if "member" not in p["info"]]
+    first_free = max(local, default=-1) + 1
     server_state = {
         "next_id": (state or {}).get("next_id", first_free),
         "n_vectors": n_vectors,

@@ -13,6 +13,7 @@ Names (one fd each; systemd keeps them in ``LISTEN_FDNAMES``):
 ``shm``                  the shared memory
 ``peer-<id>-conn``       peer ``id``'s connection
 ``peer-<id>-vec-<v>``    peer ``id``'s vector ``v`` (its eventfd)
+``remote-<id>-vec-<v>``  vector ``v`` of remote peer ``id`` (a federation member's peer)
 
 The store is used when ``$NOTIFY_SOCKET`` is set and ``$FDSTORE`` is above zero: systemd
 (254 and later) sets ``$FDSTORE`` to ``FileDescriptorStoreMax=``; the unit sets it too, for
@@ -32,14 +33,23 @@ from typing import Final
 from .activation import PassedFd
 from .sdnotify import SystemdNotifier
 
-__all__ = ["FDSTORE_ENV", "LISTEN", "SHM", "FdStore", "StoredFds", "classify", "peer_names"]
+__all__ = [
+    "FDSTORE_ENV",
+    "LISTEN",
+    "SHM",
+    "FdStore",
+    "StoredFds",
+    "classify",
+    "peer_names",
+    "remote_names",
+]
 
 log = logging.getLogger("ivshmemd")
 
 FDSTORE_ENV: Final = "FDSTORE"
 LISTEN: Final = "listen"
 SHM: Final = "shm"
-_PEER = re.compile(r"peer-(\d{1,5})-(conn|vec-(\d{1,2}))\Z")
+_PEER = re.compile(r"(peer|remote)-(\d{1,5})-(conn|vec-(\d{1,2}))\Z")
 
 
 def conn_name(peer_id: int) -> str:
@@ -55,6 +65,11 @@ def vector_name(peer_id: int, vector: int) -> str:
 def peer_names(peer_id: int, n_vectors: int) -> list[str]:
     """Every store name of a peer: its connection, then its vectors."""
     return [conn_name(peer_id), *(vector_name(peer_id, v) for v in range(n_vectors))]
+
+
+def remote_names(peer_id: int, n_vectors: int) -> list[str]:
+    """Every store name of a remote peer: its vectors (it has no connection here)."""
+    return [f"remote-{peer_id}-vec-{v}" for v in range(n_vectors)]
 
 
 def store_limit(environ: Mapping[str, str] | None = None) -> int:
@@ -122,6 +137,8 @@ class StoredFds:
     listen: int | None = None
     shm: int | None = None
     peers: dict[int, StoredPeer] = field(default_factory=dict)
+    #: remote peers' vectors (a federation's: no connection)
+    remote: dict[int, StoredPeer] = field(default_factory=dict)
     #: what is not ours: socket activation's fds, for :mod:`ivshmemd.activation`
     others: list[PassedFd] = field(default_factory=list)
     #: names we stored once but do not use now (for FDSTOREREMOVE), with their fds
@@ -135,7 +152,7 @@ class StoredFds:
     def all_fds(self) -> list[int]:
         """Every fd of ours (to close what goes unused)."""
         fds = [fd for fd in (self.listen, self.shm) if fd is not None]
-        for peer in self.peers.values():
+        for peer in (*self.peers.values(), *self.remote.values()):
             fds.extend(fd for fd in (peer.conn, *peer.vectors.values()) if fd is not None)
         return fds
 
@@ -147,6 +164,8 @@ class StoredFds:
         names = [LISTEN, SHM]
         for peer_id, peer in self.peers.items():
             names.extend(peer_names(peer_id, max(peer.vectors, default=-1) + 1))
+        for peer_id, peer in self.remote.items():
+            names.extend(remote_names(peer_id, max(peer.vectors, default=-1) + 1))
         return StoredFds(others=self.others, discarded=names + [i.name for i in self.unknown])
 
 
@@ -160,11 +179,12 @@ def classify(passed: Sequence[PassedFd]) -> StoredFds:
         elif item.name == SHM and stored.shm is None:
             stored.shm = item.fd
         elif (match := _PEER.match(item.name)) is not None:
-            peer = stored.peers.setdefault(int(match[1]), StoredPeer())
-            if match[3] is None and peer.conn is None:
+            kind = stored.peers if match[1] == "peer" else stored.remote
+            peer = kind.setdefault(int(match[2]), StoredPeer())
+            if match[4] is None and peer.conn is None and kind is stored.peers:
                 peer.conn = item.fd
-            elif match[3] is not None and int(match[3]) not in peer.vectors:
-                peer.vectors[int(match[3])] = item.fd
+            elif match[4] is not None and int(match[4]) not in peer.vectors:
+                peer.vectors[int(match[4])] = item.fd
             else:
                 stored.unknown.append(item)
         elif item.name in (LISTEN, SHM):

@@ -93,12 +93,14 @@ class FederationSeam(Protocol):
 class Journal(Protocol):
     """Who keeps a record of the peers outside the process (:mod:`ivshmemd.crashsafe`):
     told of a join before any of its messages goes out (``joining``) and once they are
-    queued (``joined``), of a leave once its notices are queued, and when a queue that had
-    messages waiting has drained."""
+    queued (``joined``), of a remote peer registered (``remote_joined``), of a leave once
+    its notices are queued, and when a queue that had messages waiting has drained."""
 
     def joining(self, conn: Connection) -> None: ...
 
     def joined(self, conn: Connection) -> None: ...
+
+    def remote_joined(self, peer: Peer) -> None: ...
 
     def left(self, peer: Peer) -> None: ...
 
@@ -359,9 +361,17 @@ class IvshmemServer:
         one sendmsg) and in-flight ledger, the allocator, counters. Call it where no task
         can run before the process is replaced (no checkpoint in between), after
         :meth:`close_lingering`."""
-        peers = []
+        peers: list[dict[str, Any]] = []
         for peer_id in self.registry.ids():
-            conn = self.connections[peer_id]
+            conn = self.connections.get(peer_id)
+            if conn is None:  # a remote peer: its eventfds, no connection, its member
+                remote = self.registry.get(peer_id)
+                assert remote is not None
+                peers.append({
+                    "id": peer_id, "vectors": [shared.fd for shared in remote.vectors],
+                    "info": remote.info, "conn": None, "member": self.remote[peer_id],
+                })  # fmt: skip
+                continue
             peer = conn.peer
             peers.append({
                 "id": peer_id,
@@ -395,16 +405,16 @@ class IvshmemServer:
 
     def carried_fds(self) -> list[int]:
         """The fds :meth:`export` names (to carry across ``execve``)."""
-        fds = [self._shm_fd.fd]
-        for conn in self.connections.values():
-            fds.append(conn.sock.fileno())
-            fds.extend(shared.fd for shared in conn.peer.vectors)
+        fds = [self._shm_fd.fd, *(conn.sock.fileno() for conn in self.connections.values())]
+        for peer in self.registry:
+            fds.extend(shared.fd for shared in peer.vectors)
         return fds
 
     def adopt(self, state: dict[str, Any], gone: dict[int, str] | None = None) -> None:
         """Take over what :meth:`export` described (before :meth:`serve`). The peers in
         ``gone`` (id: why) are restored and then announced as left once serving starts:
-        after a crash, their connection hung up or was never stored."""
+        after a crash, their connection hung up or was never stored. An entry with a
+        ``member`` is a remote peer (no connection) and stays one."""
         if state["n_vectors"] != self.config.n_vectors:
             raise ValueError(
                 f"the running peers have {state['n_vectors']} vectors, the configuration "
@@ -423,6 +433,9 @@ class IvshmemServer:
             peers.append((entry, Peer(entry["id"], vectors, info=dict(entry["info"]))))
         for entry, peer in peers:
             self.registry.add(peer)
+            if entry.get("member") is not None:  # a remote peer: the federation watches it
+                self.remote[peer.peer_id] = str(entry["member"])
+                continue
             if entry["conn"] is None:
                 self._departed.append((peer.peer_id, gone.get(peer.peer_id, "gone")))
                 continue
@@ -745,7 +758,7 @@ class IvshmemServer:
         if peer is None or peer_id in self.connections or peer_id in self.remote:
             return
         self._unregister(peer_id)
-        if self.federation is not None:
+        if self.federation is not None and "member" not in peer.info:
             self.federation.local_peer_left(peer_id)
         self._departed_log(peer, reason)
 
@@ -804,6 +817,8 @@ class IvshmemServer:
                     crowded.append(conn)
         self.registry.add(peer)
         self.remote[peer_id] = member
+        if self.journal is not None:
+            self.journal.remote_joined(peer)
         self.stats.joins += 1
         log.info("peer %d of member %s joined", peer_id, member)
         self._emit("peer-joined", peer)
@@ -822,6 +837,8 @@ class IvshmemServer:
             self._announce_leave(peer_id)
             log.info("peer %d of member %s left", peer_id, member)
             self._emit("peer-left", peer)
+        if self.journal is not None:
+            self.journal.left(peer)
         return True
 
     def _close(self, conn: Connection, linger: bool) -> None:

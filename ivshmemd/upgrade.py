@@ -32,7 +32,7 @@ from typing import Any, Final
 import trio
 
 from . import __version__
-from .control.process import ControlProcess
+from .childlink import LinkedChild
 from .handover import (
     STATE_FD_ENV,
     HandoverError,
@@ -56,13 +56,14 @@ QUIESCE_TIMEOUT: Final = 5.0
 @dataclass
 class Upgrader:
     """What an upgrade carries: the command line, the server, the resources, the child
-    links (the control process; any sibling process link goes in ``children`` too)."""
+    processes (the control process, the federation process: held in this order, each
+    exporting its entry of the state's ``children`` list)."""
 
     argv: Sequence[str]
     server: IvshmemServer
     held: DaemonResources
     notifier: SystemdNotifier
-    control: ControlProcess | None = None
+    children: list[LinkedChild] = field(default_factory=list)
     #: more state to carry, by key (e.g. the event stream's sequence number)
     extras: dict[str, Callable[[], Any]] = field(default_factory=dict)
     busy: bool = False
@@ -93,8 +94,8 @@ class Upgrader:
         """The state and the fds it names (see :mod:`ivshmemd.handover`)."""
         children = []
         fds = [*self.held.fds(), *self.server.carried_fds()]
-        if self.control is not None:
-            entry = self.control.export()
+        for child in self.children:
+            entry = child.export()
             if entry is not None:
                 children.append(entry)
         for entry in children:
@@ -123,13 +124,16 @@ class Upgrader:
             checked_at = time.monotonic()
             if problem is not None:
                 return self._refused(problem)
-            if self.control is not None:
-                holding = False
-                with trio.move_on_after(QUIESCE_TIMEOUT):
-                    await self.control.hold()
-                    holding = True
-                if not holding:
-                    return self._refused("the control plane stayed busy; try again")
+            held: list[LinkedChild] = []
+            with trio.move_on_after(QUIESCE_TIMEOUT):
+                for child in self.children:
+                    await child.hold()
+                    held.append(child)
+            if len(held) < len(self.children):
+                for child in reversed(held):
+                    child.release()
+                busy = self.children[len(held)].name
+                return self._refused(f"the {busy} stayed busy; try again")
             try:
                 self.notifier.reloading("upgrading")
                 self.server.close_lingering()
@@ -138,8 +142,8 @@ class Upgrader:
                 state["exec_at"] = time.monotonic()
                 execute(new_image_command(self.argv), state, fds)
             except OSError as exc:
-                if self.control is not None:
-                    self.control.release()
+                for child in reversed(held):
+                    child.release()
                 self.notifier.ready(f"{len(self.server.connections)} peers connected")
                 return self._refused(f"cannot execute the new ivshmemd: {exc}")
         finally:

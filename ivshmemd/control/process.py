@@ -200,6 +200,8 @@ def _exit_text(returncode: int | None) -> str:
 class ControlProcess:
     """The daemon's handle on its control process (see the module docstring)."""
 
+    name = "control plane"
+
     def __init__(self, config: ControlConfig, view: ControlView, publisher: EventPublisher) -> None:
         self.config = config
         self.view = view

@@ -16,9 +16,15 @@ from typing import Any
 import pytest
 import trio
 
-from ivshmemd.fdstore import LISTEN, SHM, peer_names
+from ivshmemd.fdstore import LISTEN, SHM, peer_names, remote_names
 from ivshmemd.shm import unlink_posix_shm
-from ivshmemd.supervise import daemon_command, unique_name
+from ivshmemd.supervise import daemon_command, daemon_process, unique_name
+from ivshmemd.supervise.fabric import (
+    MEMBER_UP,
+    federation_args,
+    federation_endpoints,
+    host_id_ranges,
+)
 from peers.pytest_plugin import PeerProcess, PeerSpawner
 from tests.fakesystemd import FakeSystemd
 from tests.handover_tools import peer_table, read_greeting, ring_reaches
@@ -145,5 +151,70 @@ async def test_kill_9_under_traffic_loses_no_peer(
         assert not (runtime / "iv.sock.state").exists()
         a.close()
         b.close()
+    finally:
+        unlink_posix_shm(shm)
+
+
+async def _drain(client: RawClient, scope: trio.CancelScope) -> None:
+    with scope:
+        await client.drain()
+
+
+async def test_kill_9_of_a_federated_daemon_keeps_its_remote_peers(
+    systemd: FakeSystemd, tmp_path: Path
+) -> None:
+    """The remote peers' eventfds are in the store too: after the restart, the new
+    federation process's members announce them again and the daemon keeps them (the same
+    eventfds, no leave or join for its local peers); a remote peer that is gone by then
+    is announced as left once --federation-timeout has passed."""
+    endpoints = federation_endpoints(tmp_path, 2)
+    first_b, first_a = (lo for lo, _hi in host_id_ranges(2))
+    socket_path = str(tmp_path / "a.sock")
+    shm = unique_name()
+    argv = daemon_command(socket_path, shm, 1, args=federation_args(endpoints, 1, timeout=3))
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    log = runtime / "daemon.log"
+    try:
+        async with (
+            daemon_process(tmp_path, args=federation_args(endpoints, 0)) as b,
+            trio.open_nursery() as nursery,
+        ):
+            async with _service(systemd, argv, log, ready=1) as first:
+                await b.wait_log(MEMBER_UP)
+                on_b = await RawClient.connect(b.socket_path)
+                await on_b.read(3)
+                nursery.start_soon(on_b.drain)  # B and its clients live on
+                gone = await RawClient.connect(b.socket_path)  # leaves while A is down
+                on_a = await RawClient.connect(socket_path)
+                await on_a.read(3)
+                draining = trio.CancelScope()
+                nursery.start_soon(_drain, on_a, draining)  # an EOF fails the test
+                await on_a.wait_for((first_b + 1, True))
+                assert remote_names(first_b, 1)[0] in systemd.names()
+                first.send_signal(signal.SIGKILL)
+                await first.wait()
+            mark = len(on_a.stream)
+            await on_b.wait_for((first_a, False))  # A's old incarnation's peer
+            gone.close()
+            async with _service(systemd, argv, log, ready=2) as second:
+                await on_b.wait_for((first_a, True), count=2)  # A's peer, again
+                await on_a.wait_for((first_b + 1, False))  # after the timeout
+                assert on_a.stream[mark:] == [(first_b + 1, False)]  # nothing else
+                os.eventfd_write(on_a.vector_fds(first_b)[0], 3)  # the old eventfd
+                own = on_b.vector_fds(first_b)[0]
+                with trio.fail_after(30):
+                    await trio.lowlevel.wait_readable(own)
+                assert os.eventfd_read(own) == 3
+                draining.cancel()
+                second.send_signal(signal.SIGTERM)
+                assert await second.wait() == 0
+            nursery.cancel_scope.cancel()
+        text = log.read_text()
+        assert "restarted with the fds systemd kept" in text
+        assert "1 remote peers restored after a crash were not announced again" in text
+        assert systemd.names() == []
+        on_a.close()
+        on_b.close()
     finally:
         unlink_posix_shm(shm)

@@ -9,7 +9,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from ivshmemd.crashsafe import replay
+from ivshmemd.activation import PassedFd
+from ivshmemd.crashsafe import recover, replay
+from ivshmemd.fdstore import classify, peer_names, remote_names
 from ivshmemd.statefile import FORMAT, StateFile, StateFileError, state_path
 
 INFO = {"pid": 1, "uid": 0, "gid": 0, "connected_at": 1.5}
@@ -69,3 +71,35 @@ def test_where_the_state_file_lives() -> None:
     )
     assert state_path("/tmp/x/iv.sock", {}) == "/tmp/x/iv.sock.state"
     assert os.path.basename(state_path("a.sock", {"RUNTIME_DIRECTORY": "/r:/s"})) == "a.sock.state"
+
+
+def test_remote_peers_are_recorded_with_their_member_and_stored_by_their_vectors(
+    tmp_path: Path,
+) -> None:
+    """A federation's remote peers: a ``remote`` record (not a local join: the allocator
+    does not move), and ``remote-<id>-vec-<v>`` fds that :func:`recover` restores as
+    remote peers (no connection); one stored but never recorded is closed."""
+    remote = {"member": "host-b", "connected_at": 2.0}
+    path = tmp_path / "r.state"
+    state = StateFile(str(path))
+    state.write({"n_vectors": 1, "next_id": 1, "started_at": 1.0, "peers": [[0, INFO, True]]})
+    state.append(["remote", 40000, remote])
+    state.append(["remote", 40001, remote])
+    state.append(["leave", 40001, []])
+    replayed = replay(StateFile(str(path)).read() or {})
+    assert replayed["peers"] == [[0, INFO, True], [40000, remote, True]]
+    assert replayed["next_id"] == 1
+    fds = [os.eventfd(0) for _ in range(3)]
+    names = [*peer_names(0, 1)[1:], *remote_names(40000, 1), *remote_names(40002, 1)]
+    stored = classify([PassedFd(fd, name) for fd, name in zip(fds, names, strict=True)])
+    assert set(stored.remote) == {40000, 40002} and stored.peers[0].conn is None
+    server_state, gone = recover(stored, StateFile(str(path)).read(), 1)
+    by_id = {entry["id"]: entry for entry in server_state["peers"]}
+    assert by_id[40000] == {"id": 40000, "vectors": [fds[1]], "info": remote, "conn": None,
+                            "member": "host-b"}  # fmt: skip
+    assert 40002 not in by_id and server_state["next_id"] == 1
+    with pytest.raises(OSError):
+        os.fstat(fds[2])  # stored, never recorded: closed
+    assert gone == {0: "it hung up while the daemon was down"}
+    for fd in fds[:2]:
+        os.close(fd)
