@@ -272,13 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     handover.add_argument("--upgrades", type=positive_int, default=5)
     handover.add_argument("--cpu", type=int_in(0, 4095), default=0,
                           help="the core the ping-pong pair is pinned to (default 0)")  # fmt: skip
+    handover.add_argument("--churn", type=int_in(0, 4000), default=0, metavar="N",
+                          help="peers joining and leaving after each upgrade")  # fmt: skip
     handover.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.bench == "join":
             result = bench_join(args.peers, args.vectors, args.workers, args.fd_store)
         elif args.bench == "handover":
-            result = bench_handover(args.peers, args.upgrades, args.cpu)
+            result = bench_handover(args.peers, args.upgrades, args.cpu, args.churn)
         else:
             result = bench_churn(args.cycles)
     except ChildError as exc:  # the daemon or a worker failed: say so in one line

@@ -1,6 +1,6 @@
 """The upgrade-in-place figures (issue 14): handover time, and doorbell latency through one.
 
-``python -m ivshmemd.bench handover --peers 10 [--upgrades 5] [--json]``
+``python -m ivshmemd.bench handover --peers 10 [--upgrades 5] [--churn N] [--json]``
 
 1. **Handover time.** A daemon with PEERS raw clients (one vector each; each has read its
    whole stream) is sent SIGUSR2 UPGRADES times. For each, the daemon's own line says how
@@ -13,6 +13,10 @@
    eventfd, a blocking read of one's own), both pinned to one core, for the whole run, while
    the bench alternates a handover window (signal to serving again) with a quiet window as
    long. Each round trip is classed by the window it ended in; p50/p99 of both classes.
+3. **Nothing kept.** With ``--churn N``, N more peers join (each reading its whole
+   greeting) and leave after every handover, the long-lived clients reading what that
+   sends them; the daemon's fds and RSS are taken before the first handover and once the
+   last leave is served (the fd count back to its baseline, or as close as it came).
 """
 
 from __future__ import annotations
@@ -72,13 +76,73 @@ def _join_all(path: str, peers: int) -> list[socket.socket]:
     return clients
 
 
+def _drain(sock: socket.socket) -> int:
+    """Read whatever is waiting (fds closed), without blocking; how many messages."""
+    count = 0
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                data, fds, _flags = wire.recv_message(sock)
+            except BlockingIOError:
+                return count
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                raise SystemExit(f"bench: EOF on a long-lived client after {count} messages")
+            count += 1
+    finally:
+        sock.setblocking(True)
+
+
+def _greeting(sock: socket.socket) -> set[int]:
+    """Read a newcomer's whole greeting (it ends with its own vector; how many peers it
+    lists depends on the churn); the ids of the peers it lists."""
+    head = _read(sock, 3)
+    own = head[1][0]
+    listed: set[int] = set()
+    while True:
+        ((value, fd),) = _read(sock, 1)
+        if value == own and fd != -1:
+            return listed
+        listed.add(value)
+
+
+def _churn(path: str, count: int, long_lived: list[socket.socket]) -> None:
+    """``count`` peers join (each reads its greeting) and leave; the long-lived clients
+    read what reached them so far (the rest at the next round)."""
+    churners = []
+    for _ in range(count):
+        sock = _connect(path)
+        _greeting(sock)
+        churners.append(sock)
+    for sock in churners:
+        sock.close()
+    for sock in long_lived:
+        _drain(sock)
+
+
+def _settle(pid: int, fds: int, long_lived: list[socket.socket]) -> int:
+    """The daemon's fd count once it is back to ``fds`` (every leave served), or what it is
+    after 10 s; long-lived clients read what reaches them meanwhile."""
+    deadline = time.monotonic() + 10
+    now = fd_count(pid)
+    while now != fds and time.monotonic() < deadline:
+        time.sleep(0.01)
+        for sock in long_lived:
+            _drain(sock)
+        now = fd_count(pid)
+    return now
+
+
 def _percentile(ordered: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000 if ordered else 0.0
 
 
-def _pinger(path: str, known: int, cpu: int) -> tuple[int, int, int]:
+def _pinger(path: str, known: int, cpu: int) -> tuple[int, int, int, list[socket.socket]]:
     """Two clients that ping-pong, in a forked child pinned to ``cpu`` (the pair: the
-    child and its own forked child). Returns (pid, stop write end, samples read end)."""
+    child and its own forked child). Returns (pid, stop write end, samples read end, the
+    pair's sockets: the parent reads what the daemon sends them, the child never does)."""
     a = _connect(path)
     a_stream = _read(a, 3 + known + 1, keep=True)
     b = _connect(path)
@@ -95,9 +159,7 @@ def _pinger(path: str, known: int, cpu: int) -> tuple[int, int, int]:
     if pid:
         for fd in (stop_r, out_w, a_own, a_to_b, b_own, b_to_a):
             os.close(fd)
-        a.detach()  # the child holds them (the sockets stay open in the parent: peers stay)
-        b.detach()
-        return pid, stop_w, out_r
+        return pid, stop_w, out_r, [a, b]
     try:
         os.sched_setaffinity(0, {cpu})
         os.set_blocking(stop_r, False)
@@ -119,8 +181,8 @@ def _pinger(path: str, known: int, cpu: int) -> tuple[int, int, int]:
                 samples.append(time.monotonic_ns())
                 samples.append(t1 - t0)
             try:
-                if os.read(stop_r, 1):
-                    break
+                os.read(stop_r, 1)  # a byte, or EOF: the bench is gone
+                break
             except BlockingIOError:
                 continue
         os.kill(answerer, 9)
@@ -133,7 +195,7 @@ def _pinger(path: str, known: int, cpu: int) -> tuple[int, int, int]:
         os._exit(EXIT_OK)
 
 
-def bench_handover(peers: int, upgrades: int, cpu: int = 0) -> dict[str, Any]:
+def bench_handover(peers: int, upgrades: int, cpu: int = 0, churn: int = 0) -> dict[str, Any]:
     """See the module docstring."""
     with (
         tempfile.TemporaryDirectory() as directory,
@@ -141,9 +203,10 @@ def bench_handover(peers: int, upgrades: int, cpu: int = 0) -> dict[str, Any]:
     ):
         path = daemon.socket_path
         clients = _join_all(path, peers)
-        pid, stop_w, out_r = _pinger(path, peers, cpu)
+        pid, stop_w, out_r, pair = _pinger(path, peers, cpu)
         for sock in clients:
             _read(sock, 2)  # the pair's join notices
+        long_lived = [*clients, *pair]
         windows: list[tuple[int, int, str]] = []
         handovers = []
         fds_before, rss_before = fd_count(daemon.pid), rss_bytes(daemon.pid)
@@ -157,19 +220,22 @@ def bench_handover(peers: int, upgrades: int, cpu: int = 0) -> dict[str, Any]:
             assert found is not None, line
             total, check, dark = (float(found[i]) for i in (1, 2, 3))
             probe = _connect(path)
-            _read(probe, 3 + peers + 2 + 1)
+            listed = _greeting(probe)
             probe.close()
+            assert len(listed) >= peers + 2, f"a newcomer was told of {len(listed)} peers"
             handovers.append({"ms": total, "preflight_ms": check, "not_accepting_ms": dark})
             quiet = time.monotonic_ns()
             time.sleep((end - start) / 1e9)
             windows.append((quiet, time.monotonic_ns(), "quiet"))
+            _churn(path, churn, long_lived)
+        fds_after = _settle(daemon.pid, fds_before, long_lived)
+        rss_after = rss_bytes(daemon.pid)
         os.write(stop_w, b"x")
         data = b""
         while chunk := os.read(out_r, 1 << 20):
             data += chunk
         os.waitpid(pid, 0)
-        fds_after, rss_after = fd_count(daemon.pid), rss_bytes(daemon.pid)
-        for sock in clients:
+        for sock in long_lived:
             sock.close()
     samples = array.array("q")
     samples.frombytes(data)
@@ -190,6 +256,7 @@ def bench_handover(peers: int, upgrades: int, cpu: int = 0) -> dict[str, Any]:
         "bench": "handover",
         "peers": peers,
         "upgrades": upgrades,
+        "churn": churn,
         "handover_ms_median": statistics.median(ms),
         "handover_ms_max": max(ms),
         "preflight_ms_median": statistics.median(h["preflight_ms"] for h in handovers),
@@ -223,5 +290,6 @@ def print_handover(result: dict[str, Any]) -> None:
     ratio = result["p99_ratio"]
     print(f"handover: p99 through a handover / without: {ratio:.2f}" if ratio else "")
     fds, rss = result["daemon_fds"], result["daemon_rss"]
+    churned = f", {result['churn']} peers joining and leaving after each" if result["churn"] else ""
     print(f"handover: daemon fds {fds[0]} -> {fds[1]}, RSS {rss[0] / 2**20:.1f} -> "
-          f"{rss[1] / 2**20:.1f} MiB")  # fmt: skip
+          f"{rss[1] / 2**20:.1f} MiB over {result['upgrades']} upgrades{churned}")  # fmt: skip

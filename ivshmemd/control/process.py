@@ -228,9 +228,10 @@ class ControlProcess:
 
     def export(self) -> ChildLinkEntry | None:
         """This child's entry in the handover state (under :meth:`hold`); None while no
-        control process is serving (the next image starts one)."""
+        control process runs (the next image starts one). A process caught starting or
+        stopping has an entry without a link: the next image reaps it."""
         if self._live is None:
-            return None
+            return None if self.pid is None else {"kind": "control", "pid": self.pid, "link": None}
         process, link, endpoints = self._live
         stderr = process.stderr
         return {

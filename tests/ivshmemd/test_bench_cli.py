@@ -37,15 +37,16 @@ def test_bad_benchmark_arguments(module: str, args: list[str], message: str) -> 
 
 def test_the_handover_benchmark_runs_and_reports() -> None:
     """A smoke run of ``ivshmemd.bench handover``: its JSON has both latency classes and the
-    daemon's fds are the same after the upgrades as before."""
+    daemon's fds are the same after the upgrades (and the peers joining and leaving after
+    each, ``--churn``) as before."""
     result = subprocess.run(
         [sys.executable, "-m", "ivshmemd.bench", "handover", "--peers", "3", "--upgrades", "1",
-         "--json"],
+         "--churn", "2", "--json"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["bench"] == "handover" and report["peers"] == 3
+    assert report["bench"] == "handover" and report["peers"] == 3 and report["churn"] == 2
     assert report["ping"]["handover"]["round_trips"] > 0
     assert report["ping"]["quiet"]["round_trips"] > 0
     assert report["daemon_fds"][0] == report["daemon_fds"][1]

@@ -255,3 +255,50 @@ async def test_upgrades_in_a_row_under_churn_leak_nothing(start_daemon: DaemonFa
         assert steady[0].view() == {1: 1} and steady[1].view() == {0: 1}
         for client in steady:
             client.close()
+
+
+def _control_children(daemon: DaemonProcess) -> list[int]:
+    """The daemon's control processes (its children running ``ivshmemd.control.process``)."""
+    found = []
+    for task in Path(f"/proc/{daemon.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"ivshmemd.control.process" in cmdline:
+                found.append(int(child))
+    return found
+
+
+async def _stopped_before_its_handshake(daemon: DaemonProcess) -> int:
+    """Kill the control process and stop the one started in its place before it has
+    loaded libzmq (so before its handshake: it is not serving yet); its pid."""
+    for _attempt in range(10):
+        (old,) = _control_children(daemon)
+        os.kill(old, signal.SIGKILL)
+        with trio.fail_after(60):
+            while not (new := [pid for pid in _control_children(daemon) if pid != old]):
+                await trio.sleep(0.001)
+        os.kill(new[0], signal.SIGSTOP)
+        if b"libzmq" not in Path(f"/proc/{new[0]}/maps").read_bytes():
+            return new[0]
+        os.kill(new[0], signal.SIGCONT)  # too late: let it serve, and try again
+        await daemon.wait_log(f"control plane process restarted \\(pid {new[0]}\\)")
+    raise AssertionError("never caught a control process starting")
+
+
+async def test_a_control_process_caught_starting_by_an_upgrade_is_reaped(
+    start_daemon: DaemonFactory,
+) -> None:
+    """Its link closed with the old image: the new one reaps it (it is no zombie) and serves
+    through a control process of its own."""
+    async with start_daemon(vectors=1) as daemon:
+        caught = await _stopped_before_its_handshake(daemon)
+        await upgrade(daemon, 1)
+        os.kill(caught, signal.SIGCONT)  # it reads EOF on its link and exits
+        with trio.fail_after(60):
+            while Path(f"/proc/{caught}").exists():  # a zombie would stay listed
+                await trio.sleep(0.01)
+        assert ctl(daemon.socket_path, "status").returncode == 0
+        assert caught not in _control_children(daemon)
