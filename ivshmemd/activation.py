@@ -135,15 +135,19 @@ def adopt_unix_listener(
     *,
     unset_environment: bool = True,
     environ: MutableMapping[str, str] | None = None,
+    passed: list[PassedFd] | None = None,
 ) -> socket.socket | None:
     """The listening unix socket systemd passed us, or None when not socket-activated.
 
     With one passed fd it is taken whatever its name; with several, the one named ``name``.
     The socket is returned non-blocking with close-on-exec set, like the one the daemon
     binds itself, so it can take its place as is. ``getsockname()`` gives the path systemd
-    bound. Raises :class:`ActivationError` for a socket of the wrong kind.
+    bound. Raises :class:`ActivationError` for a socket of the wrong kind. ``passed``: the
+    fds to choose from when the caller read them already (:func:`listen_fds`) and set aside
+    those of systemd's fd store (:mod:`ivshmemd.fdstore`).
     """
-    passed = listen_fds(unset_environment=unset_environment, environ=environ)
+    if passed is None:
+        passed = listen_fds(unset_environment=unset_environment, environ=environ)
     if not passed:
         return None
     if len(passed) == 1:

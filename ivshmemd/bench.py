@@ -8,6 +8,11 @@
     Two observers stay connected while a client joins and leaves CYCLES times; reports the
     daemon's open fds and RSS before and after, and whether the observers saw every event.
 
+``python -m ivshmemd.bench handover --peers 10 --upgrades 5``
+    Upgrades in place (SIGUSR2) with PEERS peers: signal to serving again, and a doorbell
+    ping-pong's p50/p99 through a handover against without, interleaved in one run
+    (:mod:`ivshmemd.bench_handover`).
+
 ``--json`` prints one JSON object instead of the human lines.
 """
 
@@ -26,6 +31,7 @@ import trio
 
 from . import wire
 from .argtypes import int_in, positive_int
+from .bench_handover import bench_handover, print_handover
 from .exitcodes import EXIT_FAILED, EXIT_OK
 from .supervise import (
     ChildError,
@@ -109,12 +115,15 @@ def _worker_argv(path: str, share: int, vectors: int, peers: int) -> list[str]:
             str(peers)]  # fmt: skip
 
 
-def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
-    """Time until ``peers`` clients have all seen each other."""
+def bench_join(peers: int, vectors: int, workers: int, fd_store: bool = False) -> dict[str, Any]:
+    """Time until ``peers`` clients have all seen each other (``fd_store``: with the crash
+    journal on, as under systemd with FileDescriptorStoreMax=: every join pushes its fds to
+    the notify socket and rewrites the state file)."""
     shares = [peers // workers + (1 if i < peers % workers else 0) for i in range(workers)]
+    env = {**os.environ, "FDSTORE": "1000000"} if fd_store else None
     with (
         tempfile.TemporaryDirectory() as directory,
-        sync_daemon_process(directory, vectors=vectors, args=DAEMON_ARGS) as daemon,
+        sync_daemon_process(directory, vectors=vectors, args=DAEMON_ARGS, env=env) as daemon,
         sync_supervisor() as supervisor,
     ):
         started = [
@@ -144,6 +153,7 @@ def bench_join(peers: int, vectors: int, workers: int) -> dict[str, Any]:
     fd_messages = 1 * peers + vectors * peers * peers
     return {
         "bench": "join",
+        "fd_store": fd_store,
         "peers": peers,
         "vectors": vectors,
         "workers": len(started),
@@ -210,9 +220,12 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
         return
-    if result["bench"] == "join":
+    if result["bench"] == "handover":
+        print_handover(result)
+    elif result["bench"] == "join":
         print(
-            f"join: {result['peers']} peers x {result['vectors']} vectors: all saw each other "
+            f"join{' (fd store)' if result['fd_store'] else ''}: {result['peers']} peers x "
+            f"{result['vectors']} vectors: all saw each other "
             f"in {result['seconds'] * 1000:.1f} ms; {result['fd_messages']} fd messages, "
             f"{result['fd_messages_per_s']:,.0f} fd messages/s "
             f"(daemon fds: {result['daemon_fds_before']} idle, "
@@ -246,14 +259,28 @@ def main(argv: list[str] | None = None) -> int:
     join.add_argument("--peers", type=int_in(1, 65536), default=64)
     join.add_argument("--vectors", type=int_in(1, 64), default=4)
     join.add_argument("--workers", type=positive_int, default=os.cpu_count() or 2)
+    join.add_argument(
+        "--fd-store", action="store_true",
+        help="with the crash journal (systemd's fd store, the state file)",
+    )  # fmt: skip
     join.add_argument("--json", action="store_true")
     churn = sub.add_parser("churn", help="join/leave cycles: fds and RSS before and after")
     churn.add_argument("--cycles", type=positive_int, default=1000)
     churn.add_argument("--json", action="store_true")
+    handover = sub.add_parser("handover", help="upgrade in place: its time, ping p99 through it")
+    handover.add_argument("--peers", type=int_in(1, 4000), default=10)
+    handover.add_argument("--upgrades", type=positive_int, default=5)
+    handover.add_argument("--cpu", type=int_in(0, 4095), default=0,
+                          help="the core the ping-pong pair is pinned to (default 0)")  # fmt: skip
+    handover.add_argument("--churn", type=int_in(0, 4000), default=0, metavar="N",
+                          help="peers joining and leaving after each upgrade")  # fmt: skip
+    handover.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.bench == "join":
-            result = bench_join(args.peers, args.vectors, args.workers)
+            result = bench_join(args.peers, args.vectors, args.workers, args.fd_store)
+        elif args.bench == "handover":
+            result = bench_handover(args.peers, args.upgrades, args.cpu, args.churn)
         else:
             result = bench_churn(args.cycles)
     except ChildError as exc:  # the daemon or a worker failed: say so in one line

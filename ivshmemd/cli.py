@@ -11,20 +11,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
 from . import __version__, signals
 from .access import AllowList
-from .activation import ActivationError
+from .activation import ActivationError, listen_fds
 from .argtypes import metrics_address, positive_int, seconds, size
+from .childlink import LinkedChild, reap
 from .control.process import ControlConfig, ControlProcess
 from .control.schema import (
     default_control_endpoint,
@@ -33,14 +36,17 @@ from .control.schema import (
 )
 from .control.server import ControlAccess, ControlSetupError, EventPublisher, tcp_needs_curve
 from .control.view import DaemonControlView, state_lines
+from .crashsafe import CrashJournal, recover
 from .curve import KeyFileError, load_allowed_keys, load_secret_key, server_keys
 from .daemon import PidFileError, daemonize
 from .daemonlog import LogSetupError, LogTarget, configure_logging
 from .errors import one_line, unwrap
 from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE_QEMU
+from .fdstore import LISTEN, SHM, FdStore, StoredFds, classify
 from .federation.config import FederationConfig, FederationConfigError
 from .federation.membership import DEFAULT_TIMEOUT as DEFAULT_FEDERATION_TIMEOUT
 from .fedproc import FederationProcess, FederationSetupError
+from .handover import STATE_FD_ENV, HandoverError, inherited, unblock_signals
 from .inflight import budget_for
 from .listener import ListenerError, parse_group
 from .metrics import DEFAULT_MAX_LABELLED_PEERS
@@ -50,11 +56,13 @@ from .sdnotify import SystemdNotifier
 from .server import IvshmemServer, ServerConfig, fd_limit
 from .shm import MAX_SHM_SIZE, MIN_SHM_SIZE, SharedMemoryError, SharedMemoryRegion
 from .sizes import round_shm_size
+from .statefile import StateFile, StateFileError, state_path
 from .telemetry import (
     TelemetryEndpoints,
     default_telemetry_endpoints,
     telemetry_endpoints_for,
 )
+from .upgrade import Upgrader, check_upgrade
 from .wording import plural
 
 __all__ = ["main", "parse_args"]
@@ -386,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="append log lines to FILE, reopened on SIGHUP (default: stderr; daemonized: "
         "syslog, or SOCKET.log in the runtime directory where there is no /dev/log)",
     )
+    more.add_argument(
+        "--check-upgrade",
+        action="store_true",
+        help="used by upgrades (SIGUSR2, ivshmemctl upgrade): check that this ivshmemd can "
+        "take over from the running one with this command line and its state "
+        f"(${STATE_FD_ENV}), then exit 0, or 1 with why",
+    )
     fed = p.add_argument_group(
         "federation (daemons on several hosts as one fabric; see docs/federation.md)"
     )
@@ -548,14 +563,23 @@ def _telemetry_endpoints(args: argparse.Namespace) -> TelemetryEndpoints:
     return default_telemetry_endpoints(args.socket)
 
 
-async def _run(
-    server: IvshmemServer,
-    describe: str,
-    report: Callable[[str | None], None] | None,
-    args: argparse.Namespace,
-    logs: LogTarget,
-) -> None:
-    notifier = SystemdNotifier()
+@dataclass
+class _Launch:
+    """How this process came to serve: afresh, from an earlier image (``inherited``, an
+    in-place re-exec) or after a crash (``journal`` with ``recovered``: systemd's fd store)."""
+
+    argv: list[str]
+    held: DaemonResources
+    notifier: SystemdNotifier
+    report: Callable[[str | None], None] | None = None
+    inherited: dict[str, Any] | None = None
+    journal: CrashJournal | None = None
+    recovered: bool = False
+
+
+async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argparse.Namespace,
+               logs: LogTarget) -> None:  # fmt: skip
+    notifier = launch.notifier
     publisher = EventPublisher()
     server.listeners.append(publisher.on_server_event)
 
@@ -564,9 +588,12 @@ async def _run(
 
     server.listeners.append(report_peer_count)
     control, events = _control_endpoints(args)
+    inherited = launch.inherited
     with trio.open_signal_receiver(*signals.HANDLED) as received:
+        unblock_signals()  # blocked across a re-exec: delivered now that we handle them
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
+            if inherited is not None and inherited.get("events"):
+                publisher.resume(inherited["events"])
             process: ControlProcess | None = None
             if control is not None and events is not None:
                 config = ControlConfig(
@@ -579,35 +606,96 @@ async def _run(
                 process = ControlProcess(
                     config, DaemonControlView(server, args.socket, publisher), publisher
                 )
-                bound = await nursery.start(process.run)
-                control, events = bound.control, bound.events
             federation: FederationProcess | None = None
             if args.federation is not None:
                 federation = FederationProcess(args.federation, server, verbose=args.verbose)
+            if inherited is not None:
+                _adopt_children(inherited, nursery, control=process, federation=federation)
+            await nursery.start(server.serve)
+            if launch.journal is not None:
+                launch.journal.write()
+            if process is not None:
+                bound = await nursery.start(process.run)
+                control, events = bound.control, bound.events
+            if federation is not None:
                 await nursery.start(federation.run)
-            log.info("%s", describe)
+            children: list[LinkedChild] = [c for c in (process, federation) if c is not None]
+            upgrader = Upgrader(launch.argv, server, launch.held, notifier, children)
+            upgrader.extras["events"] = publisher.export
+            upgrader.nursery = nursery
+            if inherited is not None:
+                upgrader.done = int(inherited.get("upgrades_done", 0)) + 1
+            if process is not None:
+                assert isinstance(process.view, DaemonControlView)
+                process.view.upgrader = upgrader
+            if inherited is None:
+                log.info("%s", describe)
+            else:
+                now = time.monotonic()
+                log.info(
+                    "upgraded in place from ivshmemd %s: %d peers carried over, serving again "
+                    "%.1f ms after the signal (pre-flight check %.1f ms, then %.1f ms not "
+                    "accepting)", inherited.get("version"), len(server.connections),
+                    (now - inherited["signalled_at"]) * 1000,
+                    (inherited["checked_at"] - inherited["signalled_at"]) * 1000,
+                    (now - inherited["checked_at"]) * 1000,
+                )  # fmt: skip
             if control is not None:
                 explicit = args.control is not None or args.events is not None
                 log.log(
                     logging.INFO if explicit else logging.DEBUG,
                     "control plane on %s, events on %s", control, events,
                 )  # fmt: skip
-            notifier.ready("0 peers connected")
-            if report is not None:
-                report(None)
+            notifier.ready(f"{len(server.connections)} peers connected")
+            if launch.report is not None:
+                launch.report(None)
             async for signum in received:
                 if signum in signals.STOP:
                     log.info("%s received, shutting down", signals.name(signum))
                     notifier.stopping()
+                    if launch.journal is not None:
+                        launch.journal.closing()
                     nursery.cancel_scope.cancel()
                     break
+                if signum == signals.UPGRADE:
+                    log.info("SIGUSR2: upgrading in place")
+                    nursery.start_soon(upgrader.upgrade, time.monotonic())
+                    continue
                 _on_signal(signum, server, process, logs)
+
+
+#: how long a child an earlier image did not hand over has to exit before it is killed
+STRAY_GRACE: Final = 5.0
+
+
+def _adopt_children(
+    inherited: dict[str, Any],
+    nursery: trio.Nursery,
+    *,
+    control: ControlProcess | None,
+    federation: FederationProcess | None,
+) -> None:
+    """Serve on with the child processes the earlier image handed over (the federation's
+    before the server serves: it hears of every local join and leave); reap the rest (a
+    child caught starting or stopping, or of a kind this command line no longer runs)."""
+    handles: dict[str, ControlProcess | FederationProcess | None] = {
+        "control": control, "federation": federation,
+    }  # fmt: skip
+    for entry in inherited.get("children", []):
+        handle = handles.get(str(entry.get("kind")))
+        if handle is not None and entry.get("link") is not None:
+            handle.adopt(entry)
+            continue
+        for fd in (entry.get("link"), entry.get("stderr")):
+            if fd is not None:
+                os.close(fd)
+        nursery.start_soon(reap, int(entry["pid"]), STRAY_GRACE)
 
 
 def _on_signal(
     signum: int, server: IvshmemServer, process: ControlProcess | None, logs: LogTarget
 ) -> None:
-    """SIGHUP, SIGUSR1, SIGUSR2: see ivshmemd.signals."""
+    """SIGHUP, SIGUSR1: see ivshmemd.signals."""
     if signum == signal.SIGHUP:
         try:
             log.info("SIGHUP: %s", logs.reopen())
@@ -620,11 +708,6 @@ def _on_signal(
         if isinstance(server.federation, FederationProcess):
             for line in server.federation.state_lines():
                 log.info("%s", line)
-    else:
-        log.warning(
-            "%s is reserved for the zero-loss restart, which this version does not do: "
-            "ignored", signals.name(signum),
-        )  # fmt: skip
 
 
 #: fds a daemon holds before its first peer (stdio, lock, shm, socket, pid file, log,
@@ -649,11 +732,71 @@ def _check_fd_limit(vectors: int) -> str | None:
     )
 
 
-def _start(args: argparse.Namespace, held: DaemonResources, size: int) -> None:
-    """Take the lock, the shm and the socket, in that order (see ivshmemd.resources)."""
+def _start(args: argparse.Namespace, held: DaemonResources, size: int) -> StoredFds:
+    """Take the lock, the shm and the socket, in that order (see ivshmemd.resources); the
+    shm and the socket systemd's fd store kept, if it passed them back (after a crash).
+    Returns the stored fds (the peers' are for :func:`ivshmemd.crashsafe.recover`)."""
     held.take_lock(args.socket)
-    held.open_shm(args.shm.kind, args.shm.value, size, sparse=args.sparse)
-    held.listen(args.socket, args.socket_mode, args.socket_group_id)
+    stored = classify(listen_fds())
+    for item in stored.unknown:
+        os.close(item.fd)
+    if stored.shm is not None:
+        try:
+            held.adopt_shm(args.shm.kind, args.shm.value, stored.shm, size)
+        except SharedMemoryError as exc:
+            log.warning("not serving on with the fds systemd kept: %s", exc)
+            stored = stored.discard()
+    elif stored.peers:
+        log.warning("not serving on with the fds systemd kept: the shm was not among them")
+        stored = stored.discard()
+    if held.shm is None:
+        held.open_shm(args.shm.kind, args.shm.value, size, sparse=args.sparse)
+    held.listen(
+        args.socket, args.socket_mode, args.socket_group_id, passed=stored.others,
+        stored=stored.listen,
+    )  # fmt: skip
+    return stored
+
+
+def _journal(
+    server: IvshmemServer, args: argparse.Namespace, launch: _Launch, stored: StoredFds | None
+) -> None:
+    """Crash survival (:mod:`ivshmemd.crashsafe`) when systemd keeps an fd store: restore
+    what it passed back, or store what a fresh daemon holds."""
+    store = FdStore(launch.notifier)
+    if stored is not None and stored.discarded:
+        store.remove(stored.discarded)
+    if not store.enabled:
+        if stored is not None and stored.peers:
+            for fd in stored.all_fds():
+                if fd not in (stored.listen, stored.shm):
+                    os.close(fd)
+        return
+    statefile = StateFile(state_path(args.socket))
+    journal = launch.journal = CrashJournal(server, store, statefile)
+    server.journal = journal
+    if launch.inherited is not None:
+        return
+    if stored is not None and (stored.peers or stored.shm is not None):
+        try:
+            state = statefile.read()
+        except StateFileError as exc:
+            log.warning("%s", exc)
+            state = None
+        server_state, gone = recover(stored, state, args.vectors)
+        server.adopt(server_state, gone)
+        launch.recovered = True
+        log.info(
+            "restarted with the fds systemd kept: %d peers served on, %d announced as left",
+            len(server.connections) - len([i for i in gone if i in server.connections]),
+            len(gone),
+        )  # fmt: skip
+        return
+    held = launch.held
+    assert held.shm is not None and held.listener is not None
+    if held.listener.path is not None and (stored is None or stored.listen is None):
+        store.push(LISTEN, held.listener.sock.fileno())  # not an ivshmemd.socket's: ours
+    store.push(SHM, held.shm.fd)
 
 
 def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
@@ -665,13 +808,35 @@ def _describe(args: argparse.Namespace, shm: SharedMemoryRegion) -> str:
     )
 
 
+def _check_upgrade(args: argparse.Namespace) -> int:
+    """``--check-upgrade``: can this image take over from the running one? (One line.)"""
+    try:
+        state = inherited(same_process=False)
+        if state is None:
+            raise HandoverError(f"--check-upgrade needs a state (${STATE_FD_ENV})")
+        print(check_upgrade(state, args.vectors))
+    except HandoverError as exc:
+        print(f"ivshmemd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ivshmemd`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.check_upgrade:
+        return _check_upgrade(args)
     daemonized = not args.foreground
     try:
+        state = inherited()
+    except HandoverError as exc:
+        print(f"ivshmemd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
         target = configure_logging(
-            log, verbose=args.verbose, log_file=args.log_file, daemonized=False,
+            log, verbose=args.verbose, log_file=args.log_file,
+            daemonized=daemonized and state is not None and not args.log_file,
             socket_path=args.socket,
         )  # fmt: skip
     except LogSetupError as exc:
@@ -685,34 +850,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = round_shm_size(args.size, MIN_SHM_SIZE)
     if size != args.size:
         log.debug("size %d rounded up to %d", args.size, size)
-    if args.sparse:
+    if args.sparse and state is None:
         log.warning(
             "--sparse: the shared memory is not reserved; if its filesystem fills up, "
             "peers die of SIGBUS when they touch a page that cannot be had"
         )
-    held = DaemonResources()
-    report: Callable[[str | None], None] | None = None
-    try:
-        _start(args, held, size)
-        if daemonized:
-            report = daemonize(None)
-            if not args.log_file:
-                target = configure_logging(
-                    log, verbose=args.verbose, log_file=None, daemonized=True,
-                    socket_path=args.socket,
-                )  # fmt: skip
-            held.write_pidfile(args.pidfile)
-    except (
-        StartupError, SharedMemoryError, ListenerError, ActivationError, LogSetupError,
-        PidFileError,
-    ) as exc:  # fmt: skip
-        log.error("%s", exc)
-        # release first: the waiting parent exits on the report, and nothing we made may
-        # outlive the error it prints
-        held.release(keep_shm=args.keep_shm)
-        if report is not None:
-            report(str(exc))
-        return EXIT_FAILED
+    launch = _Launch(argv, DaemonResources(), SystemdNotifier(), inherited=state)
+    held = launch.held
+    stored: StoredFds | None = None
+    if state is not None:
+        held = launch.held = DaemonResources.adopt(state["resources"])
+    else:
+        try:
+            stored = _start(args, held, size)
+            if daemonized:
+                launch.report = daemonize(None)
+                if not args.log_file:
+                    target = configure_logging(
+                        log, verbose=args.verbose, log_file=None, daemonized=True,
+                        socket_path=args.socket,
+                    )  # fmt: skip
+                held.write_pidfile(args.pidfile)
+        except (
+            StartupError, SharedMemoryError, ListenerError, ActivationError, LogSetupError,
+            PidFileError,
+        ) as exc:  # fmt: skip
+            log.error("%s", exc)
+            # release first: the waiting parent exits on the report, and nothing we made may
+            # outlive the error it prints
+            held.release(keep_shm=args.keep_shm)
+            if launch.report is not None:
+                launch.report(str(exc))
+            return EXIT_FAILED
     assert held.shm is not None and held.listener is not None
     log.debug("logging to %s", target.description)
     config = ServerConfig(
@@ -727,7 +896,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = IvshmemServer(held.listener.sock, held.shm, config)
     held.serving = True
     try:
-        trio.run(_run, server, _describe(args, held.shm), report, args, target)
+        if state is not None:
+            server.adopt(state["server"])
+        _journal(server, args, launch, stored)
+        trio.run(_run, server, _describe(args, held.shm), launch, args, target)
     except BaseException as exc:  # one line, whatever trio wrapped it in; still clean up
         leaf = unwrap(exc)
         if isinstance(leaf, KeyboardInterrupt):
@@ -738,8 +910,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 message = f"fatal: {type(leaf).__name__}: {message}"
             log.error("%s", message)
             held.release(keep_shm=args.keep_shm)
-            if report is not None:
-                report(message)
+            if launch.report is not None:
+                launch.report(message)
             return EXIT_FAILED
     finally:
         held.release(keep_shm=args.keep_shm)

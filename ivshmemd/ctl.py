@@ -280,6 +280,42 @@ def _run_kick(args: argparse.Namespace) -> int:
     return _show(args, result, lambda _, out: print(f"peer {args.peer_id} kicked", file=out))
 
 
+#: how long ``ivshmemctl upgrade`` waits for the daemon to serve again
+UPGRADE_TIMEOUT: Final = 300.0
+
+
+def _run_upgrade(args: argparse.Namespace) -> int:
+    """Ask for an upgrade in place, then follow ``status`` until it is done or refused."""
+    control, _ = resolve_endpoints(args)
+    client = ControlClient(control, args.timeout, _curve(args))
+    try:
+        before = client.request("upgrade")
+        deadline = time.monotonic() + UPGRADE_TIMEOUT
+        while True:
+            try:
+                now = client.request("status")
+            except NoDaemonError:  # the new image is starting: requests wait for it
+                now = {}
+            state = now.get("upgrades", {}) if isinstance(now, Mapping) else {}
+            if state.get("done", 0) > before["done"] or state.get("failed", 0) > before["failed"]:
+                break
+            if time.monotonic() > deadline:
+                print(f"ivshmemctl: no upgrade result after {UPGRADE_TIMEOUT:g} s", file=sys.stderr)
+                return EXIT_FAILED
+            time.sleep(0.1)
+    finally:
+        client.close()
+    if args.json:
+        _print_json(state, sys.stdout)
+    upgraded = state["done"] > before["done"]
+    if not upgraded:
+        print(f"ivshmemctl: upgrade not done: {state.get('last_error')}", file=sys.stderr)
+        return EXIT_FAILED
+    if not args.json:
+        print(f"upgraded in place (pid {now.get('pid')}, {now.get('peers')} peers kept)")
+    return EXIT_OK
+
+
 def _notice(args: argparse.Namespace, kind: str, text: str, **fields: Any) -> None:
     """A notice about the stream (not an event) on stderr: a line, or JSON with --json."""
     if args.json:
@@ -415,6 +451,11 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
     )
     p.add_argument("peer_id", metavar="ID", type=_peer_id, help="the peer id to disconnect")
     p.set_defaults(run=_run_kick)
+    p = subparsers.add_parser(
+        "upgrade", parents=[common],
+        help="re-execute the daemon in place, keeping every peer (daemon's uid or root only)",
+    )  # fmt: skip
+    p.set_defaults(run=_run_upgrade)
     p = subparsers.add_parser("stats", parents=[common], help="counters since start-up")
     p.set_defaults(run=_simple("stats", format_stats))
     p = subparsers.add_parser(

@@ -19,12 +19,22 @@ If the process dies, the daemon logs how, announces every remote peer as left (t
 eventfds were only watched over there), and starts a new one after a short, growing delay;
 it sends it every local peer before it starts, so members see a restarted incarnation and
 local peers see only leave and join notices.
+
+Across an upgrade in place (:mod:`ivshmemd.upgrade`) the process runs on: the old image
+exports its pid and link (:meth:`FederationProcess.export`, once nothing is queued on the
+link), the new one adopts them before it serves (:meth:`FederationProcess.adopt`), and the
+remote peers stay registered (:meth:`ivshmemd.server.IvshmemServer.export`). After a crash
+under systemd the remote peers are restored from the fd store (:mod:`ivshmemd.crashsafe`);
+the new process's members announce them again, and each is kept as it was (``remote-ok``
+with its eventfds, no notice to local peers); those not announced within
+``--federation-timeout`` leave.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -32,6 +42,7 @@ from typing import Any, Final
 
 import trio
 
+from .childlink import AdoptedProcess, ChildLinkEntry
 from .fdlink import FdLink, LinkClosed, LinkError, link_pair
 from .federation.config import FederationConfig
 from .federation.process import config_to_wire
@@ -53,6 +64,8 @@ RESTART_DELAYS: Final = (0.1, 5.0)
 STABLE_AFTER: Final = 30.0
 
 MemberListener = Callable[[str, Mapping[str, Any]], None]
+#: a federation process this image started, or one an earlier image did (after a re-exec)
+_Process = trio.Process | AdoptedProcess
 
 
 class FederationSetupError(Exception):
@@ -61,6 +74,8 @@ class FederationSetupError(Exception):
 
 class FederationProcess:
     """The daemon's handle on its federation process (see the module docstring)."""
+
+    name = "federation process"
 
     def __init__(
         self, config: FederationConfig, server: IvshmemServer, *, verbose: bool = False
@@ -77,8 +92,56 @@ class FederationProcess:
         self.member_listeners: list[MemberListener] = []
         self._status: dict[str, Any] = {}
         self._link: FdLink | None = None
-        self._process: trio.Process | None = None
+        self._process: _Process | None = None
         self._chatter = LogLimiter(log)
+        self._adopted: tuple[AdoptedProcess, FdLink] | None = None
+        #: remote peers restored after a crash (:mod:`ivshmemd.crashsafe`), each kept as
+        #: its member announces it again, announced as left if it does not in time
+        self._restored: set[int] = set()
+
+    # -- handover (ivshmemd.handover): the process runs on across an execve --------------
+
+    async def hold(self) -> None:
+        """Wait until every message queued for the process is on the link (each link
+        message is one packet and is handled in one synchronous step, so the link is then
+        at a message boundary both ways). Nothing queues again before the ``execve`` (no
+        checkpoint in between), so :meth:`release` has nothing to undo."""
+        link = self._link
+        while link is not None and link.queued:
+            await trio.sleep(0.001)
+            link = self._link
+
+    def release(self) -> None:
+        """The handover did not happen: nothing was stopped (see :meth:`hold`)."""
+
+    def export(self) -> ChildLinkEntry | None:
+        """This child's entry in the handover state (after :meth:`hold`); None while no
+        federation process runs (the next image starts one). A process caught starting or
+        stopping has an entry without a link: the next image reaps it."""
+        process, link = self._process, self._link
+        if process is None:
+            return None
+        if link is None or link.queued:
+            return {"kind": "federation", "pid": process.pid, "link": None}
+        stderr = process.stderr
+        return {
+            "kind": "federation", "pid": process.pid, "link": link.fileno(),
+            "stderr": stderr.fileno() if isinstance(stderr, trio.lowlevel.FdStream) else None,
+            "endpoint": self.endpoint, "identity": self.identity, "status": self._status,
+            "restarts": self.restarts,
+        }  # fmt: skip
+
+    def adopt(self, entry: ChildLinkEntry) -> None:
+        """Serve on with the federation process an earlier image of this process started
+        (:meth:`run` then serves through it instead of starting one: members see nothing).
+        Call it before the server serves: local joins and leaves go to it from then on."""
+        process = AdoptedProcess(int(entry["pid"]), entry["stderr"])
+        self._link = FdLink(socket.socket(fileno=int(entry["link"])))
+        self._adopted = (process, self._link)
+        self.endpoint, self.identity = entry["endpoint"], entry["identity"]
+        self._status = dict(entry.get("status") or {})
+        self.restarts = int(entry.get("restarts", 0))
+        self.server.federation = self
 
     # -- the server's seam (synchronous, never raises) -----------------------------------
 
@@ -141,6 +204,8 @@ class FederationProcess:
         """Start the federation process (``nursery.start`` returns the endpoint it listens
         on, or raises :class:`FederationSetupError`) and keep one running until cancelled."""
         self.server.federation = self
+        if self._adopted is None:
+            self._restored = set(self.server.remote)
         delay = RESTART_DELAYS[0]
         first = True
         try:
@@ -164,6 +229,9 @@ class FederationProcess:
 
     async def _one_life(self, task_status: trio.TaskStatus[str] | None) -> str:
         """Run one federation process until it ends; returns how it ended."""
+        adopted, self._adopted = self._adopted, None
+        if adopted is not None:
+            return await self._life(*adopted, self.endpoint, task_status)
         ours, theirs = link_pair()
         try:
             process = await trio.lowlevel.open_process(
@@ -176,15 +244,28 @@ class FederationProcess:
             theirs.close()
             raise FederationSetupError(f"cannot start the federation process: {exc}") from None
         theirs.close()
+        return await self._life(process, FdLink(ours), None, task_status)
+
+    async def _life(
+        self,
+        process: _Process,
+        link: FdLink,
+        endpoint: str | None,
+        task_status: trio.TaskStatus[str] | None,
+    ) -> str:
+        """Serve through one federation process (``endpoint`` known: adopted, no handshake)."""
         self.pid, self._process = process.pid, process
-        link = FdLink(ours)
         try:
-            self._introduce(link)
+            if endpoint is None:
+                self._introduce(link)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_stderr, process)
                 nursery.start_soon(link.flush)
-                endpoint = await self._handshake(link, process)
+                if endpoint is None:
+                    endpoint = await self._handshake(link, process)
                 self._link = link
+                if self._restored:
+                    nursery.start_soon(self._expire_restored)
                 if task_status is not None:
                     task_status.started(endpoint)
                 else:
@@ -217,7 +298,7 @@ class FederationProcess:
             link.send("local-joined", peer_id, fds=[v.fd for v in conn.peer.vectors])
         link.send("start")
 
-    async def _handshake(self, link: FdLink, process: trio.Process) -> str:
+    async def _handshake(self, link: FdLink, process: _Process) -> str:
         with trio.move_on_after(START_TIMEOUT):
             while True:
                 try:
@@ -259,6 +340,11 @@ class FederationProcess:
         if kind == "remote-joined":
             _, member, peer_id, vectors = message
             peer_id = int(peer_id)
+            kept = server.registry.get(peer_id)
+            if peer_id in self._restored and kept and server.remote[peer_id] == str(member):
+                self._restored.discard(peer_id)  # the same peer, still there: no notice
+                link.send("remote-ok", peer_id, fds=[v.fd for v in kept.vectors])
+                return
             try:
                 if int(vectors) != server.config.n_vectors:
                     raise ValueError(
@@ -287,8 +373,20 @@ class FederationProcess:
         else:
             raise ValueError(f"unknown message {kind!r}")
 
+    async def _expire_restored(self) -> None:
+        """The remote peers restored after a crash that no member announced again within
+        ``--federation-timeout`` of the process serving are gone: they leave."""
+        await trio.sleep(self.config.timeout)
+        expired, self._restored = sorted(self._restored), set()
+        for peer_id in expired:
+            self.server.remove_remote(peer_id)
+        if expired:
+            log.warning("%d remote peers restored after a crash were not announced again: "
+                        "announced as left", len(expired))  # fmt: skip
+
     def _forget_remote_peers(self) -> None:
         """The process is gone, and with it the watch on remote peers: they leave."""
+        self._restored = set()
         server = self.server
         gone = list(server.remote)
         for peer_id in gone:
@@ -296,7 +394,7 @@ class FederationProcess:
         if gone:
             log.warning("federation process gone: %d remote peers announced as left", len(gone))
 
-    async def _relay_stderr(self, process: trio.Process) -> None:
+    async def _relay_stderr(self, process: _Process) -> None:
         assert process.stderr is not None
         buffer = b""
         async for chunk in process.stderr:

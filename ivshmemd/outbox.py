@@ -173,6 +173,15 @@ class Outbox(Generic[H]):
         run.cursor = len(run.messages)  # now empty: head() retires it when it gets there
         return handles, needed
 
+    def pending_runs(self) -> list[tuple[int | None, int, Sequence[Message[H]]]]:
+        """The queue as ``(announces, sent, unsent)`` per run, oldest first: what a handover
+        carries to rebuild it with :meth:`push` (``sent`` matters to a later withdrawal)."""
+        return [
+            (run.announces, run.cursor, run.messages[run.cursor :])
+            for run in self._runs
+            if run.cursor < len(run.messages)
+        ]
+
     def clear(self) -> list[H]:
         """Drop everything; returns the handles of the unsent messages."""
         handles = [

@@ -3,7 +3,9 @@
 A ``Type=notify`` service tells systemd how it is doing by sending datagrams of newline-
 separated ``KEY=VALUE`` lines to the AF_UNIX socket named in ``$NOTIFY_SOCKET``:
 ``READY=1`` once it serves, ``STATUS=...`` free text for ``systemctl status``,
-``STOPPING=1`` when it begins to shut down, ``MAINPID=`` if another process is the main one.
+``STOPPING=1`` when it begins to shut down, ``MAINPID=`` if another process is the main one,
+``RELOADING=1`` while it re-executes itself (``READY=1`` again once it serves), and
+``FDSTORE=1`` with fds attached to keep them in systemd's fd store (:mod:`ivshmemd.fdstore`).
 
 A name starting with ``@`` is in the abstract namespace (the ``@`` stands for a NUL byte).
 When ``$NOTIFY_SOCKET`` is unset (not run by systemd) every call is a no-op. Delivery errors
@@ -13,10 +15,12 @@ socket went away.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from .closing import Closing
@@ -68,8 +72,9 @@ class SystemdNotifier(Closing):
         """True when there is a systemd socket to talk to."""
         return self._address is not None
 
-    def send(self, fields: Mapping[str, str | int]) -> bool:
-        """Send one datagram of ``KEY=VALUE`` lines; False if disabled or undeliverable."""
+    def send(self, fields: Mapping[str, str | int], fds: Sequence[int] = ()) -> bool:
+        """Send one datagram of ``KEY=VALUE`` lines (with ``fds`` attached, SCM_RIGHTS, as
+        ``sd_pid_notify_with_fds`` does); False if disabled or undeliverable."""
         if self._address is None or not fields:
             return False
         data = _format(fields)
@@ -77,7 +82,11 @@ class SystemdNotifier(Closing):
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.settimeout(SEND_TIMEOUT)
-            self._sock.sendto(data, self._address)
+            if fds:
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                self._sock.sendmsg([data], rights, 0, self._address)
+            else:
+                self._sock.sendto(data, self._address)
         except OSError as exc:
             log.warning("cannot notify systemd at %r: %s", self._address, exc)
             return False
@@ -97,6 +106,17 @@ class SystemdNotifier(Closing):
     def stopping(self, status: str | None = None) -> bool:
         """``STOPPING=1``: shutdown has begun."""
         fields: dict[str, str | int] = {"STOPPING": 1}
+        if status is not None:
+            fields["STATUS"] = status
+        return self.send(fields)
+
+    def reloading(self, status: str | None = None) -> bool:
+        """``RELOADING=1`` (with ``MONOTONIC_USEC=``, which newer systemd wants): the service
+        is re-executing itself; ``READY=1`` ends that state."""
+        fields: dict[str, str | int] = {
+            "RELOADING": 1,
+            "MONOTONIC_USEC": time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000,
+        }
         if status is not None:
             fields["STATUS"] = status
         return self.send(fields)

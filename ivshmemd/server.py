@@ -59,6 +59,7 @@ __all__ = [
     "Connection",
     "FederationSeam",
     "IvshmemServer",
+    "Journal",
     "ServerConfig",
     "ServerStats",
     "fd_limit",
@@ -72,6 +73,8 @@ _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE)
 #: how often blocked senders and lingering connections are re-checked (seconds)
 _FLIGHT_TICK = 0.05
 _LINGER_TICK = 0.5
+#: stands for the already-sent head of a restored queue run (never sent again)
+PLACEHOLDER = -2
 
 EventListener = Callable[[str, dict[str, Any]], None]
 
@@ -85,6 +88,23 @@ class FederationSeam(Protocol):
     def local_peer_joined(self, peer: Peer) -> None: ...
 
     def local_peer_left(self, peer_id: int) -> None: ...
+
+
+class Journal(Protocol):
+    """Who keeps a record of the peers outside the process (:mod:`ivshmemd.crashsafe`):
+    told of a join before any of its messages goes out (``joining``) and once they are
+    queued (``joined``), of a remote peer registered (``remote_joined``), of a leave once
+    its notices are queued, and when a queue that had messages waiting has drained."""
+
+    def joining(self, conn: Connection) -> None: ...
+
+    def joined(self, conn: Connection) -> None: ...
+
+    def remote_joined(self, peer: Peer) -> None: ...
+
+    def left(self, peer: Peer) -> None: ...
+
+    def drained(self, conn: Connection) -> None: ...
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -273,6 +293,12 @@ class IvshmemServer:
         self._lingering: list[Connection] = []
         self._flight_lot = trio.lowlevel.ParkingLot()
         self._ticking = False
+        #: the record kept outside the process (systemd's fd store, the state file), if any
+        self.journal: Journal | None = None
+        #: connections restored from a previous image, whose tasks start with serve()
+        self._adopted: list[Connection] = []
+        #: peers restored without a live connection: their leave is announced at serve()
+        self._departed: list[tuple[int, str]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -281,7 +307,18 @@ class IvshmemServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._base_fds = open_fd_count()
+                held = sum(len(peer.vectors) for peer in self.registry) + len(self.connections)
+                self._base_fds = open_fd_count() - held
+                for adopted in self._adopted:
+                    nursery.start_soon(self._run_connection, adopted)
+                self._adopted = []
+                for peer_id, reason in self._departed:
+                    gone = self.connections.get(peer_id)
+                    if gone is not None:
+                        self.drop(gone, reason, linger=False)
+                    else:
+                        self.forget(peer_id, reason)
+                self._departed = []
                 nursery.start_soon(self._accept_loop)
                 task_status.started()
         finally:
@@ -314,6 +351,117 @@ class IvshmemServer:
         per_peer = 1 + self.config.n_vectors
         remote = self.config.n_vectors * len(self.remote)
         return self._base_fds + per_peer * len(self.connections) + remote + len(self._lingering)
+
+    # -- handover (ivshmemd.handover): the whole state, as plain data with fd numbers ------
+
+    def export(self) -> dict[str, Any]:
+        """Everything to serve on from another image of the daemon: the registry in
+        connection order (ids, vector fds, credentials, connect times), each connection's
+        socket fd, its unsent messages (each queue is at a message boundary: a message is
+        one sendmsg) and in-flight ledger, the allocator, counters. Call it where no task
+        can run before the process is replaced (no checkpoint in between), after
+        :meth:`close_lingering`."""
+        peers: list[dict[str, Any]] = []
+        for peer_id in self.registry.ids():
+            conn = self.connections.get(peer_id)
+            if conn is None:  # a remote peer: its eventfds, no connection, its member
+                remote = self.registry.get(peer_id)
+                assert remote is not None
+                peers.append({
+                    "id": peer_id, "vectors": [shared.fd for shared in remote.vectors],
+                    "info": remote.info, "conn": None, "member": self.remote[peer_id],
+                })  # fmt: skip
+                continue
+            peer = conn.peer
+            peers.append({
+                "id": peer_id,
+                "vectors": [shared.fd for shared in peer.vectors],
+                "info": peer.info,
+                "conn": conn.sock.fileno(),
+                "outbox": [
+                    [announces, cursor, [[m.value, None if m.fd is None else m.fd.fd]
+                                         for m in unsent]]
+                    for announces, cursor, unsent in conn.outbox.pending_runs()
+                ],
+                "ledger": None if conn.ledger is None else list(conn.ledger.sent),
+            })  # fmt: skip
+        flight = self.config.flight
+        return {
+            "next_id": self.registry.allocator.next_id,
+            "n_vectors": self.config.n_vectors,
+            "shm_fd": self._shm_fd.fd,
+            "started_at": self.started_at,
+            "stats": self.stats.as_dict(),
+            "flight_total": None if flight is None else flight.total,
+            "peers": peers,
+        }
+
+    def close_lingering(self) -> None:
+        """Close the dropped connections still lingering (their leaves went out already;
+        what they had not read is theirs to lose): a handover does not carry them."""
+        for conn in self._lingering:
+            self._close_socket(conn)
+        self._lingering = []
+
+    def carried_fds(self) -> list[int]:
+        """The fds :meth:`export` names (to carry across ``execve``)."""
+        fds = [self._shm_fd.fd, *(conn.sock.fileno() for conn in self.connections.values())]
+        for peer in self.registry:
+            fds.extend(shared.fd for shared in peer.vectors)
+        return fds
+
+    def adopt(self, state: dict[str, Any], gone: dict[int, str] | None = None) -> None:
+        """Take over what :meth:`export` described (before :meth:`serve`). The peers in
+        ``gone`` (id: why) are restored and then announced as left once serving starts:
+        after a crash, their connection hung up or was never stored. An entry with a
+        ``member`` is a remote peer (no connection) and stays one."""
+        if state["n_vectors"] != self.config.n_vectors:
+            raise ValueError(
+                f"the running peers have {state['n_vectors']} vectors, the configuration "
+                f"{self.config.n_vectors}"
+            )
+        if state["shm_fd"] is not None:
+            self._shm_fd.release()
+            self._shm_fd = SharedFd(state["shm_fd"])
+        handles: dict[int, SharedFd] = {self._shm_fd.fd: self._shm_fd}
+        flight = self.config.flight
+        gone = gone or {}
+        peers = []
+        for entry in state["peers"]:
+            vectors = tuple(SharedFd(fd) for fd in entry["vectors"])
+            handles.update((shared.fd, shared) for shared in vectors)
+            peers.append((entry, Peer(entry["id"], vectors, info=dict(entry["info"]))))
+        for entry, peer in peers:
+            self.registry.add(peer)
+            if entry.get("member") is not None:  # a remote peer: the federation watches it
+                self.remote[peer.peer_id] = str(entry["member"])
+                continue
+            if entry["conn"] is None:
+                self._departed.append((peer.peer_id, gone.get(peer.peer_id, "gone")))
+                continue
+            sock = socket.socket(fileno=entry["conn"])
+            sock.setblocking(False)
+            conn = Connection(sock, peer, stats=self.stats)
+            if flight is not None:
+                conn.flight, conn.ledger = flight, Ledger()
+                for carries in entry.get("ledger") or ():
+                    conn.ledger.record(bool(carries))
+            for announces, cursor, unsent in entry["outbox"]:
+                sent: list[Message[SharedFd]] = [Message(PLACEHOLDER)] * min(cursor, 1)
+                run = sent + [Message(value, None if fd is None else handles[fd].acquire())
+                              for value, fd in unsent]  # fmt: skip
+                conn.outbox.push(run, announces, len(sent))
+            self.connections[peer.peer_id] = conn
+            self._adopted.append(conn)
+            if peer.peer_id in gone:
+                self._departed.append((peer.peer_id, gone[peer.peer_id]))
+        self.registry.allocator.next_id = state["next_id"]
+        self.started_at = state.get("started_at", self.started_at)
+        for key, value in (state.get("stats") or {}).items():
+            if hasattr(self.stats, key):
+                setattr(self.stats, key, value)
+        if flight is not None and state.get("flight_total") is not None:
+            flight.total = state["flight_total"]
 
     # -- admission ------------------------------------------------------------------------
 
@@ -434,6 +582,8 @@ class IvshmemServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, flight.sndbuf())
         if self.federation is not None:  # before its handshake: before it can ring
             self.federation.local_peer_joined(peer)
+        if self.journal is not None:
+            self.journal.joining(conn)
         existing = [p.as_protocol() for p in self.registry]
         connections = self.connections
         crowded: list[Connection] = []
@@ -453,6 +603,8 @@ class IvshmemServer:
         self.registry.add(peer)
         self.connections[peer_id] = conn
         self.stats.joins += 1
+        if self.journal is not None:
+            self.journal.joined(conn)
         log.info("peer %d joined", peer_id)
         log.debug("peer %d: pid %d uid %d gid %d, %d vectors", peer_id, pid, uid, gid, len(vectors))
         self._emit("peer-joined", peer)
@@ -506,6 +658,8 @@ class IvshmemServer:
                 self.drop(conn, f"send failed: {conn.broken.strerror}")
                 return
             if not outbox:
+                if self.journal is not None:
+                    self.journal.drained(conn)
                 continue
             if conn.blocked:  # not this client's fault: wait for the budget, no timeout
                 conn.blocked = False
@@ -590,18 +744,37 @@ class IvshmemServer:
         registered = self.connections.get(peer_id) is conn
         if registered:
             del self.connections[peer_id]
-            self.registry.remove(peer_id)
-            self._announce_leave(peer_id)
+            self._unregister(peer_id)
         self._close(conn, linger)
         if registered:
             if self.federation is not None:  # its rings are in the eventfds now
                 self.federation.local_peer_left(peer_id)
-            self.stats.leaves += 1
-            if reason is None:
-                log.info("peer %d left", peer_id)
-            else:
-                log.info("peer %d left: %s", peer_id, reason)
-            self._emit("peer-left", conn.peer, reason)
+            self._departed_log(conn.peer, reason)
+
+    def forget(self, peer_id: int, reason: str) -> None:
+        """A registered local peer without a connection (restored after a crash, its socket
+        gone): unregister it and tell the others, as for a leave."""
+        peer = self.registry.get(peer_id)
+        if peer is None or peer_id in self.connections or peer_id in self.remote:
+            return
+        self._unregister(peer_id)
+        if self.federation is not None and "member" not in peer.info:
+            self.federation.local_peer_left(peer_id)
+        self._departed_log(peer, reason)
+
+    def _unregister(self, peer_id: int) -> None:
+        self.registry.remove(peer_id)
+        self._announce_leave(peer_id)
+
+    def _departed_log(self, peer: Peer, reason: str | None) -> None:
+        self.stats.leaves += 1
+        if reason is None:
+            log.info("peer %d left", peer.peer_id)
+        else:
+            log.info("peer %d left: %s", peer.peer_id, reason)
+        if self.journal is not None:
+            self.journal.left(peer)
+        self._emit("peer-left", peer, reason)
 
     def _announce_leave(self, peer_id: int) -> None:
         """Queue ``peer_id``'s leave for every local peer (withdrawing what is unsent of
@@ -644,6 +817,8 @@ class IvshmemServer:
                     crowded.append(conn)
         self.registry.add(peer)
         self.remote[peer_id] = member
+        if self.journal is not None:
+            self.journal.remote_joined(peer)
         self.stats.joins += 1
         log.info("peer %d of member %s joined", peer_id, member)
         self._emit("peer-joined", peer)
@@ -662,6 +837,8 @@ class IvshmemServer:
             self._announce_leave(peer_id)
             log.info("peer %d of member %s left", peer_id, member)
             self._emit("peer-left", peer)
+        if self.journal is not None:
+            self.journal.left(peer)
         return True
 
     def _close(self, conn: Connection, linger: bool) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "SHM_DIR",
     "SharedMemoryError",
     "SharedMemoryRegion",
+    "adopt_shm_fd",
     "attach_posix_shm",
     "open_posix_shm",
     "open_shm_in_dir",
@@ -279,6 +280,26 @@ def open_posix_shm(name: str, size: int, *, sparse: bool = False) -> SharedMemor
         created=created,
         lock_fd=lock_fd,
         ident=identity(os.fstat(fd)),
+    )
+
+
+def adopt_shm_fd(kind: str, where: str, fd: int, size: int) -> SharedMemoryRegion:
+    """The shm an earlier daemon served, from its fd (kept by systemd's fd store):
+    ``kind`` "posix" (``-M where``: the name must still be that object, which is locked
+    again) or "dir" (``-m where``). Its size must be ``size``. Raises
+    :class:`SharedMemoryError` (the fd is then the caller's to close)."""
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise SharedMemoryError(
+            f"the kept shm has {actual} bytes; the command line asks for {size}"
+        )
+    if kind == "dir":
+        return SharedMemoryRegion(fd=fd, size=size, directory=where, created=True)
+    bare = validate_shm_name(where)
+    path = f"{SHM_DIR}/{bare}"
+    lock_fd = _lock(path, fd, bare)
+    return SharedMemoryRegion(
+        fd=fd, size=size, name=bare, created=False, lock_fd=lock_fd, ident=identity(os.fstat(fd))
     )
 
 

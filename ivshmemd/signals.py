@@ -8,8 +8,9 @@ SIGHUP      reopen the log file (``--log-file``, or the fallback file), as logro
             after renaming it; with stderr or syslog there is nothing to reopen (logged)
 SIGUSR1     write the daemon's state to the log: peers, fds, fds in flight, queues, counters,
             the control plane process
-SIGUSR2     reserved for the zero-loss restart (re-exec keeping every peer); for now it is
-            logged and ignored, never fatal
+SIGUSR2     upgrade in place: re-execute whatever ``ivshmemd`` is installed now, same pid,
+            keeping every peer, queue and the control plane (:mod:`ivshmemd.upgrade`); if
+            the new executable fails its check, one line says why and the daemon serves on
 ==========  =================================================================================
 """
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["HANDLED", "RESERVED", "STOP", "describe", "name"]
+__all__ = ["HANDLED", "STOP", "UPGRADE", "describe", "name"]
 
 STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-RESERVED = (signal.SIGUSR2,)
-HANDLED = (*STOP, signal.SIGHUP, signal.SIGUSR1, *RESERVED)
+UPGRADE = signal.SIGUSR2
+HANDLED = (*STOP, signal.SIGHUP, signal.SIGUSR1, UPGRADE)
 
 
 def name(signum: int) -> str:
@@ -39,5 +40,6 @@ def describe() -> str:
         "    control files removed; -M shm unlinked unless --keep-shm)\n"
         "  SIGHUP: reopen the log file (for logrotate)\n"
         "  SIGUSR1: write the daemon's state (peers, fds, queues, counters) to the log\n"
-        "  SIGUSR2: reserved for the zero-loss restart; ignored (logged) for now\n"
+        "  SIGUSR2: upgrade in place (same pid, every peer kept); if the new executable\n"
+        "    fails its check (ivshmemd --check-upgrade), the daemon says why and serves on\n"
     )

@@ -46,6 +46,7 @@ import msgpack
 import trio
 
 from ivshmemd.access import AllowList
+from ivshmemd.childlink import AdoptedProcess, ChildLinkEntry
 from ivshmemd.curve import CurveKeys
 from ivshmemd.errors import one_line, unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -91,6 +92,8 @@ _IGNORED_SIGNALS = (
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
     signal.SIGUSR2,
 )  # fmt: skip
+#: a control process this image started, or one an earlier image did (after a re-exec)
+_Process = trio.Process | AdoptedProcess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +147,27 @@ class ControlConfig:
 
 
 class _Link:
-    """One end of the link: msgpack arrays over a unix stream socket, one sender at a time."""
+    """One end of the link: msgpack arrays over a unix stream socket, one sender at a time.
 
-    def __init__(self, sock: socket.socket) -> None:
+    It keeps the bytes received and not yet handled (:meth:`pending`: from the start of the
+    message in hand, if any), so that a re-exec hands them to the next image."""
+
+    def __init__(self, sock: socket.socket, pending: bytes = b"") -> None:
         self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_LINK_MESSAGE)
         self._send_lock = trio.Lock()
+        self._fed = bytearray(pending)
+        self._base = 0
+        self._in_hand: int | None = None
+        self._unpacker.feed(pending)
+
+    def fileno(self) -> int:
+        return self.stream.socket.fileno()
+
+    def pending(self) -> bytes:
+        """Received bytes not handled yet (the message in hand, and all after it)."""
+        start = self._unpacker.tell() if self._in_hand is None else self._in_hand
+        return bytes(self._fed[start - self._base :])
 
     async def send(self, *message: Any) -> None:
         data = msgpack.packb(list(message), use_bin_type=True)
@@ -157,17 +175,29 @@ class _Link:
             await self.stream.send_all(data)
 
     async def __aiter__(self) -> AsyncIterator[list[Any]]:
+        unpacker = self._unpacker
         while True:
-            for message in self._unpacker:
+            while True:
+                start = unpacker.tell()
+                try:
+                    message = next(unpacker)
+                except StopIteration:
+                    break
                 if isinstance(message, list) and message and isinstance(message[0], str):
+                    self._in_hand = start
                     yield message
+                    self._in_hand = None
+            consumed = unpacker.tell() - self._base
+            del self._fed[:consumed]
+            self._base += consumed
             try:
                 data = await self.stream.receive_some(1 << 16)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
-            self._unpacker.feed(data)
+            self._fed += data
+            unpacker.feed(data)
 
     async def aclose(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -192,6 +222,8 @@ def _exit_text(returncode: int | None) -> str:
 class ControlProcess:
     """The daemon's handle on its control process (see the module docstring)."""
 
+    name = "control plane"
+
     def __init__(self, config: ControlConfig, view: ControlView, publisher: EventPublisher) -> None:
         self.config = config
         self.view = view
@@ -200,6 +232,44 @@ class ControlProcess:
         self.pid: int | None = None
         self._files: list[tuple[str, tuple[int, int]]] = []
         self._chatter = LogLimiter(log)
+        #: held while a request is handled or events are sent, and by a handover
+        self._turn = trio.Lock()
+        self._live: tuple[_Process, _Link, ControlEndpoints] | None = None
+        self._adopted: ChildLinkEntry | None = None
+
+    # -- handover (ivshmemd.handover) ----------------------------------------------------
+
+    async def hold(self) -> None:
+        """Wait until no request is being handled and nothing is being sent on the link,
+        and keep it so (for a handover) until :meth:`release`."""
+        await self._turn.acquire()
+
+    def release(self) -> None:
+        """Let requests and events flow again (the handover did not happen)."""
+        self._turn.release()
+
+    def export(self) -> ChildLinkEntry | None:
+        """This child's entry in the handover state (under :meth:`hold`); None while no
+        control process runs (the next image starts one). A process caught starting or
+        stopping has an entry without a link: the next image reaps it."""
+        if self._live is None:
+            return None if self.pid is None else {"kind": "control", "pid": self.pid, "link": None}
+        process, link, endpoints = self._live
+        stderr = process.stderr
+        return {
+            "kind": "control", "pid": process.pid, "link": link.fileno(),
+            "stderr": stderr.fileno() if isinstance(stderr, trio.lowlevel.FdStream) else None,
+            "pending": link.pending(), "endpoints": [endpoints.control, endpoints.events],
+            "files": [[path, *ident] for path, ident in self._files],
+            "restarts": self.restarts,
+        }  # fmt: skip
+
+    def adopt(self, entry: ChildLinkEntry) -> None:
+        """Serve on with the control process an earlier image of this process started
+        (:meth:`run` then adopts it instead of starting one)."""
+        self._adopted = entry
+        self.restarts = int(entry.get("restarts", 0))
+        self._files = [(str(p), (int(d), int(i))) for p, d, i in entry["files"]]
 
     async def run(self, *, task_status: trio.TaskStatus[ControlEndpoints]) -> None:
         """Start the control process (``nursery.start`` returns the bound endpoints or
@@ -232,6 +302,8 @@ class ControlProcess:
 
     async def _one_life(self, task_status: trio.TaskStatus[ControlEndpoints] | None) -> str:
         """Run one control process until it ends; returns how it ended."""
+        if self._adopted is not None:
+            return await self._adopted_life(self._adopted, task_status)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await trio.lowlevel.open_process(
@@ -244,16 +316,36 @@ class ControlProcess:
             theirs.close()
             raise ControlSetupError(f"cannot start the control plane process: {exc}") from None
         theirs.close()
+        return await self._life(process, _Link(ours), None, task_status)
+
+    async def _adopted_life(
+        self, entry: ChildLinkEntry, task_status: trio.TaskStatus[ControlEndpoints] | None
+    ) -> str:
+        self._adopted = None
+        process = AdoptedProcess(int(entry["pid"]), entry["stderr"])
+        link = _Link(socket.socket(fileno=int(entry["link"])), bytes(entry["pending"]))
+        endpoints = ControlEndpoints(control=entry["endpoints"][0], events=entry["endpoints"][1])
+        return await self._life(process, link, endpoints, task_status)
+
+    async def _life(
+        self,
+        process: _Process,
+        link: _Link,
+        endpoints: ControlEndpoints | None,
+        task_status: trio.TaskStatus[ControlEndpoints] | None,
+    ) -> str:
+        """Serve through one control process (``endpoints`` known: adopted, no handshake)."""
         self.pid = process.pid
-        link = _Link(ours)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_stderr, process)
-                endpoints = await self._handshake(link, process)
+                if endpoints is None:
+                    endpoints = await self._handshake(link, process)
+                    if task_status is None:
+                        log.info("control plane process restarted (pid %d)", process.pid)
                 if task_status is not None:
                     task_status.started(endpoints)
-                else:
-                    log.info("control plane process restarted (pid %d)", process.pid)
+                self._live = (process, link, endpoints)
                 nursery.start_soon(self._pump_events, link)
                 await self._serve(link)
                 nursery.cancel_scope.cancel()
@@ -266,6 +358,7 @@ class ControlProcess:
                 raise unwrap(setup) from None
             raise
         finally:
+            self._live = None
             with trio.CancelScope(shield=True):
                 await link.aclose()  # EOF: the control process cleans up and exits
                 with trio.move_on_after(STOP_TIMEOUT):
@@ -276,7 +369,7 @@ class ControlProcess:
                 self.pid = None
         return _exit_text(process.returncode)
 
-    async def _handshake(self, link: _Link, process: trio.Process) -> ControlEndpoints:
+    async def _handshake(self, link: _Link, process: _Process) -> ControlEndpoints:
         await link.send("config", self.config.to_wire())
         with trio.move_on_after(START_TIMEOUT):
             async for message in link:
@@ -303,8 +396,9 @@ class ControlProcess:
                 if not isinstance(raw, bytes) or len(raw) > MAX_REQUEST_BYTES:
                     raw = b""
                 requester = uid if isinstance(uid, int) and not isinstance(uid, bool) else None
-                reply = handle_request(raw, self.view, requester)
-                await link.send("reply", request_id, reply)
+                async with self._turn:
+                    reply = handle_request(raw, self.view, requester)
+                    await link.send("reply", request_id, reply)
                 await trio.lowlevel.checkpoint()
             elif message[0] == "log":
                 self._log(message)
@@ -313,10 +407,12 @@ class ControlProcess:
         publisher = self.publisher
         while True:
             await publisher.wait_pending()
-            batch = [dataclasses.astuple(event) for event in publisher.take_pending()]
-            await link.send("events", batch)
+            async with self._turn:
+                batch = [dataclasses.astuple(event) for event in publisher.take_pending()]
+                if batch:
+                    await link.send("events", batch)
 
-    async def _relay_stderr(self, process: trio.Process) -> None:
+    async def _relay_stderr(self, process: _Process) -> None:
         assert process.stderr is not None
         buffer = b""
         async for chunk in process.stderr:

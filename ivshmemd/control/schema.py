@@ -72,7 +72,7 @@ MAX_REQUEST_BYTES: Final = 64 * 1024
 #: The one-frame message every new events subscriber receives first.
 EVENTS_WELCOME: Final = b"ivshmem-events-v1"
 
-COMMANDS: Final = ("status", "peers", "kick", "stats", "departure", "ring", "dump")
+COMMANDS: Final = ("status", "peers", "kick", "stats", "departure", "ring", "dump", "upgrade")
 EVENT_KINDS: Final = ("peer-joined", "peer-left")
 
 
@@ -109,7 +109,10 @@ class ControlView(Protocol):
       from the command line); raises :class:`RequestRefused` (no such peer or vector).
     - ``dump()``: the fds as the daemon holds them: ``{"shm": {"fd", "size", ...},
       "peers": [{"id", "eventfds": [fd per vector]}]}``.
-    - ``owner_uid``: the daemon's uid, which may kick and ring (as may root).
+    - ``upgrade()``: start an upgrade in place (:mod:`ivshmemd.upgrade`); returns how
+      upgrades stand (``{"running", "done", "failed", "last_error"}``; ``status`` repeats it
+      as ``upgrades``), or raises :class:`RequestRefused`.
+    - ``owner_uid``: the daemon's uid, which may kick, ring and upgrade (as may root).
     """
 
     def status(self) -> dict[str, Any]: ...
@@ -125,6 +128,8 @@ class ControlView(Protocol):
     def ring(self, peer_id: int, vector: int) -> None: ...
 
     def dump(self) -> dict[str, Any]: ...
+
+    def upgrade(self) -> dict[str, Any]: ...
 
     @property
     def owner_uid(self) -> int: ...
@@ -318,7 +323,7 @@ def _parse_request(raw: bytes) -> tuple[str, Mapping[str, Any]]:
 
 
 def _check_may_act(cmd: str, view: ControlView, requester_uid: int | None) -> None:
-    """``kick`` and ``ring`` act on peers: the daemon's uid or root only."""
+    """``kick``, ``ring`` and ``upgrade`` act on peers: the daemon's uid or root only."""
     if requester_uid is None or requester_uid not in (0, view.owner_uid):
         who = "an unknown uid" if requester_uid is None else f"uid {requester_uid}"
         raise RequestRefused(
@@ -360,6 +365,10 @@ def _dispatch(
     if cmd == "dump":
         _no_args(args)
         return view.dump()
+    if cmd == "upgrade":
+        _no_args(args)
+        _check_may_act(cmd, view, requester_uid)
+        return view.upgrade()
     raise RequestRefused(ErrorCode.UNKNOWN_COMMAND, f"unknown command {cmd!r}")  # pragma: no cover
 
 

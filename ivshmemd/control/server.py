@@ -130,6 +130,19 @@ class EventPublisher:
         self.forward(event)
         return event
 
+    def export(self) -> dict[str, Any]:
+        """The stream's instance, last number and unsent events: an upgrade in place
+        (:mod:`ivshmemd.handover`) carries them, so the stream goes on without a gap."""
+        pending = [list(dataclasses.astuple(event)) for event in self._pending]
+        return {"boot": self.boot, "seq": self._seq, "pending": pending}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Go on where :meth:`export` left off (in the next image of the daemon)."""
+        self.boot = str(state["boot"])
+        self._seq = max(self._seq, int(state["seq"]))
+        for fields in state["pending"]:
+            self.forward(Event(*fields))
+
     def forward(self, event: Event) -> None:
         """Queue an event stamped elsewhere (the control process relays the daemon's)."""
         self._seq = max(self._seq, event.seq)
@@ -346,6 +359,9 @@ class _NoView:
         raise AssertionError("unreachable")
 
     def dump(self) -> dict[str, Any]:  # pragma: no cover
+        raise AssertionError("unreachable")
+
+    def upgrade(self) -> dict[str, Any]:  # pragma: no cover
         raise AssertionError("unreachable")
 
     @property

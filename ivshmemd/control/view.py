@@ -36,7 +36,16 @@ class DaemonControlView:
         self.publisher = publisher
         #: recent departures, oldest first: peer id -> {"id", "reason", "time"}
         self.departures: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        #: the daemon's :class:`ivshmemd.upgrade.Upgrader` once it serves (``upgrade``)
+        self.upgrader: Any = None
         server.listeners.append(self._on_server_event)
+
+    def upgrade(self) -> dict[str, Any]:
+        """Start an upgrade in place; how upgrades stand."""
+        if self.upgrader is None:
+            raise RequestRefused(ErrorCode.BAD_REQUEST, "this daemon cannot upgrade yet")
+        result: dict[str, Any] = self.upgrader.request()
+        return result
 
     def _on_server_event(self, kind: str, event: dict[str, Any]) -> None:
         if kind != "peer-left":
@@ -63,6 +72,7 @@ class DaemonControlView:
             "vectors": server.config.n_vectors,
             "peers": len(server.connections),
             **self._events(),
+            **({} if self.upgrader is None else {"upgrades": self.upgrader.status()}),
             "limits": {
                 "max_peers": server.config.max_peers,
                 "send_timeout": server.config.send_timeout,

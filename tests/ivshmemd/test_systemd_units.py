@@ -135,3 +135,16 @@ def test_units_agree_with_the_daemon() -> None:
         assert setting(unit, "RestrictAddressFamilies") == ["AF_UNIX"]
         assert setting(unit, "PrivateDevices") == []  # would hide /dev/shm from the peers
     assert setting("ivshmem-peer@.service", "EnvironmentFile") == ["/etc/ivshmem/peer-%i.conf"]
+
+
+def test_the_service_keeps_its_peers_across_upgrades_and_crashes() -> None:
+    """What issue 14 needs from the unit: an fd store big enough, $FDSTORE for systemd
+    versions that do not set it, the runtime directory kept across a restart (the state
+    file), a restart after a crash, and reload as the in-place upgrade."""
+    service = "ivshmemd.service"
+    (store_max,) = setting(service, "FileDescriptorStoreMax")
+    assert int(store_max) >= 2 + 4096 * 2  # listen, shm, the default --max-peers at -n 1
+    assert setting(service, "Environment") == [f"FDSTORE={store_max}"]
+    assert setting(service, "RuntimeDirectoryPreserve")[0] in ("restart", "yes")
+    assert setting(service, "Restart") == ["on-failure"]
+    assert setting(service, "ExecReload") == ["/bin/kill -USR2 $MAINPID"]
