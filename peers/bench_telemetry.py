@@ -29,6 +29,7 @@ from typing import Any
 
 from ivshmemd.argtypes import positive_int
 from ivshmemd.control.client import ControlClient
+from ivshmemd.exitcodes import EXIT_OK
 from ivshmemd.telemetry import default_telemetry_endpoints
 
 from .bench_ping import _default_cpu, _run_ping
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     result = bench_telemetry(args.count, args.rounds, args.cpu)
     if args.json:
         print(json.dumps(result))
-        return 0
+        return EXIT_OK
     routes = result["routes_ns"]
     print("doorbell route, ns per call (a real eventfd):")
     for name, ns in routes.items():
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median: off {p50['off']:.2f} us, on {p50['on']:.2f} us, watched "
           f"{p50['watched']:.2f} us; ratio on/off {ratio['on']:.3f}, watched/off "
           f"{ratio['watched']:.3f}")  # fmt: skip
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 from ivshmemd.argtypes import positive_int, seconds
 from ivshmemd.control.client import ControlClient, NoDaemonError
 from ivshmemd.control.schema import default_control_endpoint
+from ivshmemd.exitcodes import EXIT_OK
 
 __all__ = ["bench_top", "main"]
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result = bench_top(args.peers, args.seconds, args.interval, args.plugin)
     if args.json:
         print(json.dumps(result))
-        return 0
+        return EXIT_OK
     control = result["control_process_core_share"]
     print(f"ivshmemctl top watching {result['peers']} {result['plugin']} peers (interval "
           f"{result['interval']:g} s, 160x50 terminal), {result['seconds']:.1f} s after a "
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if control is not None:
         print(f"  the control process (aggregation, snapshots): {100 * control:.1f}% of a core")
     print(f"  top drew {result['screen_bytes']} bytes; exit status {result['top_exit_status']}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
