@@ -594,6 +594,10 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
         async with trio.open_nursery() as nursery:
             if inherited is not None and inherited.get("events"):
                 publisher.resume(inherited["events"])
+            federation: FederationProcess | None = None
+            if args.federation is not None:
+                federation = FederationProcess(args.federation, server, verbose=args.verbose)
+                federation.member_listeners.append(publisher.on_member_event)
             process: ControlProcess | None = None
             if control is not None and events is not None:
                 config = ControlConfig(
@@ -603,12 +607,8 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                     telemetry=_telemetry_endpoints(args), metrics=args.metrics,
                     metrics_max_peers=args.metrics_max_peers,
                 )  # fmt: skip
-                process = ControlProcess(
-                    config, DaemonControlView(server, args.socket, publisher), publisher
-                )
-            federation: FederationProcess | None = None
-            if args.federation is not None:
-                federation = FederationProcess(args.federation, server, verbose=args.verbose)
+                view = DaemonControlView(server, args.socket, publisher, federation)
+                process = ControlProcess(config, view, publisher)
             if inherited is not None:
                 _adopt_children(inherited, nursery, control=process, federation=federation)
             await nursery.start(server.serve)

@@ -190,11 +190,87 @@ def format_status(status: Mapping[str, Any], out: TextIO) -> None:
     for key in ("vectors", "peers"):
         if key in rest:
             pairs.append((key, _cell(rest.pop(key))))
+    federation = rest.pop("federation", None)
     pairs.extend((str(key), _cell(value)) for key, value in rest.items())
     _key_values(pairs, out)
+    if isinstance(federation, Mapping):
+        format_federation(federation, out)
 
 
-PEER_COLUMNS: Final = ("id", "pid", "uid", "gid", "vectors", "connected_at")
+def _ids(id_range: Any) -> str:
+    if isinstance(id_range, list | tuple) and len(id_range) == 2:
+        return f"{id_range[0]}-{id_range[1]}"
+    return _cell(id_range)
+
+
+def _ago(stamp: Any, now: float) -> str:
+    if not isinstance(stamp, int | float) or isinstance(stamp, bool):
+        return "never"
+    return f"{max(0.0, now - stamp):.1f} s ago"
+
+
+def _rtt(seconds: Any) -> str:
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "-"
+    return f"{seconds * 1e6:.0f} us" if seconds < 1e-3 else f"{seconds * 1e3:.1f} ms"
+
+
+def format_federation(federation: Mapping[str, Any], out: TextIO) -> None:
+    """The federation part of ``status``: this daemon as a member, then one row per other
+    member (endpoint, ids, state, last heard, round trip, peers, why it is not up), then
+    the members that refused us and why."""
+    if not federation.get("running"):
+        print(f"federation: not running (listen {federation.get('listen', '?')})", file=out)
+        return
+    members = [m for m in federation.get("members", []) if isinstance(m, Mapping)]
+    process = federation.get("process", {})
+    restarts = process.get("restarts", 0) if isinstance(process, Mapping) else 0
+    identity, endpoint = federation.get("identity", "?"), federation.get("endpoint", "?")
+    print(
+        f"federation: {identity}{'' if identity == endpoint else f' on {endpoint}'}"
+        f" (ids {_ids(federation.get('id_range'))}"
+        f"{', CURVE' if federation.get('secure') else ''}), "
+        f"{plural(len(members), 'member')}, "
+        f"{plural(int(federation.get('remote_peers', 0)), 'remote peer')}"
+        + (f", process restarted {plural(restarts, 'time')}" if restarts else ""),
+        file=out,
+    )
+    now = time.time()
+    if members:
+        rows = [
+            [
+                _cell(m.get("member")),
+                _cell(m.get("endpoint")),
+                _ids(m.get("id_range")),
+                _cell(m.get("state")),
+                _ago(m.get("last_heard"), now),
+                _rtt(m.get("rtt")),
+                _cell(m.get("peers")),
+                m.get("reason") or "",
+            ]
+            for m in sorted(members, key=lambda m: str(m.get("member")))
+        ]
+        _table(["  MEMBER", "ENDPOINT", "IDS", "STATE", "LAST HEARD", "RTT", "PEERS", "WHY"],
+               [["  " + row[0], *row[1:]] for row in rows], out)  # fmt: skip
+    refused_by = federation.get("refused_by", {})
+    if isinstance(refused_by, Mapping):
+        for identity, reason in sorted(refused_by.items()):
+            print(f"  refused by {identity}: {reason}", file=out)
+    probing = federation.get("probing", [])
+    if isinstance(probing, list) and probing:
+        print(f"  probing: {', '.join(map(str, probing))}", file=out)
+
+
+PEER_COLUMNS: Final = ("id", "member", "pid", "uid", "gid", "vectors", "connected_at")
+
+
+def _peer_cell(peer: Mapping[str, Any], column: str) -> str:
+    value = peer.get(column)
+    if column == "connected_at":
+        return _human_time(value)
+    if column == "member" and value is None:
+        return "(local)"  # a federation member's peer names its member
+    return _cell(value)
 
 
 def format_peers(peers: Sequence[Mapping[str, Any]], out: TextIO) -> None:
@@ -205,7 +281,7 @@ def format_peers(peers: Sequence[Mapping[str, Any]], out: TextIO) -> None:
     columns = [c for c in PEER_COLUMNS if any(c in p for p in peers)] + extra
     headers = ["CONNECTED" if c == "connected_at" else c.upper() for c in columns]
     rows = [
-        [_human_time(p.get(c)) if c == "connected_at" else _cell(p.get(c)) for c in columns]
+        [_peer_cell(p, c) for c in columns]
         for p in sorted(peers, key=lambda p: (p.get("id") is None, p.get("id", 0)))
     ]
     _table(headers, rows, out)
@@ -218,10 +294,12 @@ def format_stats(stats: Mapping[str, Any], out: TextIO) -> None:
 def format_event(event: Event) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
     millis = int((event.time % 1) * 1000)
-    line = (
-        f"{stamp}.{millis:03d}  #{event.seq:<6d} {event.kind:<11s} "
-        f"peer {event.peer_id} ({plural(event.vectors, 'vector')})"
-    )
+    if event.peer_id is None:  # a federation member
+        what = f"member {event.member} ({event.endpoint}, ids {_ids(event.id_range)})"
+    else:
+        what = f"peer {event.peer_id} ({plural(event.vectors, 'vector')}"
+        what += f", member {event.member})" if event.member else ")"
+    line = f"{stamp}.{millis:03d}  #{event.seq:<6d} {event.kind:<11s} {what}"
     if event.reason:
         line += f", {event.reason}"
     return line
@@ -459,7 +537,9 @@ def register_control_commands(subparsers: SubParsers, common: argparse.ArgumentP
     p = subparsers.add_parser("stats", parents=[common], help="counters since start-up")
     p.set_defaults(run=_simple("stats", format_stats))
     p = subparsers.add_parser(
-        "watch", parents=[common], help="print peer-joined/peer-left events as they happen"
+        "watch",
+        parents=[common],
+        help="print peer-joined/peer-left (and federation member) events as they happen",
     )
     p.add_argument(
         "--events",

@@ -11,9 +11,17 @@ Wire format (schema version 1, every message a msgpack map)::
     request   {"v": 1, "cmd": "status" | "peers" | "stats" | "kick", "args": {...}}
     reply     {"v": 1, "ok": true, "result": {...}}
               {"v": 1, "ok": false, "error": {"code": "...", "message": "..."}}
-    event     two frames: topic (b"peer-joined" | b"peer-left") and
+    event     two frames: topic (the event kind) and
               {"v": 1, "seq": n, "event": "...", "peer_id": id, "vectors": n, "time": unix_s,
-               "reason": text (peer-left, optional), "boot": daemon instance id (optional)}
+               "reason": text (optional), "boot": daemon instance id (optional),
+               "member": identity (optional), "endpoint": text (optional),
+               "id_range": [lo, hi] (optional)}
+
+Event kinds: ``peer-joined`` and ``peer-left`` (a peer of this daemon, or of a federation
+member: then ``member`` names that member), and ``member-joined``, ``member-left`` and
+``member-refused`` (a daemon of the federation: ``member``, its ``endpoint`` and
+``id_range``; ``peer_id`` is null and ``vectors`` 0; ``reason`` says why it left or was
+refused, a refusal naming both values).
 
 The events socket greets every new subscriber with the one-frame message
 :data:`EVENTS_WELCOME`, so a subscriber knows when its subscription is live.
@@ -44,6 +52,8 @@ __all__ = [
     "EVENTS_WELCOME",
     "EVENT_KINDS",
     "MAX_REQUEST_BYTES",
+    "MEMBER_EVENT_KINDS",
+    "PEER_EVENT_KINDS",
     "SCHEMA_VERSION",
     "ControlError",
     "ControlView",
@@ -73,7 +83,11 @@ MAX_REQUEST_BYTES: Final = 64 * 1024
 EVENTS_WELCOME: Final = b"ivshmem-events-v1"
 
 COMMANDS: Final = ("status", "peers", "kick", "stats", "departure", "ring", "dump", "upgrade")
-EVENT_KINDS: Final = ("peer-joined", "peer-left")
+#: events about one peer (local, or a federation member's)
+PEER_EVENT_KINDS: Final = ("peer-joined", "peer-left")
+#: events about a federation member (another daemon)
+MEMBER_EVENT_KINDS: Final = ("member-joined", "member-left", "member-refused")
+EVENT_KINDS: Final = (*PEER_EVENT_KINDS, *MEMBER_EVENT_KINDS)
 
 
 class ErrorCode:
@@ -424,17 +438,28 @@ def decode_reply(raw: bytes) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One peer event as published: ``seq`` starts at 1 and grows by 1 per event."""
+    """One event as published: ``seq`` starts at 1 and grows by 1 per event. A peer event
+    has its ``peer_id``; a member event (:data:`MEMBER_EVENT_KINDS`) has none, and its
+    ``member``, ``endpoint`` and ``id_range`` instead."""
 
     seq: int
     kind: str
-    peer_id: int
+    peer_id: int | None
     vectors: int
     time: float
     reason: str | None = None
     #: the daemon instance that published it (new at every start): a subscriber that sees
     #: it change knows the daemon restarted and its sequence numbers started again
     boot: str | None = None
+    #: the federation member (another daemon's identity) the peer or the event is about
+    member: str | None = None
+    #: a member event: where the member listens, and the peer ids it serves
+    endpoint: str | None = None
+    id_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.id_range is not None:  # a list, from msgpack or a link
+            object.__setattr__(self, "id_range", (int(self.id_range[0]), int(self.id_range[1])))
 
     def to_frames(self) -> tuple[bytes, bytes]:
         """The two zmq frames: topic and msgpack body."""
@@ -450,11 +475,24 @@ class Event:
             "vectors": self.vectors,
             "time": self.time,
         }
-        if self.reason is not None:
-            body["reason"] = self.reason
-        if self.boot is not None:
-            body["boot"] = self.boot
+        for name in ("reason", "boot", "member", "endpoint", "id_range"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = list(value) if name == "id_range" else value
         return body
+
+
+def _optional_text(body: Mapping[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    return None if value is None else str(value)
+
+
+def _id_range(raw: Any) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise ValueError(f"id_range must be [lo, hi], not {raw!r:.40}")
+    return int(raw[0]), int(raw[1])
 
 
 def decode_event(frames: list[bytes]) -> Event:
@@ -468,17 +506,24 @@ def decode_event(frames: list[bytes]) -> Event:
     if not isinstance(body, dict) or body.get("v") != SCHEMA_VERSION:
         raise SchemaError(f"event is not a schema-{SCHEMA_VERSION} map")
     try:
+        kind = str(body["event"])
+        raw_peer = body["peer_id"] if kind in PEER_EVENT_KINDS else body.get("peer_id")
         event = Event(
             seq=int(body["seq"]),
-            kind=str(body["event"]),
-            peer_id=int(body["peer_id"]),
+            kind=kind,
+            peer_id=None if raw_peer is None else int(raw_peer),
             vectors=int(body["vectors"]),
             time=float(body["time"]),
-            reason=None if body.get("reason") is None else str(body["reason"]),
-            boot=None if body.get("boot") is None else str(body["boot"]),
+            reason=_optional_text(body, "reason"),
+            boot=_optional_text(body, "boot"),
+            member=_optional_text(body, "member"),
+            endpoint=_optional_text(body, "endpoint"),
+            id_range=_id_range(body.get("id_range")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise SchemaError(f"event lacks a field or has a wrong type: {exc}") from None
+    if event.kind in PEER_EVENT_KINDS and event.peer_id is None:
+        raise SchemaError(f"a {event.kind} event needs a peer_id")
     if event.kind.encode() != frames[0]:
         raise SchemaError(f"event topic {frames[0]!r} does not match {event.kind!r}")
     return event

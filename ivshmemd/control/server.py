@@ -50,6 +50,8 @@ from .schema import (
     EVENT_KINDS,
     EVENTS_WELCOME,
     MAX_REQUEST_BYTES,
+    MEMBER_EVENT_KINDS,
+    PEER_EVENT_KINDS,
     ControlView,
     Credentials,
     ErrorCode,
@@ -121,12 +123,20 @@ class EventPublisher:
         """The sequence number of the last event published (0 before the first)."""
         return self._seq
 
-    def publish(self, kind: str, peer_id: int, vectors: int, reason: str | None = None) -> Event:
-        """Stamp and queue one event; returns it."""
+    def publish(
+        self,
+        kind: str,
+        peer_id: int | None,
+        vectors: int,
+        reason: str | None = None,
+        **member: Any,
+    ) -> Event:
+        """Stamp and queue one event; returns it. ``member`` holds the :class:`Event`'s
+        member fields (``member``, ``endpoint``, ``id_range``)."""
         if kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         self._seq += 1
-        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason, self.boot)
+        event = Event(self._seq, kind, peer_id, vectors, self._clock(), reason, self.boot, **member)
         self.forward(event)
         return event
 
@@ -162,16 +172,36 @@ class EventPublisher:
     def on_server_event(self, kind: str, event: Mapping[str, Any]) -> None:
         """An event listener in the daemon's shape, ``listener(kind, {"peer_id", "vectors",
         ...})``: ``server.listeners.append(publisher.on_server_event)``. An optional
-        ``"reason"`` is passed on; other kinds than peer-joined/peer-left are ignored."""
-        if kind not in EVENT_KINDS:
+        ``"reason"`` is passed on, and ``"member"`` (a federation member's peer); other
+        kinds than peer-joined/peer-left are ignored."""
+        if kind not in PEER_EVENT_KINDS:
             log.debug("not publishing server event %r", kind)
             return
-        reason = event.get("reason")
+        reason, member = event.get("reason"), event.get("member")
         self.publish(
             kind,
             int(event["peer_id"]),
             int(event.get("vectors", 0)),
             None if reason is None else str(reason),
+            member=None if member is None else str(member),
+        )
+
+    def on_member_event(self, kind: str, info: Mapping[str, Any]) -> None:
+        """A federation member joined, left or was refused (the shape of
+        :attr:`ivshmemd.fedproc.FederationProcess.member_listeners`): ``info`` has
+        ``member``, ``endpoint``, ``id_range`` and, when it left or was refused, ``reason``."""
+        if kind not in MEMBER_EVENT_KINDS:
+            log.debug("not publishing member event %r", kind)
+            return
+        reason, id_range = info.get("reason"), info.get("id_range")
+        self.publish(
+            kind,
+            None,
+            0,
+            None if reason is None else str(reason),
+            member=str(info.get("member")),
+            endpoint=None if info.get("endpoint") is None else str(info["endpoint"]),
+            id_range=None if id_range is None else (int(id_range[0]), int(id_range[1])),
         )
 
     def take_pending(self) -> list[Event]:
@@ -377,7 +407,7 @@ def subscribable(topic: bytes) -> bool:
     topic (everything) or a prefix of an event kind or of the welcome. Nothing else is
     applied, so a subscriber cannot make the daemon store topics of its choosing."""
     return not topic or any(
-        name.startswith(topic) for name in (b"peer-joined", b"peer-left", EVENTS_WELCOME)
+        name.startswith(topic) for name in (*(k.encode() for k in EVENT_KINDS), EVENTS_WELCOME)
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from ivshmemd import __version__
 from ivshmemd.server import IvshmemServer, fd_limit
@@ -19,21 +19,34 @@ from ivshmemd.wording import plural
 from .schema import ErrorCode, RequestRefused
 from .server import EventPublisher
 
-__all__ = ["MAX_DEPARTURES", "DaemonControlView", "state_lines"]
+__all__ = ["MAX_DEPARTURES", "DaemonControlView", "FederationStatus", "state_lines"]
 
 #: departures remembered for ``departure`` requests (ids only grow: the oldest go first)
 MAX_DEPARTURES: Final = 4096
 
 
+class FederationStatus(Protocol):
+    """The daemon's federation as the control plane shows it
+    (:class:`ivshmemd.fedproc.FederationProcess`)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class DaemonControlView:
-    """Answers ``status``, ``peers``, ``stats`` and ``kick`` for one running server."""
+    """Answers ``status``, ``peers``, ``stats`` and ``kick`` for one running server (and
+    its federation, if it has one: members in ``status``, remote peers in ``peers``)."""
 
     def __init__(
-        self, server: IvshmemServer, socket_path: str, publisher: EventPublisher | None = None
+        self,
+        server: IvshmemServer,
+        socket_path: str,
+        publisher: EventPublisher | None = None,
+        federation: FederationStatus | None = None,
     ) -> None:
         self.server = server
         self.socket_path = socket_path
         self.publisher = publisher
+        self.federation = federation
         #: recent departures, oldest first: peer id -> {"id", "reason", "time"}
         self.departures: OrderedDict[int, dict[str, Any]] = OrderedDict()
         #: the daemon's :class:`ivshmemd.upgrade.Upgrader` once it serves (``upgrade``)
@@ -61,8 +74,10 @@ class DaemonControlView:
             self.departures.popitem(last=False)
 
     def status(self) -> dict[str, Any]:
-        """Version, uptime, shm, vectors, peer count and limits."""
+        """Version, uptime, shm, vectors, peer count and limits; the federation (members:
+        endpoint, id range, state, last heard, round trip; refusals) if there is one."""
         server, shm = self.server, self.server.shm
+        federation = {} if self.federation is None else {"federation": self.federation.status()}
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -81,14 +96,24 @@ class DaemonControlView:
                 "fd_reserve": server.config.fd_reserve,
                 **_flight(server),
             },
+            **federation,
         }
 
     def peers(self) -> list[dict[str, Any]]:
-        """One entry per peer, in id order: id, pid/uid/gid, connect time, vectors."""
-        return [
+        """One entry per peer, in id order: id, pid/uid/gid, connect time, vectors; a
+        federation member's peer has no pid/uid/gid but its ``member`` (that daemon)."""
+        server = self.server
+        found = [
             {"id": peer_id, "vectors": len(conn.peer.vectors), **conn.peer.info}
-            for peer_id, conn in sorted(self.server.connections.items())
+            for peer_id, conn in server.connections.items()
         ]
+        for peer_id, member in server.remote.items():
+            peer = server.registry.get(peer_id)
+            if peer is not None:
+                found.append(
+                    {"id": peer_id, "vectors": len(peer.vectors), **peer.info, "member": member}
+                )
+        return sorted(found, key=lambda entry: int(entry["id"]))
 
     def _events(self) -> dict[str, Any]:
         """The event stream's instance id and last sequence number (a subscriber that

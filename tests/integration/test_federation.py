@@ -8,11 +8,13 @@ daemons log and what clients receive, never on sleeps.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import zmq
 
 from ivshmemd.federation.keys import keygen
 from ivshmemd.federation.schema import Hello, encode_frame
-from ivshmemd.supervise import DaemonProcess, daemon_process
+from ivshmemd.supervise import Child, DaemonProcess, daemon_process, open_supervisor
 from ivshmemd.supervise.fabric import (
     MEMBER_UP,
     fabric_process,
@@ -38,6 +40,7 @@ from tests.rawclient import RawClient
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins"
 WAIT = 30.0
+CTL = [sys.executable, "-m", "ivshmemd.ctl"]
 
 
 def first_ids(hosts: int) -> list[int]:
@@ -198,6 +201,104 @@ async def test_federation_process_killed_is_restarted_and_local_peers_only_see_n
             assert await rung(on_a) == 2
 
 
+async def ctl(daemon: DaemonProcess, *argv: str) -> str:
+    """What ``ivshmemctl -S SOCK ARGV...`` prints (it must succeed)."""
+    done = await trio.run_process(
+        [*CTL, "-S", daemon.socket_path, *argv], capture_stdout=True, capture_stderr=True,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert not done.stderr, done.stderr.decode()
+    return str(done.stdout.decode())
+
+
+async def federation_status(
+    daemon: DaemonProcess, until: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """``status --json``'s federation, asked again until ``until`` holds (the daemon's
+    copy is refreshed by its federation process every half second)."""
+    with trio.fail_after(WAIT):
+        while True:
+            status: dict[str, Any] = json.loads(await ctl(daemon, "status", "--json"))
+            if until(status["federation"]):
+                return status["federation"]
+
+
+def member_row(federation: dict[str, Any], identity: str) -> dict[str, Any] | None:
+    rows = [m for m in federation["members"] if m["member"] == identity]
+    return rows[0] if rows else None
+
+
+async def test_ivshmemctl_shows_members_marks_remote_peers_and_watch_reports_members(
+    tmp_path: Path,
+) -> None:
+    endpoints = federation_endpoints(tmp_path, 2)
+    a_args = federation_args(endpoints, 0, timeout=1)
+    b_args = federation_args(endpoints, 1, timeout=1)
+    b_first = host_id_ranges(2)[1][0]
+    async with daemon_process(tmp_path, args=a_args) as a, open_supervisor() as supervisor:
+        watches = []
+        for form in ([], ["--json"]):
+            watch = await supervisor.start(
+                Child([*CTL, "-S", a.socket_path, "watch", *form, "--count", "4"]), events=True
+            )
+            await watch.wait_log("^watching events on")
+            watches.append(watch)
+        human, machine = watches
+        async with daemon_process(tmp_path, args=b_args, socket_path=str(tmp_path / "b.sock")) as b:
+            on_b = await RawClient.connect(b.socket_path)
+            try:
+                await on_b.read(3)
+                joined_event = await machine.wait_event(event="peer-joined")
+                assert joined_event["peer_id"] == b_first
+                assert joined_event["member"] == endpoints[1]
+                # peers: B's peer, marked with its member, in both forms
+                (peer,) = json.loads(await ctl(a, "peers", "--json"))
+                assert (peer["id"], peer["member"], peer["vectors"]) == (b_first, endpoints[1], 1)
+                table = (await ctl(a, "peers")).splitlines()
+                assert table[0].split()[:3] == ["ID", "MEMBER", "VECTORS"]
+                assert table[1].split()[:3] == [str(b_first), endpoints[1], "1"]
+                # status: the member, up, heard from, with a round-trip time
+                federation = await federation_status(
+                    a, lambda f: (m := member_row(f, endpoints[1])) is not None
+                    and m["rtt"] is not None,
+                )  # fmt: skip
+                row = member_row(federation, endpoints[1])
+                assert row is not None
+                assert (row["endpoint"], row["id_range"], row["state"]) == (
+                    endpoints[1], list(host_id_ranges(2)[1]), "up"
+                )  # fmt: skip
+                assert isinstance(row["last_heard"], float) and row["rtt"] > 0
+                assert federation["remote_peers"] == 1
+                text = await ctl(a, "status")
+                assert "federation: " + endpoints[0] in text
+                (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(endpoints[1])]
+                cells = line.split()
+                assert cells[1:4] == [endpoints[1], "{}-{}".format(*host_id_ranges(2)[1]), "up"]
+                assert "ago" in line and ("us" in cells or "ms" in cells)
+            finally:
+                on_b.close()
+            b.send_signal(signal.SIGKILL)
+            await b.wait_exit()
+            b.remove_leftovers()
+        # the event stream: B joined, its peer joined, left, and B left
+        assert await machine.wait_exit() == 0, machine.describe()
+        kinds = [(e["event"], e.get("member"), e.get("peer_id")) for e in machine.events]
+        assert kinds[:2] == [("member-joined", endpoints[1], None), ("peer-joined", endpoints[1],
+                                                                     b_first)]  # fmt: skip
+        assert sorted(kinds[2:]) == [("member-left", endpoints[1], None),
+                                     ("peer-left", endpoints[1], b_first)]  # fmt: skip
+        member_joined = machine.events[0]
+        assert member_joined["endpoint"] == endpoints[1]
+        assert member_joined["id_range"] == list(host_id_ranges(2)[1])
+        left = next(e for e in machine.events if e["event"] == "member-left")
+        assert left["reason"]
+        assert await human.wait_exit() == 0, human.describe()
+        lines = [e["text"] for e in human.events]
+        assert f"member-joined member {endpoints[1]} ({endpoints[1]}, ids " in lines[0]
+        assert f"peer-joined peer {b_first} (1 vector, member {endpoints[1]})" in lines[1]
+
+
 @pytest.mark.parametrize(
     ("b_settings", "reason"),
     [
@@ -219,6 +320,15 @@ async def test_a_mismatch_is_refused_on_both_sides_with_both_values(
     ) as b:  # fmt: skip
         await a.wait_log(f"refused member {b_end} at {b_end}: {reason}")
         await b.wait_log(f"member {a_end} refused us: {reason}")
+        # ivshmemctl status shows the refusal, naming both values, on both sides
+        on_a = await federation_status(a, lambda f: member_row(f, b_end) is not None)
+        refused = member_row(on_a, b_end)
+        assert refused is not None and refused["state"] == "refused"
+        assert re.fullmatch(reason, refused["reason"])
+        on_b = await federation_status(b, lambda f: a_end in f["refused_by"])
+        assert re.fullmatch(reason, on_b["refused_by"][a_end])
+        text = await ctl(b, "status")
+        assert re.search(f"refused by {a_end}: {reason}", text), text
         # and neither serves the other's peers
         async with clients(a.socket_path) as (on_a,):
             assert on_a.view() == {}

@@ -254,6 +254,41 @@ def test_publisher_as_a_server_event_listener() -> None:
     ]
 
 
+def test_publisher_carries_federation_members_and_their_peers() -> None:
+    publisher = EventPublisher(clock=lambda: 7.0)
+    info = {"member": "b", "endpoint": "ipc:///b.fed", "id_range": [1000, 1999], "state": "up"}
+    publisher.on_member_event("member-joined", info)
+    publisher.on_server_event("peer-joined", {"peer_id": 1000, "vectors": 2, "member": "b"})
+    publisher.on_member_event(
+        "member-refused", {**info, "reason": "vector count differs: b has 2, a has 1"}
+    )
+    publisher.on_member_event("member-exploded", info)
+    events = publisher.take_pending()
+    decoded = [decode_event(list(e.to_frames())) for e in events]
+    assert decoded == events
+    joined, peer, refused = decoded
+    assert (joined.kind, joined.peer_id, joined.member) == ("member-joined", None, "b")
+    assert (joined.endpoint, joined.id_range, joined.reason) == ("ipc:///b.fed", (1000, 1999), None)
+    assert (peer.kind, peer.peer_id, peer.vectors, peer.member) == ("peer-joined", 1000, 2, "b")
+    assert refused.reason == "vector count differs: b has 2, a has 1"
+
+
+def test_a_peer_event_without_its_peer_id_is_refused() -> None:
+    topic, body = EventPublisher().peer_joined(1, 1).to_frames()
+    fields = msgpack.unpackb(body)
+    fields["peer_id"] = None
+    with pytest.raises(SchemaError, match="needs a peer_id"):
+        decode_event([topic, msgpack.packb(fields)])
+    del fields["peer_id"]
+    with pytest.raises(SchemaError):
+        decode_event([topic, msgpack.packb(fields)])
+    for bad_range in ([1], "1-2", [1, "x"]):
+        member = {"v": SCHEMA_VERSION, "seq": 1, "event": "member-left", "peer_id": None,
+                  "vectors": 0, "time": 1.0, "member": "b", "id_range": bad_range}  # fmt: skip
+        with pytest.raises(SchemaError):
+            decode_event([b"member-left", msgpack.packb(member)])
+
+
 def test_publisher_drops_oldest_when_nobody_drains() -> None:
     publisher = EventPublisher(max_pending=3)
     for peer_id in range(5):
