@@ -258,12 +258,14 @@ class FederationProcess:
         try:
             if endpoint is None:
                 self._introduce(link)
+            # from here on, local peers' joins and leaves go to this process (queued until
+            # it reads them): one that comes during its start-up is not lost
+            self._link = link
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._relay_stderr, process)
                 nursery.start_soon(link.flush)
                 if endpoint is None:
                     endpoint = await self._handshake(link, process)
-                self._link = link
                 if self._restored:
                     nursery.start_soon(self._expire_restored)
                 if task_status is not None:

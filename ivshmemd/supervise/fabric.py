@@ -20,7 +20,14 @@ from ..protocol import MAX_PEER_ID
 from .daemon import DEFAULT_SIZE, DaemonProcess, daemon_process
 from .spawn import WAIT_TIMEOUT
 
-__all__ = ["MEMBER_UP", "fabric_process", "federation_args", "host_id_ranges"]
+__all__ = [
+    "MEMBER_UP",
+    "fabric_process",
+    "federation_args",
+    "federation_endpoints",
+    "federation_pid",
+    "host_id_ranges",
+]
 
 #: what a daemon logs when another daemon became its member
 MEMBER_UP = r"federation: member .* is up"
@@ -33,6 +40,20 @@ def host_id_ranges(hosts: int) -> list[tuple[int, int]]:
         raise ValueError(f"hosts must be in 1..256, got {hosts}")
     span = (MAX_PEER_ID + 1) // hosts
     return [(i * span, (i + 1) * span - 1 if i < hosts - 1 else MAX_PEER_ID) for i in range(hosts)]
+
+
+def federation_pid(daemon_pid: int) -> int:
+    """The pid of a daemon's federation process (one of its children)."""
+    children = [  # a child is listed under the thread that forked it
+        child
+        for task in Path(f"/proc/{daemon_pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"ivshmemd.federation.process" in f.read():
+                return int(child)
+    raise LookupError(f"daemon {daemon_pid} has no federation process among {children}")
 
 
 def federation_endpoints(directory: str | os.PathLike[str], hosts: int) -> list[str]:

@@ -31,6 +31,7 @@ from ivshmemd.supervise.fabric import (
     fabric_process,
     federation_args,
     federation_endpoints,
+    federation_pid,
     host_id_ranges,
 )
 from peers.pytest_plugin import FabricFactory, PeerSpawner
@@ -45,20 +46,6 @@ CTL = [sys.executable, "-m", "ivshmemd.ctl"]
 
 def first_ids(hosts: int) -> list[int]:
     return [lo for lo, _hi in host_id_ranges(hosts)]
-
-
-def federation_pid(daemon: DaemonProcess) -> int:
-    """The pid of ``daemon``'s federation process (one of its children)."""
-    children = [  # a child is listed under the thread that forked it
-        child
-        for task in Path(f"/proc/{daemon.pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
-    for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"ivshmemd.federation.process" in f.read():
-                return int(child)
-    raise AssertionError(f"daemon {daemon.pid} has no federation process among {children}")
 
 
 async def joined(client: RawClient, peer_id: int, vectors: int = 1) -> None:
@@ -184,7 +171,7 @@ async def test_federation_process_killed_is_restarted_and_local_peers_only_see_n
         async with clients(a.socket_path, b.socket_path) as (on_a, on_b):
             await joined(on_a, first_b)
             await joined(on_b, first_a)
-            os.kill(federation_pid(a), signal.SIGKILL)
+            os.kill(federation_pid(a.pid), signal.SIGKILL)
             await a.wait_log(r"federation process stopped \(killed by SIGKILL\)")
             await a.wait_log(r"federation process restarted")
             # both sides hear of the other host's peer leaving and joining again, and
@@ -297,6 +284,42 @@ async def test_ivshmemctl_shows_members_marks_remote_peers_and_watch_reports_mem
         lines = [e["text"] for e in human.events]
         assert f"member-joined member {endpoints[1]} ({endpoints[1]}, ids " in lines[0]
         assert f"peer-joined peer {b_first} (1 vector, member {endpoints[1]})" in lines[1]
+
+
+async def caught_starting(daemon: DaemonProcess, old: int) -> int:
+    """The pid of ``daemon``'s new federation process, stopped (SIGSTOP) as soon as it is
+    there: long before it can be ready (its interpreter has yet to import trio and zmq)."""
+    await daemon.wait_log(r"federation process stopped .*; restarting in")
+    with trio.fail_after(WAIT):
+        while True:
+            try:
+                pid = federation_pid(daemon.pid)
+            except LookupError:
+                pid = old
+            if pid != old:
+                os.kill(pid, signal.SIGSTOP)
+                return pid
+            await trio.sleep(0.001)  # a process appearing tells nobody: look again
+
+
+async def test_a_peer_that_joins_while_the_federation_process_starts_is_announced(
+    tmp_path: Path,
+) -> None:
+    async with fabric_process(tmp_path, 2, timeout=1) as (a, b):
+        first_a = first_ids(2)[0]
+        async with clients(b.socket_path) as (on_b,):
+            os.kill(old := federation_pid(a.pid), signal.SIGKILL)
+            starting = await caught_starting(a, old)
+            try:
+                async with clients(a.socket_path) as (on_a,):  # its handshake is done
+                    assert not a.log_matching("federation process restarted")
+                    os.kill(starting, signal.SIGCONT)
+                    await a.wait_log("federation process restarted")
+                    await joined(on_b, first_a)
+                    ring(on_b, first_a, count=4)
+                    assert await rung(on_a) == 4
+            finally:
+                os.kill(starting, signal.SIGCONT)
 
 
 @pytest.mark.parametrize(
