@@ -2,6 +2,10 @@
 
 ``python -m ivshmemd.federation.bench [--rounds R] [--per-round N] [--seconds S] [--json]``
 
+(``python -m ivshmemd.federation.bench fabric ...`` measures real daemons and peers
+instead: :mod:`ivshmemd.federation.bench_fabric`. This one measures the relay alone, two
+:class:`Federation` objects and no daemon.)
+
 In one run, interleaved round by round so that both see the same machine load:
 
 - **Round trip.** Raw: a pyzmq DEALER (this process) and a ROUTER echo (a child process)
@@ -215,7 +219,7 @@ def _pin(cpu: int | None) -> None:
             os.sched_setaffinity(0, {cpu})
 
 
-def _cpus() -> tuple[int | None, int | None]:
+def two_cpus() -> tuple[int | None, int | None]:
     available = sorted(os.sched_getaffinity(0))
     if len(available) < 2:
         return None, None
@@ -328,7 +332,7 @@ def _raw_flood(sock: zmq.Socket[bytes], seconds: float) -> float:
     return sent / elapsed
 
 
-def _percentile(samples: list[float], fraction: float) -> float:
+def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
@@ -337,7 +341,7 @@ def run_bench(
     rounds: int, per_round: int, seconds: float, timeout: float, pin: bool = True
 ) -> dict[str, Any]:
     """Run every measurement; the figures as a dict."""
-    cpu_a, cpu_b = _cpus() if pin else (None, None)
+    cpu_a, cpu_b = two_cpus() if pin else (None, None)
     me = [sys.executable, "-m", "ivshmemd.federation.bench", "--timeout", str(timeout)]
     with _children() as children:
         echo = subprocess.Popen(
@@ -403,20 +407,20 @@ def run_bench(
             echo.wait()
             if echo.stdout is not None:
                 echo.stdout.close()
-    raw_p50, relay_p50 = _percentile(raw, 0.5), _percentile(relay, 0.5)
+    raw_p50, relay_p50 = percentile(raw, 0.5), percentile(relay, 0.5)
     return {
         "rounds": rounds,
         "round_trips": len(raw),
         "pinned": cpu_a is not None,
-        "raw_zmq_rtt_us": {"p50": raw_p50, "p99": _percentile(raw, 0.99)},
-        "relay_rtt_us": {"p50": relay_p50, "p99": _percentile(relay, 0.99)},
+        "raw_zmq_rtt_us": {"p50": raw_p50, "p99": percentile(raw, 0.99)},
+        "relay_rtt_us": {"p50": relay_p50, "p99": percentile(relay, 0.99)},
         "trio_zmq_rtt_us": {
-            "p50": _percentile(from_trio, 0.5),
-            "p99": _percentile(from_trio, 0.99),
+            "p50": percentile(from_trio, 0.5),
+            "p99": percentile(from_trio, 0.99),
         },
         "relay_over_raw_p50": relay_p50 / raw_p50,
-        "relay_over_trio_zmq_p50": relay_p50 / _percentile(from_trio, 0.5),
-        "relay_over_raw_p99": _percentile(relay, 0.99) / _percentile(raw, 0.99),
+        "relay_over_trio_zmq_p50": relay_p50 / percentile(from_trio, 0.5),
+        "relay_over_raw_p99": percentile(relay, 0.99) / percentile(raw, 0.99),
         "raw_zmq_msgs_per_s": max(raw_rates),
         "relay_frames_per_s": max(relay_frames),
         "relay_doorbells_per_s": max(relay_rings),
@@ -463,6 +467,11 @@ def _print_human(figures: Mapping[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_given = list(sys.argv[1:] if argv is None else argv)
+    if args_given[:1] == ["fabric"]:  # real daemons and peers (bench_fabric)
+        from .bench_fabric import main as fabric_main
+
+        return fabric_main(args_given[1:])
     parser = argparse.ArgumentParser(
         prog="python -m ivshmemd.federation.bench", description=__doc__.split("\n\n")[0]
     )
@@ -482,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=("a", "b"), help=argparse.SUPPRESS)
     parser.add_argument("--peer", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_given)
     if args.role is not None:
         _pin(args.cpu)
         with contextlib.suppress(KeyboardInterrupt):

@@ -38,9 +38,32 @@ def test_a_short_benchmark_run_reports_every_figure() -> None:
     assert figures["kill_to_leave_s"] > 0
 
 
+def test_a_short_fabric_run_of_real_daemons_reports_every_figure() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ivshmemd.federation.bench", "fabric", "--transport", "ipc",
+         "--rounds", "2", "--per-round", "20", "--seconds", "0.1", "--timeout", "1", "--json"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    ipc = figures["transports"]["ipc"]
+    assert ipc["round_trips"] == 40
+    for key in ("raw_zmq_rtt_us", "relay_rtt_us"):
+        assert 0 < ipc[key]["p50"] <= ipc[key]["p99"]
+    assert ipc["relay_over_raw_p50_median"] > 0
+    assert ipc["relay_frames_per_s"] > 0 and ipc["raw_zmq_msgs_per_s"] > 0
+    assert ipc["relay_doorbells_per_s"] >= ipc["relay_frames_per_s"]
+    assert ipc["kill_daemon_to_leave_s"] > 0 and ipc["kill_host_to_leave_s"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--rounds", "0"], "must be positive"), (["--timeout", "x"], "not a number")],
+    [
+        (["--rounds", "0"], "must be positive"),
+        (["--timeout", "x"], "not a number"),
+        (["fabric", "--per-round", "0"], "must be positive"),
+        (["fabric", "--transport", "udp"], "invalid choice"),
+    ],
 )
 def test_bad_arguments_are_one_clear_line(args: list[str], message: str) -> None:
     result = subprocess.run(
