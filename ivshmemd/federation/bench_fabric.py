@@ -295,6 +295,10 @@ class _Host:
         """Send a request to the peer and wait for its next ``reply`` event."""
         count = len(self.peer.matching(event=reply)) + 1
         self.peer.send_line(json.dumps(request))
+        return self.reply(reply, count)
+
+    def reply(self, reply: str, count: int = 1) -> dict[str, Any]:
+        """The peer's ``count``-th ``reply`` event, waiting for it."""
         try:
             return self.peer.wait_event(event=reply, count=count, timeout=WAIT)
         except ChildError as exc:
@@ -465,7 +469,7 @@ def _kill_to_leave(a: _Host, b: _Host, restart_b: _Restart) -> dict[str, float]:
     a.ask({"cmd": "watch-leave"}, "watching")
     killed = time.monotonic()
     b.daemon.kill()
-    daemon_only = a.peer.wait_event(event="left", timeout=WAIT)["at"] - killed
+    daemon_only = a.reply("left")["at"] - killed
     b.daemon.wait_exit(WAIT)
     b.peer.kill()
     b.daemon.remove_leftovers()
@@ -477,7 +481,7 @@ def _kill_to_leave(a: _Host, b: _Host, restart_b: _Restart) -> dict[str, float]:
         killed = time.monotonic()
         os.kill(helper, signal.SIGKILL)
         again.kill()
-        host_death = a.peer.wait_event(event="left", count=2, timeout=WAIT)["at"] - killed
+        host_death = a.reply("left", 2)["at"] - killed
         again.wait_exit(WAIT)
     return {"kill_daemon_to_leave_s": daemon_only, "kill_host_to_leave_s": host_death}
 
