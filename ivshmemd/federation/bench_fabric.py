@@ -56,6 +56,7 @@ import zmq
 from ivshmemd import wire
 from ivshmemd.argtypes import positive_int, seconds
 from ivshmemd.control.client import ControlClient
+from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK
 from ivshmemd.protocol import ClientParser, PeerLeft, PeerVector, ProtocolError
 from ivshmemd.supervise import (
     ChildError,
@@ -658,8 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (_ping if args.role == "ping" else _echo)(args)
         except (ProtocolError, OSError) as exc:
             print(f"bench peer: {exc}", file=sys.stderr)
-            return 1
-        return 0
+            return EXIT_FAILED
+        return EXIT_OK
     figures = run_fabric(
         args.transport or ["tcp", "ipc"], args.rounds, args.per_round, args.seconds,
         args.timeout, pin=not args.no_pin, netem=args.netem,
@@ -668,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(figures))
     else:
         _print_human(figures)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
