@@ -9,11 +9,10 @@ import signal
 from pathlib import Path
 
 from ivshmemd.supervise import DaemonProcess
-from ivshmemd.supervise.fabric import fabric_process
+from ivshmemd.supervise.fabric import fabric_process, federation_pid
 from tests.handover_tools import upgrade
 from tests.integration.test_federation import (
     clients,
-    federation_pid,
     first_ids,
     joined,
     ring,
@@ -40,14 +39,14 @@ async def test_upgrade_in_place_keeps_the_federation_and_its_remote_peers(
         async with clients(a.socket_path, b.socket_path) as (on_a, on_b):
             await joined(on_a, first_b)
             await joined(on_b, first_a)
-            helper = federation_pid(a)
+            helper = federation_pid(a.pid)
             # a ring sent while the daemon re-executes goes through: the federation
             # process relays it, not the daemon
             a.process.send_signal(signal.SIGUSR2)
             ring(on_b, first_a, count=2)
             await a.wait_log("upgraded in place")
             assert await rung(on_a) == 2
-            assert federation_pid(a) == helper
+            assert federation_pid(a.pid) == helper
             # no leave, no second join, on either side (after the greeting: version, id,
             # shm); the same eventfds ring
             assert on_a.stream[3:].count((first_b, False)) == 0
@@ -75,7 +74,7 @@ async def test_upgrade_in_place_keeps_the_federation_and_its_remote_peers(
         assert _lost(a, b) == []
         # a second upgrade adopts what the first one adopted
         await upgrade(a, 2)
-        assert federation_pid(a) == helper
+        assert federation_pid(a.pid) == helper
         async with clients(a.socket_path, b.socket_path) as (on_a, on_b):
             await joined(on_a, first_b + 2)
             await joined(on_b, first_a + 2)
