@@ -216,6 +216,10 @@ class IvshmemClient:
     parser: ClientParser = field(default_factory=ClientParser)
     _pending: bytes = b""
     _pending_fds: list[int] = field(default_factory=list)
+    #: a departed peer's eventfds, closed once its leave notice has been handled (when the
+    #: next event is asked for, or with the client): its last rings are delivered after the
+    #: notice, and a plugin answering one rings these fds
+    _departed: list[int] = field(default_factory=list)
     closed: bool = False
 
     # -- reading --------------------------------------------------------------------------
@@ -285,11 +289,18 @@ class IvshmemClient:
             else:
                 self.peers.setdefault(event.peer_id, []).append(event.fd)
         elif isinstance(event, PeerLeft):
-            _close_all(self.peers.pop(event.peer_id, []))
+            self._departed.extend(self.peers.pop(event.peer_id, []))
         return event
 
+    def _close_departed(self) -> None:
+        if self._departed:
+            _close_all(self._departed)
+            self._departed.clear()
+
     async def next_event(self) -> PeerVector | PeerLeft:
-        """The next join notice (one vector of a peer) or leave notice."""
+        """The next join notice (one vector of a peer) or leave notice. The previous event
+        must have been handled: a departed peer's eventfds are closed now."""
+        self._close_departed()
         while True:
             value, fd = await self._recv()
             event = self._apply(value, fd)
@@ -298,6 +309,7 @@ class IvshmemClient:
 
     def next_event_nowait(self) -> PeerVector | PeerLeft | None:
         """Like :meth:`next_event`, but None when nothing is pending."""
+        self._close_departed()
         while True:
             message = self._recv_nowait()
             if message is None:
@@ -320,7 +332,8 @@ class IvshmemClient:
         if self.closed:
             return
         self.closed = True
-        fds = [self.shm_fd, *self.own_vectors, *self._pending_fds]
+        fds = [self.shm_fd, *self.own_vectors, *self._pending_fds, *self._departed]
+        self._departed.clear()
         for vectors in self.peers.values():
             if vectors is not self.own_vectors:  # a runtime may list itself among the peers
                 fds.extend(vectors)

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from ivshmemd import wire
-from peers.client import ClientError, ServerGone, connect
+from peers.client import ClientError, PeerLeft, PeerVector, ServerGone, connect, ring_eventfd
 
 TRACES = json.loads(
     (
@@ -134,3 +134,31 @@ async def test_client_rejects_broken_streams_clearly(
 async def test_no_server_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ClientError, match=r"cannot connect to .*nothing\.sock"):
         await connect(str(tmp_path / "nothing.sock"))
+
+
+async def test_a_departed_peers_eventfds_stay_open_until_its_leave_is_handled(
+    tmp_path: Path,
+) -> None:
+    """A leave notice is handled (the departed peer's last rings delivered, the plugin
+    possibly ringing back) before its eventfds are closed: closing them on receipt made that
+    ring hit a closed fd, or worse an unrelated fd that reused the number. They are closed
+    when the next event is asked for, or with the client."""
+    listener, path = _listener(tmp_path)
+    before = _open_fds()
+    stream = [(0, 0), (5, 0), (-1, 1), (5, 1), (3, 1), (3, 0)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_stream, listener, stream)
+        client = await connect(path, vectors=1)
+        try:
+            joined = await client.next_event()
+            assert isinstance(joined, PeerVector) and joined.peer_id == 3
+            left = await client.next_event()
+            assert isinstance(left, PeerLeft) and left.peer_id == 3
+            os.fstat(joined.fd)  # still open (EBADF before the fix)
+            assert ring_eventfd(joined.fd)  # a plugin answering its last doorbell
+            with pytest.raises(ServerGone):
+                await client.next_event()
+        finally:
+            client.close()
+    listener.close()
+    assert _open_fds() <= before  # and closed in the end: nothing leaked
