@@ -49,6 +49,7 @@ from ivshmemd.exitcodes import EXIT_OK
 from ivshmemd.registry import IdAllocator, Peer, Registry, SharedFd
 from ivshmemd.zmqtrio import TrioSocket
 
+from .benchstats import percentile, two_cpus
 from .config import FederationConfig
 from .node import Federation
 
@@ -219,13 +220,6 @@ def _pin(cpu: int | None) -> None:
             os.sched_setaffinity(0, {cpu})
 
 
-def two_cpus() -> tuple[int | None, int | None]:
-    available = sorted(os.sched_getaffinity(0))
-    if len(available) < 2:
-        return None, None
-    return available[0], available[1]
-
-
 class _Child:
     """A child process spoken to in JSON lines."""
 
@@ -330,11 +324,6 @@ def _raw_flood(sock: zmq.Socket[bytes], seconds: float) -> float:
     if received != sent:
         raise SystemExit(f"bench: raw zmq lost messages ({received} of {sent})")
     return sent / elapsed
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def run_bench(

@@ -69,7 +69,7 @@ from ivshmemd.supervise import (
 )
 from ivshmemd.supervise.fabric import MEMBER_UP, federation_pid, host_id_ranges
 
-from .bench import percentile, two_cpus
+from .benchstats import percentile, two_cpus
 
 __all__ = ["main", "run_fabric"]
 
