@@ -72,10 +72,12 @@ def ring(client: RawClient, peer_id: int, vector: int = 0, count: int = 1) -> No
 
 
 async def rung(client: RawClient, vector: int = 0) -> int:
-    """Wait for a ring on ``client``'s own eventfd ``vector``; the count read."""
-    own = client.vector_fds(client.stream[1][0])
-    fd = own[vector]
+    """Wait for a ring on ``client``'s own eventfd ``vector``; the count read. (Our own
+    eventfds come last in the handshake: wait for them too, the drain task receives them.)"""
     with trio.fail_after(WAIT):
+        while len(own := client.vector_fds(client.stream[1][0])) <= vector:
+            await client.lot.park()
+        fd = own[vector]
         while True:
             try:
                 return os.eventfd_read(fd)
