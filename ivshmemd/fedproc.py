@@ -43,6 +43,7 @@ from typing import Any, Final
 import trio
 
 from .childlink import AdoptedProcess, ChildLinkEntry
+from .errors import unwrap
 from .fdlink import FdLink, LinkClosed, LinkError, link_pair
 from .federation.config import FederationConfig
 from .federation.process import config_to_wire
@@ -213,10 +214,13 @@ class FederationProcess:
                 started = trio.current_time()
                 try:
                     outcome = await self._one_life(task_status if first else None)
-                except FederationSetupError as exc:
-                    if first:
+                except Exception as exc:  # trio may have wrapped it in a group: look inside
+                    failure = unwrap(exc)
+                    if not isinstance(failure, FederationSetupError):
                         raise
-                    outcome = str(exc)
+                    if first:  # the daemon's start-up reports it
+                        raise failure from None
+                    outcome = str(failure)  # later: an outage of the federation only
                 first = False
                 if trio.current_time() - started > STABLE_AFTER:
                     delay = RESTART_DELAYS[0]
