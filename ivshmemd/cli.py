@@ -43,12 +43,18 @@ from .daemonlog import LogSetupError, LogTarget, configure_logging
 from .errors import one_line, unwrap
 from .exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE_QEMU
 from .fdstore import LISTEN, SHM, FdStore, StoredFds, classify
-from .federation.config import FederationConfig, FederationConfigError
+from .federation.config import (
+    DEFAULT_FLUSH,
+    FLUSH_SCAN_BYTES,
+    FederationConfig,
+    FederationConfigError,
+)
 from .federation.membership import DEFAULT_TIMEOUT as DEFAULT_FEDERATION_TIMEOUT
 from .fedproc import FederationProcess, FederationSetupError
 from .handover import STATE_FD_ENV, HandoverError, inherited, unblock_signals
 from .inflight import budget_for
 from .listener import ListenerError, parse_group
+from .memlog import memlog_path
 from .metrics import DEFAULT_MAX_LABELLED_PEERS
 from .protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
 from .resources import DaemonResources, StartupError
@@ -448,6 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the public certificates (*.key) of the daemons allowed to join",
     )
     fed.add_argument(
+        "--federation-memory",
+        choices=("on", "off"),
+        default="on",
+        help="replicate the shared memory across the federation, release-consistent at "
+        "doorbells (default on; off: doorbells only, each host's memory its own; see "
+        "docs/federation-memory.md)",
+    )
+    fed.add_argument(
+        "--federation-flush",
+        metavar="SECONDS",
+        type=seconds(),
+        default=DEFAULT_FLUSH,
+        help="memory written without a doorbell reaches the other hosts within about this "
+        f"period per {FLUSH_SCAN_BYTES >> 20} MiB of shared memory (default {DEFAULT_FLUSH:g})",
+    )
+    fed.add_argument(
         "--federation-insecure",
         action="store_true",
         help="allow a federation without keys on endpoints other than ipc:// and loopback "
@@ -525,6 +547,11 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig | None:
         allow_dir=None if args.federation_allow is None else Path(args.federation_allow),
         insecure=args.federation_insecure,
         advertise=args.federation_advertise,
+        memory=args.federation_memory == "on",
+        flush=args.federation_flush,
+        memlog=memlog_path(args.socket) if args.federation_memory == "on" else None,
+        memlog_mode=args.socket_mode,
+        memlog_gid=args.socket_group_id,
     )
     config.check()
     if config.key_file is not None and config.allow_dir is not None:
@@ -596,7 +623,13 @@ async def _run(server: IvshmemServer, describe: str, launch: _Launch, args: argp
                 publisher.resume(inherited["events"])
             federation: FederationProcess | None = None
             if args.federation is not None:
-                federation = FederationProcess(args.federation, server, verbose=args.verbose)
+                fed_config = args.federation
+                if inherited is not None or server.connections:
+                    # serving on (an upgrade, or peers systemd kept): the region is ours
+                    fed_config = dataclasses.replace(fed_config, holder=True)
+                elif fed_config.memory and fed_config.peers:
+                    server.admission = trio.Event()  # admit once the region is in
+                federation = FederationProcess(fed_config, server, verbose=args.verbose)
                 federation.member_listeners.append(publisher.on_member_event)
             process: ControlProcess | None = None
             if control is not None and events is not None:

@@ -147,7 +147,7 @@ class FederationProcess:
     # -- the server's seam (synchronous, never raises) -----------------------------------
 
     def local_peer_joined(self, peer: Peer) -> None:
-        self._send("local-joined", peer.peer_id, fds=[v.fd for v in peer.vectors])
+        self._send("local-joined", peer.peer_id, _pid(peer), fds=[v.fd for v in peer.vectors])
 
     def local_peer_left(self, peer_id: int) -> None:
         self._send("local-left", peer_id)
@@ -282,6 +282,7 @@ class FederationProcess:
             log.error("federation process: %s", exc)
         finally:
             self._link = None
+            self._admit()
             self._forget_remote_peers()
             with trio.CancelScope(shield=True):
                 link.close()  # EOF: the process says bye to its members and exits
@@ -301,7 +302,9 @@ class FederationProcess:
         extras = {"verbose": self.verbose}
         link.send("config", config_to_wire(self.config), extras, fds=[server.shm.fd])
         for peer_id, conn in server.connections.items():
-            link.send("local-joined", peer_id, fds=[v.fd for v in conn.peer.vectors])
+            link.send(
+                "local-joined", peer_id, _pid(conn.peer), fds=[v.fd for v in conn.peer.vectors]
+            )
         link.send("start")
 
     async def _handshake(self, link: FdLink, process: _Process) -> str:
@@ -374,10 +377,18 @@ class FederationProcess:
                     log.exception("member event listener failed on %s", what)
         elif kind == "status":
             self._status = dict(message[1])
+        elif kind == "memory-ready":
+            self._admit()
         elif kind == "log":
             self._log(message[1], message[2])
         else:
             raise ValueError(f"unknown message {kind!r}")
+
+    def _admit(self) -> None:
+        """The server may admit local peers (the region is in, or the federation process
+        that was to bring it is gone: a daemon never waits on it for ever)."""
+        if self.server.admission is not None:
+            self.server.admission.set()
 
     async def _expire_restored(self) -> None:
         """The remote peers restored after a crash that no member announced again within
@@ -417,6 +428,11 @@ class FederationProcess:
         lines must all be seen)."""
         if isinstance(level, int):
             log.log(level, "%s", text)
+
+
+def _pid(peer: Peer) -> int:
+    pid = peer.info.get("pid", 0)
+    return pid if isinstance(pid, int) else 0
 
 
 def _close_all(fds: list[int]) -> None:

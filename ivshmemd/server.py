@@ -280,6 +280,9 @@ class IvshmemServer:
         #: are in the registry, watched by the federation process; no socket)
         self.remote: dict[int, str] = {}
         self.federation: FederationSeam | None = None
+        #: while set and not yet set off, no client is accepted (a daemon joining a federation
+        #: that replicates memory admits local peers once the region is in)
+        self.admission: trio.Event | None = None
         self.listeners: list[EventListener] = []
         self.started_at = time.time()
         self.limits = limits(config.n_vectors, config.max_peers)
@@ -466,6 +469,8 @@ class IvshmemServer:
     # -- admission ------------------------------------------------------------------------
 
     async def _accept_loop(self) -> None:
+        if self.admission is not None:  # a joining federation member: the region first
+            await self.admission.wait()
         while True:
             await trio.lowlevel.wait_readable(self.listen_sock)
             while True:

@@ -23,8 +23,10 @@ from .membership import DEFAULT_TIMEOUT
 from .schema import MAX_ENDPOINT_LEN, MAX_IDENTITY_LEN, MAX_PEER_ID, MAX_VECTORS
 
 __all__ = [
+    "DEFAULT_FLUSH",
     "DEFAULT_MAX_BACKLOG",
     "DEFAULT_MAX_MEMBERS",
+    "FLUSH_SCAN_BYTES",
     "FederationConfig",
     "FederationConfigError",
     "check_endpoint",
@@ -37,6 +39,11 @@ DEFAULT_MAX_MEMBERS: Final = 64
 #: Frames queued for one member beyond zmq's own queue before it is declared too slow.
 #: Above the largest opening snapshot (one frame per local peer, ids are 16 bits).
 DEFAULT_MAX_BACKLOG: Final = 2**17
+#: Seconds between two rounds of the background flush (``--federation-flush``).
+DEFAULT_FLUSH: Final = 0.1
+#: The background flush looks at this much of the region per round (a bounded cost per
+#: round; the whole region is covered every ``size / FLUSH_SCAN_BYTES`` rounds).
+FLUSH_SCAN_BYTES: Final = 64 << 20
 
 _TCP_RE = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]]+):(\*|\d{1,5})")
 
@@ -119,6 +126,13 @@ class FederationConfig:
     bound) and must stay the same across restarts; ``incarnation`` changes at every start
     unless a restart carries it over with its peers (default: a fresh random one).
     ``advertise`` is the endpoint other daemons should dial (default: ``listen`` as bound).
+
+    Memory replication (issue 13, :mod:`~ivshmemd.federation.replica`): ``memory`` turns it
+    on (``--federation-memory``); ``flush`` is the background flush's period in seconds
+    (``--federation-flush``); ``memlog`` the path of the memory-log socket our peers report
+    their written pages on (with ``memlog_mode`` and ``memlog_gid``, as the ivshmem socket's);
+    ``holder`` whether this daemon holds the region from the start (default: unless it joins
+    through ``peers``; a restarted federation process holds the region it kept).
     """
 
     listen: str
@@ -135,6 +149,12 @@ class FederationConfig:
     advertise: str | None = None
     max_members: int = DEFAULT_MAX_MEMBERS
     max_backlog: int = DEFAULT_MAX_BACKLOG
+    memory: bool = False
+    flush: float = DEFAULT_FLUSH
+    memlog: str | None = None
+    memlog_mode: int = 0o600
+    memlog_gid: int | None = None
+    holder: bool | None = None
 
     @property
     def secure(self) -> bool:
@@ -186,3 +206,13 @@ class FederationConfig:
             raise FederationConfigError("incarnation must have 1..64 characters")
         if self.max_members < 1 or self.max_backlog < 1:
             raise FederationConfigError("max_members and max_backlog must be positive")
+        if self.memory:
+            if not (math.isfinite(self.flush) and 0 < self.flush <= 3600):
+                raise FederationConfigError(
+                    f"--federation-flush must be a period of 0-3600 seconds, got {self.flush}"
+                )
+            if self.shm_size == 0 or self.shm_size % 4096:
+                raise FederationConfigError(
+                    f"--federation-memory on needs shared memory of whole 4 KiB pages, not "
+                    f"{self.shm_size} bytes (use --federation-memory off for doorbells only)"
+                )

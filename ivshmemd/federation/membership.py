@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .schema import (
+    After,
     Bye,
+    Diff,
     Frame,
     FrameError,
     Gossip,
@@ -62,6 +64,7 @@ from .schema import (
     Ping,
     Pong,
     Refuse,
+    RegionRequest,
     Resync,
     Ring,
     Synced,
@@ -83,10 +86,12 @@ __all__ = [
     "MemberEvent",
     "MemberState",
     "Membership",
+    "Memory",
     "RemoteJoined",
     "RemoteLeft",
     "Reset",
     "Send",
+    "Stream",
     "incompatibility",
 ]
 
@@ -160,11 +165,32 @@ class RemoteLeft:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Write ``count`` into local peer ``peer_id``'s eventfd for ``vector``."""
+    """Write ``count`` into local peer ``peer_id``'s eventfd for ``vector`` (rung from
+    ``member``'s host)."""
 
     peer_id: int
     vector: int
     count: int
+    member: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """A memory-replication frame from ``member`` (a diff part, an after, a region request),
+    in its stream's order with the rings around it (see :mod:`.replica`)."""
+
+    member: str
+    frame: Diff | After | RegionRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """``member``'s stream to us started (``up``; ``intact`` if nothing was lost since the
+    previous one) or stopped (not ``up``: dead, left, restarted, broken, refused)."""
+
+    member: str
+    up: bool
+    intact: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +201,18 @@ class MemberEvent:
     info: dict[str, Any]
 
 
-Action = Dial | Close | Send | Reset | RemoteJoined | RemoteLeft | Deliver | MemberEvent
+Action = (
+    Dial
+    | Close
+    | Send
+    | Reset
+    | RemoteJoined
+    | RemoteLeft
+    | Deliver
+    | MemberEvent
+    | Memory
+    | Stream
+)
 
 
 # -- state -----------------------------------------------------------------------------------
@@ -306,6 +343,7 @@ def _routing_id(prefix: bytes, *parts: str) -> bytes:
 
 
 _CONTROL_FRAMES = (HelloAck, Resync, Ping, Pong, Bye)
+_MEMORY_FRAMES = (Diff, After, RegionRequest)
 
 
 class Membership:
@@ -315,7 +353,9 @@ class Membership:
     CURVE public key ('' without CURVE); ``probe_keys`` the public keys a probe tries when it
     does not know the key of the daemon behind an endpoint (the allow directory).
     ``endpoint_policy`` returns why an endpoint learned from the network may not be dialled
-    (None if it may). ``rng`` makes nonces reproducible in tests.
+    (None if it may). ``rng`` makes nonces reproducible in tests. ``memory``: this daemon
+    replicates the shared memory (a member that sends memory frames to one that does not is
+    dropped, with a reason naming the setting).
     """
 
     def __init__(
@@ -330,6 +370,7 @@ class Membership:
         endpoint_policy: Callable[[str], str | None] | None = None,
         max_members: int = 64,
         rng: random.Random | None = None,
+        memory: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
@@ -341,6 +382,7 @@ class Membership:
         self.probe_keys = tuple(k for k in probe_keys if k != own_key)
         self.endpoint_policy = endpoint_policy or (lambda endpoint: None)
         self.max_members = max_members
+        self.memory = memory
         self.members: dict[str, Member] = {}
         self.local_peers: dict[int, int] = {}
         #: identities that refused us, and why (for status)
@@ -478,7 +520,7 @@ class Membership:
         member.in_expected = seq + 1
         lo, hi = self.local.id_range
         if lo <= peer_id <= hi and vector < self.local.vectors:
-            return [Deliver(peer_id, vector, count)]
+            return [Deliver(peer_id, vector, count, member.identity)]
         self._on_ring(member, Ring(peer_id, vector, count))
         return self._take()
 
@@ -517,6 +559,30 @@ class Membership:
         seq = member.out_seq
         member.out_seq = seq + 1
         return Send(member.link, encode_ring(seq, peer_id, vector, count))
+
+    def broadcast(self, frames: Sequence[Frame]) -> list[Action]:
+        """Send ``frames`` to every member we have a stream to (a diff goes to all)."""
+        for member in self.members.values():
+            if member.out_open:
+                for frame in frames:
+                    self._send(member, frame)
+        return self._take()
+
+    def send_to(self, identity: str, frames: Sequence[Frame]) -> list[Action]:
+        """Send ``frames`` to ``identity`` on our stream to it (nothing if there is none)."""
+        member = self.members.get(identity)
+        if member is not None and member.out_open:
+            for frame in frames:
+                self._send(member, frame)
+        return self._take()
+
+    def drop(self, now: float, identity: str, why: str) -> list[Action]:
+        """Drop ``identity`` for a protocol error its driver found (a diff that cannot be
+        applied): as for a bad frame, its peers leave and it is ignored until it restarts."""
+        member = self.members.get(identity)
+        if member is not None and member.state not in (MemberState.DROPPED,):
+            self._drop(member, now, why)
+        return self._take()
 
     def link_overflow(self, now: float, link: int) -> list[Action]:
         """The driver could not queue more on ``link``: its member is too slow: dead."""
@@ -682,6 +748,7 @@ class Membership:
         member.reason = None
         member.last_pong = now
         member.next_ping = now
+        self._actions.append(Stream(member.identity, True, intact))
         if was not in (MemberState.UP, MemberState.RESTARTING):
             log.info(
                 "federation: member %s at %s is up (ids %d-%d)",
@@ -706,6 +773,16 @@ class Membership:
     def _dispatch(self, member: Member, now: float, frame: Frame) -> None:
         if isinstance(frame, Ring):
             self._on_ring(member, frame)
+        elif isinstance(frame, _MEMORY_FRAMES):
+            if self.memory:
+                self._actions.append(Memory(member.identity, frame))
+            else:
+                self._drop(
+                    member,
+                    now,
+                    "it replicates the shared memory and this daemon does not "
+                    "(--federation-memory off here)",
+                )
         elif isinstance(frame, PeerJoined):
             self._on_peer_joined(member, frame)
         elif isinstance(frame, PeerLeft):
@@ -781,7 +858,7 @@ class Membership:
                 f"it rang vector {frame.vector}; peers have {self.local.vectors}",
             )
         else:
-            self._actions.append(Deliver(frame.peer_id, frame.vector, frame.count))
+            self._actions.append(Deliver(frame.peer_id, frame.vector, frame.count, member.identity))
 
     def _on_peer_joined(self, member: Member, frame: PeerJoined) -> None:
         lo, hi = member.id_range
@@ -890,6 +967,7 @@ class Membership:
         )
         was_up = member.state is MemberState.UP
         self._forget_peers(member)
+        self._actions.append(Stream(member.identity, False))
         member.in_session = 0
         member.state = MemberState.CONNECTING
         member.next_knock = now + self.timeout  # its new session should come well before
@@ -927,6 +1005,7 @@ class Membership:
         """Its peers leave, its stream and ours stop; it stays known (for rejoining)."""
         was_present = member.state in (MemberState.UP, MemberState.RESTARTING)
         self._forget_peers(member)
+        self._actions.append(Stream(member.identity, False))
         member.in_session = 0
         member.state = state
         member.reason = reason
@@ -968,6 +1047,7 @@ class Membership:
         )
         was_present = member.state in (MemberState.UP, MemberState.RESTARTING)
         self._forget_peers(member)
+        self._actions.append(Stream(member.identity, False))
         member.in_session = 0
         member.state = MemberState.CONNECTING
         member.reason = "it restarted"

@@ -22,13 +22,15 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import trio
 import zmq
 
 from ivshmemd.curve import CurveKeyPair, load_allowed_keys, load_secret_key
 from ivshmemd.registry import Peer, SharedFd
 
-from .config import FederationConfig, endpoint_refusal
+from .config import FLUSH_SCAN_BYTES, FederationConfig, endpoint_refusal
 from .membership import (
     Action,
     Close,
@@ -37,13 +39,19 @@ from .membership import (
     LocalMember,
     MemberEvent,
     Membership,
+    Memory,
     RemoteJoined,
     RemoteLeft,
     Reset,
     Send,
+    Stream,
 )
+from .memlogs import MemoryLogs
 from .relay import DoorbellRelay
+from .replica import Replica, ReplicaError
+from .schema import Diff, RegionRequest
 from .transport import Transport
+from .twin import PAGE_SIZE, Twin
 from .zap import ZapAuthenticator
 
 __all__ = ["Federation", "FederationHost"]
@@ -92,8 +100,15 @@ class Federation:
     start with one clear line. Nothing touches the network before :meth:`run`.
     """
 
-    def __init__(self, config: FederationConfig, host: FederationHost) -> None:
+    def __init__(
+        self,
+        config: FederationConfig,
+        host: FederationHost,
+        region: npt.NDArray[np.uint8] | None = None,
+    ) -> None:
         config.check()
+        if config.memory and region is None:
+            raise ValueError("a federation that replicates memory needs the region")
         self.config = config
         self.host = host
         self.keys: CurveKeyPair | None = None
@@ -118,6 +133,17 @@ class Federation:
         #: fds the data path also waits on, and what to call when one is readable (before
         #: frames and rings are handled: the federation process reads its daemon's link)
         self.wakeups: list[tuple[int, Callable[[], None]]] = []
+        # -- memory replication (issue 13; None with --federation-memory off)
+        self.region = region if config.memory else None
+        self.replica: Replica[Deliver] | None = None
+        self.memlogs: MemoryLogs | None = None
+        #: local peers' pids (a memory log counts only from the peer's own process)
+        self._pids: dict[int, int] = {}
+        #: set once this host holds the region (at once unless it joins a federation)
+        self.memory_ready = trio.Event()
+        #: members that answered our region request without one (they hold none either)
+        self._no_region: set[str] = set()
+        self._scan_from = 0
 
     # -- the server's calls ----------------------------------------------------------------
 
@@ -129,6 +155,11 @@ class Federation:
         if not lo <= peer.peer_id <= hi:  # members would drop us for it
             raise ValueError(f"local peer {peer.peer_id} is outside our id range {lo}-{hi}")
         self.relay.add_local(peer.peer_id, peer.vectors)
+        pid = peer.info.get("pid")
+        if isinstance(pid, int):
+            self._pids[peer.peer_id] = pid
+            if self.memlogs is not None:
+                self.memlogs.pids[peer.peer_id] = pid
         if self.membership is not None:
             self._apply(self.membership.local_peer_joined(peer.peer_id, len(peer.vectors)))
 
@@ -140,6 +171,9 @@ class Federation:
             self._relay_rings()
             self._apply(self.membership.local_peer_left(peer_id))
         self.relay.remove_local(peer_id)
+        self._pids.pop(peer_id, None)
+        if self.memlogs is not None:
+            self.memlogs.peer_left(peer_id)
 
     def remote_registered(self, peer_id: int, vectors: Sequence[SharedFd]) -> None:
         """An asynchronous host registered remote peer ``peer_id`` (see
@@ -186,6 +220,17 @@ class Federation:
             remote_peers=len(self.relay.remote_peers()),
             rings=self.relay.stats.as_dict(),
         )
+        replica = self.replica
+        if replica is not None:
+            status["memory"] = {
+                **replica.stats,
+                "holder": replica.holder,
+                "clock": replica.clock,
+                "diffs": replica.seq,
+                "held_now": replica.held(),
+                "reports": 0 if self.memlogs is None else self.memlogs.reports,
+                "logged_peers": sorted(self.memlogs.logged) if self.memlogs else [],
+            }
         return status
 
     # -- running ---------------------------------------------------------------------------
@@ -225,9 +270,11 @@ class Federation:
                     endpoint_refusal, secure=self.keys is not None, insecure=config.insecure
                 ),
                 max_members=config.max_members,
+                memory=config.memory,
             )
             for peer_id, vectors in self.relay.local_peers().items():
                 machine.local_peer_joined(peer_id, vectors)
+            self._start_memory(local.identity)
             async with trio.open_nursery() as nursery:
                 if zap is not None:
                     nursery.start_soon(zap.serve)
@@ -242,6 +289,10 @@ class Federation:
                 self._apply(machine.start(trio.current_time()))
                 nursery.start_soon(self._pump, machine, transport)
                 nursery.start_soon(self._tick_loop, machine)
+                if self.replica is not None:
+                    nursery.start_soon(self._flush_loop)
+                    if not self.replica.holder:
+                        nursery.start_soon(self._await_region, machine)
                 task_status.started(bound)
                 try:
                     await trio.sleep_forever()
@@ -258,6 +309,9 @@ class Federation:
             context.term()
             self._forget_remote_peers()
             self.relay.close()
+            if self.memlogs is not None:
+                self.memlogs.close()
+                self.memlogs = None
 
     async def _pump(self, machine: Membership, transport: Transport) -> None:
         """The data path, in one task waiting on one fd: frames from members and rings on
@@ -309,7 +363,15 @@ class Federation:
         machine, transport = self.membership, self._transport
         if machine is None or transport is None:
             return
-        for member, peer_id, vector, count in self.relay.drain():
+        rings = self.relay.drain()
+        replica = self.replica
+        if replica is not None and rings:
+            self._flush(None)  # what was written before these rings goes first
+        for member, peer_id, vector, count in rings:
+            if replica is not None:
+                after = replica.after_for(member)
+                if after is not None:
+                    self._apply(machine.send_to(member, [after]))
             frame = machine.ring(member, peer_id, vector, count)
             if frame is not None and not transport.send(frame.link, frame.data):
                 self._overflowed.append(frame.link)
@@ -330,10 +392,19 @@ class Federation:
                         self._overflowed.append(action.link)
                 elif kind is Deliver:
                     assert isinstance(action, Deliver)
+                    replica = self.replica
+                    if replica is not None and not replica.admit(action.member, action):
+                        continue  # it waits for diffs from a third host
                     if self._unconfirmed or self._held:
                         self._held.append(action)
                     else:
                         relay.deliver(action.peer_id, action.vector, action.count)
+                elif kind is Memory:
+                    assert isinstance(action, Memory)
+                    self._on_memory(machine, action)
+                elif kind is Stream:
+                    assert isinstance(action, Stream)
+                    self._on_stream(machine, action)
                 elif isinstance(action, RemoteJoined | RemoteLeft):
                     if self._held:
                         self._held.append(action)
@@ -361,6 +432,117 @@ class Federation:
                 self.config.max_backlog,
             )
             actions = machine.link_overflow(trio.current_time(), link)
+
+    # -- memory replication ----------------------------------------------------------------
+
+    def _start_memory(self, identity: str) -> None:
+        config, region = self.config, self.region
+        if region is None:
+            self.memory_ready.set()
+            return
+        holder = config.holder if config.holder is not None else not config.peers
+        self.replica = Replica(identity, Twin(region), holder=holder)
+        if config.memlog is not None:
+            memlogs = MemoryLogs(
+                config.memlog, config.memlog_mode, config.memlog_gid, len(region) // PAGE_SIZE
+            )
+            memlogs.pids.update(self._pids)
+            self.memlogs = memlogs
+            self.wakeups.append((memlogs.fileno(), memlogs.read))
+        if holder:
+            self.memory_ready.set()
+
+    def _flush(self, scan: tuple[int, int] | None) -> None:
+        """Send this host's changes to every member: the pages our peers logged, and a
+        scan (of the whole region if a local peer does not log, else of ``scan``)."""
+        replica, machine = self.replica, self.membership
+        if replica is None or machine is None:
+            return
+        memlogs = self.memlogs
+        if memlogs is None or memlogs.unlogged(self.relay.local_peers()):
+            pages = None
+        else:
+            pages = memlogs.take()
+            if scan is not None:
+                pages = np.union1d(pages, replica.twin.changed_pages(*scan))
+        frames = replica.flush(pages, trio.current_time())
+        if frames:
+            self._apply(machine.broadcast(frames))
+
+    async def _flush_loop(self) -> None:
+        """The background flush: what was written without a doorbell reaches the other
+        hosts within ``flush`` seconds times the rounds a full scan takes."""
+        replica = self.replica
+        assert replica is not None
+        npages = replica.twin.npages
+        step = max(1, FLUSH_SCAN_BYTES // PAGE_SIZE)
+        while True:
+            await trio.sleep(self.config.flush)
+            first = self._scan_from
+            stop = min(npages, first + step)
+            self._scan_from = 0 if stop >= npages else stop
+            self._flush((first, stop))
+
+    def _on_memory(self, machine: Membership, action: Memory) -> None:
+        replica = self.replica
+        if replica is None:  # the machine drops a member that sends these
+            return
+        frame, member = action.frame, action.member
+        if isinstance(frame, Diff):
+            try:
+                released = replica.receive(member, frame, trio.current_time())
+            except ReplicaError as exc:
+                self._apply(machine.drop(trio.current_time(), member, str(exc)))
+                return
+            if frame.last and frame.flags & Diff.NOT_HOLDER:
+                self._no_region.add(member)
+            for deliver in released:
+                self._deliver(deliver)
+            if replica.holder and not self.memory_ready.is_set():
+                self.memory_ready.set()
+        elif isinstance(frame, RegionRequest):
+            self._flush(None)  # our changes go to everyone as a diff first
+            self._apply(machine.send_to(member, replica.region()))
+        else:
+            replica.after(member, frame)
+
+    def _on_stream(self, machine: Membership, action: Stream) -> None:
+        replica = self.replica
+        if replica is None:
+            return
+        if action.up:
+            replica.member_up(action.member)
+            if not action.intact:  # frames may have been lost: take its region
+                self._apply(machine.send_to(action.member, [RegionRequest("new session")]))
+        else:
+            for deliver in replica.member_gone(action.member):
+                self._deliver(deliver)
+
+    async def _await_region(self, machine: Membership) -> None:
+        """A joining daemon waits for a member's region; once no member that is up can give
+        one (none is up after the timeout, or all answered that they hold none), it starts
+        with its own."""
+        await trio.sleep(self.config.timeout)
+        replica = self.replica
+        assert replica is not None
+        while not replica.holder:
+            up = {m.identity for m in machine.members.values() if m.state.value == "up"}
+            if not up - self._no_region:
+                log.info(
+                    "federation: no member holds the region%s; this daemon starts with its own",
+                    "" if up else " (none is up)",
+                )
+                replica.holder = True
+                self.memory_ready.set()
+                return
+            await trio.sleep(machine.heartbeat)
+
+    def _deliver(self, action: Deliver) -> None:
+        """Deliver a ring released by the replica (behind confirmations, as any other)."""
+        if self._unconfirmed or self._held:
+            self._held.append(action)
+        else:
+            self.relay.deliver(action.peer_id, action.vector, action.count)
 
     def _release_held(self) -> None:
         """Pass on what waited behind confirmations, in order, up to the first ring that

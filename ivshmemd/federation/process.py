@@ -11,11 +11,12 @@ eventfds (to watch them), the shm fd (for part 2).
 Link messages (msgpack arrays; fds attached where named)::
 
     daemon -> here   ["config", {...}] + [shm]           first, once
-                     ["local-joined", peer_id] + vectors  a local peer was admitted
+                     ["local-joined", peer_id, pid] + vectors  a local peer was admitted
                      ["local-left", peer_id]              its socket is closed
                      ["remote-ok", peer_id] + vectors     the daemon registered a remote peer
                      ["remote-refused", peer_id, reason]  it could not
     here -> daemon   ["ready", {"endpoint", "identity"}]  or ["failed", text]
+                     ["memory-ready"]                     this host holds the region (admit)
                      ["remote-joined", member, peer_id, vectors]
                      ["remote-left", member, peer_id]
                      ["member", kind, info]               member-joined/-left/-refused
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -52,6 +54,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from ivshmemd.errors import one_line
@@ -59,7 +63,7 @@ from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from ivshmemd.fdlink import FdLink, LinkClosed, LinkError
 from ivshmemd.registry import Peer, SharedFd
 
-from .config import FederationConfig
+from .config import DEFAULT_FLUSH, FederationConfig
 from .node import Federation
 
 __all__ = ["config_from_wire", "config_to_wire", "main"]
@@ -88,6 +92,12 @@ def config_to_wire(config: FederationConfig) -> dict[str, Any]:
         "insecure": config.insecure,
         "identity": config.identity,
         "advertise": config.advertise,
+        "memory": config.memory,
+        "flush": config.flush,
+        "memlog": config.memlog,
+        "memlog_mode": config.memlog_mode,
+        "memlog_gid": config.memlog_gid,
+        "holder": config.holder,
     }
 
 
@@ -105,6 +115,12 @@ def config_from_wire(raw: Mapping[str, Any]) -> FederationConfig:
         insecure=bool(raw["insecure"]),
         identity=raw.get("identity"),
         advertise=raw.get("advertise"),
+        memory=bool(raw.get("memory", False)),
+        flush=float(raw.get("flush", DEFAULT_FLUSH)),
+        memlog=raw.get("memlog"),
+        memlog_mode=int(raw.get("memlog_mode", 0o600)),
+        memlog_gid=raw.get("memlog_gid"),
+        holder=raw.get("holder"),
     )
 
 
@@ -179,8 +195,9 @@ class _Daemon:
         kind, federation = message[0], self.federation
         shared = _adopt(fds)
         try:
-            if kind == "local-joined" and len(message) == 2:
-                federation.local_peer_joined(Peer(int(message[1]), tuple(shared)))
+            if kind == "local-joined" and len(message) in (2, 3):
+                info = {"pid": int(message[2])} if len(message) == 3 else {}
+                federation.local_peer_joined(Peer(int(message[1]), tuple(shared), info))
             elif kind == "local-left" and len(message) == 2:
                 federation.local_peer_left(int(message[1]))
             elif kind == "remote-ok" and len(message) == 2:
@@ -216,7 +233,9 @@ async def _serve(link_fd: int) -> None:
         logger.setLevel(logging.DEBUG if message[2].get("verbose") else logging.INFO)
         host = _DaemonHost(link)
         try:
-            federation = Federation(config_from_wire(message[1]), host)
+            config = config_from_wire(message[1])
+            region = _map_region(shm_fd, config.shm_size) if config.memory else None
+            federation = Federation(config, host, region)
         except Exception as exc:
             link.send("failed", one_line(exc))
             return
@@ -240,6 +259,7 @@ async def _serve(link_fd: int) -> None:
             status = federation.status()
             link.send("ready", {"endpoint": endpoint, "identity": status.get("identity")})
             nursery.start_soon(_report_status, link, federation)
+            nursery.start_soon(_report_memory_ready, link, federation)
             await daemon.closed.wait()
             nursery.cancel_scope.cancel()  # byes to every member, then out
     finally:
@@ -253,6 +273,20 @@ async def _drain(link: FdLink) -> None:
     with trio.move_on_after(1.0):
         while link.queued:
             await trio.sleep(0.01)
+
+
+def _map_region(shm_fd: int | None, size: int) -> npt.NDArray[np.uint8]:
+    """The daemon's shm, mapped shared (the region replication reads and writes)."""
+    if shm_fd is None:
+        raise ValueError("the daemon sent no shared memory")
+    mapping = mmap.mmap(shm_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return np.frombuffer(mapping, dtype=np.uint8)
+
+
+async def _report_memory_ready(link: FdLink, federation: Federation) -> None:
+    """Tell the daemon once this host holds the region: it admits local peers from then on."""
+    await federation.memory_ready.wait()
+    link.send("memory-ready")
 
 
 async def _report_status(link: FdLink, federation: Federation) -> None:

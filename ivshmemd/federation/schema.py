@@ -17,14 +17,16 @@ that says what was wrong; the caller logs it and drops the member that sent it.
 
 Room left for what comes next:
 
-- Kinds :data:`RESERVED_KINDS` (32..63) are reserved for part 2 of the federation, memory
-  replication (twins and diffs, whole-region transfer). A daemon that does not know them
-  refuses them with a message that says so, rather than as garbage.
+- Kinds :data:`RESERVED_KINDS` (32..63) belong to part 2 of the federation, memory
+  replication (:mod:`ivshmemd.federation.replica`): :class:`Diff` (32), :class:`After` (33)
+  and :class:`RegionRequest` (34). A kind in the range this daemon does not know is refused
+  with a message that says so, rather than as garbage.
 - Every frame already carries its stream sequence number, rings included, so part 2 can
   order a ring after the memory diff it publishes (same stream, lower seq) without a new
   field. A new field for rings would be a new schema version.
-- The limits (:data:`MAX_FRAME_BYTES`, :data:`HARD_MAX_FRAME_BYTES`) are sized for part 1's
-  small frames; diffs will raise them.
+- The limits: :data:`MAX_FRAME_BYTES` for every frame but a :class:`Diff`, which may fill a
+  zmq message up to :data:`HARD_MAX_FRAME_BYTES` (a diff is cut into parts that fit,
+  :data:`DIFF_PART_BYTES`).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final
 
 import msgpack
+import numpy as np
 
 __all__ = [
+    "DIFF_PART_BYTES",
     "HARD_MAX_FRAME_BYTES",
+    "MAX_DEPS",
     "MAX_ENDPOINT_LEN",
     "MAX_FRAME_BYTES",
     "MAX_GOSSIP_ENTRIES",
@@ -47,7 +52,9 @@ __all__ = [
     "MAX_RING_COUNT",
     "RESERVED_KINDS",
     "SCHEMA_VERSION",
+    "After",
     "Bye",
+    "Diff",
     "Frame",
     "FrameError",
     "Gossip",
@@ -60,6 +67,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Refuse",
+    "RegionRequest",
     "Resync",
     "Ring",
     "Synced",
@@ -78,6 +86,10 @@ MAX_IDENTITY_LEN: Final = 128
 MAX_ENDPOINT_LEN: Final = 256
 MAX_REASON_LEN: Final = 1024
 MAX_GOSSIP_ENTRIES: Final = 256
+#: A diff part's room for runs (data plus offsets and lengths), under the hard limit.
+DIFF_PART_BYTES: Final = HARD_MAX_FRAME_BYTES - 16 * 1024
+#: Members an :class:`After` (or a region transfer's vector) may name.
+MAX_DEPS: Final = 256
 #: The largest count an eventfd holds (2**64 - 2).
 MAX_RING_COUNT: Final = 0xFFFFFFFFFFFFFFFE
 MAX_SEQ: Final = 2**64 - 1
@@ -107,6 +119,9 @@ class Kind(enum.IntEnum):
     PING = 10
     PONG = 11
     BYE = 12
+    DIFF = 32
+    AFTER = 33
+    REGION_REQUEST = 34
 
 
 class FrameError(ValueError):
@@ -206,6 +221,25 @@ def _gossip_entries(value: Any, name: str) -> Any:
         key = _key(entry[2], f"{where}.key")
         entries.append(GossipEntry(identity, endpoint, key))
     return tuple(entries)
+
+
+def _blob(value: Any, name: str) -> Any:
+    if type(value) is not bytes:
+        raise FrameError(f"{name} must be bytes, got {_show(value)}")
+    return value
+
+
+def _deps(value: Any, name: str) -> Any:
+    if type(value) is not tuple or len(value) > MAX_DEPS:
+        raise FrameError(
+            f"{name} must be an array of at most {MAX_DEPS} entries, got {_show(value)}"
+        )
+    for index, entry in enumerate(value):
+        if type(entry) is not tuple or len(entry) != 2:
+            raise FrameError(f"{name}[{index}] must be [identity, seq], got {_show(entry)}")
+        _IDENTITY(entry[0], f"{name}[{index}].identity")
+        _SEQ(entry[1], f"{name}[{index}].seq")
+    return value
 
 
 def _show(value: Any) -> str:
@@ -382,6 +416,65 @@ class Bye(_Frame):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Diff(_Frame):
+    """Part ``part`` of the sender's diff number ``diff_seq`` (its count of diffs so far),
+    stamped with its Lamport ``clock``: byte runs of the region, ``offsets`` (little-endian
+    uint64) and ``lengths`` (little-endian uint32) with ``data``, every run's bytes in order.
+    Applied only once its ``last`` part is in (a sender that dies mid-diff leaves nothing
+    half-applied). ``flags``: :data:`REGION` for a whole-region transfer (answering
+    :class:`RegionRequest`, its ``vector`` then says whose diffs it includes) and
+    :data:`NOT_HOLDER` for a sender that holds no region yet (an empty answer)."""
+
+    KIND: ClassVar[Kind] = Kind.DIFF
+    REGION: ClassVar[int] = 1
+    NOT_HOLDER: ClassVar[int] = 2
+    diff_seq: int
+    clock: int
+    flags: int
+    part: int
+    last: bool
+    offsets: bytes
+    lengths: bytes
+    data: bytes
+    vector: tuple[tuple[str, int], ...]
+
+    def wire_fields(self) -> list[Any]:
+        return [
+            self.diff_seq,
+            self.clock,
+            self.flags,
+            self.part,
+            self.last,
+            self.offsets,
+            self.lengths,
+            self.data,
+            [list(entry) for entry in self.vector],
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class After(_Frame):
+    """What the sender's next rings depend on: for each named member, the number of its
+    diffs the sender had applied. The receiver delivers them only once it has applied as
+    many (release consistency, transitively: what a ring's sender saw, its target sees)."""
+
+    KIND: ClassVar[Kind] = Kind.AFTER
+    deps: tuple[tuple[str, int], ...]
+
+    def wire_fields(self) -> list[Any]:
+        return [[list(entry) for entry in self.deps]]
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRequest(_Frame):
+    """A request for the sender's whole region (a joining or rejoining daemon), answered by
+    a region transfer (:class:`Diff` parts with :data:`Diff.REGION`)."""
+
+    KIND: ClassVar[Kind] = Kind.REGION_REQUEST
+    reason: str
+
+
 Frame = (
     Hello
     | HelloAck
@@ -395,6 +488,9 @@ Frame = (
     | Ping
     | Pong
     | Bye
+    | Diff
+    | After
+    | RegionRequest
 )
 
 Hello.CHECKS = (
@@ -420,6 +516,19 @@ Ring.CHECKS = (_PEER, _VECTOR, _positive(MAX_RING_COUNT))
 Ping.CHECKS = (_time,)
 Pong.CHECKS = (_time,)
 Bye.CHECKS = (_bool, _REASON)
+Diff.CHECKS = (
+    _SEQ,
+    _SEQ,
+    _uint(Diff.REGION | Diff.NOT_HOLDER),
+    _uint(2**32 - 1),
+    _bool,
+    _blob,
+    _blob,
+    _blob,
+    _deps,
+)
+After.CHECKS = (_deps,)
+RegionRequest.CHECKS = (_REASON,)
 
 _CLASSES: tuple[type[_Frame], ...] = (
     Hello,
@@ -434,6 +543,9 @@ _CLASSES: tuple[type[_Frame], ...] = (
     Ping,
     Pong,
     Bye,
+    Diff,
+    After,
+    RegionRequest,
 )
 _BY_KIND: dict[int, tuple[type[_Frame], tuple[str, ...]]] = {
     cls.KIND: (cls, tuple(f.name for f in fields(cls)))  # type: ignore[arg-type]
@@ -457,6 +569,7 @@ def encode_ring(seq: int, peer_id: int, vector: int, count: int) -> bytes:
 
 _RING_HEAD: Final = bytes((0x96, SCHEMA_VERSION, Kind.RING))  # a 6-element msgpack array
 _unpackb = msgpack.unpackb
+_DIFF_HEAD: Final = bytes((SCHEMA_VERSION, Kind.DIFF))
 
 
 def decode_ring(raw: bytes) -> tuple[int, int, int, int] | None:
@@ -487,7 +600,9 @@ def decode_ring(raw: bytes) -> tuple[int, int, int, int] | None:
 
 def decode_frame(raw: bytes) -> tuple[int, Frame]:
     """``(seq, frame)`` from wire bytes; :class:`FrameError` if they are not a valid frame."""
-    if len(raw) > MAX_FRAME_BYTES:
+    if len(raw) > MAX_FRAME_BYTES and not (
+        len(raw) <= HARD_MAX_FRAME_BYTES and raw[1:3] == _DIFF_HEAD
+    ):
         raise FrameError(f"frame of {len(raw)} bytes is over the limit of {MAX_FRAME_BYTES}")
     try:
         obj = msgpack.unpackb(raw, raw=False, use_list=False, strict_map_key=True)
@@ -528,5 +643,19 @@ def decode_frame(raw: bytes) -> tuple[int, Frame]:
         raise FrameError(
             "HELLO frame: a probe (session 0) needs a nonce and a session hello must have none"
         )
+    if cls is Diff:
+        _check_runs(checked)
     frame: Frame = cls(*checked)  # type: ignore[assignment]
     return seq, frame
+
+
+def _check_runs(fields: list[Any]) -> None:
+    offsets, lengths, data = fields[5], fields[6], fields[7]
+    if len(offsets) % 8 or len(lengths) % 4 or len(offsets) // 8 != len(lengths) // 4:
+        raise FrameError(
+            f"DIFF frame: {len(offsets)} bytes of offsets and {len(lengths)} bytes of lengths "
+            "are not the same number of uint64 and uint32"
+        )
+    total = int(np.frombuffer(lengths, dtype="<u4").sum(dtype=np.uint64))
+    if total != len(data):
+        raise FrameError(f"DIFF frame: its runs cover {total} bytes but it carries {len(data)}")

@@ -429,7 +429,7 @@ def test_a_ring_to_a_peer_of_ours_is_delivered() -> None:
     sent = b.machine.ring("m0", 7, 0, 5)
     assert sent is not None
     actions = a.machine.receive(net.now, _origin(net, b, a), sent.data)
-    assert actions == [Deliver(7, 0, 5)]
+    assert actions == [Deliver(7, 0, 5, "m1")]
     assert decode_frame(sent.data)[1] == Ring(7, 0, 5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgpack
@@ -10,12 +11,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ivshmemd.federation.schema import (
+    DIFF_PART_BYTES,
+    HARD_MAX_FRAME_BYTES,
     MAX_FRAME_BYTES,
     MAX_GOSSIP_ENTRIES,
     MAX_RING_COUNT,
     RESERVED_KINDS,
     SCHEMA_VERSION,
+    After,
     Bye,
+    Diff,
     Frame,
     FrameError,
     Gossip,
@@ -28,6 +33,7 @@ from ivshmemd.federation.schema import (
     Ping,
     Pong,
     Refuse,
+    RegionRequest,
     Resync,
     Ring,
     Synced,
@@ -112,6 +118,11 @@ def test_every_kind_has_a_frame_class() -> None:
         Gossip(()),
         Refuse("a", "b", ""),
         Hello("a", "b", "c", (0, 0), 0, 0, 1, 0, 0, 0),
+        Diff(
+            3, 9, Diff.REGION, 0, True, b"\x10" + bytes(7), b"\x02" + bytes(3), b"xy", (("a", 2),)
+        ),
+        After((("a", 1), ("b", 7))),
+        RegionRequest("joining"),
     ):
         seen.add(frame.KIND)
         assert decode_frame(encode_frame(frame, 7))[1] == frame
@@ -192,5 +203,32 @@ def test_invalid_utf8_in_a_string_is_a_frame_error() -> None:
         decode_frame(raw)
 
 
-def test_reserved_kinds_are_for_part_two() -> None:
-    assert set(RESERVED_KINDS).isdisjoint(int(kind) for kind in Kind)
+def test_memory_kinds_are_the_reserved_ones_part_two_uses() -> None:
+    memory = {Kind.DIFF, Kind.AFTER, Kind.REGION_REQUEST}
+    assert memory <= set(RESERVED_KINDS)
+    assert set(RESERVED_KINDS).isdisjoint(int(kind) for kind in set(Kind) - memory)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ((1, 1, 0, 0, True, bytes(8), bytes(4), b"x", ()), "runs cover 0 bytes but it carries 1"),
+        ((1, 1, 0, 0, True, bytes(8), bytes(8), b"", ()), "not the same number"),
+        ((1, 1, 4, 0, True, b"", b"", b"", ()), "DIFF.flags"),
+        ((1, 1, 0, 0, True, "x", b"", b"", ()), "DIFF.offsets must be bytes"),
+        ((1, 1, 0, 0, True, b"", b"", b"", (("a",),)), "DIFF.vector[0] must be [identity, seq]"),
+    ],
+)
+def test_bad_diffs_raise_a_clear_frame_error(fields: tuple[Any, ...], message: str) -> None:
+    with pytest.raises(FrameError, match=re.escape(message)):
+        decode_frame(_raw(V, Kind.DIFF, 1, *fields))
+
+
+def test_a_diff_may_fill_a_zmq_message_and_no_more() -> None:
+    data = bytes(DIFF_PART_BYTES)
+    lengths = len(data).to_bytes(4, "little")
+    raw = encode_frame(Diff(1, 1, 0, 0, True, bytes(8), lengths, data, ()), 1)
+    assert MAX_FRAME_BYTES < len(raw) <= HARD_MAX_FRAME_BYTES
+    assert decode_frame(raw)[1] == Diff(1, 1, 0, 0, True, bytes(8), lengths, data, ())
+    with pytest.raises(FrameError, match="over the limit"):
+        decode_frame(_raw(V, 6, 1) + bytes(HARD_MAX_FRAME_BYTES))
