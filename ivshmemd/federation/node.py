@@ -50,7 +50,7 @@ from .memlogs import MemoryLogs
 from .relay import DoorbellRelay
 from .replica import Replica, ReplicaError
 from .schema import Diff, RegionRequest
-from .transport import Transport
+from .transport import DEFAULT_MAX_BACKLOG_BYTES, Transport
 from .twin import PAGE_SIZE, Twin
 from .zap import ZapAuthenticator
 
@@ -244,7 +244,12 @@ class Federation:
         config = self.config
         context: zmq.Context[Any] = zmq.Context()
         transport = Transport(
-            context, keys=self.keys, timeout=config.timeout, max_backlog=config.max_backlog
+            context,
+            keys=self.keys,
+            timeout=config.timeout,
+            max_backlog=config.max_backlog,
+            # a region transfer to one member is queued whole
+            max_backlog_bytes=max(DEFAULT_MAX_BACKLOG_BYTES, 2 * config.shm_size),
         )
         zap: ZapAuthenticator | None = None
         try:
@@ -366,7 +371,7 @@ class Federation:
         rings = self.relay.drain()
         replica = self.replica
         if replica is not None and rings:
-            self._flush(None)  # what was written before these rings goes first
+            self._flush(None, everything=True)  # what was written before the rings first
         for member, peer_id, vector, count in rings:
             if replica is not None:
                 after = replica.after_for(member)
@@ -452,17 +457,22 @@ class Federation:
         if holder:
             self.memory_ready.set()
 
-    def _flush(self, scan: tuple[int, int] | None) -> None:
-        """Send this host's changes to every member: the pages our peers logged, and a
-        scan (of the whole region if a local peer does not log, else of ``scan``)."""
+    def _flush(self, scan: tuple[int, int] | None, *, everything: bool = False) -> None:
+        """Send this host's changes to every member: the pages our peers logged, plus the
+        pages ``[first, stop)`` of ``scan`` (the background flush's round), or, with
+        ``everything`` while a local peer does not log its writes, a scan of the whole
+        region (the QEMU path, before a ring leaves)."""
         replica, machine = self.replica, self.membership
         if replica is None or machine is None:
             return
         memlogs = self.memlogs
-        if memlogs is None or memlogs.unlogged(self.relay.local_peers()):
+        unlogged = memlogs is None or memlogs.unlogged(self.relay.local_peers())
+        logged = memlogs.take() if memlogs is not None else None
+        pages: npt.NDArray[np.int64] | None
+        if everything and unlogged:
             pages = None
         else:
-            pages = memlogs.take()
+            pages = logged if logged is not None else np.zeros(0, dtype=np.int64)
             if scan is not None:
                 pages = np.union1d(pages, replica.twin.changed_pages(*scan))
         frames = replica.flush(pages, trio.current_time())
@@ -501,7 +511,7 @@ class Federation:
             if replica.holder and not self.memory_ready.is_set():
                 self.memory_ready.set()
         elif isinstance(frame, RegionRequest):
-            self._flush(None)  # our changes go to everyone as a diff first
+            self._flush(None, everything=True)  # our changes go to everyone as a diff first
             self._apply(machine.send_to(member, replica.region()))
         else:
             replica.after(member, frame)

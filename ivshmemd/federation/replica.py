@@ -89,6 +89,7 @@ class _Staging:
     flags: int
     next_part: int = 0
     parts: list[Runs] = field(default_factory=list)
+    bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -227,7 +228,12 @@ class Replica(Generic[T]):
         ):
             self._staging.pop(member, None)
             raise ReplicaError(f"diff {frame.diff_seq} part {frame.part} out of order")
-        staging.parts.append(decode_runs(frame, self.size))
+        runs = decode_runs(frame, self.size)
+        staging.bytes += runs.nbytes + len(runs)
+        if staging.bytes > 2 * self.size + (1 << 20):
+            self._staging.pop(member, None)
+            raise ReplicaError(f"diff {frame.diff_seq} carries more than twice the region")
+        staging.parts.append(runs)
         staging.next_part += 1
         if not frame.last:
             return []

@@ -9,7 +9,8 @@ driven through :class:`ivshmemd.zmqtrio.TrioSocket`: no thread, no polling loop.
 Sending never blocks the daemon: :meth:`Transport.send` hands the frame to zmq at once when
 the link is idle (no task switch on the per-doorbell path), else appends it to the link's
 own outbox, which the link's sender task drains as zmq takes them. An outbox is bounded
-(``max_backlog`` frames): past the bound :meth:`Transport.send` returns False and the
+(``max_backlog`` frames, and ``max_backlog_bytes`` bytes: memory diffs are large): past
+either bound :meth:`Transport.send` returns False and the
 caller declares that member too slow. DEALERs use ``ZMQ_IMMEDIATE`` (frames wait in our
 outbox, not in zmq, while a member is unreachable, so a reset can discard them),
 reconnect by themselves (100 ms, backing off to 1 s), and use ZMTP heartbeats so that a
@@ -56,6 +57,8 @@ RECONNECT_IVL_MS: Final = 100
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 RECONNECT_IVL_MAX_MS: Final = 1000
+#: Bytes a link's outbox may hold by default (a member that takes less is too slow).
+DEFAULT_MAX_BACKLOG_BYTES: Final = 256 << 20
 
 
 Handler = Callable[[bytes, bytes | None, str], None]
@@ -74,6 +77,8 @@ class _Link:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     sending: bool = False
     sent: int = 0
+    #: bytes of the frames in the outbox
+    queued_bytes: int = 0
     #: the scope of the send waiting for zmq to take a frame (a reset cancels it)
     send_scope: trio.CancelScope | None = None
 
@@ -88,11 +93,13 @@ class Transport:
         keys: CurveKeyPair | None,
         timeout: float,
         max_backlog: int,
+        max_backlog_bytes: int = DEFAULT_MAX_BACKLOG_BYTES,
     ) -> None:
         self.context = context
         self.keys = keys
         self.timeout = timeout
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.endpoint: str | None = None
         self._router: TrioSocket | None = None
         #: the ipc socket file we placed, and its identity (removed only while still ours)
@@ -219,9 +226,10 @@ class Transport:
         if not outbox and not entry.sending and entry.sock.try_send_multipart((data,)):
             entry.sent += 1
             return True
-        if len(outbox) >= self.max_backlog:
+        if len(outbox) >= self.max_backlog or entry.queued_bytes > self.max_backlog_bytes:
             return False
         outbox.append(data)
+        entry.queued_bytes += len(data)
         entry.lot.unpark_all()
         return True
 
@@ -231,6 +239,7 @@ class Transport:
         entry = self._links.get(link)
         if entry is not None:
             entry.outbox.clear()
+            entry.queued_bytes = 0
             if entry.send_scope is not None:  # the frame waiting for zmq goes too
                 entry.send_scope.cancel()
 
@@ -261,6 +270,7 @@ class Transport:
                     await entry.lot.park()
                     continue
                 data = outbox.popleft()
+                entry.queued_bytes -= len(data)
                 entry.sending = True
                 try:
                     with trio.CancelScope() as scope:
@@ -273,7 +283,7 @@ class Transport:
                     continue
                 entry.sent += 1
                 while outbox and entry.sock.try_send_multipart((outbox[0],)):
-                    outbox.popleft()
+                    entry.queued_bytes -= len(outbox.popleft())
                     entry.sent += 1
 
     async def flush(self, grace: float) -> None:
@@ -287,7 +297,7 @@ class Transport:
                     while outbox and not entry.sending:
                         if not entry.sock.try_send_multipart((outbox[0],)):
                             break
-                        outbox.popleft()
+                        entry.queued_bytes -= len(outbox.popleft())
                     pending = pending or bool(outbox)
                 if not pending:
                     break
