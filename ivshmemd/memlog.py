@@ -14,9 +14,13 @@ not report (its daemon has nothing to replicate, or scans for it).
 
 Every packet is one msgpack array, first element :data:`VERSION`, then the kind:
 
-``[1, "hello", peer_id, page_size, npages]``
+``[1, "hello", peer_id, page_size, npages]`` or ``[..., npages, local]``
     First, once: who reports (checked by the daemon against the connection's credentials and
-    the peer it admitted) and the geometry of its bitmap (must match the region).
+    the peer it admitted) and the geometry of its bitmap (must match the region). ``local``
+    (optional): ``[[offset, length], ...]``, byte ranges of the region that are *host-local*
+    for this peer's software and must never be replicated, either way (our peers' directory,
+    the last 4 KiB, whose exclusion rests on the host kernel's record locks). The daemon keeps
+    every range any of its peers declared for as long as it runs.
 ``[1, "dirty", first_page, words]``
     Pages written since the previous report, in vfio's IOVA-bitmap format
     (:mod:`vmm.iova_bitmap`): ``words`` is little-endian uint64 words, bit ``k % 64`` of word
@@ -69,11 +73,12 @@ class MemlogError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class MemlogHello:
-    """Who reports, and its bitmap's geometry."""
+    """Who reports, its bitmap's geometry, and the ranges it keeps host-local."""
 
     peer_id: int
     page_size: int
     npages: int
+    local: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +99,14 @@ def memlog_path(socket_path: str) -> str:
     return socket_path + SUFFIX
 
 
-def encode_hello(peer_id: int, page_size: int, npages: int) -> bytes:
-    """The first packet of a channel."""
-    return msgpack.packb([VERSION, "hello", peer_id, page_size, npages])  # type: ignore[no-any-return]
+def encode_hello(
+    peer_id: int, page_size: int, npages: int, local: tuple[tuple[int, int], ...] = ()
+) -> bytes:
+    """The first packet of a channel (``local``: host-local byte ranges, offset and length)."""
+    fields: list[Any] = [VERSION, "hello", peer_id, page_size, npages]
+    if local:
+        fields.append([list(entry) for entry in local])
+    return msgpack.packb(fields)  # type: ignore[no-any-return]
 
 
 def encode_dirty(words: U64Words, first_page: int = 0) -> bytes | None:
@@ -134,11 +144,13 @@ def decode(packet: bytes, *, npages: int | None = None) -> MemlogHello | Dirty:
     if message[0] != VERSION:
         raise MemlogError(f"version {message[0]!r:.20} (this daemon speaks {VERSION})")
     kind = message[1]
-    if kind == "hello" and len(message) == 5:
+    if kind == "hello" and len(message) in (5, 6):
         page_size = _uint(message[3], "page_size")
         if page_size == 0 or page_size & (page_size - 1):
             raise MemlogError(f"page size {page_size} is not a power of two")
-        return MemlogHello(_uint(message[2], "peer_id"), page_size, _uint(message[4], "npages"))
+        npages_said = _uint(message[4], "npages")
+        local = _ranges(message[5], npages_said * page_size) if len(message) == 6 else ()
+        return MemlogHello(_uint(message[2], "peer_id"), page_size, npages_said, local)
     if kind == "dirty" and len(message) == 4:
         first_page = _uint(message[2], "first_page")
         data = message[3]
@@ -154,6 +166,24 @@ def decode(packet: bytes, *, npages: int | None = None) -> MemlogHello | Dirty:
             )
         return Dirty(first_page, words)
     raise MemlogError(f"unknown message {kind!r:.20} with {len(message)} elements")
+
+
+#: host-local ranges a hello may declare
+MAX_LOCAL_RANGES: Final = 16
+
+
+def _ranges(value: Any, size: int) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or len(value) > MAX_LOCAL_RANGES:
+        raise MemlogError(f"local ranges must be a list of at most {MAX_LOCAL_RANGES}")
+    out = []
+    for entry in value:
+        if not isinstance(entry, list) or len(entry) != 2:
+            raise MemlogError("a local range is [offset, length]")
+        offset, length = _uint(entry[0], "offset"), _uint(entry[1], "length")
+        if length == 0 or offset + length > size:
+            raise MemlogError(f"local range {offset}+{length} is empty or past the region")
+        out.append((offset, length))
+    return tuple(out)
 
 
 def _round_up(npages: int) -> int:

@@ -29,7 +29,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -70,6 +70,9 @@ class MemoryLogs:
         self.pids: dict[int, int] = {}
         #: local peers that report, and their connections
         self.logged: dict[int, _Connection] = {}
+        #: host-local byte ranges our peers declared (never replicated), and a callback
+        self.local_ranges: set[tuple[int, int]] = set()
+        self.on_local_range: Callable[[int, int], None] = lambda offset, length: None
         self.reports = 0
         self._throttle = Throttle()
         listener = socket.socket(
@@ -206,6 +209,10 @@ class MemoryLogs:
             self._close(old)
         connection.peer_id = hello.peer_id
         self.logged[hello.peer_id] = connection
+        for entry in hello.local:
+            if entry not in self.local_ranges:
+                self.local_ranges.add(entry)
+                self.on_local_range(*entry)
         return True
 
     def _mark(self, dirty: Dirty) -> None:

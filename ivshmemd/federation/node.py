@@ -452,6 +452,7 @@ class Federation:
                 config.memlog, config.memlog_mode, config.memlog_gid, len(region) // PAGE_SIZE
             )
             memlogs.pids.update(self._pids)
+            memlogs.on_local_range = self.replica.add_local
             self.memlogs = memlogs
             self.wakeups.append((memlogs.fileno(), memlogs.read))
         if holder:

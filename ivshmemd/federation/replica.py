@@ -144,11 +144,21 @@ class Replica(Generic[T]):
         self._required: dict[str, dict[str, int]] = {}
         self._held: dict[str, deque[_Held[T]]] = {}
         self._sent_after: dict[str, dict[str, int]] = {}
+        #: host-local byte ranges ``(start, end)``: never sent, never overwritten
+        self.local: list[tuple[int, int]] = []
         #: counters for the control plane
         self.stats = {
             "diffs_sent": 0, "bytes_sent": 0, "diffs_applied": 0, "bytes_applied": 0,
             "bytes_kept": 0, "regions_sent": 0, "regions_applied": 0, "rings_held": 0,
         }  # fmt: skip
+
+    def add_local(self, offset: int, length: int) -> None:
+        """Keep ``[offset, offset + length)`` host-local from now on (a peer's software,
+        such as our peers' directory, relies on this host's kernel for it)."""
+        if not 0 <= offset < offset + length <= self.size:
+            raise ValueError(f"local range {offset}+{length} is outside the region")
+        self.local.append((offset, offset + length))
+        self.local.sort()
 
     # -- the origin's side -------------------------------------------------------------------
 
@@ -157,6 +167,8 @@ class Replica(Generic[T]):
         every member (none if nothing changed). ``pages``: the pages to look at (logged by
         their writers), or None to scan the whole region."""
         twin = self.twin
+        for start, end in self.local:  # never a diff: the twin follows the region there
+            twin.copy[start:end] = twin.region[start:end]
         if pages is None:
             pages = twin.changed_pages()
         runs = twin.collect(pages)
@@ -178,6 +190,8 @@ class Replica(Generic[T]):
             return [Diff(self.seq, self.clock, Diff.REGION | Diff.NOT_HOLDER, 0, True, *empty, ())]
         self.stats["regions_sent"] += 1
         runs = self.twin.pages_of(0, self.twin.npages)
+        if self.local:
+            runs = _without(runs, self.local)
         return self._frames(runs, self.seq, Diff.REGION, vector)
 
     def _frames(
@@ -274,13 +288,16 @@ class Replica(Generic[T]):
         one a diff with a greater stamp wrote."""
         twin = self.twin
         later = [entry for entry in self.recent if entry.stamp > stamp]
-        if not later and len(runs) <= SLICED_RUNS and not twin.unshipped_runs(runs):
+        local = self.local
+        if not later and not local and len(runs) <= SLICED_RUNS and not twin.unshipped_runs(runs):
             self.stats["bytes_applied"] += twin.apply(runs)  # the usual case, in slices
             return
         index = run_index(runs.offsets, runs.lengths)
         keep = twin.unshipped(index)
         for entry in later:
             keep |= _inside(index, entry)
+        for start, end in local:
+            keep |= (index >= start) & (index < end)
         kept = int(np.count_nonzero(keep))
         self.stats["bytes_kept"] += kept
         self.stats["bytes_applied"] += twin.apply_at(index, runs.data, keep if kept else None)
@@ -349,6 +366,21 @@ def _inside(index: I64, entry: _Recent) -> npt.NDArray[np.bool_]:
     inside = at >= 0
     clipped = np.maximum(at, 0)
     return inside & (index < entry.ends[clipped])
+
+
+def _without(runs: Runs, ranges: list[tuple[int, int]]) -> Runs:
+    """``runs`` (one run covering them, a region transfer) minus the sorted ``ranges``."""
+    index = run_index(runs.offsets, runs.lengths)
+    drop = np.zeros(index.shape[0], dtype=bool)
+    for start, end in ranges:
+        drop |= (index >= start) & (index < end)
+    kept = index[~drop]
+    if kept.shape[0] == 0:
+        return Runs.empty()
+    breaks = np.flatnonzero(np.diff(kept) != 1) + 1
+    starts = kept[np.concatenate(([0], breaks))]
+    ends = kept[np.concatenate((breaks - 1, [kept.shape[0] - 1]))] + 1
+    return Runs(starts.astype(np.int64), (ends - starts).astype(np.int64), runs.data[~drop])
 
 
 def _join(parts: Iterable[Runs]) -> Runs:
