@@ -55,7 +55,7 @@ from ivshmemd.curve import ClientCurve, KeyFileError, client_keys, keygen
 from ivshmemd.errors import unwrap
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, signal_exit
 from ivshmemd.protocol import DEFAULT_SOCKET, MAX_PEER_ID, MAX_VECTORS
-from ivshmemd.wording import plural
+from ivshmemd.wording import human_bytes, plural
 
 __all__ = [
     "COMMANDS_GROUP",
@@ -259,6 +259,31 @@ def format_federation(federation: Mapping[str, Any], out: TextIO) -> None:
     probing = federation.get("probing", [])
     if isinstance(probing, list) and probing:
         print(f"  probing: {', '.join(map(str, probing))}", file=out)
+    memory = federation.get("memory")
+    if isinstance(memory, Mapping):
+        print(format_memory(memory), file=out)
+    elif federation.get("running"):
+        print("  memory: not replicated (--federation-memory off)", file=out)
+
+
+def format_memory(memory: Mapping[str, Any]) -> str:
+    """One line on the replicated memory: whether this daemon holds the region, what it
+    sent and applied, rings held for other hosts' diffs, who reports written pages."""
+    logged = memory.get("logged_peers", [])
+    count = len(logged) if isinstance(logged, list) else 0
+
+    def num(key: str) -> int:
+        value = memory.get(key, 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    holder = "holds the region" if memory.get("holder") else "waits for the region"
+    return (
+        f"  memory: replicated, {holder}; sent {plural(num('diffs_sent'), 'diff')} "
+        f"({human_bytes(num('bytes_sent'))}), applied {plural(num('diffs_applied'), 'diff')} "
+        f"({human_bytes(num('bytes_applied'))}), {plural(num('regions_applied'), 'region')} "
+        f"received, {plural(num('rings_held'), 'ring')} held for other hosts' diffs, "
+        f"{plural(count, 'peer')} reporting written pages"
+    )
 
 
 PEER_COLUMNS: Final = ("id", "member", "pid", "uid", "gid", "vectors", "connected_at")

@@ -13,12 +13,24 @@ from pathlib import Path
 
 from .errors import unwrap
 
-__all__ = ["exception_line", "plural", "traceback_lines"]
+__all__ = ["exception_line", "human_bytes", "plural", "traceback_lines"]
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``1 vector``, ``2 vectors``, ``1 vCPU``; ``many`` for an irregular plural."""
     return f"{count} {word if count == 1 else many or word + 's'}"
+
+
+def human_bytes(count: int) -> str:
+    """``512 bytes``, ``4.0 KiB``, ``1.5 MiB``: a byte count as a person reads it."""
+    if count < 1024:
+        return plural(count, "byte")
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def exception_line(exc: BaseException) -> str:

@@ -291,8 +291,8 @@ async def _report_memory_ready(link: FdLink, federation: Federation) -> None:
 
 async def _report_status(link: FdLink, federation: Federation) -> None:
     while True:
-        await trio.sleep(STATUS_EVERY)
         link.send("status", federation.status())
+        await trio.sleep(STATUS_EVERY)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -329,3 +329,26 @@ def test_every_command_defaults_to_the_daemons_socket() -> None:
     assert ctl.resolve_endpoints(ctl.build_parser().parse_args(["status"]))[0] == (
         f"ipc://{DEFAULT_SOCKET}.ctl"
     )
+
+
+def test_status_says_what_the_replicated_memory_did() -> None:
+    from io import StringIO
+
+    from ivshmemd.ctl import format_federation
+
+    federation = {
+        "running": True, "identity": "a", "endpoint": "a", "id_range": [0, 9], "members": [],
+        "memory": {"holder": True, "diffs_sent": 3, "bytes_sent": 3 * 4096,
+                   "diffs_applied": 1, "bytes_applied": 1 << 20, "regions_applied": 1,
+                   "rings_held": 2, "logged_peers": [1, 2]},
+    }  # fmt: skip
+    out = StringIO()
+    format_federation(federation, out)
+    assert (
+        "memory: replicated, holds the region; sent 3 diffs (12.0 KiB), applied 1 diff "
+        "(1.0 MiB), 1 region received, 2 rings held for other hosts' diffs, "
+        "2 peers reporting written pages"
+    ) in out.getvalue()
+    out = StringIO()
+    format_federation({**federation, "memory": None}, out)
+    assert "memory: not replicated (--federation-memory off)" in out.getvalue()
