@@ -12,6 +12,8 @@ prefix, units in the name, ``_total`` on counters)::
     ivshmem_peer_telemetry{peer="5"} (0: a QEMU VM or any peer that does not report)
     ivshmem_<counter>_total                                    the daemon's counters
     ivshmem_peers, ivshmem_shm_size_bytes, ivshmem_telemetry_reports_total, ...
+    ivshmem_federation_memory_<counter>_total, ivshmem_federation_memory_holder
+                                                              replicated memory (issue 13)
 
 Label sets are bounded: only the first ``max_peers`` peer ids (in id order) get their own
 label value; the others are summed under ``"other"``. Plugin counter names are bounded by
@@ -84,6 +86,10 @@ def metric_families(snapshot: Mapping[str, Any], max_peers: int) -> Iterator[Any
                 alive = member.get("state") in ("alive", "up", "connected")
                 fed.add_metric([str(member.get("endpoint", "?"))], 1.0 if alive else 0.0)
         yield fed
+    memory = status.get("federation", {}).get("memory") if isinstance(
+        status.get("federation"), Mapping) else None  # fmt: skip
+    if isinstance(memory, Mapping):
+        yield from _memory_families(memory)
 
     up = GaugeMetricFamily("ivshmem_peer_up", "1 for each connected peer",
                            labels=["peer", "plugin"])  # fmt: skip
@@ -199,3 +205,32 @@ class MetricsServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+#: the replicated memory's counters (``status.federation.memory``) exported as counters
+_MEMORY_COUNTERS: Final = {
+    "diffs_sent": "diffs this host sent to the others",
+    "bytes_sent": "bytes of those diffs",
+    "diffs_applied": "diffs from other hosts applied here",
+    "bytes_applied": "bytes written here by other hosts' diffs and regions",
+    "bytes_kept": "bytes of arriving diffs not applied (this host's later or unshipped writes)",
+    "regions_sent": "whole-region transfers sent",
+    "regions_applied": "whole-region transfers applied",
+    "rings_held": "rings held until a third host's diffs were in",
+    "reports": "memory-log reports from local peers",
+}
+
+
+def _memory_families(memory: Mapping[str, Any]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    for key, text in _MEMORY_COUNTERS.items():
+        value = memory.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            base = key[: -len("_total")] if key.endswith("_total") else key
+            yield CounterMetricFamily(f"ivshmem_federation_memory_{base}", text, value=value)
+    yield GaugeMetricFamily(
+        "ivshmem_federation_memory_holder",
+        "1 once this daemon holds the replicated region",
+        value=1.0 if memory.get("holder") else 0.0,
+    )

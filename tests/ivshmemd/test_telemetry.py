@@ -205,3 +205,20 @@ def test_federation_members_are_exported_once_the_status_has_them() -> None:
         if s.name == "ivshmem_federation_member_up"
     }
     assert members == {"tcp://10.0.0.2:7300": 1.0, "tcp://10.0.0.3:7300": 0.0}
+
+
+def test_the_replicated_memory_is_exported_as_counters() -> None:
+    agg = Aggregator(Clock())
+    memory = {"holder": True, "diffs_sent": 4, "bytes_sent": 8192, "rings_held": 1}
+    status = {**STATUS, "federation": {"members": [], "memory": memory}}
+    text = render_metrics(agg.snapshot([], status)).decode()
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("ivshmem_federation_memory")
+    }
+    assert samples["ivshmem_federation_memory_diffs_sent_total"] == 4
+    assert samples["ivshmem_federation_memory_bytes_sent_total"] == 8192
+    assert samples["ivshmem_federation_memory_rings_held_total"] == 1
+    assert samples["ivshmem_federation_memory_holder"] == 1.0
