@@ -513,7 +513,7 @@ class Federation:
                 self.memory_ready.set()
         elif isinstance(frame, RegionRequest):
             self._flush(None, everything=True)  # our changes go to everyone as a diff first
-            self._apply(machine.send_to(member, replica.region()))
+            self._apply(machine.send_to(member, replica.region(member)))
         else:
             replica.after(member, frame)
 

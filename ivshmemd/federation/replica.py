@@ -130,6 +130,8 @@ class Replica(Generic[T]):
         self.size = int(twin.region.shape[0])
         #: this host holds the region (started the federation, or received a transfer)
         self.holder = holder
+        #: the member whose transfer made this host a holder (see :meth:`region`)
+        self.received_from: str | None = None
         #: the Lamport clock
         self.clock = 0
         #: diffs this host originated
@@ -181,11 +183,13 @@ class Replica(Generic[T]):
         self.stats["bytes_sent"] += runs.nbytes
         return self._frames(runs, self.seq, 0, ())
 
-    def region(self) -> list[Diff]:
-        """The whole region as a transfer (flush first, so that this host's changes reach
-        everyone as a diff, not only the one member that asked)."""
+    def region(self, requester: str) -> list[Diff]:
+        """The whole region as a transfer for ``requester`` (flush first, so that this
+        host's changes reach everyone as a diff, not only the one member that asked)."""
         vector = ((self.identity, self.seq), *sorted(self.applied.items()))
-        if not self.holder:
+        if not self.holder or (self.received_from == requester and self.seq == 0):
+            # nothing to give: no region yet, or only the one ``requester`` gave us (a
+            # joiner asked back by the member it joined)
             empty = encode_runs(Runs.empty())
             return [Diff(self.seq, self.clock, Diff.REGION | Diff.NOT_HOLDER, 0, True, *empty, ())]
         self.stats["regions_sent"] += 1
@@ -281,6 +285,7 @@ class Replica(Generic[T]):
         self.stats["regions_applied"] += 1
         if not self.holder:
             log.info("federation: the region from %s is in; this daemon holds it now", member)
+            self.received_from = member
         self.holder = True
 
     def _write(self, runs: Runs, stamp: Stamp) -> None:
