@@ -398,7 +398,9 @@ class Federation:
                 elif kind is Deliver:
                     assert isinstance(action, Deliver)
                     replica = self.replica
-                    if replica is not None and not replica.admit(action.member, action):
+                    if replica is not None and not replica.admit(
+                        action.member, action, trio.current_time()
+                    ):
                         continue  # it waits for diffs from a third host
                     if self._unconfirmed or self._held:
                         self._held.append(action)
@@ -493,6 +495,9 @@ class Federation:
             stop = min(npages, first + step)
             self._scan_from = 0 if stop >= npages else stop
             self._flush((first, stop))
+            if replica.held():
+                for deliver in replica.expire(trio.current_time(), 2 * self.config.timeout):
+                    self._deliver(deliver)
 
     def _on_memory(self, machine: Membership, action: Memory) -> None:
         replica = self.replica

@@ -94,8 +94,10 @@ class _Staging:
 
 @dataclass(slots=True)
 class _Held(Generic[T]):
-    requirement: dict[str, int]
+    #: origin -> (diff count, the origin's epoch when the requirement was received)
+    requirement: dict[str, tuple[int, int]]
     item: T
+    since: float
 
 
 def encode_runs(runs: Runs) -> tuple[bytes, bytes, bytes]:
@@ -143,7 +145,10 @@ class Replica(Generic[T]):
         #: diffs applied or sent lately, to resolve concurrent writes to the same bytes
         self.recent: deque[_Recent] = deque()
         self._staging: dict[str, _Staging] = {}
-        self._required: dict[str, dict[str, int]] = {}
+        self._required: dict[str, dict[str, tuple[int, int]]] = {}
+        #: member -> how many times its stream stopped (a requirement from an older epoch
+        #: names diffs that will never come: a restarted member counts from 1 again)
+        self._epoch: dict[str, int] = {}
         self._held: dict[str, deque[_Held[T]]] = {}
         self._sent_after: dict[str, dict[str, int]] = {}
         #: host-local byte ranges ``(start, end)``: never sent, never overwritten
@@ -152,6 +157,7 @@ class Replica(Generic[T]):
         self.stats = {
             "diffs_sent": 0, "bytes_sent": 0, "diffs_applied": 0, "bytes_applied": 0,
             "bytes_kept": 0, "regions_sent": 0, "regions_applied": 0, "rings_held": 0,
+            "rings_expired": 0,
         }  # fmt: skip
 
     def add_local(self, offset: int, length: int) -> None:
@@ -318,30 +324,57 @@ class Replica(Generic[T]):
     def after(self, member: str, frame: After) -> None:
         """``member``'s next rings wait for these diff counts."""
         required = self._required.setdefault(member, {})
+        epoch = self._epoch
         for origin, count in frame.deps:
-            if origin != self.identity and count > required.get(origin, 0):
-                required[origin] = count
+            if origin == self.identity:
+                continue
+            now_epoch = epoch.get(origin, 0)
+            had = required.get(origin)
+            if had is None or had[1] != now_epoch or count > had[0]:
+                required[origin] = (count, now_epoch)
 
-    def admit(self, member: str, item: T) -> bool:
+    def admit(self, member: str, item: T, now: float = 0.0) -> bool:
         """True if a ring from ``member`` may be delivered now; else it is held (in order,
         behind any other held ring of ``member``) and comes back from a later call."""
         held = self._held.get(member)
         required = self._required.get(member)
         if not held and (not required or self._satisfied(required)):
             return True
-        self._held.setdefault(member, deque()).append(_Held(dict(required or {}), item))
+        self._held.setdefault(member, deque()).append(_Held(dict(required or {}), item, now))
         self.stats["rings_held"] += 1
         return False
 
-    def _satisfied(self, required: dict[str, int]) -> bool:
-        applied, live = self.applied, self.live
-        return all(applied.get(m, 0) >= s or m not in live for m, s in required.items())
+    def _satisfied(self, required: dict[str, tuple[int, int]]) -> bool:
+        applied, live, epoch = self.applied, self.live, self._epoch
+        return all(
+            applied.get(m, 0) >= count or m not in live or epoch.get(m, 0) != seen
+            for m, (count, seen) in required.items()
+        )
 
     def _release(self) -> list[T]:
         out: list[T] = []
         for held in self._held.values():
             while held and self._satisfied(held[0].requirement):
                 out.append(held.popleft().item)
+        return out
+
+    def expire(self, now: float, max_wait: float) -> list[T]:
+        """Rings held longer than ``max_wait`` seconds, delivered anyway (a diff they wait
+        for is not coming: its member restarted or was cut off); logged."""
+        out: list[T] = []
+        for member, held in self._held.items():
+            late = 0
+            while held and now - held[0].since > max_wait:
+                out.append(held.popleft().item)
+                late += 1
+                while held and self._satisfied(held[0].requirement):
+                    out.append(held.popleft().item)
+            if late:
+                log.warning(
+                    "federation: %d rings from %s waited %.1f s for other hosts' diffs that "
+                    "did not come; delivered without them", late, member, max_wait,
+                )  # fmt: skip
+        self.stats["rings_expired"] += len(out)
         return out
 
     def member_up(self, member: str) -> None:
@@ -351,10 +384,12 @@ class Replica(Generic[T]):
 
     def member_gone(self, member: str) -> list[T]:
         """``member``'s stream stopped (dead, left, restarted, broken): its half-received
-        diff is dropped (never applied), and nothing waits for its diffs any more. Returns
-        the held items that releases (rings of its own that were held are dropped with its
-        stream only if their targets left; the driver decides)."""
+        diff is dropped (never applied), nothing waits for its diffs any more, and its diff
+        count starts again (a restarted member counts from 1; a returning one sends its
+        region, which sets the count). Returns the held rings that releases."""
         self.live.discard(member)
+        self._epoch[member] = self._epoch.get(member, 0) + 1
+        self.applied.pop(member, None)
         self._staging.pop(member, None)
         self._required.pop(member, None)
         self._sent_after.pop(member, None)
