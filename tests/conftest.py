@@ -68,6 +68,17 @@ async def task_steps() -> AsyncIterator[TaskSteps]:
 
 
 @pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A private (0700) directory with a short path: unix socket paths stay under their
+    108-byte limit even where pytest's tmp_path is deep (one per xdist worker)."""
+    path = Path(tempfile.mkdtemp(prefix="iv-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def world_dir() -> Iterator[str]:
     """A short directory every uid can reach and create sockets in (sticky, like /tmp):
     pytest's tmp_path is private to root, and tests run clients and daemons as others."""

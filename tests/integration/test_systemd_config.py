@@ -66,8 +66,8 @@ def installed_here(argv: list[str]) -> list[str]:
     return [str(Path(sys.executable).parent / argv[0][len(INSTALLED) :]), *argv[1:]]
 
 
-async def test_the_sample_configurations_run(tmp_path: Path) -> None:
-    runtime = tmp_path / "run"
+async def test_the_sample_configurations_run(short_tmp: Path) -> None:
+    runtime = short_tmp / "run"
     (runtime / "ivshmem").mkdir(parents=True)
     daemon_unit = unit_settings("ivshmemd.service")
     (daemon_start,) = daemon_unit["ExecStart"]
