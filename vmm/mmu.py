@@ -32,11 +32,11 @@ import numpy as np
 import numpy.typing as npt
 
 from ._arrays import unique_sorted
-from .dirtylog import DirtyLog, DirtyWriter
+from .dirtylog import DirtyLog, DirtyWriter, protect_words
 from .errors import GuestMemoryFault, MmioExit
-from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, MemslotTable
+from .memslot import KVM_MEM_READONLY, Memslot, MemslotTable
 from .nested import NestedGuest, protect_shadows, unmap_shadows
-from .pte import PAGE_SHIFT, PAGE_SIZE, Stage2Mode, leaf_perms
+from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_W, Stage2Mode, leaf_perms
 from .stage2 import Stage2PageTable
 from .tlb import Tlb
 
@@ -94,11 +94,9 @@ class Mmu:
             vcpu.tlb.flush_vmid(vmid)
 
     # ------------------------------------------------------------------ protection
-    def write_protect(
+    def _write_protect(
         self, slot: Memslot, first: int, count: int, pages: npt.NDArray[np.bool_] | None
     ) -> None:
-        """Write-protect pages ``[first, first + count)`` of ``slot`` (those set in
-        ``pages``, when given) in stage 2 and in every shadow table that maps them."""
         gpa = slot.gpa + (first << PAGE_SHIFT)
         size = count << PAGE_SHIFT
         flush = self.pt.wp_range(gpa, size) if pages is None else self.pt.wp_masked(gpa, pages)
@@ -106,8 +104,45 @@ class Mmu:
             self.flush_range(self.vmid, gpa, size)
         protect_shadows(self.nested, slot, first, count, pages)
 
+    def write_protect(
+        self, slot: Memslot, first: int, count: int, pages: npt.NDArray[np.bool_] | None
+    ) -> None:
+        """Write-protect pages ``[first, first + count)`` of ``slot`` (those set in
+        ``pages``, when given) in stage 2 and in every shadow table that maps them, for
+        KVM's log: their next write is KVM's to log (whatever a tracker did before)."""
+        if slot.tracking is not None:
+            slot.tracking.forget(first, count, pages)
+        self._write_protect(slot, first, count, pages)
+
+    def protect_for_trackers(self, slot: Memslot, words: U64 | None) -> None:
+        """Write-protect the pages of ``slot`` set in ``words`` (None: every page) for its
+        dirty trackers (:mod:`vmm.dirtytrack`). Those writable now, which KVM's log saw
+        writable (already logged), are remembered as protected for the trackers only.
+
+        (Only the whole-slot protection of a new tracker can meet a writable block, and it
+        asks about every page of it; a tracked slot maps 4K leaves from then on.)"""
+        tracking = slot.tracking
+        assert tracking is not None
+        if words is None:
+            offsets = np.arange(slot.npages, dtype=np.int64)
+        else:
+            bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=slot.npages)
+            offsets = np.flatnonzero(bits).astype(np.int64)
+        if offsets.shape[0] == 0:
+            return
+        gpas = np.uint64(slot.gpa) + (offsets.astype(np.uint64) << np.uint64(PAGE_SHIFT))
+        ptes, _levels = self.pt.translate_bulk(gpas)
+        writable = (ptes & np.uint64(PTE_W)) != 0
+        tracking.wp_only[offsets[writable]] = True
+        if words is None:
+            self._write_protect(slot, 0, slot.npages, None)
+        else:
+            protect_words(self._write_protect, slot, words, 0, slot.npages)
+
     def start_logging(self, slot: Memslot) -> None:
         """Logging starts on ``slot``: write-protect it everywhere (and split it, if eager)."""
+        if slot.tracking is not None:
+            slot.tracking.forget(0, slot.npages, None)
         flush = self.pt.wp_range(slot.gpa, slot.size)
         if self.eager_split:
             flush |= self.pt.split_range(slot.gpa, slot.size, self.eager_split_chunk)
@@ -117,6 +152,7 @@ class Mmu:
 
     def zap(self, slot: Memslot, gpa: int, size: int) -> None:
         """Unmap ``[gpa, gpa+size)`` of ``slot`` from stage 2 and from the shadow tables."""
+        _forget_range(slot, gpa, size)
         unmap_shadows(self.nested, slot, gpa, size)
         if self.pt.unmap_range(gpa, size):
             self.flush_range(self.vmid, gpa, size)
@@ -126,6 +162,7 @@ class Mmu:
         for slot in self.memslots:
             lo, hi = max(gpa, slot.gpa), min(gpa + size, slot.end)
             if lo < hi:
+                _forget_range(slot, lo, hi - lo)
                 unmap_shadows(self.nested, slot, lo, hi - lo)
         if self.pt.unmap_range(gpa, size):
             self.flush_range(self.vmid, gpa, size)
@@ -156,7 +193,14 @@ class Mmu:
                 raise MmioExit(int(pages[int(np.argmax(ro))]), b"", True)
             room = self.dirty.room(vcpu)
             if room is not None:
-                logged = np.array([s.logging for s in slots], dtype=np.bool_)[idx]
+                logged = np.zeros(n, dtype=np.bool_)
+                for si in unique_sorted(idx).tolist():
+                    here = idx == si
+                    slot = slots[si]
+                    offsets = ((pages[here] - np.uint64(slot.gpa)) >> np.uint64(PAGE_SHIFT)).astype(
+                        np.int64
+                    )
+                    logged[here] = self.dirty.kvm_faults(slot, offsets)
                 dirtying = np.cumsum(logged)
                 if int(dirtying[-1]) > room:
                     handled = int(np.searchsorted(dirtying, room, side="right"))
@@ -174,16 +218,17 @@ class Mmu:
         if slot is None:
             raise GuestMemoryFault(gpa)
         flags = slot.flags
-        logging = flags & KVM_MEM_LOG_DIRTY_PAGES
+        tracked = slot.write_tracked
         if write:
             if flags & KVM_MEM_READONLY:
                 raise MmioExit(gpa, b"", True)
-            if logging:
-                if self.dirty.room(vcpu) == 0:
+            if tracked or slot.tracking is not None:
+                offset = (gpa - slot.gpa) >> PAGE_SHIFT
+                if self.dirty.room(vcpu) == 0 and self.dirty.kvm_fault(slot, offset):
                     return 0
-                self.dirty.mark(slot, (gpa - slot.gpa) >> PAGE_SHIFT, vcpu)
+                self.dirty.mark_fault(slot, offset, vcpu)
         level = (
-            0 if logging or slot.backing.page_size == PAGE_SIZE else self._level_for_one(slot, gpa)
+            0 if tracked or slot.backing.page_size == PAGE_SIZE else self._level_for_one(slot, gpa)
         )
         shift = self._shifts[level]
         start = gpa >> shift << shift
@@ -193,9 +238,9 @@ class Mmu:
             flush = pt.set_leaf(
                 start,
                 slot.hpa + (start - slot.gpa),
-                _WRITABLE if write or not (logging or flags & KVM_MEM_READONLY) else _READ_ONLY,
+                _WRITABLE if write or not (tracked or flags & KVM_MEM_READONLY) else _READ_ONLY,
                 level,
-                split="drop" if logging else "preserve",
+                split="drop" if tracked else "preserve",
             )
         if flush:
             self.flush_range(self.vmid, start, 1 << shift)
@@ -204,7 +249,7 @@ class Mmu:
     def _levels_for(self, slot: Memslot, pages: U64) -> npt.NDArray[np.int8]:
         """The leaf level each faulting page gets (the largest the slot allows there)."""
         levels = np.zeros(pages.shape[0], dtype=np.int8)
-        if slot.logging:
+        if slot.write_tracked:
             return levels
         delta = slot.hpa - slot.gpa
         undecided = np.ones(pages.shape[0], dtype=np.bool_)
@@ -221,7 +266,7 @@ class Mmu:
 
     def _level_for_one(self, slot: Memslot, gpa: int) -> int:
         """Scalar :meth:`_levels_for` for one faulting page."""
-        if slot.logging:
+        if slot.write_tracked:
             return 0
         delta = slot.hpa - slot.gpa
         page_size = slot.backing.page_size
@@ -254,11 +299,12 @@ class Mmu:
         return total
 
     def _fault_slot(self, slot: Memslot, pages: U64, write: bool, vcpu: DirtyWriter | None) -> None:
-        if write and slot.logging:
+        tracked = slot.write_tracked
+        if write and (tracked or slot.tracking is not None):
             offsets = ((pages - np.uint64(slot.gpa)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-            self.dirty.mark(slot, offsets, vcpu)
-        perms = leaf_perms(not slot.readonly and (write or not slot.logging))
-        split = "drop" if slot.logging else "preserve"
+            self.dirty.mark_fault(slot, offsets, vcpu)
+        perms = leaf_perms(not slot.readonly and (write or not tracked))
+        split = "drop" if tracked else "preserve"
         levels = self._levels_for(slot, pages)
         # Runs of consecutive blocks per level: (gpa, size, level) for a few, arrays for many.
         runs: list[tuple[int, int, int]] = []
@@ -297,3 +343,11 @@ class Mmu:
                         flushes.append((lo, hi - lo))
         for gpa, size in flushes:
             self.flush_range(self.vmid, gpa, size)
+
+
+def _forget_range(slot: Memslot, gpa: int, size: int) -> None:
+    """``[gpa, gpa+size)`` of ``slot`` is unmapped: no page there is protected for the
+    trackers only any more (its next write faults for KVM's log too)."""
+    if slot.tracking is not None:
+        first = (gpa - slot.gpa) >> PAGE_SHIFT
+        slot.tracking.forget(first, -(-(gpa + size - slot.gpa) // PAGE_SIZE) - first, None)
