@@ -154,6 +154,7 @@ class DirtyTracker:
         if self.closed:
             return
         self.closed = True
+        self.pending = False
         tracking = self.slot.tracking
         if tracking is not None and self in tracking.trackers:
             tracking.trackers.remove(self)
