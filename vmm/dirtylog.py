@@ -216,7 +216,6 @@ class DirtyLog:
                 if kvm.shape[0]:
                     self._mark_kvm(slot, kvm, writer)
         tracking.mark(offsets, slot.npages)
-        tracking.wp_only[offsets] = False
 
     def kvm_faults(self, slot: Memslot, offsets: Offsets) -> npt.NDArray[np.bool_]:
         """Which write faults on pages ``offsets`` of ``slot`` KVM's log takes (what counts

@@ -78,8 +78,11 @@ class SlotTracking:
 
     def __init__(self, npages: int) -> None:
         self.trackers: list[DirtyTracker] = []
-        #: page -> read-only in stage 2 only because a tracker protected it (KVM saw it
-        #: writable then): its next write fault is not KVM's to log
+        #: page -> a tracker protected it while it was writable, and KVM has not protected
+        #: (nor anything unmapped) it since: KVM's log has seen its write already, so its
+        #: next write fault is not KVM's to log (on a page that is writable again, after
+        #: such a fault, the flag is moot: only a protection makes it count again, and
+        #: every protection sets or clears it)
         self.wp_only = np.zeros(npages, dtype=np.bool_)
 
     def mark(self, offsets: Offsets | int, npages: int) -> None:

@@ -32,8 +32,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ._arrays import unique_sorted
+from .dirty import few_pages
 from .dirtylog import DirtyLog, DirtyWriter, protect_words
 from .errors import GuestMemoryFault, MmioExit
+from .iova_bitmap import IovaBitmap
 from .memslot import KVM_MEM_READONLY, Memslot, MemslotTable
 from .nested import NestedGuest, protect_shadows, unmap_shadows
 from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_W, Stage2Mode, leaf_perms
@@ -43,6 +45,8 @@ from .tlb import Tlb
 __all__ = ["Mmu"]
 
 _SPARSE_RUNS: Final = 8  # more fault runs than this: one sparse walk instead of one per run
+#: a tracker's harvest of at most this many pages protects them one walk each
+_SCALAR_PROTECT: Final = 32
 _U64_ALL: Final = 0xFFFF_FFFF_FFFF_FFFF
 _WRITABLE: Final = leaf_perms(True)
 _READ_ONLY: Final = leaf_perms(False)
@@ -119,21 +123,29 @@ class Mmu:
         dirty trackers (:mod:`vmm.dirtytrack`). Those writable now, which KVM's log saw
         writable (already logged), are remembered as protected for the trackers only.
 
-        (Only the whole-slot protection of a new tracker can meet a writable block, and it
-        asks about every page of it; a tracked slot maps 4K leaves from then on.)"""
+        A harvest of a few pages protects them one by one (a walk each, in place); more, or
+        the whole slot of a new tracker, in bulk: one vectorised walk asks which are
+        writable, one masked walk protects them. (Only the whole-slot protection of a new
+        tracker can meet a writable block, and it asks about every page of it; a tracked
+        slot maps 4K leaves from then on.)"""
         tracking = slot.tracking
         assert tracking is not None
+        pages = None if words is None else few_pages(words, _SCALAR_PROTECT)
+        if pages is not None:
+            gpas = [slot.gpa + (page << PAGE_SHIFT) for page in pages]
+            for page, gpa, writable in zip(pages, gpas, self.pt.wp_pages(gpas), strict=True):
+                if writable:
+                    tracking.wp_only[page] = True
+                    self.flush_range(self.vmid, gpa, PAGE_SIZE)
+                protect_shadows(self.nested, slot, page, 1, None)
+            return
         if words is None:
             offsets = np.arange(slot.npages, dtype=np.int64)
         else:
-            bits = np.unpackbits(words.view(np.uint8), bitorder="little", count=slot.npages)
-            offsets = np.flatnonzero(bits).astype(np.int64)
-        if offsets.shape[0] == 0:
-            return
-        gpas = np.uint64(slot.gpa) + (offsets.astype(np.uint64) << np.uint64(PAGE_SHIFT))
-        ptes, _levels = self.pt.translate_bulk(gpas)
-        writable = (ptes & np.uint64(PTE_W)) != 0
-        tracking.wp_only[offsets[writable]] = True
+            offsets = IovaBitmap(slot.gpa, slot.size, PAGE_SIZE, words).dirty_pages()
+        gpas_array = np.uint64(slot.gpa) + (offsets.astype(np.uint64) << np.uint64(PAGE_SHIFT))
+        ptes, _levels = self.pt.translate_bulk(gpas_array)
+        tracking.wp_only[offsets[(ptes & np.uint64(PTE_W)) != 0]] = True
         if words is None:
             self._write_protect(slot, 0, slot.npages, None)
         else:

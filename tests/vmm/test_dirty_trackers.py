@@ -11,6 +11,7 @@ a nested guest, by a device) since its previous harvest.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ _PATHS = {
     "vcpu": "vcpu_write",
     "across": "vcpu_write_across_pages",
     "read": "vcpu_read",
+    "bulk-read": "bulk_read",
     "nested": "nested_write",
     "device": "device_write",
 }
@@ -188,7 +190,7 @@ class TrackerMachine(RuleBasedStateMachine):
         raise AssertionError("the ring stayed full after a harvest")
 
     @rule(
-        path=st.sampled_from(["vcpu", "across", "read", "bulk", "nested", "device"]),
+        path=st.sampled_from([*_PATHS, "bulk"]),
         slot=st.integers(0, 2),
         page=st.integers(0, 511),
         count=st.integers(1, 300),
@@ -226,6 +228,16 @@ class TrackerMachine(RuleBasedStateMachine):
         gpa = _gpa(self.place[slot]) + page * 4096
         values = {twin.cpus[cpu].read64(gpa) >= 0 for twin in self.twins}
         assert values == {True}
+
+    def bulk_read(self, slot: int, page: int, cpu: int) -> None:
+        """Reads in bulk (``vcpu.touch(write=False)``): pages mapped, nothing written."""
+        if slot not in self.place:
+            return
+        first = page % SLOT_PAGES[slot]
+        count = min(40, SLOT_PAGES[slot] - first)
+        gpa = _gpa(self.place[slot]) + first * 4096
+        for twin in self.twins:
+            twin.cpus[cpu].touch(gpa, count * 4096, write=False)
 
     def bulk_write(self, slot: int, first: int, count: int, cpu: int) -> None:
         if slot not in self.place:
@@ -283,8 +295,8 @@ class TrackerMachine(RuleBasedStateMachine):
                 for twin in self.twins:
                     twin.vm.clear_dirty_log(slot, 0, SLOT_PAGES[slot], words[0])
 
-    @rule(slot=st.integers(0, 2), first=st.integers(0, 15), data=st.data())
-    def clear_part(self, slot: int, first: int, data: st.DataObject) -> None:
+    @rule(slot=st.integers(0, 2), first=st.integers(0, 15), bits=st.integers(0, (1 << 64) - 1))
+    def clear_part(self, slot: int, first: int, bits: int) -> None:
         """A CLEAR of part of the log (manual protect): 64-page chunks, random bits."""
         if self.mode not in ("manual", "initially-set") or slot not in self.place:
             return
@@ -292,7 +304,7 @@ class TrackerMachine(RuleBasedStateMachine):
             return
         first = first * 64 % (-(-SLOT_PAGES[slot] // 64) * 64)
         num = min(64, SLOT_PAGES[slot] - first)
-        mask = np.array([data.draw(st.integers(0, (1 << 64) - 1))], dtype=np.uint64)
+        mask = np.array([bits], dtype=np.uint64)
         for twin in self.twins:
             twin.vm.clear_dirty_log(slot, first, num, mask)
 
@@ -352,6 +364,33 @@ class TrackerMachine(RuleBasedStateMachine):
         self.closed.append(tracker)
 
     @invariant()
+    def no_page_is_writable_unless_every_tracker_has_it(self) -> None:
+        """A writable leaf (stage 2 or a nested guest's shadow) on a tracked page means the
+        page is pending in every tracker of its slot: otherwise a write there escapes."""
+        if not self.twins:
+            return
+        pending: dict[int, list[set[int]]] = {}
+        for slot, _tracker, pages in self.trackers.values():
+            pending.setdefault(slot, []).append(pages)
+
+        def check(base: int, where: dict[int, int], table: vmm.Stage2PageTable) -> None:
+            gpas, ptes, levels = table.leaves()
+            for gpa, pte, level in zip(gpas.tolist(), ptes.tolist(), levels.tolist(), strict=True):
+                if not pte & vmm.pte.PTE_W:
+                    continue
+                for slot, at in where.items():
+                    size = SLOT_PAGES[slot] * 4096
+                    if at <= gpa < at + size and slot in pending:
+                        first = (gpa - at) // 4096
+                        pages = range(first, first + table.mode.level_size(level) // 4096)
+                        for tracked in pending[slot]:
+                            assert set(pages) <= tracked, f"slot {slot}: {gpa:#x} writable"
+
+        check(BASE, {slot: _gpa(place) for slot, place in self.place.items()}, self.vm.pt)
+        l2_places = {slot: L2_BASE + slot * SPAN for slot in self.place}
+        check(L2_BASE, l2_places, self.twins[0].l2.pt)
+
+    @invariant()
     def closed_trackers_refuse(self) -> None:
         for tracker in self.closed[-2:]:
             with pytest.raises(DirtyLogError):
@@ -363,8 +402,52 @@ class TrackerMachine(RuleBasedStateMachine):
 
 
 TestTrackerMachine = TrackerMachine.TestCase
+WALK_STEPS = 200
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_walks_through_the_machine(seed: int) -> None:
+    """The machine's rules in long seeded random walks, writes weighted up, every invariant
+    after every step: dense coverage of what hypothesis's short, swarm-pruned runs reach
+    only now and then (both run the same checks)."""
+    rng = random.Random(seed)
+    machine = TrackerMachine()
+    logging = [rng.random() < 0.5 for _ in range(3)]
+    machine.choose_mode(MODES[seed % len(MODES)], seed >= 8, logging, rng.randrange(3))
+    paths = [*_PATHS, "bulk"]
+
+    def page() -> int:
+        # mostly a few hot pages (rewrites after harvests), sometimes anywhere
+        return rng.randrange(8) if rng.random() < 0.7 else rng.randrange(512)
+
+    actions: list[tuple[int, Callable[[], None]]] = [
+        (40, lambda: machine.write(rng.choice(paths), rng.randrange(3), page(),
+                                   rng.randrange(1, 300), rng.randrange(2))),
+        (12, lambda: machine.harvest_tracker(rng.randrange(TRACKERS))),
+        (5, lambda: machine.open_tracker(rng.randrange(TRACKERS), rng.randrange(3))),
+        (3, lambda: machine.close_tracker(rng.randrange(TRACKERS))),
+        (6, machine.harvest),
+        (3, lambda: machine.clear_part(rng.randrange(3), rng.randrange(16), rng.getrandbits(64))),
+        (3, lambda: machine.set_logging(rng.randrange(3), rng.random() < 0.5)),
+        (2, lambda: machine.move(rng.randrange(3), rng.randrange(PLACES))),
+        (1, lambda: machine.delete(rng.randrange(3))),
+        (2, lambda: machine.create(rng.randrange(3), rng.randrange(PLACES), rng.random() < 0.5)),
+        (2, lambda: machine.invalidate(rng.randrange(PLACES), rng.randrange(512),
+                                       rng.randrange(1, 300))),
+    ]  # fmt: skip
+    weights = [weight for weight, _ in actions]
+    try:
+        for _ in range(WALK_STEPS):
+            rng.choices(actions, weights)[0][1]()
+            machine.kvm_log_is_the_same()
+            machine.no_page_is_writable_unless_every_tracker_has_it()
+            machine.closed_trackers_refuse()
+    finally:
+        machine.teardown()
+
+
 TestTrackerMachine.settings = settings(
-    max_examples=300,
+    max_examples=150,
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -544,3 +627,13 @@ def test_an_unmapped_page_is_kvms_to_log_again(unmap: str) -> None:
     assert _pages(tracker) == [0]
     vm.close()
     backing.close()
+
+
+def test_a_nested_guests_write_after_a_harvest_is_seen_again(vm: vmm.Vm) -> None:
+    cpu = vm.create_vcpu(0)
+    l2 = vm.create_nested(1)
+    l2.set_l2_mapping(0, RAM, PAGES * 4096)
+    tracker = vm.track_dirty(0)
+    for round_ in range(3):
+        l2.write(9 * 4096, bytes([round_]), vcpu=cpu)  # the shadow PTE was made writable...
+        assert _pages(tracker) == [9]  # ...and the harvest protected it again
