@@ -76,7 +76,7 @@ def few_pages(words: npt.NDArray[np.uint64], limit: int) -> list[int] | None:
     ``limit`` of them; None if there are more. For a sparse bitmap (a harvest after a few
     writes) this is one scan of the words and a few integer operations per page, where
     unpacking would touch every bit."""
-    nonzero = np.flatnonzero(words)
+    nonzero = words.nonzero()[0]
     if nonzero.shape[0] > limit:
         return None
     pages: list[int] = []

@@ -133,11 +133,13 @@ class Mmu:
         pages = None if words is None else few_pages(words, _SCALAR_PROTECT)
         if pages is not None:
             gpas = [slot.gpa + (page << PAGE_SHIFT) for page in pages]
+            nested = self.nested
             for page, gpa, writable in zip(pages, gpas, self.pt.wp_pages(gpas), strict=True):
                 if writable:
                     tracking.wp_only[page] = True
                     self.flush_range(self.vmid, gpa, PAGE_SIZE)
-                protect_shadows(self.nested, slot, page, 1, None)
+                if nested:
+                    protect_shadows(nested, slot, page, 1, None)
             return
         if words is None:
             offsets = np.arange(slot.npages, dtype=np.int64)
