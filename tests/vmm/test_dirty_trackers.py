@@ -539,22 +539,29 @@ def test_a_tracker_splits_writable_blocks_and_sees_each_page() -> None:
     backing.close()
 
 
-def test_trackers_leave_kvm_log_exact_under_logging(vm: vmm.Vm) -> None:
+@pytest.fixture
+def ring_vm() -> Any:
+    """A VM with dirty rings and a logged slot 0 at RAM (and its vCPU 0)."""
+    machine = vmm.Vm()
+    machine.enable_cap(vmm.KVM_CAP_DIRTY_LOG_RING, 4096)
+    backing = vmm.Backing.anonymous(PAGES * 4096)
+    machine.set_user_memory_region(0, vmm.KVM_MEM_LOG_DIRTY_PAGES, RAM, PAGES * 4096, backing)
+    machine.create_vcpu(0)
+    yield machine
+    machine.close()
+    backing.close()
+
+
+def test_trackers_leave_kvm_log_exact_under_logging(ring_vm: vmm.Vm) -> None:
     """With logging on: a page KVM logged stays logged once in the ring, however often a
     tracker re-protects it (no second entry, no early ring-full exit)."""
-    ring_vm = vmm.Vm()
-    ring_vm.enable_cap(vmm.KVM_CAP_DIRTY_LOG_RING, 4096)
-    backing = vmm.Backing.anonymous(PAGES * 4096)
-    ring_vm.set_user_memory_region(0, vmm.KVM_MEM_LOG_DIRTY_PAGES, RAM, PAGES * 4096, backing)
-    cpu = ring_vm.create_vcpu(0)
+    cpu = ring_vm.vcpus[0]
     tracker = ring_vm.track_dirty(0)
     for _ in range(500):  # far more harvests than the ring has room for
         cpu.write64(RAM, 1)
         assert _pages(tracker) == [0]
     assert cpu.dirty_ring is not None
     assert cpu.dirty_ring.dirty_index == 1
-    ring_vm.close()
-    backing.close()
 
 
 def test_deleting_the_slot_closes_its_trackers(vm: vmm.Vm) -> None:
@@ -605,14 +612,10 @@ def test_bulk_writes_into_a_tracked_huge_slot_map_pages_not_blocks() -> None:
 
 
 @pytest.mark.parametrize("unmap", ["invalidate", "move"])
-def test_an_unmapped_page_is_kvms_to_log_again(unmap: str) -> None:
+def test_an_unmapped_page_is_kvms_to_log_again(ring_vm: vmm.Vm, unmap: str) -> None:
     """A page a tracker protected and that is then unmapped faults for KVM's ring too,
     as it would with no tracker: a second ring entry."""
-    vm = vmm.Vm()
-    vm.enable_cap(vmm.KVM_CAP_DIRTY_LOG_RING, 4096)
-    backing = vmm.Backing.anonymous(PAGES * 4096)
-    vm.set_user_memory_region(0, vmm.KVM_MEM_LOG_DIRTY_PAGES, RAM, PAGES * 4096, backing)
-    cpu = vm.create_vcpu(0)
+    vm, cpu = ring_vm, ring_vm.vcpus[0]
     tracker = vm.track_dirty(0)
     cpu.write64(RAM, 1)
     assert _pages(tracker) == [0]
@@ -625,8 +628,6 @@ def test_an_unmapped_page_is_kvms_to_log_again(unmap: str) -> None:
     cpu.write64(gpa, 2)
     assert cpu.dirty_ring is not None and cpu.dirty_ring.dirty_index == 2
     assert _pages(tracker) == [0]
-    vm.close()
-    backing.close()
 
 
 def test_a_nested_guests_write_after_a_harvest_is_seen_again(vm: vmm.Vm) -> None:
