@@ -92,10 +92,12 @@ def _run_ping(
     cpu: int | None,
     peer_extra: Sequence[str] = (),
     on_daemon: Callable[[str], None] | None = None,
+    plugin_extra: Sequence[str] = (),
 ) -> tuple[float, float]:
-    """One ping run; ``peer_extra`` are more peer options, ``on_daemon(socket_path)`` runs
-    once the daemon listens (e.g. to start watching its telemetry)."""
-    args = ["--count", str(count)]
+    """One ping run; ``peer_extra`` are more peer options, ``plugin_extra`` more ping
+    options, ``on_daemon(socket_path)`` runs once the daemon listens (e.g. to start watching
+    its telemetry)."""
+    args = ["--count", str(count), *plugin_extra]
     peer_args = [f"--{loop}", "--spin-us", str(spin_us), *peer_extra]
     with (
         _pinned(cpu),

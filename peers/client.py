@@ -221,6 +221,8 @@ class IvshmemClient:
     #: notice, and a plugin answering one rings these fds
     _departed: list[int] = field(default_factory=list)
     closed: bool = False
+    #: the server's socket (where its memory log is, :mod:`peers.memreport`); "" if unknown
+    socket_path: str = ""
 
     # -- reading --------------------------------------------------------------------------
 
@@ -427,7 +429,9 @@ async def connect(
     """
     sock = await _open(path)
     with trio.move_on_after(timeout):
-        return await _handshake(sock, vectors, settle)
+        client = await _handshake(sock, vectors, settle)
+        client.socket_path = path
+        return client
     raise ClientError(
         f"the server at {path} accepted the connection but did not complete the handshake "
         f"within {timeout:g} s"

@@ -9,8 +9,11 @@ doorbell the guest writes into ``eventfd_write(1)`` on the destination's eventfd
 The per-doorbell path is: guest ``vcpu.write32`` -> MMIO dispatch -> device -> the
 destination's route, resolved once per (peer, vector) until the peer table changes:
 ``functools.partial(ring_eventfd, fd)``, one Python frame between the device and the
-``eventfd_write``. The per-interrupt path is: eventfd readable -> one non-blocking read ->
-``device.ring`` -> ``plugin.interrupt`` (the device delivers an open MSI-X vector directly).
+``eventfd_write``. When the daemon keeps a memory log (a federation that replicates the
+shared memory), the route is :func:`peers.memreport.reporting_ring`: the shm pages written
+since the last doorbell are reported first, then the eventfd is written. The per-interrupt
+path is: eventfd readable -> one non-blocking read -> ``device.ring`` -> ``plugin.interrupt``
+(the device delivers an open MSI-X vector directly).
 
 Neither path ever blocks on an eventfd another process controls (``O_NONBLOCK`` lives in
 the file description every holder shares, so any of them may clear it): our own vectors
@@ -40,6 +43,7 @@ from .client import (
     ring_eventfd,
     vector_handler,
 )
+from .memreport import MemReporter, reporting_ring
 from .pairing import PartnerSearch
 from .plugin import Guest, Plugin
 from .shmdir import ShmDirectory
@@ -153,6 +157,8 @@ class PeerMachine:
         )  # fmt: skip
         self.dirty_heat = DirtyHeat(self.vm, layout.shm_slot, client.shm_size)
         self._identity = telemetry_identity(client.peer_id, self.plugin_name)
+        #: the memory-log channel to the daemon (None: nobody listens, or not started yet)
+        self.memlog: MemReporter | None = None
         #: a ``guest.find_partner()`` under way (None once paired)
         self.partner_search: PartnerSearch | None = None
         self._started = False
@@ -163,18 +169,24 @@ class PeerMachine:
     def _doorbell(self, peer_id: int, vector: int) -> None:
         if self.counters is not None:
             self.counters.rung[self.counters.slot(peer_id, vector)] += 1
+        memlog = self.memlog
+        if memlog is not None and memlog.tracker.pending:
+            memlog.report()
         ring_eventfd(self.peer_fds[peer_id][vector])
 
     def _route(self, peer_id: int, vector: int) -> Callable[[], bool]:
         """What rings ``peer_id``'s ``vector``: :func:`ring_eventfd` bound to its eventfd
         (the device keeps it until its peer table changes, which the server events below
         always do when a peer's eventfds come or go); with telemetry, bound to the pair's
-        counter slot as well."""
+        counter slot as well; with a memory log, :func:`~peers.memreport.reporting_ring`
+        (the pages written since the last report go to the daemon first)."""
         fd = self.peer_fds[peer_id][vector]
         counters = self.counters
-        if counters is None:
-            return partial(ring_eventfd, fd)
-        return partial(ring_eventfd, fd, counters.rung, counters.slot(peer_id, vector))
+        counting = () if counters is None else (counters.rung, counters.slot(peer_id, vector))
+        memlog = self.memlog
+        if memlog is not None:
+            return partial(reporting_ring, memlog.tracker, memlog.report, fd, *counting)
+        return partial(ring_eventfd, fd, *counting)
 
     def on_vector(self, vector: int) -> bool:
         """Our eventfd ``vector`` may be readable: consume it and interrupt the guest once.
@@ -283,9 +295,30 @@ class PeerMachine:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Hand the guest to the plugin."""
+        """Open the memory log (if the daemon listens) and hand the guest to the plugin."""
         self._started = True
+        self.start_memlog()
         self.plugin.start(self.guest)
+
+    def start_memlog(self) -> MemReporter | None:
+        """Connect to the daemon's memory log beside our ivshmem socket, once: from then on
+        every doorbell reports the shm pages written since the previous one first
+        (:mod:`peers.memreport`). Nobody listening: nothing changes."""
+        path = self.client.socket_path
+        if self.memlog is None and path:
+            self.memlog = MemReporter.connect(
+                path, self.client.peer_id, self.client.shm_size, self.vm,
+                self.layout.shm_slot, self._log,
+            )  # fmt: skip
+            if self.memlog is not None:
+                self.memlog.on_close = self._memlog_closed
+                self.device.doorbell_route = self._route  # routes that report
+        return self.memlog
+
+    def _memlog_closed(self) -> None:
+        """The channel was given up: back to plain routes."""
+        self.memlog = None
+        self.device.doorbell_route = self._route
 
     def _finish(self, summary: str | None, ok: bool) -> None:
         if self.outcome is None:
@@ -307,6 +340,8 @@ class PeerMachine:
         finally:
             if self.telemetry_link is not None:
                 self.telemetry_link.close(final=True)
+            if self.memlog is not None:
+                self.memlog.close()
             self.vm.close()
             try:
                 self.shm.close()

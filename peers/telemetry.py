@@ -8,8 +8,9 @@ our peers counts, always and cheaply:
   slot)``, :func:`peers.client.ring_eventfd`: no extra frame), a slot per pair;
 * the interrupts it receives, per vector (one increment in the vector's handler);
 * its plugin's own counters (``guest.count("messages", n)``);
-* the pages it dirtied in the shared memory, per heatmap region, from the shm memslot's
-  stage-2 dirty log, harvested in bulk once per report (:class:`DirtyHeat`).
+* the pages it dirtied in the shared memory, per heatmap region, from a dirty tracker of
+  the shm memslot (stage-2 write protection), harvested in bulk once per report
+  (:class:`DirtyHeat`).
 
 It reports only when someone watches: the control process publishes a *tick* on the
 telemetry ticks socket while a watcher's lease is live (:mod:`ivshmemd.telemetryserve`), and
@@ -104,13 +105,13 @@ class PeerCounters:
 
 
 class DirtyHeat:
-    """Pages dirtied in the shm memslot, per heatmap region, from the VM's dirty log.
+    """Pages dirtied in the shm memslot, per heatmap region, from a dirty tracker of its own
+    (:meth:`vmm.vm.Vm.track_dirty`).
 
-    On its first harvest it starts logging on the slot if nobody does (then it owns the log:
-    each harvest is a GET, plus a CLEAR under manual protect, which re-protects the pages so
-    the next write to each is seen). If the plugin already logs the slot, the log is the
-    plugin's: it is only read, never cleared, and the pages newly set since the last look are
-    counted. A VM in dirty-ring mode has no bitmap to read: no heatmap then."""
+    The tracker starts on the first harvest (when someone first watches): from then on each
+    harvest counts the pages written since the previous one. It is independent of the
+    plugin's own dirty log (never turned on, read or cleared here), of the dirty rings and
+    of the peer's memory reports (:mod:`peers.memreport`), which have trackers of their own."""
 
     def __init__(self, vm: Any, slot: int, shm_size: int) -> None:
         self.vm = vm
@@ -120,49 +121,35 @@ class DirtyHeat:
         self.pages_per_bucket = self.bucket_bytes // PAGE_SIZE
         nbuckets = min(HEATMAP_BUCKETS, -(-self.npages // self.pages_per_bucket))
         self.totals = np.zeros(nbuckets, dtype=np.uint64)
-        self.owned: bool | None = None
+        self.tracker: Any = None
         self.usable = True
-        self._seen: np.ndarray[Any, np.dtype[np.uint64]] | None = None
 
     def harvest(self) -> None:
         """Add the pages dirtied since the last harvest to :attr:`totals`."""
         if not self.usable:
             return
-        from vmm import KVM_MEM_LOG_DIRTY_PAGES  # the VM is loaded already
-        from vmm.errors import DirtyLogError
+        from vmm.errors import VmmError  # the VM is loaded already
 
-        vm, slot_id = self.vm, self.slot
-        try:
-            slot = vm.memslot(slot_id)
-            if self.owned is None:
-                if vm.dirty.ring_size:
-                    self.usable = False
-                    return
-                self.owned = not slot.logging
-                if self.owned:  # from now on every first write to a page is logged
-                    vm.set_user_memory_region(
-                        slot_id, slot.flags | KVM_MEM_LOG_DIRTY_PAGES, slot.gpa, slot.size
-                    )
-                    return
-            if self.owned:
-                words = vm.get_dirty_log(slot_id)
-                if vm.dirty.manual_protect:
-                    vm.clear_dirty_log(slot_id, 0, self.npages, words)
-            else:
-                bitmap = slot.dirty_bitmap
-                if bitmap is None:
-                    return
-                words = bitmap & ~self._seen if self._seen is not None else bitmap.copy()
-                self._seen = bitmap.copy()
-        except DirtyLogError:
-            self.usable = False
+        if self.tracker is None:
+            try:
+                self.tracker = self.vm.track_dirty(self.slot)
+            except VmmError:
+                self.usable = False
             return
+        if not self.tracker.pending:
+            return
+        words = self.tracker.harvest_words()
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: self.npages]
         per = self.pages_per_bucket
         whole = len(self.totals) * per
         if bits.shape[0] < whole:
             bits = np.concatenate([bits, np.zeros(whole - bits.shape[0], dtype=np.uint8)])
         self.totals += bits[:whole].reshape(-1, per).sum(axis=1, dtype=np.uint64)
+
+    def close(self) -> None:
+        """Stop tracking (the VM goes away)."""
+        if self.tracker is not None:
+            self.tracker.close()
 
     def report(self) -> dict[str, Any]:
         return {"bucket_bytes": self.bucket_bytes, "buckets": [int(v) for v in self.totals]}

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .dirty import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, DirtyRing
     from .dirtylog import DirtyLog
+    from .dirtytrack import DirtyTracker
     from .errors import (
         DirtyLogError,
         DirtyRingFull,
@@ -57,6 +58,7 @@ _OWNERS: dict[str, str] = {
     "KVM_DIRTY_GFN_F_RESET": "dirty",
     "DirtyRing": "dirty",
     "DirtyLog": "dirtylog",
+    "DirtyTracker": "dirtytrack",
     "DirtyLogError": "errors",
     "DirtyRingFull": "errors",
     "GuestMemoryFault": "errors",
@@ -112,6 +114,7 @@ __all__ = [
     "DirtyLogError",
     "DirtyRing",
     "DirtyRingFull",
+    "DirtyTracker",
     "GuestMemoryFault",
     "HostPhysSpace",
     "Leaf",

@@ -31,6 +31,7 @@ __all__ = [
     "DirtyRing",
     "bitmap_from_pages",
     "bitmap_to_bools",
+    "few_pages",
     "ring_entries",
 ]
 
@@ -68,6 +69,26 @@ def bitmap_from_pages(pages: npt.NDArray[np.int64], npages: int) -> npt.NDArray[
     bools = np.zeros(nwords * 64, dtype=np.bool_)
     bools[pages] = True
     return np.packbits(bools, bitorder="little").view(np.uint64)
+
+
+def few_pages(words: npt.NDArray[np.uint64], limit: int) -> list[int] | None:
+    """The pages set in ``words`` (KVM bit layout), ascending, if there are at most
+    ``limit`` of them; None if there are more. For a sparse bitmap (a harvest after a few
+    writes) this is one scan of the words and a few integer operations per page, where
+    unpacking would touch every bit."""
+    nonzero = words.nonzero()[0]
+    if nonzero.shape[0] > limit:
+        return None
+    pages: list[int] = []
+    for index, word in zip(nonzero.tolist(), words[nonzero].tolist(), strict=True):
+        base = index << 6
+        while word:
+            low = word & -word
+            pages.append(base + low.bit_length() - 1)
+            word ^= low
+        if len(pages) > limit:
+            return None
+    return pages
 
 
 def bitmap_to_bools(words: npt.NDArray[np.uint64], npages: int) -> npt.NDArray[np.bool_]:

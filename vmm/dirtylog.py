@@ -5,11 +5,14 @@ virt/kvm/dirty_ring.c). It knows the mode (a dirty bitmap per logged memslot, wi
 without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 and INITIALLY_SET; a dirty ring per vCPU, with or
 without KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) and owns every decision that depends on it:
 
-* **marking** (:meth:`DirtyLog.mark`, ``mark_page_dirty_in_slot``): the fault handler calls it
-  for a write fault on a logged slot (a vCPU's single or bulk access, and an L2 guest's
-  access, which faults its L1 page on the vCPU that runs it), and :meth:`vmm.vm.Vm.write_guest`
-  for a device's write. With a ring and a vCPU the page goes to that vCPU's ring, otherwise
-  to the slot's bitmap; a write in ring mode with neither is refused, never dropped;
+* **marking** (:meth:`DirtyLog.mark`, ``mark_page_dirty_in_slot``): the fault handler calls
+  :meth:`DirtyLog.mark_fault` for a write fault on a logged or tracked slot (a vCPU's single
+  or bulk access, and an L2 guest's access, which faults its L1 page on the vCPU that runs
+  it), and :meth:`vmm.vm.Vm.write_guest` calls :meth:`DirtyLog.mark` for a device's write.
+  With a ring and a vCPU the page goes to that vCPU's ring, otherwise to the slot's bitmap;
+  a write in ring mode with neither is refused, never dropped. The same calls mark the
+  slot's other consumers, its dirty trackers (:mod:`vmm.dirtytrack`), which KVM's log never
+  sees: a fault that only a tracker's protection caused is not KVM's to log;
 * **room** (:meth:`DirtyLog.room`): how many pages a vCPU can dirty before its ring-full exit;
 * **memslot changes** (:meth:`DirtyLog.logging_changed`): a bitmap when logging starts (all
   set under INITIALLY_SET), none when it stops; a moved slot keeps its bitmap (KVM reuses it
@@ -25,14 +28,14 @@ maps the same pages: a page is writable anywhere only while it is logged as dirt
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from ._arrays import unique_sorted
-from .dirty import KVM_DIRTY_GFN_SIZE, DirtyRing, bitmap_to_bools, ring_entries
+from .dirty import KVM_DIRTY_GFN_SIZE, DirtyRing, bitmap_from_pages, bitmap_to_bools, ring_entries
 from .errors import DirtyLogError
 from .iova_bitmap import IovaBitmap
 from .memslot import Memslot
@@ -44,6 +47,7 @@ __all__ = [
     "DirtyLog",
     "DirtyWriter",
     "Protector",
+    "protect_words",
 ]
 
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: Final = 1 << 0
@@ -72,6 +76,27 @@ class Protector(Protocol):
 
     def start_logging(self, slot: Memslot) -> None:
         """Logging starts on ``slot``: write-protect all of it (and split, if eager)."""
+
+
+def protect_words(
+    protect: Callable[[Memslot, int, int, npt.NDArray[np.bool_] | None], None],
+    slot: Memslot,
+    words: U64,
+    first_page: int,
+    num_pages: int,
+) -> None:
+    """Call ``protect(slot, first, count, pages)`` once for the pages set in ``words`` (bit
+    i = page ``first_page + i``), from the first to the last word holding any (``pages``
+    None when every page of that span is set); not at all if none is."""
+    nz = np.flatnonzero(words)
+    if nz.size == 0:
+        return
+    lo_w, hi_w = int(nz[0]), int(nz[-1]) + 1
+    first = first_page + lo_w * 64
+    count = min((hi_w - lo_w) * 64, first_page + num_pages - first)
+    sub = words[lo_w:hi_w]
+    whole = count % 64 == 0 and bool(np.all(sub == _ALL_ONES))
+    protect(slot, first, count, None if whole else bitmap_to_bools(sub, count))
 
 
 class DirtyLog:
@@ -161,12 +186,53 @@ class DirtyLog:
         return writer.dirty_ring.room
 
     def mark(self, slot: Memslot, offsets: Offsets | int, writer: DirtyWriter | None) -> None:
-        """Log pages ``offsets`` (slot-relative) of ``slot`` as written by ``writer``.
+        """Log pages ``offsets`` (slot-relative) of ``slot`` as written by ``writer``, for
+        KVM's log (if the slot logs) and for every tracker of the slot
+        (:mod:`vmm.dirtytrack`): a write that does not fault (a device's, through the host
+        mapping), or a fault KVM's log takes.
 
         Called before the write is allowed (a fault maps the page only after this), so a
         refusal leaves nothing unlogged."""
-        if not slot.logging:
+        if slot.logging:
+            self._mark_kvm(slot, offsets, writer)
+        tracking = slot.tracking
+        if tracking is not None:
+            tracking.mark(offsets, slot.npages)
+
+    def mark_fault(self, slot: Memslot, offsets: Offsets | int, writer: DirtyWriter | None) -> None:
+        """A write fault on pages ``offsets`` of ``slot`` is about to map them writable: mark
+        them for the trackers, and for KVM's log unless only a tracker had them protected
+        (KVM saw them writable: without trackers this write would not have faulted)."""
+        tracking = slot.tracking
+        if tracking is None:
+            self.mark(slot, offsets, writer)
             return
+        if slot.logging:
+            if isinstance(offsets, int):
+                if not tracking.wp_only[offsets]:
+                    self._mark_kvm(slot, offsets, writer)
+            else:
+                kvm = offsets[tracking.kvm_faults(offsets)]
+                if kvm.shape[0]:
+                    self._mark_kvm(slot, kvm, writer)
+        tracking.mark(offsets, slot.npages)
+
+    def kvm_faults(self, slot: Memslot, offsets: Offsets) -> npt.NDArray[np.bool_]:
+        """Which write faults on pages ``offsets`` of ``slot`` KVM's log takes (what counts
+        against a vCPU's ring): all of them on a logged slot, but for the pages only a
+        tracker protected; none elsewhere."""
+        if not slot.logging:
+            return np.zeros(offsets.shape[0], dtype=np.bool_)
+        if slot.tracking is None:
+            return np.ones(offsets.shape[0], dtype=np.bool_)
+        return slot.tracking.kvm_faults(offsets)
+
+    def kvm_fault(self, slot: Memslot, offset: int) -> bool:
+        """:meth:`kvm_faults` for one page."""
+        return slot.logging and (slot.tracking is None or not slot.tracking.wp_only[offset])
+
+    def _mark_kvm(self, slot: Memslot, offsets: Offsets | int, writer: DirtyWriter | None) -> None:
+        """``mark_page_dirty_in_slot``: the writer's ring, or the slot's bitmap."""
         ring = writer.dirty_ring if writer is not None else None
         if ring is not None:
             if isinstance(offsets, int):
@@ -186,9 +252,7 @@ class DirtyLog:
             off = int(offsets[0])
             bitmap[off >> 6] |= np.uint64(1 << (off & 63))
         else:
-            bools = np.zeros(bitmap.shape[0] * 64, dtype=np.bool_)
-            bools[offsets] = True
-            bitmap |= np.packbits(bools, bitorder="little").view(np.uint64)
+            bitmap |= bitmap_from_pages(offsets, slot.npages)
 
     # ------------------------------------------------------------------ harvesting
     def _bitmap(self, slot: Memslot) -> U64:
@@ -249,19 +313,8 @@ class DirtyLog:
         self._protect(slot, words, first_page, num_pages)
 
     def _protect(self, slot: Memslot, words: U64, first_page: int, num_pages: int) -> None:
-        """Re-protect the pages set in ``words`` (bit i = page ``first_page + i``), from the
-        first to the last word holding any (one protector call)."""
-        nz = np.flatnonzero(words)
-        if nz.size == 0:
-            return
-        lo_w, hi_w = int(nz[0]), int(nz[-1]) + 1
-        first = first_page + lo_w * 64
-        count = min((hi_w - lo_w) * 64, first_page + num_pages - first)
-        sub = words[lo_w:hi_w]
-        whole = count % 64 == 0 and bool(np.all(sub == _ALL_ONES))
-        self.protector.write_protect(
-            slot, first, count, None if whole else bitmap_to_bools(sub, count)
-        )
+        """Re-protect the pages set in ``words`` (bit i = page ``first_page + i``)."""
+        protect_words(self.protector.write_protect, slot, words, first_page, num_pages)
 
     def reset_rings(self, rings: Iterable[DirtyRing], slots: Mapping[int, Memslot]) -> int:
         """KVM_RESET_DIRTY_RINGS: re-protect every collected entry; returns how many."""

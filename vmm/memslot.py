@@ -2,7 +2,8 @@
 
 A :class:`Memslot` holds its GPA range, flags, backing (plus offset into it), its dirty bitmap
 while ``KVM_MEM_LOG_DIRTY_PAGES`` is on (a numpy ``uint64`` array in KVM's bit layout: page
-``k`` is word ``k // 64`` bit ``k % 64``) and the nested rmap of its pages.
+``k`` is word ``k // 64`` bit ``k % 64``), its other dirty-page consumers
+(:mod:`vmm.dirtytrack`) and the nested rmap of its pages.
 :class:`MemslotTable` finds slots by id and by GPA (``bisect`` for one address,
 ``searchsorted`` for many).
 """
@@ -12,13 +13,16 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from .memory import Backing
 from .pte import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from .dirtytrack import SlotTracking
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES",
@@ -45,6 +49,8 @@ class Memslot:
     dirty_bitmap: npt.NDArray[np.uint64] | None = None
     rmap: npt.NDArray[np.uint64] | None = None
     rmap_lists: dict[int, list[int]] = field(default_factory=dict)
+    #: the dirty trackers of :mod:`vmm.dirtytrack` (None: never tracked)
+    tracking: SlotTracking | None = None
 
     @property
     def end(self) -> int:
@@ -62,6 +68,14 @@ class Memslot:
     @property
     def logging(self) -> bool:
         return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    @property
+    def write_tracked(self) -> bool:
+        """Someone must see every write: KVM's log, or a tracker. The slot is then mapped
+        as KVM maps a logged one (4K leaves, read-only until written)."""
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES) or (
+            self.tracking is not None and bool(self.tracking.trackers)
+        )
 
     @property
     def readonly(self) -> bool:

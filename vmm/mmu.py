@@ -32,17 +32,21 @@ import numpy as np
 import numpy.typing as npt
 
 from ._arrays import unique_sorted
-from .dirtylog import DirtyLog, DirtyWriter
+from .dirty import few_pages
+from .dirtylog import DirtyLog, DirtyWriter, protect_words
 from .errors import GuestMemoryFault, MmioExit
-from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Memslot, MemslotTable
+from .iova_bitmap import IovaBitmap
+from .memslot import KVM_MEM_READONLY, Memslot, MemslotTable
 from .nested import NestedGuest, protect_shadows, unmap_shadows
-from .pte import PAGE_SHIFT, PAGE_SIZE, Stage2Mode, leaf_perms
+from .pte import PAGE_SHIFT, PAGE_SIZE, PTE_W, Stage2Mode, leaf_perms
 from .stage2 import Stage2PageTable
 from .tlb import Tlb
 
 __all__ = ["Mmu"]
 
 _SPARSE_RUNS: Final = 8  # more fault runs than this: one sparse walk instead of one per run
+#: a tracker's harvest of at most this many pages protects them one walk each
+_SCALAR_PROTECT: Final = 32
 _U64_ALL: Final = 0xFFFF_FFFF_FFFF_FFFF
 _WRITABLE: Final = leaf_perms(True)
 _READ_ONLY: Final = leaf_perms(False)
@@ -94,11 +98,9 @@ class Mmu:
             vcpu.tlb.flush_vmid(vmid)
 
     # ------------------------------------------------------------------ protection
-    def write_protect(
+    def _write_protect(
         self, slot: Memslot, first: int, count: int, pages: npt.NDArray[np.bool_] | None
     ) -> None:
-        """Write-protect pages ``[first, first + count)`` of ``slot`` (those set in
-        ``pages``, when given) in stage 2 and in every shadow table that maps them."""
         gpa = slot.gpa + (first << PAGE_SHIFT)
         size = count << PAGE_SHIFT
         flush = self.pt.wp_range(gpa, size) if pages is None else self.pt.wp_masked(gpa, pages)
@@ -106,8 +108,55 @@ class Mmu:
             self.flush_range(self.vmid, gpa, size)
         protect_shadows(self.nested, slot, first, count, pages)
 
+    def write_protect(
+        self, slot: Memslot, first: int, count: int, pages: npt.NDArray[np.bool_] | None
+    ) -> None:
+        """Write-protect pages ``[first, first + count)`` of ``slot`` (those set in
+        ``pages``, when given) in stage 2 and in every shadow table that maps them, for
+        KVM's log: their next write is KVM's to log (whatever a tracker did before)."""
+        if slot.tracking is not None:
+            slot.tracking.forget(first, count, pages)
+        self._write_protect(slot, first, count, pages)
+
+    def protect_for_trackers(self, slot: Memslot, words: U64 | None) -> None:
+        """Write-protect the pages of ``slot`` set in ``words`` (None: every page) for its
+        dirty trackers (:mod:`vmm.dirtytrack`). Those writable now, which KVM's log saw
+        writable (already logged), are remembered as protected for the trackers only.
+
+        A harvest of a few pages protects them one by one (a walk each, in place); more, or
+        the whole slot of a new tracker, in bulk: one vectorised walk asks which are
+        writable, one masked walk protects them. (Only the whole-slot protection of a new
+        tracker can meet a writable block, and it asks about every page of it; a tracked
+        slot maps 4K leaves from then on.)"""
+        tracking = slot.tracking
+        assert tracking is not None
+        pages = None if words is None else few_pages(words, _SCALAR_PROTECT)
+        if pages is not None:
+            gpas = [slot.gpa + (page << PAGE_SHIFT) for page in pages]
+            nested = self.nested
+            for page, gpa, writable in zip(pages, gpas, self.pt.wp_pages(gpas), strict=True):
+                if writable:
+                    tracking.wp_only[page] = True
+                    self.flush_range(self.vmid, gpa, PAGE_SIZE)
+                if nested:
+                    protect_shadows(nested, slot, page, 1, None)
+            return
+        if words is None:
+            offsets = np.arange(slot.npages, dtype=np.int64)
+        else:
+            offsets = IovaBitmap(slot.gpa, slot.size, PAGE_SIZE, words).dirty_pages()
+        gpas_array = np.uint64(slot.gpa) + (offsets.astype(np.uint64) << np.uint64(PAGE_SHIFT))
+        ptes, _levels = self.pt.translate_bulk(gpas_array)
+        tracking.wp_only[offsets[(ptes & np.uint64(PTE_W)) != 0]] = True
+        if words is None:
+            self._write_protect(slot, 0, slot.npages, None)
+        else:
+            protect_words(self._write_protect, slot, words, 0, slot.npages)
+
     def start_logging(self, slot: Memslot) -> None:
         """Logging starts on ``slot``: write-protect it everywhere (and split it, if eager)."""
+        if slot.tracking is not None:
+            slot.tracking.forget(0, slot.npages, None)
         flush = self.pt.wp_range(slot.gpa, slot.size)
         if self.eager_split:
             flush |= self.pt.split_range(slot.gpa, slot.size, self.eager_split_chunk)
@@ -117,6 +166,7 @@ class Mmu:
 
     def zap(self, slot: Memslot, gpa: int, size: int) -> None:
         """Unmap ``[gpa, gpa+size)`` of ``slot`` from stage 2 and from the shadow tables."""
+        _forget_range(slot, gpa, size)
         unmap_shadows(self.nested, slot, gpa, size)
         if self.pt.unmap_range(gpa, size):
             self.flush_range(self.vmid, gpa, size)
@@ -126,6 +176,7 @@ class Mmu:
         for slot in self.memslots:
             lo, hi = max(gpa, slot.gpa), min(gpa + size, slot.end)
             if lo < hi:
+                _forget_range(slot, lo, hi - lo)
                 unmap_shadows(self.nested, slot, lo, hi - lo)
         if self.pt.unmap_range(gpa, size):
             self.flush_range(self.vmid, gpa, size)
@@ -156,7 +207,14 @@ class Mmu:
                 raise MmioExit(int(pages[int(np.argmax(ro))]), b"", True)
             room = self.dirty.room(vcpu)
             if room is not None:
-                logged = np.array([s.logging for s in slots], dtype=np.bool_)[idx]
+                logged = np.zeros(n, dtype=np.bool_)
+                for si in unique_sorted(idx).tolist():
+                    here = idx == si
+                    slot = slots[si]
+                    offsets = ((pages[here] - np.uint64(slot.gpa)) >> np.uint64(PAGE_SHIFT)).astype(
+                        np.int64
+                    )
+                    logged[here] = self.dirty.kvm_faults(slot, offsets)
                 dirtying = np.cumsum(logged)
                 if int(dirtying[-1]) > room:
                     handled = int(np.searchsorted(dirtying, room, side="right"))
@@ -174,16 +232,17 @@ class Mmu:
         if slot is None:
             raise GuestMemoryFault(gpa)
         flags = slot.flags
-        logging = flags & KVM_MEM_LOG_DIRTY_PAGES
+        tracked = slot.write_tracked
         if write:
             if flags & KVM_MEM_READONLY:
                 raise MmioExit(gpa, b"", True)
-            if logging:
-                if self.dirty.room(vcpu) == 0:
+            if tracked or slot.tracking is not None:
+                offset = (gpa - slot.gpa) >> PAGE_SHIFT
+                if self.dirty.room(vcpu) == 0 and self.dirty.kvm_fault(slot, offset):
                     return 0
-                self.dirty.mark(slot, (gpa - slot.gpa) >> PAGE_SHIFT, vcpu)
+                self.dirty.mark_fault(slot, offset, vcpu)
         level = (
-            0 if logging or slot.backing.page_size == PAGE_SIZE else self._level_for_one(slot, gpa)
+            0 if tracked or slot.backing.page_size == PAGE_SIZE else self._level_for_one(slot, gpa)
         )
         shift = self._shifts[level]
         start = gpa >> shift << shift
@@ -193,9 +252,9 @@ class Mmu:
             flush = pt.set_leaf(
                 start,
                 slot.hpa + (start - slot.gpa),
-                _WRITABLE if write or not (logging or flags & KVM_MEM_READONLY) else _READ_ONLY,
+                _WRITABLE if write or not (tracked or flags & KVM_MEM_READONLY) else _READ_ONLY,
                 level,
-                split="drop" if logging else "preserve",
+                split="drop" if tracked else "preserve",
             )
         if flush:
             self.flush_range(self.vmid, start, 1 << shift)
@@ -204,7 +263,7 @@ class Mmu:
     def _levels_for(self, slot: Memslot, pages: U64) -> npt.NDArray[np.int8]:
         """The leaf level each faulting page gets (the largest the slot allows there)."""
         levels = np.zeros(pages.shape[0], dtype=np.int8)
-        if slot.logging:
+        if slot.write_tracked:
             return levels
         delta = slot.hpa - slot.gpa
         undecided = np.ones(pages.shape[0], dtype=np.bool_)
@@ -221,7 +280,7 @@ class Mmu:
 
     def _level_for_one(self, slot: Memslot, gpa: int) -> int:
         """Scalar :meth:`_levels_for` for one faulting page."""
-        if slot.logging:
+        if slot.write_tracked:
             return 0
         delta = slot.hpa - slot.gpa
         page_size = slot.backing.page_size
@@ -254,11 +313,12 @@ class Mmu:
         return total
 
     def _fault_slot(self, slot: Memslot, pages: U64, write: bool, vcpu: DirtyWriter | None) -> None:
-        if write and slot.logging:
+        tracked = slot.write_tracked
+        if write and (tracked or slot.tracking is not None):
             offsets = ((pages - np.uint64(slot.gpa)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
-            self.dirty.mark(slot, offsets, vcpu)
-        perms = leaf_perms(not slot.readonly and (write or not slot.logging))
-        split = "drop" if slot.logging else "preserve"
+            self.dirty.mark_fault(slot, offsets, vcpu)
+        perms = leaf_perms(not slot.readonly and (write or not tracked))
+        split = "drop" if tracked else "preserve"
         levels = self._levels_for(slot, pages)
         # Runs of consecutive blocks per level: (gpa, size, level) for a few, arrays for many.
         runs: list[tuple[int, int, int]] = []
@@ -297,3 +357,11 @@ class Mmu:
                         flushes.append((lo, hi - lo))
         for gpa, size in flushes:
             self.flush_range(self.vmid, gpa, size)
+
+
+def _forget_range(slot: Memslot, gpa: int, size: int) -> None:
+    """``[gpa, gpa+size)`` of ``slot`` is unmapped: no page there is protected for the
+    trackers only any more (its next write faults for KVM's log too)."""
+    if slot.tracking is not None:
+        first = (gpa - slot.gpa) >> PAGE_SHIFT
+        slot.tracking.forget(first, -(-(gpa + size - slot.gpa) // PAGE_SIZE) - first, None)

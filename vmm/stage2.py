@@ -382,6 +382,36 @@ class Stage2PageTable:
         self._locked_walk(gpa, gpa + (pages.shape[0] << PAGE_SHIFT), visitor)
         return visitor.flush
 
+    def wp_pages(self, gpas: list[int]) -> list[bool]:
+        """Write-protect the leaf mapping each of ``gpas`` (a block leaf whole, as
+        :meth:`wp_masked` does); for each, whether that leaf was writable. The caller
+        flushes. The scalar form of :meth:`wp_masked` for a handful of pages (a dirty
+        tracker's harvest after a few writes): one hardware-style walk per page, as
+        :meth:`translate` walks, clearing W in place, instead of a visitor walk of the span
+        (a permission downgrade needs no break-before-make)."""
+        self.made = None
+        words = self.pool.words
+        base, per = self.pool.base_ppn, self._per
+        mask = per - 1
+        root_flat, root_shift, root_mask = self._root_flat, self._root_shift, self._root_mask
+        out = []
+        for gpa in gpas:
+            i = root_flat + ((gpa >> root_shift) & root_mask)
+            pte = words[i]
+            if pte & TABLE_MASK == PTE_V:
+                for _level, shift in self._descent:
+                    i = ((pte >> PTE_PPN_SHIFT) - base) * per + ((gpa >> shift) & mask)
+                    pte = words[i]
+                    if pte & TABLE_MASK != PTE_V:
+                        break
+                else:
+                    raise ModelBug(f"table PTE {pte:#x} at level 0 (GPA {gpa:#x})")
+            writable = bool(pte & PTE_V) and bool(pte & PTE_W)
+            if writable:
+                words[i] = pte & ~PTE_W
+            out.append(writable)
+        return out
+
     def get_leaf(self, gpa: int) -> Leaf | None:
         """The leaf mapping ``gpa``, found with a walk (None when unmapped)."""
         visitor = _GetLeafVisitor()

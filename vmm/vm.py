@@ -2,7 +2,8 @@
 
 KVM-shaped: :meth:`Vm.set_user_memory_region`, :meth:`Vm.create_vcpu`,
 :meth:`Vm.get_dirty_log`, :meth:`Vm.clear_dirty_log`, :meth:`Vm.enable_cap`,
-:meth:`Vm.reset_dirty_rings`, plus :meth:`Vm.register_mmio`, :meth:`Vm.create_nested` and
+:meth:`Vm.reset_dirty_rings`, plus :meth:`Vm.track_dirty` (a dirty-page consumer of its own,
+:mod:`vmm.dirtytrack`), :meth:`Vm.register_mmio`, :meth:`Vm.create_nested` and
 :meth:`Vm.write_guest` (a device's write into guest memory, ``kvm_write_guest``).
 
 The work is done by two parts the VM owns: the :class:`~vmm.mmu.Mmu` (the stage-2 table, the
@@ -28,6 +29,7 @@ from .dirtylog import (
     DirtyLog,
     DirtyWriter,
 )
+from .dirtytrack import DirtyTracker, start_tracking, stop_tracking
 from .errors import DirtyLogError, GuestMemoryFault, MemslotError, MmioError, VmmError
 from .iova_bitmap import IovaBitmap
 from .memory import Backing
@@ -235,6 +237,7 @@ class Vm:
         self.mmu.zap(slot, slot.gpa, slot.size)
         drop_rmaps(slot)
         slot.dirty_bitmap = None
+        stop_tracking(slot)
         self.memslots.remove(slot)
 
     def _move_slot(self, slot: Memslot, gpa: int) -> None:
@@ -362,6 +365,12 @@ class Vm:
     def export_dirty(self, slot: int) -> IovaBitmap:
         """Harvest the slot's dirty pages in vfio's IOVA-bitmap format."""
         return self.dirty.export(self.memslot(slot))
+
+    def track_dirty(self, slot: int) -> DirtyTracker:
+        """A new consumer of ``slot``'s written pages, independent of KVM's log and of the
+        other consumers: ``tracker.harvest()`` returns the pages written since its last
+        harvest (see :mod:`vmm.dirtytrack`); ``tracker.close()`` when done."""
+        return start_tracking(self.memslot(slot), self.mmu)
 
     def harvest_dirty_rings(self) -> dict[int, IovaBitmap]:
         """Harvest and reset every vCPU's ring; IOVA bitmaps per memslot."""

@@ -8,6 +8,9 @@ the Doorbell register and waits for the partner to ring back, ``--count`` times 
 other side rings back on every interrupt, finishes after the same number of rounds and
 prints ``ping: answered N rings from peer P``. ``--partner ID`` plays with that peer
 instead (no directory; the lower id serves), e.g. a peer that is not a ``ping`` peer.
+``--write BYTES`` writes that many bytes into the pair's own region (through the vCPU)
+before every ring: the data a doorbell publishes, for measuring what that costs (a memory
+log's report, :mod:`peers.bench_memlog`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ class PingPlugin(Plugin):
             help="unmeasured round trips first (default 200)",
         )
         group.add_argument(
+            "--write",
+            type=int,
+            default=0,
+            metavar="BYTES",
+            help="bytes written into the pair's region before every ring (default 0)",
+        )
+        group.add_argument(
             "--partner",
             type=int,
             default=None,
@@ -69,6 +79,10 @@ class PingPlugin(Plugin):
             return f"--warmup must not be negative, got {options.warmup}"
         if options.partner is not None and not 0 <= options.partner <= MAX_PEER_ID:
             return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.partner}"
+        if options.write < 0:
+            return f"--write must not be negative, got {options.write}"
+        if options.write and options.partner is not None:
+            return "--write needs a pair's region: pair through the directory (no --partner)"
         return None
 
     @classmethod
@@ -85,9 +99,12 @@ class PingPlugin(Plugin):
         self.reply_owed = False
         self.partner = -1
         self.serving = False
+        #: what is written before every ring, and where (the pair's region)
+        self.payload = bytes(self.options.write)
+        self.data_gpa = guest.shm_gpa
         me = guest.peer_id
         if self.options.partner is None:
-            guest.find_partner()
+            guest.find_partner(size=self.options.write)
             return
         if self.options.partner == me:
             guest.fail(f"ping: peer {me} cannot play with itself")
@@ -97,6 +114,8 @@ class PingPlugin(Plugin):
             self._serve()
 
     def paired(self, pair: Pair) -> None:
+        if pair.region is not None:
+            self.data_gpa += pair.region.offset
         self._play(pair.partner, serving=pair.leader)
         if self.serving:
             self._serve()
@@ -108,10 +127,17 @@ class PingPlugin(Plugin):
         self.guest.log(f"ping: {role} peer {partner}")
         self.guest.waiting(f"answers from peer {partner}" if serving else f"peer {partner} to ring")
 
+    def _ring(self) -> None:
+        """Ring the partner, after writing the payload (if any) through the vCPU."""
+        guest = self.guest
+        assert guest is not None
+        if self.payload:
+            guest.vcpu.write(self.data_gpa, self.payload)
+        guest.ring(self.partner, 0)
+
     def _serve(self) -> None:
-        assert self.guest is not None
         self.t0 = time.perf_counter_ns()
-        self.guest.ring(self.partner, 0)
+        self._ring()
 
     def peer_joined(self, peer_id: int) -> None:
         if peer_id != self.partner or self.guest is None or self.options.partner is None:
@@ -120,7 +146,7 @@ class PingPlugin(Plugin):
             self._serve()
         elif self.reply_owed:
             self.reply_owed = False
-            self.guest.ring(self.partner, 0)
+            self._ring()
 
     def peer_left(self, peer_id: int) -> None:
         if peer_id == self.partner and self.guest is not None:
@@ -142,10 +168,10 @@ class PingPlugin(Plugin):
             if not self.done_rounds % PROGRESS_EVERY:
                 guest.progress(self.done_rounds, self.rounds, "round trips")
             self.t0 = time.perf_counter_ns()
-            guest.ring(self.partner, 0)
+            self._ring()
         else:
             if guest.device.connected_vectors(self.partner):
-                guest.ring(self.partner, 0)
+                self._ring()
             else:  # its join notice is not processed yet: answer once it is
                 self.reply_owed = True
             if self.done_rounds >= self.rounds:

@@ -20,6 +20,7 @@ import pytest
         ("ivshmemd.bench_hostile", ["slow-reader", "--seconds", "nan"], "finite number"),
         ("ivshmemd.bench_hostile", ["control-flood", "--clients", "0"], "must be positive"),
         ("peers.bench_ping", ["--count", "0"], "must be positive"),
+        ("peers.bench_memlog", ["--write", "0"], "must be positive"),
         ("peers.bench", ["ring", "--bytes", "xx"], "invalid size"),
         ("vmm.bench", ["pagetable", "-b", "garbage"], "invalid size"),
         ("vmm.bench", ["pagetable", "-s", "floppy"], "invalid choice"),

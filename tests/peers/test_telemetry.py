@@ -6,7 +6,7 @@ import os
 
 from peers.client import ring_eventfd, vector_handler
 from peers.telemetry import DirtyHeat, PeerCounters
-from vmm import KVM_MEM_LOG_DIRTY_PAGES, Backing, Vm
+from vmm import KVM_CAP_DIRTY_LOG_RING, KVM_MEM_LOG_DIRTY_PAGES, Backing, Vm
 
 SLOT, GPA, SIZE = 1, 0x1_0000_0000, 1 << 20
 
@@ -46,8 +46,8 @@ def test_plugin_counters_are_bounded() -> None:
 def test_dirty_heat_counts_the_pages_written_per_region_between_harvests() -> None:
     vm, vcpu = _vm()
     heat = DirtyHeat(vm, SLOT, SIZE)
-    heat.harvest()  # starts logging: it owns the log now
-    assert heat.owned and vm.memslot(SLOT).logging
+    heat.harvest()  # starts its tracker
+    assert heat.tracker is not None and not vm.memslot(SLOT).logging  # KVM's log stays off
     vcpu.write(GPA, b"x" * 3 * 4096)  # pages 0-2: region 0 (4 pages per region)
     vcpu.write(GPA + SIZE - 4096, b"y")  # the last page: the last region
     heat.harvest()
@@ -55,15 +55,34 @@ def test_dirty_heat_counts_the_pages_written_per_region_between_harvests() -> No
     vcpu.write(GPA, b"z")  # written again after the harvest re-protected it: seen again
     heat.harvest()
     assert heat.totals[0] == 4
+    heat.close()
 
 
-def test_dirty_heat_only_reads_a_log_the_plugin_owns() -> None:
+def test_dirty_heat_leaves_the_plugins_log_alone() -> None:
     vm, vcpu = _vm()
     vm.set_user_memory_region(SLOT, KVM_MEM_LOG_DIRTY_PAGES, GPA, SIZE)
     heat = DirtyHeat(vm, SLOT, SIZE)
+    heat.harvest()
     vcpu.write(GPA + 8 * 4096, b"a")
+    assert int(vm.get_dirty_log(SLOT)[0]) == 1 << 8  # the plugin harvests (and clears) first
     heat.harvest()
     heat.harvest()  # nothing new
-    assert not heat.owned and int(heat.totals.sum()) == 1
-    # the plugin's log is untouched: its page is still dirty for the plugin to harvest
-    assert int(vm.get_dirty_log(SLOT)[0]) == 1 << 8
+    assert int(heat.totals.sum()) == 1
+    vcpu.write(GPA + 9 * 4096, b"b")
+    heat.harvest()
+    # the plugin's log is untouched: its page is dirty for the plugin to harvest
+    assert int(vm.get_dirty_log(SLOT)[0]) == 1 << 9
+    assert int(heat.totals.sum()) == 2
+
+
+def test_dirty_heat_works_beside_dirty_rings() -> None:
+    vm = Vm()
+    vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 4096)
+    vm.set_user_memory_region(SLOT, KVM_MEM_LOG_DIRTY_PAGES, GPA, SIZE, Backing.anonymous(SIZE))
+    vcpu = vm.create_vcpu(0)
+    heat = DirtyHeat(vm, SLOT, SIZE)
+    heat.harvest()
+    vcpu.write(GPA + 5 * 4096, b"a")
+    heat.harvest()
+    assert heat.usable and int(heat.totals.sum()) == 1
+    assert vm.harvest_dirty_rings()[SLOT].dirty_pages().tolist() == [5]  # the ring has it too
