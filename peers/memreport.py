@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Final
 from ivshmemd.memlog import encode_dirty, encode_hello, memlog_path
 
 from .client import ring_eventfd
+from .shmdir import DIRECTORY_SIZE
 
 if TYPE_CHECKING:
     from vmm import Vm
@@ -87,7 +88,9 @@ class MemReporter:
             timeval = struct.pack("@ll", seconds, int((SEND_TIMEOUT - seconds) * 1e6))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             sock.connect(path)
-            sock.send(encode_hello(peer_id, PAGE_SIZE, shm_size // PAGE_SIZE))
+            # the directory rests on this host's record locks: never replicated
+            local = ((shm_size - DIRECTORY_SIZE, DIRECTORY_SIZE),)
+            sock.send(encode_hello(peer_id, PAGE_SIZE, shm_size // PAGE_SIZE, local))
         except OSError as exc:
             sock.close()
             if exc.errno not in _ABSENT:

@@ -138,7 +138,8 @@ async def test_every_write_path_is_reported_before_its_doorbell_lands(
                 conn = await accept(listener)
                 try:
                     hello = decode(await receive(conn))
-                    assert hello == MemlogHello(peer.peer_id, 4096, NPAGES)
+                    directory = ((NPAGES - 1) * 4096, 4096)  # host-local: never replicated
+                    assert hello == MemlogHello(peer.peer_id, 4096, NPAGES, (directory,))
                     back = await joined(me, peer.peer_id)
                     for path, _pages, expected in SCRIPT:
                         await rung(me.own_vectors[0])
