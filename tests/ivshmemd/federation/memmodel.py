@@ -64,8 +64,8 @@ class Write:
     diff: int | None = None
 
     def __repr__(self) -> str:
-        stamp = "unshipped" if self.stamp is None else f"stamp {self.stamp}"
-        return f"write {self.tag} on host {self.host} of [{self.start}, {self.stop}) ({stamp})"
+        stamp = "" if self.stamp is None else f" (stamp {self.stamp})"
+        return f"write {self.tag} on host {self.host} of [{self.start}, {self.stop}){stamp}"
 
 
 @dataclass(frozen=True)
