@@ -48,8 +48,8 @@ from .membership import (
 )
 from .memlogs import MemoryLogs
 from .relay import DoorbellRelay
-from .replica import Replica, ReplicaError
-from .schema import Diff, RegionRequest
+from .replica import Replica
+from .replication import Replication
 from .transport import DEFAULT_MAX_BACKLOG_BYTES, Transport
 from .twin import PAGE_SIZE, Twin
 from .zap import ZapAuthenticator
@@ -136,13 +136,12 @@ class Federation:
         # -- memory replication (issue 13; None with --federation-memory off)
         self.region = region if config.memory else None
         self.replica: Replica[Deliver] | None = None
+        self.replication: Replication | None = None
         self.memlogs: MemoryLogs | None = None
         #: local peers' pids (a memory log counts only from the peer's own process)
         self._pids: dict[int, int] = {}
         #: set once this host holds the region (at once unless it joins a federation)
         self.memory_ready = trio.Event()
-        #: members that answered our region request without one (they hold none either)
-        self._no_region: set[str] = set()
         self._scan_from = 0
 
     # -- the server's calls ----------------------------------------------------------------
@@ -279,7 +278,7 @@ class Federation:
             )
             for peer_id, vectors in self.relay.local_peers().items():
                 machine.local_peer_joined(peer_id, vectors)
-            self._start_memory(local.identity)
+            self._start_memory(machine)
             async with trio.open_nursery() as nursery:
                 if zap is not None:
                     nursery.start_soon(zap.serve)
@@ -369,14 +368,12 @@ class Federation:
         if machine is None or transport is None:
             return
         rings = self.relay.drain()
-        replica = self.replica
-        if replica is not None and rings:
+        replication = self.replication
+        if replication is not None and rings:
             self._flush(None, everything=True)  # what was written before the rings first
         for member, peer_id, vector, count in rings:
-            if replica is not None:
-                after = replica.after_for(member)
-                if after is not None:
-                    self._apply(machine.send_to(member, [after]))
+            if replication is not None:
+                self._apply(replication.before_ring(member))
             frame = machine.ring(member, peer_id, vector, count)
             if frame is not None and not transport.send(frame.link, frame.data):
                 self._overflowed.append(frame.link)
@@ -408,10 +405,10 @@ class Federation:
                         relay.deliver(action.peer_id, action.vector, action.count)
                 elif kind is Memory:
                     assert isinstance(action, Memory)
-                    self._on_memory(machine, action)
+                    self._on_memory(action)
                 elif kind is Stream:
                     assert isinstance(action, Stream)
-                    self._on_stream(machine, action)
+                    self._on_stream(action)
                 elif isinstance(action, RemoteJoined | RemoteLeft):
                     if self._held:
                         self._held.append(action)
@@ -442,13 +439,14 @@ class Federation:
 
     # -- memory replication ----------------------------------------------------------------
 
-    def _start_memory(self, identity: str) -> None:
+    def _start_memory(self, machine: Membership) -> None:
         config, region = self.config, self.region
         if region is None:
             self.memory_ready.set()
             return
         holder = config.holder if config.holder is not None else not config.peers
-        self.replica = Replica(identity, Twin(region), holder=holder)
+        self.replica = Replica(machine.local.identity, Twin(region), holder=holder)
+        self.replication = Replication(machine, self.replica)
         if config.memlog is not None:
             memlogs = MemoryLogs(
                 config.memlog, config.memlog_mode, config.memlog_gid, len(region) // PAGE_SIZE
@@ -461,26 +459,29 @@ class Federation:
             self.memory_ready.set()
 
     def _flush(self, scan: tuple[int, int] | None, *, everything: bool = False) -> None:
-        """Send this host's changes to every member: the pages our peers logged, plus the
-        pages ``[first, stop)`` of ``scan`` (the background flush's round), or, with
-        ``everything`` while a local peer does not log its writes, a scan of the whole
-        region (the QEMU path, before a ring leaves)."""
-        replica, machine = self.replica, self.membership
-        if replica is None or machine is None:
+        """Send this host's changes to every member (see :meth:`_pages`)."""
+        replication = self.replication
+        if replication is None or self.membership is None:
             return
-        memlogs = self.memlogs
+        self._apply(replication.flush(self._pages(scan, everything), trio.current_time()))
+
+    def _pages(
+        self, scan: tuple[int, int] | None, everything: bool = False
+    ) -> npt.NDArray[np.int64] | None:
+        """The pages to diff: those our peers logged, plus the pages ``[first, stop)`` of
+        ``scan`` (the background flush's round); or, with ``everything`` while a local peer
+        does not log its writes, None: a scan of the whole region (the QEMU path, before a
+        ring leaves)."""
+        memlogs, replica = self.memlogs, self.replica
+        if replica is None:
+            return None
         unlogged = memlogs is None or memlogs.unlogged(self.relay.local_peers())
-        logged = memlogs.take() if memlogs is not None else None
-        pages: npt.NDArray[np.int64] | None
+        pages = memlogs.take() if memlogs is not None else np.zeros(0, dtype=np.int64)
         if everything and unlogged:
-            pages = None
-        else:
-            pages = logged if logged is not None else np.zeros(0, dtype=np.int64)
-            if scan is not None:
-                pages = np.union1d(pages, replica.twin.changed_pages(*scan))
-        frames = replica.flush(pages, trio.current_time())
-        if frames:
-            self._apply(machine.broadcast(frames))
+            return None
+        if scan is not None:
+            pages = np.union1d(pages, replica.twin.changed_pages(*scan))
+        return pages
 
     async def _flush_loop(self) -> None:
         """The background flush: what was written without a doorbell reaches the other
@@ -499,51 +500,39 @@ class Federation:
                 for deliver in replica.expire(trio.current_time(), 2 * self.config.timeout):
                     self._deliver(deliver)
 
-    def _on_memory(self, machine: Membership, action: Memory) -> None:
-        replica = self.replica
-        if replica is None:  # the machine drops a member that sends these
+    def _on_memory(self, action: Memory) -> None:
+        replication = self.replication
+        if replication is None:  # the machine drops a member that sends these
             return
-        frame, member = action.frame, action.member
-        if isinstance(frame, Diff):
-            try:
-                released = replica.receive(member, frame, trio.current_time())
-            except ReplicaError as exc:
-                self._apply(machine.drop(trio.current_time(), member, str(exc)))
-                return
-            if frame.last and frame.flags & Diff.NOT_HOLDER:
-                self._no_region.add(member)
-            for deliver in released:
-                self._deliver(deliver)
-            if replica.holder and not self.memory_ready.is_set():
-                self.memory_ready.set()
-        elif isinstance(frame, RegionRequest):
-            self._flush(None, everything=True)  # our changes go to everyone as a diff first
-            self._apply(machine.send_to(member, replica.region(member)))
-        else:
-            replica.after(member, frame)
+        actions, released = replication.on_memory(
+            action, trio.current_time(), functools.partial(self._pages, None, True)
+        )
+        self._apply(actions)
+        for deliver in released:
+            self._deliver(deliver)
+        if replication.replica.holder and not self.memory_ready.is_set():
+            self.memory_ready.set()
 
-    def _on_stream(self, machine: Membership, action: Stream) -> None:
-        replica = self.replica
-        if replica is None:
+    def _on_stream(self, action: Stream) -> None:
+        replication = self.replication
+        if replication is None:
             return
-        if action.up:
-            replica.member_up(action.member)
-            if not action.intact:  # frames may have been lost: take its region
-                self._apply(machine.send_to(action.member, [RegionRequest("new session")]))
-        else:
-            for deliver in replica.member_gone(action.member):
-                self._deliver(deliver)
+        actions, released = replication.on_stream(action)
+        self._apply(actions)
+        for deliver in released:
+            self._deliver(deliver)
 
     async def _await_region(self, machine: Membership) -> None:
         """A joining daemon waits for a member's region; once no member that is up can give
         one (none is up after the timeout, or all answered that they hold none), it starts
         with its own."""
         await trio.sleep(self.config.timeout)
-        replica = self.replica
-        assert replica is not None
+        replication = self.replication
+        assert replication is not None
+        replica = replication.replica
         while not replica.holder:
             up = {m.identity for m in machine.members.values() if m.state.value == "up"}
-            if not up - self._no_region:
+            if not up - replication.no_region:
                 log.info(
                     "federation: no member holds the region%s; this daemon starts with its own",
                     "" if up else " (none is up)",

@@ -65,9 +65,9 @@ class Runs:
         within ``max_bytes`` (a frame's room), in order (a long run is cut too)."""
         if self.nbytes + RUN_OVERHEAD * len(self) <= max_bytes:
             return [self]
-        half = (max_bytes - RUN_OVERHEAD) // 2  # a chunk's data; two chunks' costs fit
+        half = (max_bytes - 2 * RUN_OVERHEAD) // 2  # a chunk's data; two chunks' costs fit
         if half < 1:
-            raise ValueError(f"{max_bytes} bytes cannot hold a run")
+            raise ValueError(f"{max_bytes} bytes cannot hold two runs")
         offsets, lengths = self.offsets, self.lengths
         pieces = -(-lengths // half)
         rep = np.repeat(np.arange(len(self)), pieces)
@@ -75,8 +75,9 @@ class Runs:
         within = np.arange(rep.shape[0]) - first[rep]
         chunk_offsets = offsets[rep] + within * half
         chunk_lengths = np.minimum(lengths[rep] - within * half, half)
-        # each chunk costs at most half + overhead; grouping by cumulative cost in steps of
-        # that keeps every group under twice it (its first chunk starts after the step before)
+        # each chunk costs at most step = half + overhead; grouping by cumulative cost in
+        # steps of that keeps every group under twice it (its first chunk ends in its step,
+        # so starts at most one step before), and twice a step fits ``max_bytes``
         step = half + RUN_OVERHEAD
         cost_ends = np.cumsum(chunk_lengths + RUN_OVERHEAD)
         group = (cost_ends - 1) // step
