@@ -66,3 +66,49 @@ async def test_a_qemu_vm_and_our_peer_on_two_hosts_see_what_the_other_wrote_at_i
             assert done["summary"] == f"mailbox: vector 0: {QEMU_PATTERN.decode()}"
         finally:
             await trio.to_thread.run_sync(vm.close)
+
+
+# -- the ring plugin, producer and consumer on two hosts -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("total", "message", "more", "consumer_host"),
+    [
+        # the figure: 100 MB in 64 KiB messages through the default 1 MiB ring
+        (100 << 20, 64 << 10, [], 1),
+        # a ring of two pages that wraps all the time, odd messages checksummed one by one
+        (300_007, 1001, ["--ring-size", "8K", "--checksum", "crc32"], 1),
+        # the same handshake between two peers of one host
+        (4 << 20, 64 << 10, [], 0),
+    ],
+    ids=["100MB-across-hosts", "small-wrapping-ring-across-hosts", "one-host"],
+)
+async def test_the_ring_plugin_with_its_partner_on_another_host_moves_every_byte_checksummed(
+    ivshmem_fabric: FabricFactory,
+    ivshmem_peers: PeerSpawner,
+    total: int,
+    message: int,
+    more: list[str],
+    consumer_host: int,
+) -> None:
+    async with ivshmem_fabric(2, vectors=2, size="2M") as daemons:
+        producer_id = first_ids(2)[0]
+        consumer_id = first_ids(2)[consumer_host] + (consumer_host == 0)
+        options = ["--bytes", str(total), "--message-size", str(message), *more]
+        a, consumer_daemon = daemons[0], daemons[consumer_host]
+        producer = await ivshmem_peers(a, "ring", [*options, "--partner", str(consumer_id)])
+        consumer = await ivshmem_peers(
+            consumer_daemon, "ring", [*options, "--partner", str(producer_id)]
+        )
+        assert (producer.peer_id, consumer.peer_id) == (producer_id, consumer_id)
+        messages = -(-total // message)
+        for peer, role in ((consumer, "consumer"), (producer, "producer")):
+            summary = await peer.wait_finished()
+            assert await peer.wait_exit() == 0, peer.describe()
+            (figures,) = peer.matching(event="ring")
+            assert figures["role"] == role
+            assert (figures["bytes"], figures["messages"]) == (total, messages)
+            assert figures["checksum_errors"] == 0
+            assert summary is not None and summary.startswith(
+                f"ring: {total} bytes in {messages} messages, 0 checksum errors, "
+            ), summary
