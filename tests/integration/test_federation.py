@@ -26,6 +26,7 @@ import zmq
 from ivshmemd.federation.keys import keygen
 from ivshmemd.federation.schema import Hello, encode_frame
 from ivshmemd.supervise import Child, DaemonProcess, daemon_process, open_supervisor
+from ivshmemd.supervise.daemon import DEFAULT_SIZE
 from ivshmemd.supervise.fabric import (
     MEMBER_UP,
     fabric_process,
@@ -441,14 +442,19 @@ async def proxied_host(
     name: str,
     ids: str,
     options: Sequence[str],
+    *,
+    proxy: TcpProxy | None = None,
+    size: str = DEFAULT_SIZE,
 ) -> AsyncIterator[tuple[DaemonProcess, TcpProxy]]:
-    """A daemon listening on TCP loopback behind a :class:`TcpProxy` it advertises: every
-    frame sent to it passes the proxy (captured; the link can be cut and healed)."""
-    proxy = TcpProxy()
+    """A daemon (``size`` bytes of shm) listening on TCP loopback behind a :class:`TcpProxy`
+    it advertises (``proxy``, or a new one): every frame sent to it passes the proxy
+    (captured; the link can be cut and healed)."""
+    proxy = proxy or TcpProxy()
     await nursery.start(proxy.run)
     args = ["--peer-ids", ids, "--federation-listen", "tcp://127.0.0.1:0",
             "--federation-advertise", proxy.endpoint, *options]  # fmt: skip
-    async with daemon_process(tmp_path, args=args, socket_path=str(tmp_path / f"{name}.sock")) as d:
+    socket_path = str(tmp_path / f"{name}.sock")
+    async with daemon_process(tmp_path, args=args, socket_path=socket_path, size=size) as d:
         (line,) = await d.wait_log(r"federation: .* listening on tcp://127\.0\.0\.1:\d+")
         proxy.target = int(line.rsplit(":", 1)[1].split()[0])
         yield d, proxy
