@@ -161,6 +161,8 @@ class GatedProxy(TcpProxy):
         self._forwarded = {}
 
     def drop(self) -> None:
+        """Close the held connections; the others forward freely again."""
+        self.limit = None
         for scope in self._holding:
             scope.cancel()
 
@@ -217,10 +219,9 @@ async def test_kill_9_of_the_writers_daemon_mid_diff_leaves_no_partial_diff_and_
     tmp_path: Path,
 ) -> None:
     a_end = f"ipc://{tmp_path}/a.fed"
-    common = ["--federation-timeout", MEMBER_TIMEOUT]
-    # no background flush on A: each round reaches the others as one diff, ahead of its rings
-    a_args = ["--peer-ids", "0-999", "--federation-listen", a_end, *common,
-              "--federation-flush", "3600"]  # fmt: skip
+    # no background flush: each write reaches the others as one diff, ahead of its ring
+    common = ["--federation-timeout", MEMBER_TIMEOUT, "--federation-flush", "3600"]
+    a_args = ["--peer-ids", "0-999", "--federation-listen", a_end, *common]
     joining = [*common, "--federation-peer", a_end]
     gates = {"b": GatedProxy(), "c": GatedProxy()}
     async with AsyncExitStack() as stack:
