@@ -46,6 +46,23 @@ leaves the two copies, two checksum passes and little interpreter work; what bou
 throughput then is the copy across cores (the consumer's core must fetch every line the
 producer's core wrote, and the producer must take the line back to write it again).
 
+Across hosts (``--partner ID``): the shared-memory directory is host-local, so a partner on
+another host of a federation is named by its id instead. The lower id produces and the ring
+is at offset 0 of the shared memory (one such pair per shared memory). Each host has its own
+copy of the memory, and the federation promises release consistency at doorbells only: what
+a side wrote before it rang is in the other side's copy when the interrupt arrives; what it
+writes without a doorbell arrives eventually, in no particular order (a later ``head`` may
+arrive before the records it covers). Event suppression cannot work on that: it reads the
+other side's index and event index between doorbells, gets stale values and both sides
+sleep, or a torn one and the consumer reads records that are not there yet. So the pair
+hands the indices over with doorbells, one publication at a time (the handshake): the
+producer publishes ``head`` and rings only once the consumer has released everything
+published before; the consumer reads ``head`` once per doorbell of the producer's, verifies
+and releases up to it, and rings back when it has released all of it. The producer keeps
+writing records into the free space meanwhile, and may read ``tail`` at any time (a tail
+value, however early it arrives, was written after the consumer was done with those bytes).
+That is a doorbell each way per publication; on one host it works too.
+
 Everything happens in the ``paired`` and ``interrupt`` hooks. A handler does at most
 one ring's worth of work, then rings its own doorbell to continue, so signals and the
 other events are never held up for long.
@@ -57,6 +74,8 @@ released all of them. The consumer reads the header on the producer's first door
 verifies every record, and finishes with ``ring: N bytes in M messages, E checksum
 errors, X MB/s, Y messages/s`` (the authoritative figure: from the producer's first
 message to the last byte verified); any checksum error makes it fail (exit status 1).
+With ``--partner``, the consumer sets up at once and rings the producer once it knows it;
+the producer begins on that doorbell.
 ``--corrupt-every N`` (a test aid) makes the producer flip one payload byte in every Nth
 message after checksumming it. Both sides fault the shared memory in (one bulk read touch)
 before they start, as a driver sets up its ring memory, so the clock measures the steady
@@ -74,9 +93,10 @@ from typing import Final
 import numpy as np
 
 from ivshmemd.argtypes import size
+from ivshmemd.protocol import MAX_PEER_ID
 
 from ..plugin import Guest, Pair, Plugin
-from ..shmdir import DIRECTORY_SIZE
+from ..shmdir import DIRECTORY_SIZE, Region
 from .ringformat import (
     CHECKSUM_NAMES,
     CHECKSUMS,
@@ -125,6 +145,8 @@ PUBLISHES_PER_BATCH: Final = 4
 CORRUPTION: Final = 0x5A
 #: The vector each side rings its own doorbell on, to continue after yielding.
 SELF_VECTOR: Final = 0
+#: With ``--partner``, the consumer tells the producer it is ready on this vector.
+READY_VECTOR: Final = 0
 #: The producer rings the consumer on this vector.
 CONSUMER_VECTOR: Final = 0
 #: The consumer rings the producer on this vector when the producer's device has it (the
@@ -183,6 +205,16 @@ class RingPlugin(Plugin):
             default="sum64",
             help="payload checksum the producer uses (default sum64)",
         )
+        group.add_argument(
+            "--partner",
+            type=int,
+            default=None,
+            metavar="ID",
+            help="the peer to pair with, by id, on this host or on another host of a "
+            "federation (instead of a partner found through the host-local shared-memory "
+            "directory): the lower id produces, the ring is at offset 0 of the shared memory, "
+            "and the indices are handed over with doorbells (no event suppression)",
+        )
         group.add_argument("--corrupt-every", type=int, default=0, metavar="N",
                            help="test aid: the producer corrupts every Nth message after "
                            "checksumming it (default 0: never)")  # fmt: skip
@@ -205,7 +237,13 @@ class RingPlugin(Plugin):
                 )
         if options.corrupt_every < 0:
             return f"--corrupt-every must not be negative, got {options.corrupt_every}"
+        if options.partner is not None and not 0 <= options.partner <= MAX_PEER_ID:
+            return f"--partner must be a peer id 0..{MAX_PEER_ID}, got {options.partner}"
         return None
+
+    @classmethod
+    def pairs(cls, options: argparse.Namespace) -> bool:
+        return options.partner is None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -226,6 +264,12 @@ class RingPlugin(Plugin):
         # ring indices as this side last wrote or saw them (free-running byte counts)
         self.head = self.tail = 0
         self.checked = 0  # our own index when we last looked at the partner's event index
+        # ``--partner``: the partner may be on another host, whose copy of our writes is
+        # only sure at our doorbells: indices are handed over with doorbells (see the module
+        # docstring), never polled
+        self.handshake = options.partner is not None
+        self.partner_ready = False  # producer, with --partner: the consumer rang, it is set up
+        self.acknowledged = False  # consumer, handshake: it handed everything back; it waits
 
     @staticmethod
     def ring_size_for(options: argparse.Namespace, shm_size: int) -> int:
@@ -241,7 +285,42 @@ class RingPlugin(Plugin):
         super().start(guest)
         guest.enable_msix()
         self.me = guest.peer_id
-        guest.find_partner(size=HEADER_SIZE + self.ring_size_for(self.options, guest.shm_size))
+        region_size = HEADER_SIZE + self.ring_size_for(self.options, guest.shm_size)
+        partner = self.options.partner
+        if partner is None:
+            guest.find_partner(size=region_size)
+            return
+        if partner == self.me:
+            self._fail(f"ring: peer {self.me} cannot pair with itself")
+            return
+        room = guest.shm_size - DIRECTORY_SIZE
+        if region_size > room:
+            self._fail(
+                f"ring: a {region_size}-byte ring region does not fit in the {room} bytes of "
+                "the shared memory below its directory page; use a larger shared memory "
+                "(ivshmemd -l) or a smaller --ring-size"
+            )
+            return
+        # The pair is agreed by the ids alone, with the region at offset 0 (the directory
+        # is host-local: a partner on another host is not in it). The consumer sets up now
+        # and tells the producer it is ready with a doorbell, once it knows the producer.
+        leader = self.me < partner
+        region = Region("ring", 0, region_size, min(self.me, partner))
+        self.paired(Pair("ring", partner, leader, region))
+        if not leader and partner in guest.peers():
+            guest.ring(partner, READY_VECTOR)
+
+    def peer_joined(self, peer_id: int) -> None:
+        """With ``--partner``: the consumer says it is ready once the producer is known; the
+        producer begins once the consumer has said so and is known (its join notice and its
+        doorbell arrive by different ways)."""
+        guest = self.guest
+        if guest is None or self.done or not self.handshake or peer_id != self.partner:
+            return
+        if not self.producing:
+            guest.ring(peer_id, READY_VECTOR)
+        elif self.partner_ready and not self.started:
+            self._begin()
 
     def paired(self, pair: Pair) -> None:
         guest = self.guest
@@ -259,7 +338,8 @@ class RingPlugin(Plugin):
             self._setup_producer(guest)
             if not self.done:
                 guest.waiting(f"peer {self.partner} to release the ring")
-                self._begin()
+                if not self.handshake:  # a partner found in the directory is set up
+                    self._begin()
         else:
             guest.log(f"ring: consuming from peer {self.partner}")
             guest.waiting(f"peer {self.partner}'s first records")
@@ -384,6 +464,8 @@ class RingPlugin(Plugin):
             return free
         if self.head != self.checked:
             self._publish(last=False)
+        if self.handshake:
+            return None  # the consumer hands the ring back with a doorbell
         want = producer_wake_tail(self.head, ring, self.batch, rec)
         self._write_index(self.tail_event_gpa, want)
         full_fence()
@@ -441,8 +523,18 @@ class RingPlugin(Plugin):
     def _publish(self, *, last: bool) -> None:
         """Publish ``head`` (the records before it are complete), fence, and ring the
         consumer if this publication moved head past the value it waits on, or if it is
-        the ``last`` one."""
+        the ``last`` one. In the handshake, only once the consumer has handed back all that
+        was published before (see the module docstring); else its release rings us, and we
+        publish then."""
         assert self.guest is not None
+        if self.handshake:
+            self.tail = self._read_index(self.tail_gpa)
+            if self.tail != self.checked:
+                return
+            self._write_index(self.head_gpa, self.head)
+            self.guest.ring(self.partner, CONSUMER_VECTOR)
+            self.checked = self.head
+            return
         self._write_index(self.head_gpa, self.head)
         full_fence()
         event = self._read_index(self.head_event_gpa)
@@ -462,8 +554,10 @@ class RingPlugin(Plugin):
         assert self.guest is not None
         if self.done:
             return
+        if self.head != self.checked:  # the handshake had to wait to publish the last records
+            self._publish(last=True)
         tail = self._read_index(self.tail_gpa)
-        if tail != self.head:
+        if tail != self.head and not self.handshake:
             self._write_index(self.tail_event_gpa, self.head)
             full_fence()
             tail = self._read_index(self.tail_gpa)
@@ -552,9 +646,16 @@ class RingPlugin(Plugin):
 
     def _published(self) -> bool:
         """Whether there is something to read; with nothing, ask for a doorbell once a
-        batch is published (head past the wake value), fence, and look again."""
+        batch is published (head past the wake value), fence, and look again. In the
+        handshake, ``head`` is read only at the first look after a doorbell of the
+        producer's (what it wrote later may reach this host torn)."""
         if self.head != self.tail:
             return True
+        if self.handshake:  # head is read once per doorbell of the producer's
+            if self.acknowledged:
+                return False
+            self.head = self._read_index(self.head_gpa)
+            return self.head != self.tail
         self.head = self._read_index(self.head_gpa)
         if self.head != self.tail:
             return True
@@ -591,10 +692,16 @@ class RingPlugin(Plugin):
 
     def _release(self, size: int) -> None:
         """Release ``size`` bytes (publish ``tail``), fence, and ring the producer if it
-        waits for this much."""
+        waits for this much (in the handshake: once all it published is released)."""
         assert self.guest is not None
         self.tail += size
         self._write_index(self.tail_gpa, self.tail)
+        if self.handshake:
+            if self.tail == self.head:  # all it published: hand the ring back
+                self.acknowledged = True
+                self.guest.ring(self.partner, self._partner_vector())
+            self.checked = self.tail
+            return
         full_fence()
         event = self._read_index(self.tail_event_gpa)
         if tail_event_reached(self.checked, event, self.tail):
@@ -614,11 +721,14 @@ class RingPlugin(Plugin):
         if self.producing:
             if self.started:
                 self._producer_event()
-            else:  # the consumer is ready
-                self._begin()
+            elif not self.handshake or self.partner in self.guest.peers():
+                self._begin()  # the consumer is ready
+            else:  # ready, but its join notice is still on its way: peer_joined begins
+                self.partner_ready = True
             return
         if not self.started and not self._attach():
             return
+        self.acknowledged = False  # the producer's doorbell: head may be read again
         self._consume()
         self.guest.progress(self.moved, self.total, "bytes")
 

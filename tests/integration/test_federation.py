@@ -26,6 +26,7 @@ import zmq
 from ivshmemd.federation.keys import keygen
 from ivshmemd.federation.schema import Hello, encode_frame
 from ivshmemd.supervise import Child, DaemonProcess, daemon_process, open_supervisor
+from ivshmemd.supervise.daemon import DEFAULT_SIZE
 from ivshmemd.supervise.fabric import (
     MEMBER_UP,
     fabric_process,
@@ -34,6 +35,7 @@ from ivshmemd.supervise.fabric import (
     federation_pid,
     host_id_ranges,
 )
+from peers.harness import PeerProcess
 from peers.pytest_plugin import FabricFactory, PeerSpawner
 from peers.qtest import QEMU_BINARY, QemuIvshmemVm, qemu_available
 from tests.ivshmemd.federation.proxy import TcpProxy
@@ -402,6 +404,17 @@ pytestmark_qemu = pytest.mark.skipif(
 )
 
 
+async def qemu_rings_until_finished(vm: QemuIvshmemVm, peer: PeerProcess) -> dict[str, Any]:
+    """QEMU rings ``peer``'s vector 0 until the peer reports it finished (QEMU learns of a
+    peer asynchronously and drops doorbells to peers it does not know yet); that event."""
+    assert peer.peer_id is not None
+    for _attempt in range(100):
+        await trio.to_thread.run_sync(vm.ring, peer.peer_id, 0)
+        with trio.move_on_after(0.2):
+            return await peer.wait_event(event="finished")
+    raise AssertionError(f"our peer never got QEMU's doorbell: {peer.events}")
+
+
 @pytestmark_qemu
 async def test_a_qemu_vm_on_one_host_and_our_peer_on_another_ring_each_other(
     tmp_path: Path, ivshmem_peers: PeerSpawner
@@ -420,15 +433,8 @@ async def test_a_qemu_vm_on_one_host_and_our_peer_on_another_ring_each_other(
             # our ring crossed to host A and reached QEMU's vector 1 (and only it)
             await trio.to_thread.run_sync(vm.wait_msix_pending, 1)
             assert not await trio.to_thread.run_sync(vm.msix_pending, 0)
-            # QEMU rings our peer on host B: it learns of it asynchronously, so ring until
-            # the plugin reports the interrupt
-            for _attempt in range(100):
-                await trio.to_thread.run_sync(vm.ring, peer_id, 0)
-                with trio.move_on_after(0.2):
-                    done = await peer.wait_event(event="finished")
-                    break
-            else:
-                raise AssertionError(f"our peer never got QEMU's doorbell: {peer.events}")
+            # QEMU rings our peer on host B
+            done = await qemu_rings_until_finished(vm, peer)
             assert done["ok"] and done["summary"] == "mailbox: vector 0: "
         finally:
             await trio.to_thread.run_sync(vm.close)
@@ -441,14 +447,19 @@ async def proxied_host(
     name: str,
     ids: str,
     options: Sequence[str],
+    *,
+    proxy: TcpProxy | None = None,
+    size: str = DEFAULT_SIZE,
 ) -> AsyncIterator[tuple[DaemonProcess, TcpProxy]]:
-    """A daemon listening on TCP loopback behind a :class:`TcpProxy` it advertises: every
-    frame sent to it passes the proxy (captured; the link can be cut and healed)."""
-    proxy = TcpProxy()
+    """A daemon (``size`` bytes of shm) listening on TCP loopback behind a :class:`TcpProxy`
+    it advertises (``proxy``, or a new one): every frame sent to it passes the proxy
+    (captured; the link can be cut and healed)."""
+    proxy = proxy or TcpProxy()
     await nursery.start(proxy.run)
     args = ["--peer-ids", ids, "--federation-listen", "tcp://127.0.0.1:0",
             "--federation-advertise", proxy.endpoint, *options]  # fmt: skip
-    async with daemon_process(tmp_path, args=args, socket_path=str(tmp_path / f"{name}.sock")) as d:
+    socket_path = str(tmp_path / f"{name}.sock")
+    async with daemon_process(tmp_path, args=args, socket_path=socket_path, size=size) as d:
         (line,) = await d.wait_log(r"federation: .* listening on tcp://127\.0\.0\.1:\d+")
         proxy.target = int(line.rsplit(":", 1)[1].split()[0])
         yield d, proxy

@@ -139,7 +139,7 @@ BAD_OPTIONS = [
     (["--bytes", "12Q"], "unknown suffix"),
     (["--checksum", "md5"], "invalid choice"),
     (["--corrupt-every", "-1"], "--corrupt-every must not be negative"),
-    (["--partner", "1"], "unrecognized arguments: --partner 1"),  # pairs by the directory
+    (["--partner", "-1"], "--partner must be a peer id 0..65535, got -1"),
 ]
 
 
