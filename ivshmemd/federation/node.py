@@ -370,6 +370,8 @@ class Federation:
         rings = self.relay.drain()
         replication = self.replication
         if replication is not None and rings:
+            if self.memlogs is not None:  # a report queued before a ring just drained
+                self.memlogs.read()
             self._flush(None, everything=True)  # what was written before the rings first
         for member, peer_id, vector, count in rings:
             if replication is not None:

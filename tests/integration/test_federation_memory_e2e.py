@@ -167,7 +167,11 @@ class GatedProxy(TcpProxy):
             scope.cancel()
 
     async def _pump(
-        self, source: trio.SocketStream, sink: trio.SocketStream, done: trio.CancelScope
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        done: trio.CancelScope,
+        inbound: bool = False,
     ) -> None:
         key = id(source)
         try:
