@@ -459,6 +459,10 @@ class Federation:
         if replica is None or machine is None:
             return
         memlogs = self.memlogs
+        if memlogs is not None:
+            # the reports queued before the rings just drained (a peer queues its report,
+            # then writes the eventfd): they may have come after this round's wakeup read
+            memlogs.read()
         if memlogs is None or memlogs.unlogged(self.relay.local_peers()):
             pages = None
         else:
