@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .schema import DIFF_PART_BYTES, After, Diff
-from .twin import SLICED_RUNS, Runs, Twin, run_index
+from .twin import Runs, Twin
 
 __all__ = ["RECENT_WINDOW", "Replica", "ReplicaError", "Stamp"]
 
@@ -139,6 +139,8 @@ class Replica(Generic[T]):
         self.live: set[str] = set()
         #: diffs applied or sent lately, to resolve concurrent writes to the same bytes
         self.recent: deque[_Recent] = deque()
+        #: the greatest stamp ever remembered (a diff stamped above it has nothing later)
+        self._newest: Stamp = (0, "")
         self._staging: dict[str, _Staging] = {}
         self._required: dict[str, dict[str, int]] = {}
         self._held: dict[str, deque[_Held[T]]] = {}
@@ -266,24 +268,20 @@ class Replica(Generic[T]):
     def _write(self, runs: Runs, stamp: Stamp) -> None:
         """Write ``runs`` here, but not over a byte this host has not shipped yet, nor over
         one a diff with a greater stamp wrote."""
-        twin = self.twin
-        later = [entry for entry in self.recent if entry.stamp > stamp]
-        if not later and len(runs) <= SLICED_RUNS and not twin.unshipped_runs(runs):
-            self.stats["bytes_applied"] += twin.apply(runs)  # the usual case, in slices
-            return
-        index = run_index(runs.offsets, runs.lengths)
-        keep = twin.unshipped(index)
-        for entry in later:
-            keep |= _inside(index, entry)
-        kept = int(np.count_nonzero(keep))
+        if stamp > self._newest:  # the usual case: nothing remembered is later
+            later = []
+        else:
+            later = [(e.starts, e.ends) for e in self.recent if e.stamp > stamp]
+        written, kept = self.twin.merge(runs, later)
         self.stats["bytes_kept"] += kept
-        self.stats["bytes_applied"] += twin.apply_at(index, runs.data, keep if kept else None)
+        self.stats["bytes_applied"] += written
 
     def _remember(self, stamp: Stamp, runs: Runs, now: float) -> None:
         recent = self.recent
         while recent and (now - recent[0].at > RECENT_WINDOW or len(recent) >= RECENT_MAX):
             recent.popleft()
         recent.append(_Recent(stamp, runs.offsets, runs.offsets + runs.lengths, now))
+        self._newest = max(self._newest, stamp)
 
     # -- rings and what they wait for --------------------------------------------------------
 
@@ -335,14 +333,6 @@ class Replica(Generic[T]):
     def held(self) -> int:
         """Rings held now."""
         return sum(len(queue) for queue in self._held.values())
-
-
-def _inside(index: I64, entry: _Recent) -> npt.NDArray[np.bool_]:
-    """Which of the byte indices ``index`` lie in ``entry``'s runs."""
-    at = np.searchsorted(entry.starts, index, side="right") - 1
-    inside = at >= 0
-    clipped = np.maximum(at, 0)
-    return inside & (index < entry.ends[clipped])
 
 
 def _join(parts: Iterable[Runs]) -> Runs:
