@@ -150,7 +150,7 @@ class RawPeer:
                 return time.monotonic()
 
 
-def eventfd_wait(fd: int, poller: select.poll) -> int:
+def _eventfd_wait(fd: int, poller: select.poll) -> int:
     while True:
         try:
             return os.eventfd_read(fd)
@@ -189,7 +189,7 @@ def _ping(args: argparse.Namespace) -> None:
                 for _ in range(n):
                     start = clock()
                     os.eventfd_write(out, 1)
-                    eventfd_wait(own, poller)
+                    _eventfd_wait(own, poller)
                     samples.append((clock() - start) * 1e6)
             emit("rtt", kind=request["kind"], samples=samples)
         elif cmd == "flood":

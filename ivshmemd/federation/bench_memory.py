@@ -65,7 +65,7 @@ import zmq
 from ivshmemd.argtypes import positive_int, positive_size, seconds
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK
 from ivshmemd.memlog import encode_dirty, encode_hello, memlog_path
-from ivshmemd.protocol import ProtocolError
+from ivshmemd.protocol import PeerLeft, ProtocolError
 from ivshmemd.sizes import round_shm_size
 
 from .bench_fabric import (
@@ -74,7 +74,6 @@ from .bench_fabric import (
     Host,
     RawPeer,
     emit,
-    eventfd_wait,
     fabric,
     federation_status,
     id_range,
@@ -174,6 +173,34 @@ class _Memory:
         self.map.close()
 
 
+class _Rung:
+    """Waits for a ring on our own eventfd, watching the daemon's socket meanwhile: if the
+    peer we ring leaves (its daemon was declared dead: see the daemons' logs), no answer
+    will come, and the measurement stops with one line instead of waiting forever."""
+
+    def __init__(self, peer: RawPeer, own: int, target: int) -> None:
+        self.peer, self.own, self.target = peer, own, target
+        self.poller = select.poll()
+        self.poller.register(own, select.POLLIN)
+        self.poller.register(peer.sock.fileno(), select.POLLIN)
+
+    def wait(self) -> int:
+        """The count read from our eventfd."""
+        while True:
+            try:
+                return os.eventfd_read(self.own)
+            except BlockingIOError:
+                pass
+            for fd, _ in self.poller.poll():
+                if fd == self.peer.sock.fileno():
+                    event = self.peer.read_one()
+                    if isinstance(event, PeerLeft) and event.peer_id == self.target:
+                        raise SystemExit(
+                            f"bench peer: peer {self.target} left in the middle of a "
+                            "measurement (its daemon's link broke: see the daemons' logs)"
+                        )
+
+
 def _ping(args: argparse.Namespace) -> None:
     """Host A's client: round trips, streams and raw zmq floods on request (JSON lines)."""
     peer = RawPeer(args.socket)
@@ -185,8 +212,7 @@ def _ping(args: argparse.Namespace) -> None:
     dealer.sndhwm = ZMQ_HWM
     dealer.connect(args.zmq)
     own, out = peer.own[PING_VECTOR], peer.peers[target][PING_VECTOR]
-    poller = select.poll()
-    poller.register(own, select.POLLIN)
+    rung = _Rung(peer, own, target)
     patterns = _patterns(max(*MESSAGE_SIZES, *LATENCY_SIZES), seed=1)
     base = latency_base(memory.size)
     stamp = message = 0  # the last latency stamp and the last message, for B's checks
@@ -216,7 +242,7 @@ def _ping(args: argparse.Namespace) -> None:
                     start = clock()
                     memory.report(base, size)
                     os.eventfd_write(out, 1)
-                    eventfd_wait(own, poller)
+                    rung.wait()
                     samples.append((clock() - start) * 1e6)
             emit("rtt", samples=samples)
         elif cmd == "produce":
@@ -237,7 +263,7 @@ def _ping(args: argparse.Namespace) -> None:
                     inflight += 1
                 if not inflight:
                     break
-                inflight -= eventfd_wait(own, poller)
+                inflight -= rung.wait()
             emit("produced", messages=message - first, elapsed=clock() - start)
         elif cmd == "zmq-flood":
             size = request["size"]
@@ -725,8 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="length of each throughput run")  # fmt: skip
     parser.add_argument("--flush", type=seconds(), default=0.1,
                         help="--federation-flush of the daemons (their default)")  # fmt: skip
-    parser.add_argument("--timeout", type=seconds(), default=3.0,
-                        help="--federation-timeout of the daemons")  # fmt: skip
+    parser.add_argument("--timeout", type=seconds(), default=10.0,
+                        help="--federation-timeout of the daemons (generous: a member busy "
+                        "with a region transfer on a loaded machine is not dead)")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin the hosts to CPUs")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--role", choices=("ping", "echo"), help=argparse.SUPPRESS)

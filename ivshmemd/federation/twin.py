@@ -143,30 +143,39 @@ class Twin:
 
     def collect(self, pages: I64) -> Runs:
         """The diff of ``pages`` (ascending page numbers) against the twin, taken from one
-        snapshot of those pages; the twin takes the snapshot."""
+        snapshot of those pages; the twin takes the snapshot. Runs are maximal: a write
+        across adjacent pages is one run."""
         if pages.shape[0] == 0:
             return Runs.empty()
+        page_size = self.page_size
         snapshot = self._region_pages[pages]  # a copy: later writes show next time
-        neq = snapshot != self._copy_pages[pages]
-        rows = np.flatnonzero(neq.any(axis=1))
-        if rows.shape[0] == 0:
+        neq = (snapshot != self._copy_pages[pages]).ravel()
+        if not neq.any():
             return Runs.empty()
-        snapshot, neq, pages = snapshot[rows], neq[rows], pages[rows]
-        self._copy_pages[pages] = snapshot
-        step = np.diff(neq.view(np.int8), axis=1, prepend=0, append=0)
-        start_rows, start_cols = np.nonzero(step == 1)
-        _, end_cols = np.nonzero(step == -1)
-        offsets = (pages[start_rows] * self.page_size + start_cols).astype(np.int64)
-        lengths = (end_cols - start_cols).astype(np.int64)
-        if offsets.shape[0] > 1:
-            # a run that reaches the end of its page and one that starts the next are one:
-            # a write across pages ships (and is applied) as one run, not one per page
-            ends = offsets + lengths
-            joined = offsets[1:] == ends[:-1]
-            if joined.any():
-                heads = np.flatnonzero(np.concatenate(([True], ~joined)))
-                offsets, lengths = offsets[heads], np.add.reduceat(lengths, heads)
-        return Runs(offsets, lengths, snapshot[neq])
+        self._copy_pages[pages] = snapshot  # (a page that did not change: the same bytes)
+        # runs of the pages laid end to end (flat: a 2-D nonzero is ten times slower), ...
+        size = neq.shape[0]
+        bounds = np.concatenate(([0], np.flatnonzero(neq[1:] != neq[:-1]) + 1, [size]))
+        changed = neq[bounds[:-1]]
+        starts, ends = bounds[:-1][changed], bounds[1:][changed]
+        # ... cut where two pages laid end to end are not adjacent in the region
+        gaps = (np.flatnonzero(pages[1:] != pages[:-1] + 1) + 1) * page_size
+        cuts = gaps[neq[gaps - 1] & neq[gaps]]
+        if cuts.shape[0]:
+            starts = np.sort(np.concatenate((starts, cuts)))
+            ends = np.sort(np.concatenate((ends, cuts)))
+        rows = starts // page_size
+        offsets = pages[rows] * page_size + (starts - rows * page_size)
+        flat = snapshot.reshape(-1)
+        if starts.shape[0] == 1 and ends[0] - starts[0] == size:
+            data = flat  # every byte changed
+        elif starts.shape[0] <= SLICED_RUNS:  # a few runs: slices copy faster than a mask
+            data = np.concatenate(
+                [flat[lo:hi] for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True)]
+            )
+        else:
+            data = flat[neq]
+        return Runs(offsets.astype(np.int64), (ends - starts).astype(np.int64), data)
 
     def unshipped(self, index: I64) -> npt.NDArray[np.bool_]:
         """Which bytes at ``index`` this host changed and has not diffed yet."""
