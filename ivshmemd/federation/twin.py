@@ -155,9 +155,12 @@ class Twin:
         self._copy_pages[pages] = snapshot  # (a page that did not change: the same bytes)
         # runs of the pages laid end to end (flat: a 2-D nonzero is ten times slower), ...
         size = neq.shape[0]
-        bounds = np.concatenate(([0], np.flatnonzero(neq[1:] != neq[:-1]) + 1, [size]))
-        changed = neq[bounds[:-1]]
-        starts, ends = bounds[:-1][changed], bounds[1:][changed]
+        if neq.all():  # every byte rewritten (a bulk write): no boundary to look for
+            starts, ends = np.zeros(1, dtype=np.int64), np.full(1, size, dtype=np.int64)
+        else:
+            bounds = np.concatenate(([0], np.flatnonzero(neq[1:] != neq[:-1]) + 1, [size]))
+            changed = neq[bounds[:-1]]
+            starts, ends = bounds[:-1][changed], bounds[1:][changed]
         # ... cut where two pages laid end to end are not adjacent in the region
         gaps = (np.flatnonzero(pages[1:] != pages[:-1] + 1) + 1) * page_size
         cuts = gaps[neq[gaps - 1] & neq[gaps]]
