@@ -1,7 +1,7 @@
 """Benchmark of federated memory (issue 13): what replication costs (figures only, no asserts).
 
 ``python -m ivshmemd.federation.bench memory [--transport tcp|ipc ...] [--size BYTES]
-[--window W] [--rounds R] [--per-round N] [--throughput-rounds R] [--seconds S]
+[--ring BYTES] [--rounds R] [--per-round N] [--throughput-rounds R] [--seconds S]
 [--flush S] [--timeout T] [--no-pin] [--json]``
 
 Real daemons, as :mod:`ivshmemd.federation.bench_fabric` runs them (host A's processes
@@ -19,8 +19,9 @@ B's, over the same transport), so that all see the same load; ratios are taken w
 round and their median is reported.
 
 1. **Replication throughput.** A's client streams messages of 4 KiB, 64 KiB and 1 MiB to
-   B's: it writes each into a slot of the shm (``--window`` slots), stamps it, (reports its
-   pages,) rings B's client, and keeps at most ``--window`` messages unacknowledged; B's
+   B's through a ring of ``--ring`` bytes of the shm (8 MiB: 2048 slots of 4 KiB, 8 of
+   1 MiB): it writes each into the next slot, stamps it, (reports its pages,) rings B's
+   client, and keeps at most a ring's worth of messages unacknowledged; B's
    client, on each interrupt, copies every message the count announces out of its shm,
    checks its stamps and acknowledges them with one ring back. MB/s against raw pyzmq
    streaming the same message sizes, DEALER to ROUTER, pipelined. A stamp that is wrong
@@ -463,7 +464,7 @@ def _median_ratio(numerators: Sequence[float], denominators: Sequence[float]) ->
 
 
 def _throughput(
-    pairs: Sequence[_Pair], sizes: Sequence[int], window: int, seconds_each: float, rounds: int
+    pairs: Sequence[_Pair], sizes: Sequence[int], ring: int, seconds_each: float, rounds: int
 ) -> dict[str, Any]:
     """MB/s of each path and of raw zmq, per message size, interleaved round by round."""
     rates: dict[str, dict[int, list[float]]] = {
@@ -471,6 +472,7 @@ def _throughput(
     }
     for _ in range(rounds):
         for size in sizes:
+            window = ring // size
             raw = pairs[0].a.ask({"cmd": "zmq-flood", "size": size, "seconds": seconds_each},
                                  "zmq-flooded")  # fmt: skip
             if raw["received"] != raw["sent"]:
@@ -644,7 +646,7 @@ def run_memory(
     transports: Sequence[str],
     *,
     region: int,
-    window: int,
+    ring: int,
     rounds: int,
     per_round: int,
     throughput_rounds: int,
@@ -658,7 +660,7 @@ def run_memory(
     figures: dict[str, Any] = {
         "pinned": cpus[0] is not None,
         "region_bytes": region,
-        "window": window,
+        "ring_bytes": ring,
         "flush_s": flush,
         "rounds": rounds,
         "per_round": per_round,
@@ -672,7 +674,7 @@ def run_memory(
             with _pairs(directory, transport, timeout, cpus, region, flush) as pairs:
                 result = {
                     "throughput": _throughput(
-                        pairs, MESSAGE_SIZES, window, seconds_each, throughput_rounds
+                        pairs, MESSAGE_SIZES, ring, seconds_each, throughput_rounds
                     ),
                     "latency": _latency(pairs, LATENCY_SIZES, rounds, per_round),
                 }
@@ -692,8 +694,8 @@ def _size(n: int) -> str:
 
 def _print_human(figures: Mapping[str, Any]) -> None:
     pinned = "host A on one CPU, host B on another" if figures["pinned"] else "not pinned"
-    print(f"federated memory: region {_size(figures['region_bytes'])}, window "
-          f"{figures['window']} messages, background flush {figures['flush_s']:g} s, "
+    print(f"federated memory: region {_size(figures['region_bytes'])}, a ring of "
+          f"{_size(figures['ring_bytes'])}, background flush {figures['flush_s']:g} s, "
           f"{pinned}")  # fmt: skip
     micro = figures["micro"]
     print(f"scan (Twin.changed_pages, nothing changed): {micro['scan_us_per_mib']:.0f} us/MiB "
@@ -741,8 +743,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--size", type=positive_size, default=64 * MIB,
                         help="the shm (default 64M; rounded up to a power of 2)")  # fmt: skip
-    parser.add_argument("--window", type=positive_int, default=8,
-                        help="messages in flight at most in the throughput stream")  # fmt: skip
+    parser.add_argument("--ring", type=positive_size, default=8 * MIB,
+                        help="the throughput stream's ring in the shm (default 8M; its "
+                        "messages in flight at most)")  # fmt: skip
     parser.add_argument("--rounds", type=positive_int, default=10, help="latency rounds")
     parser.add_argument("--per-round", type=positive_int, default=50,
                         help="round trips of each kind and size per round")  # fmt: skip
@@ -770,13 +773,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         return EXIT_OK
     region = round_shm_size(args.size)
-    need = args.window * max(MESSAGE_SIZES) + max(LATENCY_SIZES)
+    need = args.ring + max(LATENCY_SIZES)
+    if args.ring < max(MESSAGE_SIZES):
+        parser.error(f"--ring {args.ring} cannot hold a message of {_size(max(MESSAGE_SIZES))}")
     if region < need:
-        parser.error(f"--size {region} is too small for --window {args.window}: at least "
-                     f"{need} bytes ({args.window} slots of {_size(max(MESSAGE_SIZES))} and "
-                     f"{_size(max(LATENCY_SIZES))} for the round trips)")  # fmt: skip
+        parser.error(f"--size {region} is too small for --ring {args.ring}: at least "
+                     f"{need} bytes (the ring and {_size(max(LATENCY_SIZES))} for the round "
+                     "trips)")  # fmt: skip
     figures = run_memory(
-        args.transport or ["ipc", "tcp"], region=region, window=args.window,
+        args.transport or ["ipc", "tcp"], region=region, ring=args.ring,
         rounds=args.rounds, per_round=args.per_round,
         throughput_rounds=args.throughput_rounds, seconds_each=args.seconds,
         flush=args.flush, timeout=args.timeout, pin=not args.no_pin,
