@@ -85,7 +85,7 @@ from .replica import Replica
 from .schema import Diff, decode_frame, encode_frame
 from .twin import PAGE_SIZE, Twin
 
-__all__ = ["main", "run_memory"]
+__all__ = ["main", "print_human", "run_memory"]
 
 KIB: Final = 1024
 MIB: Final = 1024 * 1024
@@ -692,7 +692,8 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _print_human(figures: Mapping[str, Any]) -> None:
+def print_human(figures: Mapping[str, Any]) -> None:
+    """The human lines of the figures (what ``--json`` does not print)."""
     pinned = "host A on one CPU, host B on another" if figures["pinned"] else "not pinned"
     print(f"federated memory: region {_size(figures['region_bytes'])}, a ring of "
           f"{_size(figures['ring_bytes'])}, background flush {figures['flush_s']:g} s, "
@@ -789,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(figures))
     else:
-        _print_human(figures)
+        print_human(figures)
     return EXIT_OK
 
 
