@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds given to the byes to leave on the way out.
 BYE_GRACE: Final = 0.5
+#: The background flush scans this much of the region at a time (a ring relayed meanwhile
+#: waits for one slice's scan, not for the round's).
+FLUSH_SLICE_BYTES: Final = 4 << 20
 
 
 class FederationHost(Protocol):
@@ -454,7 +457,8 @@ class Federation:
 
     def _flush(self, scan: tuple[int, int] | None) -> None:
         """Send this host's changes to every member: the pages our peers logged, and a
-        scan (of the whole region if a local peer does not log, else of ``scan``)."""
+        scan: of ``scan`` (pages ``[first, stop)``) in the background, of the whole region
+        before a ring (``scan`` None) if a local peer does not log."""
         replica, machine = self.replica, self.membership
         if replica is None or machine is None:
             return
@@ -463,10 +467,12 @@ class Federation:
             # the reports queued before the rings just drained (a peer queues its report,
             # then writes the eventfd): they may have come after this round's wakeup read
             memlogs.read()
-        if memlogs is None or memlogs.unlogged(self.relay.local_peers()):
-            pages = None
-        else:
-            pages = memlogs.take()
+        logged = memlogs.take() if memlogs is not None else None
+        pages: npt.NDArray[np.int64] | None
+        if scan is None and (memlogs is None or memlogs.unlogged(self.relay.local_peers())):
+            pages = None  # before a ring, a writer nobody logs: the whole region
+        else:  # the logged pages, and in the background this round's share of the region
+            pages = logged if logged is not None else np.zeros(0, dtype=np.int64)
             if scan is not None:
                 pages = np.union1d(pages, replica.twin.changed_pages(*scan))
         frames = replica.flush(pages, trio.current_time())
@@ -475,17 +481,22 @@ class Federation:
 
     async def _flush_loop(self) -> None:
         """The background flush: what was written without a doorbell reaches the other
-        hosts within ``flush`` seconds times the rounds a full scan takes."""
+        hosts within ``flush`` seconds times the rounds a full scan takes. A round scans
+        its share in slices, and the data path runs between two (a ring does not wait for
+        the whole round)."""
         replica = self.replica
         assert replica is not None
         npages = replica.twin.npages
         step = max(1, FLUSH_SCAN_BYTES // PAGE_SIZE)
+        piece = max(1, FLUSH_SLICE_BYTES // PAGE_SIZE)
         while True:
             await trio.sleep(self.config.flush)
             first = self._scan_from
             stop = min(npages, first + step)
             self._scan_from = 0 if stop >= npages else stop
-            self._flush((first, stop))
+            for lo in range(first, stop, piece):
+                self._flush((lo, min(stop, lo + piece)))
+                await trio.lowlevel.checkpoint()
 
     def _on_memory(self, machine: Membership, action: Memory) -> None:
         replica = self.replica
