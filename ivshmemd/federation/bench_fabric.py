@@ -652,6 +652,29 @@ def _print_human(figures: Mapping[str, Any]) -> None:
                   f"{netem['relay_over_raw_p50_median']:.2f}x")  # fmt: skip
 
 
+PeerRole = Callable[[argparse.Namespace], None]
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden arguments a benchmark's peer child is started with (:func:`peer_argv`)."""
+    parser.add_argument("--role", choices=("ping", "echo"), help=argparse.SUPPRESS)
+    parser.add_argument("--socket", help=argparse.SUPPRESS)
+    parser.add_argument("--remote-ids", type=id_range, help=argparse.SUPPRESS)
+    parser.add_argument("--zmq", help=argparse.SUPPRESS)
+
+
+def run_peer(args: argparse.Namespace, ping: PeerRole, echo: PeerRole) -> int:
+    """Run a peer child's role (``ping`` on host A, ``echo`` on B); its exit status, with
+    one line on stderr if the daemon or the system failed it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        (ping if args.role == "ping" else echo)(args)
+    except (ProtocolError, OSError) as exc:
+        print(f"bench peer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def id_range(text: str) -> tuple[int, int]:
     """``LO-HI`` (the hidden ``--remote-ids`` of a benchmark's peer child)."""
     lo, _, hi = text.partition("-")
@@ -680,19 +703,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "of netem delay each way (root, ip netns, tc; 0: the namespaces, no netem)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--role", choices=("ping", "echo"), help=argparse.SUPPRESS)
-    parser.add_argument("--socket", help=argparse.SUPPRESS)
-    parser.add_argument("--remote-ids", type=id_range, help=argparse.SUPPRESS)
-    parser.add_argument("--zmq", help=argparse.SUPPRESS)
+    add_peer_arguments(parser)
     args = parser.parse_args(argv)
     if args.role is not None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        try:
-            (_ping if args.role == "ping" else _echo)(args)
-        except (ProtocolError, OSError) as exc:
-            print(f"bench peer: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        return EXIT_OK
+        return run_peer(args, _ping, _echo)
     figures = run_fabric(
         args.transport or ["tcp", "ipc"], args.rounds, args.per_round, args.seconds,
         args.timeout, pin=not args.no_pin, netem=args.netem,

@@ -49,7 +49,6 @@ import json
 import mmap
 import os
 import select
-import signal
 import socket
 import statistics
 import sys
@@ -64,9 +63,9 @@ import numpy.typing as npt
 import zmq
 
 from ivshmemd.argtypes import positive_int, positive_size, seconds
-from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK
+from ivshmemd.exitcodes import EXIT_OK
 from ivshmemd.memlog import encode_dirty, encode_hello, memlog_path
-from ivshmemd.protocol import PeerLeft, ProtocolError
+from ivshmemd.protocol import PeerLeft
 from ivshmemd.sizes import round_shm_size
 
 from .bench_fabric import (
@@ -74,11 +73,12 @@ from .bench_fabric import (
     WAIT,
     Host,
     RawPeer,
+    add_peer_arguments,
     emit,
     fabric,
     federation_status,
-    id_range,
     peer_argv,
+    run_peer,
 )
 from .benchstats import percentile, two_cpus
 from .replica import Replica
@@ -202,12 +202,19 @@ class _Rung:
                         )
 
 
+def _client(
+    args: argparse.Namespace,
+) -> tuple[RawPeer, int, _Memory, zmq.Context[zmq.Socket[bytes]]]:
+    """A client of its daemon, once the other host's client is there: the client, the
+    other's peer id, the client's view of the shm, and a zmq context for the raw side."""
+    peer = RawPeer(args.socket)
+    other = peer.wait_peer(*args.remote_ids)
+    return peer, other, _Memory(peer, args.socket), zmq.Context()
+
+
 def _ping(args: argparse.Namespace) -> None:
     """Host A's client: round trips, streams and raw zmq floods on request (JSON lines)."""
-    peer = RawPeer(args.socket)
-    target = peer.wait_peer(*args.remote_ids)
-    memory = _Memory(peer, args.socket)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    peer, target, memory, context = _client(args)
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
     dealer.sndhwm = ZMQ_HWM
@@ -303,10 +310,7 @@ class _Checks:
 def _echo(args: argparse.Namespace) -> None:
     """Host B's client: rings A's back (checking the latency writes), consumes A's stream,
     counts and echoes raw zmq, all in one ``zmq.Poller``."""
-    peer = RawPeer(args.socket)
-    source = peer.wait_peer(*args.remote_ids)
-    memory = _Memory(peer, args.socket)
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    peer, source, memory, context = _client(args)
     router = context.socket(zmq.ROUTER)
     router.linger = 0
     router.rcvhwm = ZMQ_HWM
@@ -760,19 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "with a region transfer on a loaded machine is not dead)")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin the hosts to CPUs")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--role", choices=("ping", "echo"), help=argparse.SUPPRESS)
-    parser.add_argument("--socket", help=argparse.SUPPRESS)
-    parser.add_argument("--remote-ids", type=id_range, help=argparse.SUPPRESS)
-    parser.add_argument("--zmq", help=argparse.SUPPRESS)
+    add_peer_arguments(parser)
     args = parser.parse_args(argv)
     if args.role is not None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        try:
-            (_ping if args.role == "ping" else _echo)(args)
-        except (ProtocolError, OSError) as exc:
-            print(f"bench peer: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        return EXIT_OK
+        return run_peer(args, _ping, _echo)
     region = round_shm_size(args.size)
     need = args.ring + max(LATENCY_SIZES)
     if args.ring < max(MESSAGE_SIZES):
