@@ -3,8 +3,9 @@
 ``python -m ivshmemd.federation.bench [--rounds R] [--per-round N] [--seconds S] [--json]``
 
 (``python -m ivshmemd.federation.bench fabric ...`` measures real daemons and peers
-instead: :mod:`ivshmemd.federation.bench_fabric`. This one measures the relay alone, two
-:class:`Federation` objects and no daemon.)
+instead: :mod:`ivshmemd.federation.bench_fabric`; ``... bench memory ...`` what replicating
+their memory costs: :mod:`ivshmemd.federation.bench_memory`. This one measures the relay
+alone, two :class:`Federation` objects and no daemon.)
 
 In one run, interleaved round by round so that both see the same machine load:
 
@@ -461,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench_fabric import main as fabric_main
 
         return fabric_main(args_given[1:])
+    if args_given[:1] == ["memory"]:  # federated memory (bench_memory)
+        from .bench_memory import main as memory_main
+
+        return memory_main(args_given[1:])
     parser = argparse.ArgumentParser(
         prog="python -m ivshmemd.federation.bench", description=__doc__.split("\n\n")[0]
     )

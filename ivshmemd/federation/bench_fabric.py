@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import select
@@ -57,7 +58,7 @@ from ivshmemd import wire
 from ivshmemd.argtypes import positive_int, seconds
 from ivshmemd.control.client import ControlClient
 from ivshmemd.exitcodes import EXIT_FAILED, EXIT_OK
-from ivshmemd.protocol import ClientParser, PeerLeft, PeerVector, ProtocolError
+from ivshmemd.protocol import ClientParser, PeerLeft, PeerVector, ProtocolError, Welcome
 from ivshmemd.supervise import (
     ChildError,
     SyncChild,
@@ -86,15 +87,15 @@ _PAYLOAD: Final = b"r" * 12  # about a ring frame's size
 # -- the two minimal peers (children) ----------------------------------------------------------
 
 
-def _event(name: str, **fields: Any) -> None:
+def emit(name: str, **fields: Any) -> None:
     sys.stdout.write(json.dumps({"event": name, **fields}) + "\n")
     sys.stdout.flush()
 
 
-class _RawPeer:
+class RawPeer:
     """A raw ivshmem client of one daemon, read in blocking code: its own eventfds and the
     other peers' (the daemon's eventfds are non-blocking and stay so: their open file is
-    shared with the daemon and its federation process)."""
+    shared with the daemon and its federation process), its peer id and the shm fd."""
 
     def __init__(self, socket_path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -102,12 +103,18 @@ class _RawPeer:
         self.parser = ClientParser()
         self.own: list[int] = []
         self.peers: dict[int, list[int]] = {}
+        #: our peer id and the daemon's shm (once welcomed)
+        self.peer_id: int | None = None
+        self.shm_fd: int | None = None
 
     def read_one(self) -> PeerVector | PeerLeft | None:
         data, fds, _flags = wire.recv_message(self.sock)
         if not data:
             raise SystemExit("bench peer: the daemon closed our connection")
         event = self.parser.feed(wire.decode(data), fds[0] if fds else None)
+        if isinstance(event, Welcome):
+            self.peer_id, self.shm_fd = event.peer_id, event.shm_fd
+            return None
         if isinstance(event, PeerVector):
             (self.own if event.own else self.peers.setdefault(event.peer_id, [])).append(event.fd)
             return event
@@ -127,8 +134,10 @@ class _RawPeer:
             self.read_one()
 
     def close(self) -> None:
-        for fd in [*self.own, *(fd for fds in self.peers.values() for fd in fds)]:
+        shm = [] if self.shm_fd is None else [self.shm_fd]
+        for fd in [*shm, *self.own, *(fd for fds in self.peers.values() for fd in fds)]:
             os.close(fd)
+        self.shm_fd = None
         self.own.clear()
         self.peers.clear()
         self.sock.close()
@@ -151,7 +160,7 @@ def _eventfd_wait(fd: int, poller: select.poll) -> int:
 
 def _ping(args: argparse.Namespace) -> None:
     """Host A's peer: round trips and floods on request (JSON lines on stdin)."""
-    peer = _RawPeer(args.socket)
+    peer = RawPeer(args.socket)
     lo, hi = args.remote_ids
     target = peer.wait_peer(lo, hi)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -162,7 +171,7 @@ def _ping(args: argparse.Namespace) -> None:
     poller = select.poll()
     poller.register(own, select.POLLIN)
     clock = time.perf_counter
-    _event("ready", target=target)
+    emit("ready", target=target)
     for line in sys.stdin:
         request = json.loads(line)
         cmd = request["cmd"]
@@ -182,7 +191,7 @@ def _ping(args: argparse.Namespace) -> None:
                     os.eventfd_write(out, 1)
                     _eventfd_wait(own, poller)
                     samples.append((clock() - start) * 1e6)
-            _event("rtt", kind=request["kind"], samples=samples)
+            emit("rtt", kind=request["kind"], samples=samples)
         elif cmd == "flood":
             out = peer.peers[target][FLOOD_VECTOR]
             written = 0
@@ -192,7 +201,7 @@ def _ping(args: argparse.Namespace) -> None:
                 for _ in range(64):
                     os.eventfd_write(out, 1)
                 written += 64
-            _event("flooded", written=written, started=started)
+            emit("flooded", written=written, started=started)
         elif cmd == "raw-flood":
             sent = 0
             start = clock()
@@ -203,13 +212,13 @@ def _ping(args: argparse.Namespace) -> None:
                 sent += 256
             dealer.send(b"end")
             received = int(dealer.recv())
-            _event("raw-flooded", sent=sent, received=received, elapsed=clock() - start)
+            emit("raw-flooded", sent=sent, received=received, elapsed=clock() - start)
         elif cmd == "watch-leave":
-            _event("watching")
-            _event("left", at=peer.wait_left(target))
+            emit("watching")
+            emit("left", at=peer.wait_left(target))
         elif cmd == "rejoin":
             target = peer.wait_peer(lo, hi)
-            _event("rejoined", target=target)
+            emit("rejoined", target=target)
     dealer.close()
     context.term()
 
@@ -217,7 +226,7 @@ def _ping(args: argparse.Namespace) -> None:
 def _echo(args: argparse.Namespace) -> None:
     """Host B's peer: rings A's peer back, echoes raw zmq, counts the flood, all in one
     ``zmq.Poller`` (it polls raw fds as well as zmq sockets)."""
-    peer = _RawPeer(args.socket)
+    peer = RawPeer(args.socket)
     lo, hi = args.remote_ids
     source = peer.wait_peer(lo, hi)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -229,7 +238,7 @@ def _echo(args: argparse.Namespace) -> None:
     poller = zmq.Poller()
     for item in (router, rung, flooded, 0, peer.sock.fileno()):
         poller.register(item, zmq.POLLIN)
-    _event("ready", endpoint=router.getsockopt_string(zmq.LAST_ENDPOINT), source=source)
+    emit("ready", endpoint=router.getsockopt_string(zmq.LAST_ENDPOINT), source=source)
     counted = total = 0
     last_at = 0.0
     expect: int | None = None
@@ -269,7 +278,7 @@ def _echo(args: argparse.Namespace) -> None:
                     line, stdin = stdin.split(b"\n", 1)
                     expect = int(json.loads(line)["expect"])
         if expect is not None and total >= expect:
-            _event("counted", total=total, last_at=last_at)
+            emit("counted", total=total, last_at=last_at)
             expect = None
 
 
@@ -285,7 +294,7 @@ def _free_tcp_endpoint(host: str = "127.0.0.1") -> str:
 _Restart = Callable[[], SyncDaemon]
 
 
-class _Host:
+class Host:
     """One "host": a daemon pinned to ``cpu``, and its minimal peer."""
 
     def __init__(self, daemon: SyncDaemon, peer: SyncChild) -> None:
@@ -315,18 +324,32 @@ def _wrapper(cpu: int | None, netns: str | None = None) -> list[str]:
     return wrap + ([] if cpu is None else ["taskset", "-c", str(cpu)])
 
 
-def _peer_argv(role: str, socket_path: str, remote: tuple[int, int], endpoint: str) -> list[str]:
-    return [sys.executable, "-m", "ivshmemd.federation.bench_fabric", "--role", role,
+#: the argv of a host's peer: ``(role, socket_path, remote id range, raw zmq endpoint)``
+PeerArgv = Callable[[str, str, tuple[int, int], str], list[str]]
+
+
+def peer_argv(
+    module: str, role: str, socket_path: str, remote: tuple[int, int], endpoint: str
+) -> list[str]:
+    """The argv of a benchmark's peer child (``module``'s ``main`` with ``--role``)."""
+    return [sys.executable, "-m", module, "--role", role,
             "--socket", socket_path, "--remote-ids", f"{remote[0]}-{remote[1]}",
             "--zmq", endpoint]  # fmt: skip
 
 
-def _delivered(daemon: SyncDaemon) -> dict[str, int]:
+def federation_status(daemon: SyncDaemon) -> dict[str, Any]:
+    """The ``federation`` part of the daemon's ``ivshmemctl status`` (the federation process
+    refreshes it every half second)."""
     client = ControlClient(f"ipc://{daemon.socket_path}.ctl", 10.0)
     try:
-        rings: dict[str, int] = client.request("status")["federation"]["rings"]
+        federation: dict[str, Any] = client.request("status")["federation"]
     finally:
         client.close()
+    return federation
+
+
+def _delivered(daemon: SyncDaemon) -> dict[str, int]:
+    rings: dict[str, int] = federation_status(daemon)["rings"]
     return rings
 
 
@@ -350,12 +373,13 @@ def _start_daemon(
     options: Sequence[str],
     cpu: int | None,
     netns: str | None = None,
+    size: str = "1M",
 ) -> SyncDaemon:
     """A daemon (pinned to ``cpu``, in ``netns``), serving once its federation listens
     (readiness from its log: systemd's abstract notify socket is not reachable from
     another network namespace)."""
     shm_name = unique_name("ivbench")
-    argv = _wrapper(cpu, netns) + daemon_command(socket_path, shm_name, VECTORS, "1M", options)
+    argv = _wrapper(cpu, netns) + daemon_command(socket_path, shm_name, VECTORS, size, options)
     daemon = supervisor.start(SyncDaemon(argv, socket_path, shm_name, VECTORS))
     stack.callback(daemon.remove_leftovers)
     stack.callback(daemon.stop)
@@ -364,15 +388,21 @@ def _start_daemon(
 
 
 @contextlib.contextmanager
-def _fabric(
+def fabric(
     directory: str,
     transport: str,
     timeout: float,
     cpus: tuple[int | None, int | None],
     namespaces: tuple[str, str] | None = None,
-) -> Iterator[tuple[_Host, _Host, _Restart]]:
-    """Daemons A and B federated over ``transport``, each with its minimal peer; yields
-    A, B and a way to start B again."""
+    *,
+    size: str = "1M",
+    options: Sequence[str] = (),
+    peers: PeerArgv | None = None,
+) -> Iterator[tuple[Host, Host, _Restart]]:
+    """Daemons A and B (shm of ``size``, more daemon ``options``) federated over
+    ``transport``, each with its minimal peer (roles ``ping`` on A, ``echo`` on B, run by
+    ``peers``); yields A, B and a way to start B again."""
+    peers = peers or functools.partial(peer_argv, "ivshmemd.federation.bench_fabric")
     ranges = host_id_ranges(2)
     tag = uuid.uuid4().hex[:8]
     if namespaces is not None:
@@ -384,13 +414,14 @@ def _fabric(
     else:
         ends = [f"ipc://{directory}/fed-{tag}-{i}" for i in range(2)]
         raw = f"ipc://{directory}/raw-{tag}"
-    options = [
+    argv = [
         [
             "--peer-ids", f"{lo}-{hi}", "--federation-listen", ends[i],
             "--federation-timeout", f"{timeout:g}",
             *(["--federation-peer", ends[0]] if i else []),
             # a private veth pair between two namespaces of this machine: no keys
             *(["--federation-insecure"] if namespaces else []),
+            *options,
         ]
         for i, (lo, hi) in enumerate(ranges)
     ]  # fmt: skip
@@ -398,26 +429,26 @@ def _fabric(
     sockets = [f"{directory}/{tag}-{i}.sock" for i in range(2)]
     with sync_supervisor() as supervisor, contextlib.ExitStack() as stack:
         daemons = [
-            _start_daemon(supervisor, stack, sockets[i], options[i], cpus[i], netns[i])
+            _start_daemon(supervisor, stack, sockets[i], argv[i], cpus[i], netns[i], size)
             for i in range(2)
         ]
         for daemon in daemons:
             daemon.wait_log(MEMBER_UP, timeout=WAIT)
-        peers = []
+        children = []
         for role, index in (("echo", 1), ("ping", 0)):  # echo waits for ping to join
-            argv = _peer_argv(role, sockets[index], ranges[1 - index], raw)
-            peer = SyncChild(_wrapper(cpus[index], netns[index]) + argv)
-            peers.append(supervisor.start(peer, events=True, stdin=True))
-        for peer in peers:
+            command = peers(role, sockets[index], ranges[1 - index], raw)
+            peer = SyncChild(_wrapper(cpus[index], netns[index]) + command)
+            children.append(supervisor.start(peer, events=True, stdin=True))
+        for peer in children:
             peer.wait_event(event="ready", timeout=WAIT)
 
         def restart_b() -> SyncDaemon:
-            return _start_daemon(supervisor, stack, sockets[1], options[1], cpus[1], netns[1])
+            return _start_daemon(supervisor, stack, sockets[1], argv[1], cpus[1], netns[1], size)
 
-        yield _Host(daemons[0], peers[1]), _Host(daemons[1], peers[0]), restart_b
+        yield Host(daemons[0], children[1]), Host(daemons[1], children[0]), restart_b
 
 
-def _round_trips(a: _Host, rounds: int, per_round: int) -> dict[str, Any]:
+def _round_trips(a: Host, rounds: int, per_round: int) -> dict[str, Any]:
     for kind in ("raw", "relay"):
         a.ask({"cmd": "rtt", "kind": kind, "n": WARMUP}, "rtt")
     raw: list[float] = []
@@ -438,7 +469,7 @@ def _round_trips(a: _Host, rounds: int, per_round: int) -> dict[str, Any]:
     }
 
 
-def _throughput(a: _Host, b: _Host, flood_seconds: float) -> dict[str, Any]:
+def _throughput(a: Host, b: Host, flood_seconds: float) -> dict[str, Any]:
     raw_rates, frame_rates, ring_rates = [], [], []
     total = 0  # doorbells flooded so far: what echo has counted once all arrived
     for _ in range(2):  # interleaved: raw, ours, raw, ours
@@ -464,7 +495,7 @@ def _throughput(a: _Host, b: _Host, flood_seconds: float) -> dict[str, Any]:
     }
 
 
-def _kill_to_leave(a: _Host, b: _Host, restart_b: _Restart) -> dict[str, float]:
+def _kill_to_leave(a: Host, b: Host, restart_b: _Restart) -> dict[str, float]:
     """kill -9 of daemon B (its federation process says bye), then of a restarted B with
     its federation process (silence): the time until ping on A reads the leave."""
     a.ask({"cmd": "watch-leave"}, "watching")
@@ -475,7 +506,7 @@ def _kill_to_leave(a: _Host, b: _Host, restart_b: _Restart) -> dict[str, float]:
     b.peer.kill()
     b.daemon.remove_leftovers()
     again = restart_b()
-    with contextlib.closing(_RawPeer(again.socket_path)):  # a peer on B, to leave
+    with contextlib.closing(RawPeer(again.socket_path)):  # a peer on B, to leave
         a.ask({"cmd": "rejoin"}, "rejoined")
         a.ask({"cmd": "watch-leave"}, "watching")
         helper = federation_pid(again.pid)
@@ -561,7 +592,7 @@ def run_fabric(
     }
     with tempfile.TemporaryDirectory(prefix="ivbench-") as directory:
         for index, transport in enumerate(transports):
-            with _fabric(directory, transport, timeout, cpus) as (a, b, restart_b):
+            with fabric(directory, transport, timeout, cpus) as (a, b, restart_b):
                 result = _round_trips(a, rounds, per_round)
                 result.update(_throughput(a, b, flood_seconds))
                 if index == 0:
@@ -575,7 +606,7 @@ def run_fabric(
                 try:
                     with (
                         _netem_namespaces(netem) as names,
-                        _fabric(directory, "tcp", timeout, cpus, names) as (a, _b, _),
+                        fabric(directory, "tcp", timeout, cpus, names) as (a, _b, _),
                     ):
                         figures["netem"] = {"delay_ms": netem, **_round_trips(a, rounds, per_round)}
                 except NetemUnavailable as exc:
@@ -621,7 +652,31 @@ def _print_human(figures: Mapping[str, Any]) -> None:
                   f"{netem['relay_over_raw_p50_median']:.2f}x")  # fmt: skip
 
 
-def _id_range(text: str) -> tuple[int, int]:
+PeerRole = Callable[[argparse.Namespace], None]
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden arguments a benchmark's peer child is started with (:func:`peer_argv`)."""
+    parser.add_argument("--role", choices=("ping", "echo"), help=argparse.SUPPRESS)
+    parser.add_argument("--socket", help=argparse.SUPPRESS)
+    parser.add_argument("--remote-ids", type=id_range, help=argparse.SUPPRESS)
+    parser.add_argument("--zmq", help=argparse.SUPPRESS)
+
+
+def run_peer(args: argparse.Namespace, ping: PeerRole, echo: PeerRole) -> int:
+    """Run a peer child's role (``ping`` on host A, ``echo`` on B); its exit status, with
+    one line on stderr if the daemon or the system failed it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        (ping if args.role == "ping" else echo)(args)
+    except (ProtocolError, OSError) as exc:
+        print(f"bench peer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def id_range(text: str) -> tuple[int, int]:
+    """``LO-HI`` (the hidden ``--remote-ids`` of a benchmark's peer child)."""
     lo, _, hi = text.partition("-")
     return int(lo), int(hi)
 
@@ -648,19 +703,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "of netem delay each way (root, ip netns, tc; 0: the namespaces, no netem)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--role", choices=("ping", "echo"), help=argparse.SUPPRESS)
-    parser.add_argument("--socket", help=argparse.SUPPRESS)
-    parser.add_argument("--remote-ids", type=_id_range, help=argparse.SUPPRESS)
-    parser.add_argument("--zmq", help=argparse.SUPPRESS)
+    add_peer_arguments(parser)
     args = parser.parse_args(argv)
     if args.role is not None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        try:
-            (_ping if args.role == "ping" else _echo)(args)
-        except (ProtocolError, OSError) as exc:
-            print(f"bench peer: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        return EXIT_OK
+        return run_peer(args, _ping, _echo)
     figures = run_fabric(
         args.transport or ["tcp", "ipc"], args.rounds, args.per_round, args.seconds,
         args.timeout, pin=not args.no_pin, netem=args.netem,

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds given to the byes to leave on the way out.
 BYE_GRACE: Final = 0.5
+#: The background flush scans this much of the region at a time (a ring relayed meanwhile
+#: waits for one slice's scan, not for the round's).
+FLUSH_SLICE_BYTES: Final = 4 << 20
 
 
 class FederationHost(Protocol):
@@ -487,17 +490,22 @@ class Federation:
 
     async def _flush_loop(self) -> None:
         """The background flush: what was written without a doorbell reaches the other
-        hosts within ``flush`` seconds times the rounds a full scan takes."""
+        hosts within ``flush`` seconds times the rounds a full scan takes. A round scans
+        its share in slices, and the data path runs between two (a ring does not wait for
+        the whole round)."""
         replica = self.replica
         assert replica is not None
         npages = replica.twin.npages
         step = max(1, FLUSH_SCAN_BYTES // PAGE_SIZE)
+        piece = max(1, FLUSH_SLICE_BYTES // PAGE_SIZE)
         while True:
             await trio.sleep(self.config.flush)
             first = self._scan_from
             stop = min(npages, first + step)
             self._scan_from = 0 if stop >= npages else stop
-            self._flush((first, stop))
+            for lo in range(first, stop, piece):
+                self._flush((lo, min(stop, lo + piece)))
+                await trio.lowlevel.checkpoint()
             if replica.held():
                 for deliver in replica.expire(trio.current_time(), 2 * self.config.timeout):
                     self._deliver(deliver)

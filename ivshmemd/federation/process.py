@@ -64,6 +64,7 @@ from ivshmemd.fdlink import FdLink, LinkClosed, LinkError
 from ivshmemd.registry import Peer, SharedFd
 
 from .config import DEFAULT_FLUSH, FederationConfig
+from .heap import keep_freed_blocks
 from .node import Federation
 
 __all__ = ["config_from_wire", "config_to_wire", "main"]
@@ -235,6 +236,8 @@ async def _serve(link_fd: int) -> None:
         try:
             config = config_from_wire(message[1])
             region = _map_region(shm_fd, config.shm_size) if config.memory else None
+            if region is not None:
+                keep_freed_blocks()  # every diff's blocks: reused, not faulted in anew
             federation = Federation(config, host, region)
         except Exception as exc:
             link.send("failed", one_line(exc))

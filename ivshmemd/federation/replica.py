@@ -50,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .schema import DIFF_PART_BYTES, After, Diff
-from .twin import SLICED_RUNS, Runs, Twin, run_index
+from .twin import Runs, Twin
 
 __all__ = ["RECENT_WINDOW", "Replica", "ReplicaError", "Stamp"]
 
@@ -144,6 +144,8 @@ class Replica(Generic[T]):
         self.live: set[str] = set()
         #: diffs applied or sent lately, to resolve concurrent writes to the same bytes
         self.recent: deque[_Recent] = deque()
+        #: the greatest stamp ever remembered (a diff stamped above it has nothing later)
+        self._newest: Stamp = (0, "")
         self._staging: dict[str, _Staging] = {}
         self._required: dict[str, dict[str, tuple[int, int]]] = {}
         #: member -> how many times its stream stopped (a requirement from an older epoch
@@ -297,27 +299,23 @@ class Replica(Generic[T]):
     def _write(self, runs: Runs, stamp: Stamp) -> None:
         """Write ``runs`` here, but not over a byte this host has not shipped yet, nor over
         one a diff with a greater stamp wrote."""
-        twin = self.twin
-        later = [entry for entry in self.recent if entry.stamp > stamp]
-        local = self.local
-        if not later and not local and len(runs) <= SLICED_RUNS and not twin.unshipped_runs(runs):
-            self.stats["bytes_applied"] += twin.apply(runs)  # the usual case, in slices
-            return
-        index = run_index(runs.offsets, runs.lengths)
-        keep = twin.unshipped(index)
-        for entry in later:
-            keep |= _inside(index, entry)
-        for start, end in local:
-            keep |= (index >= start) & (index < end)
-        kept = int(np.count_nonzero(keep))
+        if stamp > self._newest:  # the usual case: nothing remembered is later
+            later = []
+        else:
+            later = [(e.starts, e.ends) for e in self.recent if e.stamp > stamp]
+        if self.local:  # host-local ranges are never written by others
+            starts, ends = zip(*self.local, strict=True)
+            later.append((np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)))
+        written, kept = self.twin.merge(runs, later)
         self.stats["bytes_kept"] += kept
-        self.stats["bytes_applied"] += twin.apply_at(index, runs.data, keep if kept else None)
+        self.stats["bytes_applied"] += written
 
     def _remember(self, stamp: Stamp, runs: Runs, now: float) -> None:
         recent = self.recent
         while recent and (now - recent[0].at > RECENT_WINDOW or len(recent) >= RECENT_MAX):
             recent.popleft()
         recent.append(_Recent(stamp, runs.offsets, runs.offsets + runs.lengths, now))
+        self._newest = max(self._newest, stamp)
 
     # -- rings and what they wait for --------------------------------------------------------
 
@@ -400,27 +398,31 @@ class Replica(Generic[T]):
         return sum(len(queue) for queue in self._held.values())
 
 
-def _inside(index: I64, entry: _Recent) -> npt.NDArray[np.bool_]:
-    """Which of the byte indices ``index`` lie in ``entry``'s runs."""
-    at = np.searchsorted(entry.starts, index, side="right") - 1
-    inside = at >= 0
-    clipped = np.maximum(at, 0)
-    return inside & (index < entry.ends[clipped])
-
-
 def _without(runs: Runs, ranges: list[tuple[int, int]]) -> Runs:
-    """``runs`` (one run covering them, a region transfer) minus the sorted ``ranges``."""
-    index = run_index(runs.offsets, runs.lengths)
-    drop = np.zeros(index.shape[0], dtype=bool)
+    """One run (a region transfer) minus the sorted ``ranges`` ``(start, end)``: a few
+    runs, cut by arithmetic (never an index per byte: a region may be gigabytes)."""
+    if len(runs) != 1:
+        raise ValueError("_without cuts a single run")
+    lo = int(runs.offsets[0])
+    hi = lo + int(runs.lengths[0])
+    kept: list[tuple[int, int]] = []
+    cursor = lo
     for start, end in ranges:
-        drop |= (index >= start) & (index < end)
-    kept = index[~drop]
-    if kept.shape[0] == 0:
+        if end <= cursor or start >= hi:
+            continue
+        if start > cursor:
+            kept.append((cursor, start))
+        cursor = max(cursor, end)
+    if cursor < hi:
+        kept.append((cursor, hi))
+    if not kept:
         return Runs.empty()
-    breaks = np.flatnonzero(np.diff(kept) != 1) + 1
-    starts = kept[np.concatenate(([0], breaks))]
-    ends = kept[np.concatenate((breaks - 1, [kept.shape[0] - 1]))] + 1
-    return Runs(starts.astype(np.int64), (ends - starts).astype(np.int64), runs.data[~drop])
+    data = runs.data
+    return Runs(
+        np.array([a for a, _ in kept], dtype=np.int64),
+        np.array([b - a for a, b in kept], dtype=np.int64),
+        np.concatenate([data[a - lo : b - lo] for a, b in kept]),
+    )
 
 
 def _join(parts: Iterable[Runs]) -> Runs:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import trio
 
 from ivshmemd.federation import Federation, FederationConfig
@@ -122,9 +124,10 @@ class RecordingHost:
 
     # -- playing the local peers ---------------------------------------------------------
 
-    def add_local(self) -> Peer:
-        """Register a local peer (with real eventfds) and tell the federation."""
-        peer = Peer(self.registry.reserve_id(), self.registry.create_vectors())
+    def add_local(self, info: Mapping[str, Any] | None = None) -> Peer:
+        """Register a local peer (with real eventfds; ``info`` as the server's, e.g. its
+        ``pid``) and tell the federation."""
+        peer = Peer(self.registry.reserve_id(), self.registry.create_vectors(), dict(info or {}))
         self.registry.add(peer)
         if self.federation is not None:
             self.federation.local_peer_joined(peer)
@@ -216,10 +219,13 @@ def make_config(listen: str, index: int, **overrides: Any) -> FederationConfig:
     return FederationConfig(**settings)
 
 
-async def start_node(nursery: trio.Nursery, config: FederationConfig) -> Node:
-    """Start a Federation with a fresh RecordingHost in ``nursery``."""
+async def start_node(
+    nursery: trio.Nursery, config: FederationConfig, region: npt.NDArray[np.uint8] | None = None
+) -> Node:
+    """Start a Federation with a fresh RecordingHost in ``nursery`` (``region``: its shm,
+    with ``memory`` on)."""
     host = RecordingHost(config.vectors, config.id_range)
-    federation = Federation(config, host)
+    federation = Federation(config, host, region)
     host.federation = federation
     scope = trio.CancelScope()
     done = trio.Event()
