@@ -264,9 +264,10 @@ class Replica(Generic[T]):
         if not frame.last:
             return []
         del self._staging[member]
+        ours: Stamp = (self.clock, self.identity)
         self.clock = max(self.clock, frame.clock)
         if frame.flags & Diff.REGION:
-            self._apply_region(member, staging, frame.vector)
+            self._apply_region(member, staging, frame.vector, ours)
         else:
             self._apply_diff(member, staging, now)
         return self._release()
@@ -282,11 +283,25 @@ class Replica(Generic[T]):
         self.stats["diffs_applied"] += 1
 
     def _apply_region(
-        self, member: str, staging: _Staging, vector: tuple[tuple[str, int], ...]
+        self,
+        member: str,
+        staging: _Staging,
+        vector: tuple[tuple[str, int], ...],
+        ours: Stamp,
     ) -> None:
+        """A whole region: written here if its stamp is greater than this host's own (the
+        region a joiner needs; after a partition, the side whose clock is ahead wins every
+        byte the sides hold differently, so both converge), else only counted."""
         if staging.flags & Diff.NOT_HOLDER:
             return
-        self._write(_join(staging.parts), (staging.clock, member))
+        if not self.holder or (staging.clock, member) > ours:
+            self._write(_join(staging.parts), (staging.clock, member))
+        else:
+            log.info(
+                "federation: the region from %s is older than this host's (clock %d < %d): "
+                "kept ours; it takes ours",
+                member, staging.clock, ours[0],
+            )  # fmt: skip
         for origin, count in vector:
             if origin != self.identity and count > self.applied.get(origin, 0):
                 self.applied[origin] = count

@@ -608,11 +608,31 @@ ReleaseConsistency.TestCase.settings = settings(
 test_release_consistency_over_an_in_memory_federation = ReleaseConsistency.TestCase
 
 
+def test_a_healed_partition_converges_on_the_side_whose_clock_is_ahead() -> None:
+    """The defined outcome of a partition (docs/federation-memory.md): the side whose clock
+    is ahead wins every byte the sides hold differently, on both sides."""
+    model = Model(2, MODEL_PAGES * PAGE)
+    net = MemNet(2, model)
+    a, b = net.hosts
+    net.cut(a.node, b.node)
+    net.write(0, 0, 10)
+    net.flush(0)
+    for offset in range(100, 104):  # b ships more diffs: its clock runs ahead
+        net.write(1, offset, 1)
+        net.flush(1)
+    expected = b.region.copy()
+    net.heal(a.node, b.node)
+    net.advance(net.timeout * 3)
+    net.quiesce()
+    assert np.array_equal(a.region, b.region)
+    assert np.array_equal(a.region, expected)
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="a healed partition exchanges whole regions, each stamped with its sender's clock "
-    "as if every byte were that new: the side with the greater clock overwrites the other's "
-    "newer bytes, and the hosts diverge for good",
+    reason="a healed partition exchanges whole regions: the side whose clock is behind loses "
+    "the writes it made during the partition (resending each side's own diffs since the "
+    "other's count, with their stamps, would keep them)",
 )
 def test_a_healed_partition_loses_no_write_and_the_hosts_converge() -> None:
     model = Model(2, MODEL_PAGES * PAGE)
