@@ -55,6 +55,8 @@ class CrashJournal:
         self.statefile = statefile
         #: peers with messages queued at the last write (their queue draining rewrites it)
         self._unsettled: set[int] = set()
+        #: a newcomer whose handshake is being sent (unsettled until it all went)
+        self._sending: int | None = None
         self.writes = 0
         self._closing = False
 
@@ -71,9 +73,12 @@ class CrashJournal:
         fds = [conn.sock.fileno(), *(shared.fd for shared in peer.vectors)]
         self.store.push_all(zip(peer_names(peer.peer_id, len(peer.vectors)), fds, strict=True))
 
-    def joined(self, conn: Connection) -> None:
+    def joined(self, conn: Connection, *, sending: bool = False) -> None:
+        """``conn``'s peer is registered; ``sending``: its handshake is about to leave (it
+        counts as unsettled until :meth:`drained` says it all went)."""
         peer = conn.peer
         next_id = self.server.registry.allocator.next_id
+        self._sending = peer.peer_id if sending else None
         self._record(["join", peer.peer_id, peer.info, next_id, self._scan()])
 
     def remote_joined(self, peer: Peer) -> None:
@@ -87,12 +92,18 @@ class CrashJournal:
         self._record(["leave", peer.peer_id, self._scan()])
 
     def drained(self, conn: Connection) -> None:
+        if conn.peer.peer_id == self._sending:
+            self._sending = None
         if conn.peer.peer_id in self._unsettled:
             self._record(["unsettled", self._scan()])
 
     def _scan(self) -> list[int]:
         """The peers with messages queued (what a crash now would lose)."""
-        unsettled = [pid for pid, conn in self.server.connections.items() if conn.outbox]
+        unsettled = [
+            pid
+            for pid, conn in self.server.connections.items()
+            if conn.outbox or pid == self._sending
+        ]
         self._unsettled = set(unsettled)
         return unsettled
 

@@ -98,7 +98,7 @@ class Journal(Protocol):
 
     def joining(self, conn: Connection) -> None: ...
 
-    def joined(self, conn: Connection) -> None: ...
+    def joined(self, conn: Connection, *, sending: bool = False) -> None: ...
 
     def remote_joined(self, peer: Peer) -> None: ...
 
@@ -591,6 +591,11 @@ class IvshmemServer:
             self.journal.joining(conn)
         existing = [p.as_protocol() for p in self.registry]
         connections = self.connections
+        self.registry.add(peer)
+        self.connections[peer_id] = conn
+        self.stats.joins += 1
+        if self.journal is not None:  # before a byte of its handshake leaves: a crash in
+            self.journal.joined(conn, sending=True)  # between never loses its record
         crowded: list[Connection] = []
         for recipient, messages, announces in join_messages(
             peer.as_protocol(), existing, self._shm_fd
@@ -605,11 +610,8 @@ class IvshmemServer:
             target.enqueue(messages, announces)
             if target is not conn and target.outbox.exceeds(self.limits):
                 crowded.append(target)
-        self.registry.add(peer)
-        self.connections[peer_id] = conn
-        self.stats.joins += 1
-        if self.journal is not None:
-            self.journal.joined(conn)
+        if self.journal is not None and not conn.outbox:
+            self.journal.drained(conn)  # the whole handshake went at once: settled
         log.info("peer %d joined", peer_id)
         log.debug("peer %d: pid %d uid %d gid %d, %d vectors", peer_id, pid, uid, gid, len(vectors))
         self._emit("peer-joined", peer)

@@ -191,7 +191,9 @@ async def test_kill_9_of_a_federated_daemon_keeps_its_remote_peers(
                 draining = trio.CancelScope()
                 nursery.start_soon(_drain, on_a, draining)  # an EOF fails the test
                 await on_a.wait_for((first_b + 1, True))
-                await on_a.wait_for((on_a.stream[1][0], True))  # its own vector: joined
+                await on_a.wait_for((on_a.stream[1][0], True))  # its own vector
+                # the daemon has finished admitting it (and journaled it): it answers after
+                assert on_a.stream[1][0] in {row["id"] for row in peer_table(socket_path)}
                 assert remote_names(first_b, 1)[0] in systemd.names()
                 first.send_signal(signal.SIGKILL)
                 await first.wait()
