@@ -284,6 +284,11 @@ class Member:
     # liveness
     last_heard: float | None = None
     last_pong: float = 0.0
+    #: when a memory diff part last came from it (a member busy sending data is alive)
+    last_data: float | None = None
+    #: we sent it diff parts since the last tick; when we last did (at a tick)
+    data_out: bool = False
+    last_data_out: float | None = None
     rtt: float | None = None
     next_ping: float = 0.0
     next_knock: float = 0.0
@@ -407,9 +412,11 @@ class Membership:
     def tick(self, now: float) -> list[Action]:
         """Heartbeats, timeouts, knocks on dead members, probe retries."""
         for member in list(self.members.values()):
+            if member.data_out:
+                member.data_out, member.last_data_out = False, now
             state = member.state
             if state in (MemberState.UP, MemberState.RESTARTING):
-                if now - member.last_pong > self.timeout:
+                if not self._alive(member, now):
                     heard = member.last_heard
                     silent = "never heard" if heard is None else f"silent for {now - heard:.1f} s"
                     self._declare_dead(member, now, f"{silent} (timeout {self.timeout:g} s)")
@@ -449,6 +456,25 @@ class Membership:
                 self._send_probe_hello(probe)
                 probe.next_send = now + self.timeout
         return self._take()
+
+    def _alive(self, member: Member, now: float) -> bool:
+        """A member is alive while its pongs come. During a data transfer a pong can wait
+        behind megabytes of diffs in either direction, so a member also counts as alive
+        while its diff parts keep arriving (its pongs queue behind them), or while it is
+        heard from and we keep sending it diffs (our pings queue behind them). An idle link
+        is judged by pongs alone: a one-way cut is seen at once."""
+        timeout = self.timeout
+        if now - member.last_pong <= timeout:
+            return True
+        if member.last_data is not None and now - member.last_data <= timeout:
+            return True
+        heard, sent = member.last_heard, member.last_data_out
+        return (
+            heard is not None
+            and sent is not None
+            and now - heard <= timeout
+            and now - sent <= timeout
+        )
 
     def receive(self, now: float, origin: bytes, raw: bytes, key: str = "") -> list[Action]:
         """A message that arrived on our listening socket from routing id ``origin``; ``key``
@@ -775,6 +801,8 @@ class Membership:
             self._on_ring(member, frame)
         elif isinstance(frame, _MEMORY_FRAMES):
             if self.memory:
+                if isinstance(frame, Diff):
+                    member.last_data = now
                 self._actions.append(Memory(member.identity, frame))
             else:
                 self._drop(
@@ -952,6 +980,8 @@ class Membership:
     def _send(self, member: Member, frame: Frame) -> None:
         if member.link is None:
             return
+        if type(frame) is Diff:
+            member.data_out = True
         seq = 0
         if member.out_open:
             seq = member.out_seq

@@ -19,6 +19,7 @@ from ivshmemd.federation.membership import (
     incompatibility,
 )
 from ivshmemd.federation.schema import (
+    Diff,
     Gossip,
     GossipEntry,
     Hello,
@@ -540,3 +541,25 @@ def test_gossip_cannot_make_a_daemon_dial_without_end() -> None:
     dials = [x for x in actions if isinstance(x, Dial)]
     assert len(dials) == 2 * 4  # MAX_PROBES_PER_MEMBER x max_members
     assert member.state is MemberState.UP
+
+
+def test_a_member_busy_with_a_transfer_is_not_dead_while_its_pongs_wait() -> None:
+    """Pongs can wait behind megabytes of diffs: a member whose diff parts arrive, or one
+    we keep sending diffs to and hear from, is alive without them; once the transfer is
+    over, pongs alone judge again (an idle link's one-way cut is seen within the timeout)."""
+    net, (a, b) = mesh(2, memory=True)
+    diff = Diff(1, 1, 0, 0, True, b"", b"", b"", ())
+    late = net.now + net.timeout * 2  # no pong either way for two timeouts
+    for send in a.machine.broadcast([diff]):
+        assert isinstance(send, Send)
+        b.machine.receive(late, _origin(net, a, b), send.data)  # b: a's data arrives
+    a.machine.members["m1"].last_heard = late  # a: b is heard (its pings)
+    a.machine.tick(late)
+    b.machine.tick(late)
+    assert a.machine.members["m1"].state is MemberState.UP
+    assert b.machine.members["m0"].state is MemberState.UP
+    later = late + net.timeout * 1.1  # the transfer is over
+    a.machine.tick(later)
+    b.machine.tick(later)
+    assert a.machine.members["m1"].state is MemberState.DEAD
+    assert b.machine.members["m0"].state is MemberState.DEAD
