@@ -27,7 +27,6 @@ import errno
 import logging
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ivshmemd.memlog import MAX_PACKET, Dirty, MemlogError, MemlogHello, decode
+from ivshmemd.server import peer_credentials
 from ivshmemd.sockpath import place_socket, unlink_if_ours
 
 from .throttle import Throttle
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Connections at most (one per local peer is the use; more are refused).
 MAX_CONNECTIONS: Final = 4096
-_UCRED: Final = struct.Struct("3i")
 _WORD_BITS: Final = 64
 
 
@@ -156,8 +155,7 @@ class MemoryLogs:
                 self._warn("full", f"memory-log connections at the limit of {MAX_CONNECTIONS}")
                 continue
             sock.setblocking(False)
-            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            pid = _UCRED.unpack(raw)[0]
+            pid = peer_credentials(sock)[0]
             connection = _Connection(sock, pid)
             self._connections[sock.fileno()] = connection
             self._epoll.register(sock.fileno(), select.EPOLLIN)

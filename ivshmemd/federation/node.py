@@ -389,7 +389,6 @@ class Federation:
         transport, machine = self._transport, self.membership
         if transport is None or machine is None:
             return
-        relay = self.relay
         while True:
             for action in actions:
                 kind = type(action)
@@ -404,10 +403,7 @@ class Federation:
                         action.member, action, trio.current_time()
                     ):
                         continue  # it waits for diffs from a third host
-                    if self._unconfirmed or self._held:
-                        self._held.append(action)
-                    else:
-                        relay.deliver(action.peer_id, action.vector, action.count)
+                    self._deliver(action)
                 elif kind is Memory:
                     assert isinstance(action, Memory)
                     self._on_memory(action)
@@ -553,7 +549,8 @@ class Federation:
             await trio.sleep(machine.heartbeat)
 
     def _deliver(self, action: Deliver) -> None:
-        """Deliver a ring released by the replica (behind confirmations, as any other)."""
+        """Deliver a member's ring now, or behind the registrations not confirmed yet (a
+        local peer hears of a remote peer before its first ring)."""
         if self._unconfirmed or self._held:
             self._held.append(action)
         else:
